@@ -1,0 +1,159 @@
+"""Main job: SYQ on Fashion-MNIST, train -> evaluate -> export -> verify with LiteRT.
+
+Recipe of the SYQ paper, scaled to a small budget: train the CNN in float, switch SYQ weights and
+DoReFa activations on (first conv and last dense stay float), re-initialise every alpha from the
+float weights, fine-tune, then export a full-integer int8 TFLite model and run it with LiteRT.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import syq_tf  # first: selects Keras 2 before TensorFlow loads
+
+import larq as lq
+import numpy as np
+import tensorflow as tf
+
+from syq_tf.data import fashion_mnist_dataset, load_fashion_mnist
+
+Q = syq_tf.quantizers
+
+
+def build_cnn(bits=None, granularity="pixel", act_bits=8, eta=0.05):
+    """32-32-64-64 conv + 128 dense CNN. bits=None builds the float model (ReLU activations)."""
+    quantized = bits is not None
+
+    def act():
+        # Float model: ReLU. Quantized model: the next layer's DoReFa input quantizer clips to [0, 1].
+        return [] if quantized else [tf.keras.layers.ReLU()]
+
+    def qconv(filters, name):
+        if not quantized:
+            return tf.keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=name)
+        return lq.layers.QuantConv2D(
+            filters, 3, padding="same", use_bias=False, name=name,
+            kernel_quantizer=Q.SYQ(bits, granularity, eta), input_quantizer=Q.DoReFa(act_bits),
+        )
+
+    def qdense(units, name, kernel=True, **kw):
+        if not quantized:
+            return tf.keras.layers.Dense(units, name=name, **kw)
+        return lq.layers.QuantDense(
+            units, name=name, input_quantizer=Q.DoReFa(act_bits),
+            kernel_quantizer=Q.SYQ(bits, "layer", eta) if kernel else None, **kw,
+        )
+
+    bn = lambda: tf.keras.layers.BatchNormalization(momentum=0.9)
+    layers = [
+        tf.keras.Input((28, 28, 1)),
+        tf.keras.layers.Conv2D(32, 3, padding="same", use_bias=False, name="conv1"),  # float (paper)
+        bn(), *act(),
+        qconv(32, "conv2"), tf.keras.layers.MaxPool2D(), bn(), *act(),
+        qconv(64, "conv3"), bn(), *act(),
+        qconv(64, "conv4"), tf.keras.layers.MaxPool2D(), bn(), *act(),
+        tf.keras.layers.Flatten(),
+        qdense(128, "fc1", use_bias=False), bn(), *act(),
+        qdense(10, "logits", kernel=False),  # last layer: float weights (paper)
+    ]
+    return tf.keras.Sequential(layers, name="syq_cnn" if quantized else "float_cnn")
+
+
+def compile_model(model, lr):
+    model.compile(
+        optimizer=tf.keras.optimizers.Adam(lr),
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--bits", type=int, default=2, help="SYQ weight bits: 1 binary, 2 ternary")
+    p.add_argument("--granularity", default="pixel", choices=["layer", "row", "pixel", "channel"])
+    p.add_argument("--act-bits", type=int, default=8)
+    p.add_argument("--float-epochs", type=int, default=1)
+    p.add_argument("--quant-epochs", type=int, default=2)
+    p.add_argument("--train-limit", type=int, default=30000, help="training images used (of 60000)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--out", default="out/fashion_mnist_syq")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    tf.keras.utils.set_random_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    started = time.time()
+
+    train = fashion_mnist_dataset("train", args.batch_size, limit=args.train_limit, shuffle_seed=args.seed)
+    test = fashion_mnist_dataset("test", 512)
+    x_test, y_test = load_fashion_mnist("test")
+
+    print(f"== 1/4 float pre-training ({args.float_epochs} epoch(s) on {args.train_limit} images)")
+    float_model = build_cnn(None)
+    compile_model(float_model, 1e-3)
+    float_model.fit(train, epochs=args.float_epochs, verbose=1)
+    _, float_acc = float_model.evaluate(test, verbose=0)
+
+    print(f"== 2/4 SYQ W{args.bits}A{args.act_bits} ({args.granularity}) fine-tuning "
+          f"({args.quant_epochs} epoch(s)), alphas initialised from the float weights")
+    model = build_cnn(args.bits, args.granularity, args.act_bits)
+    model.set_weights(_float_weights_for(model, float_model))
+    syq_tf.reinitialize_scales(model)
+    compile_model(model, 5e-4)
+    t0 = time.time()
+    model.fit(train, epochs=args.quant_epochs, verbose=1)
+    quant_seconds = time.time() - t0
+    _, quant_acc = model.evaluate(test, verbose=0)
+    lq.models.summary(model)
+
+    print("== 3/4 export: full-integer int8 TFLite")
+    x_train, _ = load_fashion_mnist("train")
+    result = syq_tf.export.to_tflite(
+        model, representative_data=x_train[:500], verify_data=x_test, verify_labels=y_test
+    )
+    path = result.save(os.path.join(args.out, "model.tflite"))
+    print(result.table())
+
+    print("== 4/4 summary")
+    v = result.verification
+    rows = [
+        ("float accuracy (Keras)", f"{float_acc:.4f}"),
+        (f"SYQ W{args.bits}A{args.act_bits} {args.granularity} accuracy (Keras)", f"{quant_acc:.4f}"),
+        ("SYQ accuracy (LiteRT int8)", f"{v['runtime_accuracy']:.4f}"),
+        ("Keras vs LiteRT top-1 agreement", f"{v['top1_agreement']:.4f} on {v['examples']} test images"),
+        ("TFLite model bytes", f"{result.model_bytes}"),
+        ("float32 Keras weights bytes", f"{4 * float_model.count_params()}"),
+        ("SYQ fine-tune seconds", f"{quant_seconds:.0f}"),
+        ("total seconds", f"{time.time() - started:.0f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, val in rows:
+        print(f"  {k:<{width}}  {val}")
+    metrics = {k: val for k, val in rows}
+    metrics.update(float_accuracy=float_acc, quant_accuracy=quant_acc, verification=v,
+                   model_bytes=result.model_bytes, tflite=path)
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    if v["top1_agreement"] < 0.99:
+        print("FAILED: LiteRT agrees with Keras on fewer than 99% of test images", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _float_weights_for(model, float_model):
+    """The float model's weights in the quantized model's order (quantizer scales keep theirs)."""
+    by_name = {}
+    for layer in float_model.layers:
+        for w in layer.weights:
+            by_name[f"{layer.name}/{w.name.split('/')[-1]}"] = w.numpy()
+    values = []
+    for layer in model.layers:
+        for w in layer.weights:
+            key = f"{layer.name}/{w.name.split('/')[-1]}"
+            values.append(by_name.get(key, w.numpy()))
+    return values
+
+
+if __name__ == "__main__":
+    sys.exit(main())

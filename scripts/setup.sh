@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One-time (idempotent) set-up: the Fashion-MNIST Debian package and a pinned virtualenv in .venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
+  echo "[setup] installing Debian package dataset-fashion-mnist"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  for c in python3.11 python3; do
+    if command -v "$c" >/dev/null && "$c" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then PY="$c"; break; fi
+  done
+fi
+[ -n "$PY" ] || { echo "[setup] error: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $PY"
+  "$PY" -m venv .venv
+fi
+stamp=".venv/.syq_tf-installed"
+want="$(cat constraints.txt setup.py | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "[setup] installing pinned dependencies (constraints.txt)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,24 @@
+"""syq_tf: low-precision quantization (SYQ and friends) for Keras 2, larq and TFLite.
+
+Importing this package selects Keras 2 (``TF_USE_LEGACY_KERAS=1``) before TensorFlow loads.
+"""
+
+from syq_tf._bootstrap import ensure_keras2 as _ensure_keras2
+
+_ensure_keras2()
+
+from syq_tf import quantizers  # noqa: E402
+from syq_tf.layers import quantize  # noqa: E402
+from syq_tf.models import ReinitializeScales, quantized_kernels, reinitialize_scales  # noqa: E402
+from syq_tf import export  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "quantizers",
+    "quantize",
+    "reinitialize_scales",
+    "ReinitializeScales",
+    "quantized_kernels",
+    "export",
+]

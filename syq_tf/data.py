@@ -1,0 +1,74 @@
+"""Offline datasets. Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` package (IDX files),
+parsed here and served through tf.data; nothing is ever downloaded."""
+
+import gzip
+import os
+
+import numpy as np
+import tensorflow as tf
+
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot")
+_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+def read_idx(path):
+    """Parse an IDX file (optionally gzipped): magic 0x0000 <type> <ndim>, big-endian dims, data."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"{path}: not an IDX file (bad magic number)")
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if raw[2] not in dtypes:
+        raise ValueError(f"{path}: unknown IDX data type 0x{raw[2]:02x}")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated IDX header")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(dtypes[raw[2]])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise ValueError(f"{path}: IDX payload is {len(raw) - header} bytes, header says {expected}")
+    return np.frombuffer(raw, dtype, offset=header).reshape(dims)
+
+
+def fashion_mnist_dir(directory=None):
+    candidates = [directory] if directory else [os.environ.get("SYQ_TF_FASHION_MNIST_DIR"), *FASHION_MNIST_DIRS]
+    for d in candidates:
+        if d and all(os.path.exists(os.path.join(d, f)) for pair in _FILES.values() for f in pair):
+            return d
+    raise FileNotFoundError(
+        "Fashion-MNIST not found in " + ", ".join(c for c in candidates if c) + ". Install the Debian "
+        "package: `apt-get install dataset-fashion-mnist` (or set SYQ_TF_FASHION_MNIST_DIR to a folder "
+        "with the four IDX .gz files)."
+    )
+
+
+def load_fashion_mnist(split="train", directory=None):
+    """(images float32 [N, 28, 28, 1] in [0, 1], labels int64 [N]) of the given split."""
+    if split not in _FILES:
+        raise ValueError(f"load_fashion_mnist: split={split!r}; allowed: {tuple(_FILES)}")
+    d = fashion_mnist_dir(directory)
+    images_file, labels_file = _FILES[split]
+    images = read_idx(os.path.join(d, images_file))
+    labels = read_idx(os.path.join(d, labels_file))
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{d}: {images.shape[0]} images but {labels.shape[0]} labels in split {split}")
+    return (images.astype(np.float32) / 255.0)[..., None], labels.astype(np.int64)
+
+
+def fashion_mnist_dataset(split="train", batch_size=128, limit=None, shuffle_seed=None, directory=None):
+    """A batched tf.data pipeline over the local Fashion-MNIST files."""
+    x, y = load_fashion_mnist(split, directory)
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(x), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,107 @@
+"""Export trained syq_tf / larq models to TFLite.
+
+``to_tflite(model, representative_data=..., target="litert")`` returns an :class:`ExportResult`:
+the flatbuffer, a per-layer report of what was stored (codebook levels, exactness, bytes) and,
+when ``verify_data`` is given, LiteRT-vs-Keras agreement.
+"""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from syq_tf.export import flatbuffer
+from syq_tf.export.litert import (
+    LayerReport,
+    activation_notes,
+    build_inference_model,
+    convert,
+    layer_reports,
+)
+from syq_tf.export.runtime import agreement, litert_predict
+
+TARGETS = ("litert",)
+
+
+@dataclasses.dataclass
+class ExportResult:
+    flatbuffer: bytes
+    target: str
+    layers: list
+    notes: list
+    verification: dict = None
+
+    def __bytes__(self):
+        return bytes(self.flatbuffer)
+
+    @property
+    def model_bytes(self):
+        return len(self.flatbuffer)
+
+    def to_dict(self):
+        return {
+            "target": self.target,
+            "model_bytes": self.model_bytes,
+            "layers": [dataclasses.asdict(r) for r in self.layers],
+            "notes": list(self.notes),
+            "verification": self.verification,
+        }
+
+    def save(self, path):
+        """Write ``path`` (.tflite) and the report next to it (``path`` + ``.json``)."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(self.flatbuffer)
+        with open(path + ".json", "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        return path
+
+    def table(self):
+        head = f"{'layer':<18}{'op':<20}{'quantizer':<32}{'levels':>7}{'exact':>7}{'max alpha err':>15}{'bytes':>8}"
+        rows = [head, "-" * len(head)]
+        for r in self.layers:
+            is_float = r.quantizer == "float"
+            exact = "-" if is_float else ("yes" if r.exact else "NO")
+            err = "-" if is_float else f"{r.max_rel_alpha_error:.2e}"
+            rows.append(
+                f"{r.layer:<18}{r.op:<20}{r.quantizer:<32}{r.stored_levels:>7}{exact:>7}"
+                f"{err:>15}{r.weight_bytes:>8}"
+            )
+        rows.append(f"model: {self.model_bytes} bytes ({self.target})")
+        rows.extend(f"note: {n}" for n in self.notes)
+        if self.verification:
+            rows.append("verification: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                                     for k, v in self.verification.items()))
+        return "\n".join(rows)
+
+    def __str__(self):
+        return self.table()
+
+
+def to_tflite(model, representative_data, target="litert", verify_data=None, verify_labels=None,
+              representative_samples=200):
+    """Export ``model`` as a full-integer int8 TFLite model.
+
+    representative_data: input examples (array, (x, y) tuple or tf.data.Dataset) used to
+        calibrate the ranges of tensors that have no quantizer of their own.
+    verify_data / verify_labels: optional inputs (and labels) on which LiteRT is run and compared
+        with Keras; the result lands in ``ExportResult.verification``.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"to_tflite: unknown target {target!r}; available here: {TARGETS}.")
+    inference = build_inference_model(model)
+    buffer = convert(inference, representative_data, representative_samples)
+    reports = layer_reports(model, buffer)
+    notes = activation_notes(model)
+    notes += [f"layer '{r.layer}': {r.note}" for r in reports if r.note and r.quantizer != "float"]
+    result = ExportResult(buffer, target, reports, notes)
+    if verify_data is not None:
+        x = np.asarray(verify_data, np.float32)
+        keras_out = model.predict(x, batch_size=256, verbose=0)
+        result.verification = agreement(keras_out, litert_predict(buffer, x), verify_labels)
+    return result
+
+
+__all__ = ["to_tflite", "ExportResult", "LayerReport", "build_inference_model", "litert_predict",
+           "flatbuffer", "TARGETS"]

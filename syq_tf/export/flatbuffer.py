@@ -1,0 +1,87 @@
+"""Read the weight tensors of a TFLite flatbuffer (what was really stored, not what we meant)."""
+
+import dataclasses
+
+import numpy as np
+from tensorflow.lite.python import schema_py_generated as schema
+
+_OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+_TYPES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+_NUMPY = {"INT8": np.int8, "INT32": np.int32, "FLOAT32": np.float32, "UINT8": np.uint8,
+          "INT16": np.int16, "INT64": np.int64}
+# op -> (index of the weight input, quantized-dimension layout name)
+WEIGHT_OPS = {"CONV_2D": 1, "DEPTHWISE_CONV_2D": 1, "FULLY_CONNECTED": 1}
+
+
+@dataclasses.dataclass
+class WeightTensor:
+    op: str
+    name: str
+    dtype: str
+    shape: tuple
+    values: np.ndarray  # stored values (int8 for a full-integer model)
+    scales: np.ndarray  # per-tensor (1 value) or per-channel
+    zero_points: np.ndarray
+    quantized_dimension: int
+
+
+def _load(buffer):
+    if not isinstance(buffer, (bytes, bytearray)) or len(buffer) < 8:
+        raise ValueError("not a TFLite flatbuffer: fewer than 8 bytes")
+    if bytes(buffer[4:8]) != b"TFL3":
+        raise ValueError("not a TFLite flatbuffer: file identifier is not 'TFL3'")
+    try:
+        return schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(bytearray(buffer), 0))
+    except Exception as err:  # flatbuffers raises assorted errors on malformed input
+        raise ValueError(f"malformed TFLite flatbuffer: {err}") from None
+
+
+def op_names(buffer):
+    """Builtin op names of the first subgraph, in execution order."""
+    model = _load(buffer)
+    return [_op_name(model, op) for op in model.subgraphs[0].operators]
+
+
+def _op_name(model, op):
+    code = model.operatorCodes[op.opcodeIndex]
+    builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+    if builtin == schema.BuiltinOperator.CUSTOM:
+        return (code.customCode or b"CUSTOM").decode()
+    return _OP_NAMES.get(builtin, str(builtin))
+
+
+def weight_tensors(buffer):
+    """Constant weight tensors of CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED ops."""
+    model = _load(buffer)
+    graph = model.subgraphs[0]
+    found = []
+    for op in graph.operators:
+        name = _op_name(model, op)
+        if name not in WEIGHT_OPS:
+            continue
+        tensor = graph.tensors[op.inputs[WEIGHT_OPS[name]]]
+        data = model.buffers[tensor.buffer].data
+        if data is None:  # not a constant (weights computed at run time)
+            continue
+        dtype = _TYPES.get(tensor.type, str(tensor.type))
+        if dtype not in _NUMPY:
+            raise ValueError(f"weight tensor {tensor.name!r} has unsupported type {dtype}")
+        values = np.frombuffer(bytes(bytearray(data)), _NUMPY[dtype]).reshape(tuple(tensor.shape))
+        quant = tensor.quantization
+        scales = np.asarray(quant.scale if quant is not None and quant.scale is not None else [], np.float32)
+        zero_points = np.asarray(
+            quant.zeroPoint if quant is not None and quant.zeroPoint is not None else [], np.int64
+        )
+        found.append(
+            WeightTensor(
+                op=name,
+                name=tensor.name.decode(),
+                dtype=dtype,
+                shape=tuple(tensor.shape),
+                values=values,
+                scales=scales,
+                zero_points=zero_points,
+                quantized_dimension=int(quant.quantizedDimension) if quant is not None else 0,
+            )
+        )
+    return found

@@ -1,0 +1,315 @@
+"""Full-integer int8 TFLite export for LiteRT, keeping learned codebooks exact where int8 can.
+
+Converting the training graph as it is fails at run time (quantizer ops and scale variables give
+int8 convolutions with non-zero weight zero points, METHODS.md §5). So export first builds an
+inference model: each quantized layer becomes its plain Keras layer with the *quantized* kernel as
+its weights, and each activation quantizer becomes a FakeQuant op carrying its exact range, which
+the converter turns into the int8 scale/zero point of that tensor. Then it converts, reads the
+flatbuffer back and checks what was stored against the Keras codebook.
+"""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from syq_tf.export import flatbuffer
+from syq_tf.layers import QuantizedLayerMixin
+from syq_tf.models import _LARQ_KERNELS, _float_variable
+from syq_tf.quantizers._common import ActivationQuantizer
+
+# Config keys of larq / syq_tf layers that the plain Keras layer does not take.
+_QUANT_KEYS = ("kernel_quantizer", "input_quantizer", "depthwise_quantizer", "pointwise_quantizer", "metrics")
+
+
+class _FakeQuantInput(tf.keras.layers.Layer):
+    """Inference stand-in for an activation quantizer: an exact 8-bit range for the converter."""
+
+    def __init__(self, low, high, **kwargs):
+        super().__init__(**kwargs)
+        self.low, self.high = float(low), float(high)
+
+    def call(self, inputs):
+        return tf.quantization.fake_quant_with_min_max_args(
+            inputs, min=self.low, max=self.high, num_bits=8, narrow_range=False
+        )
+
+
+class _ExportLayer(tf.keras.layers.Layer):
+    """A plain Keras layer (holding the quantized kernel) behind an optional input range."""
+
+    def __init__(self, inner, input_range=None, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = inner
+        self.input_fq = None if input_range is None else _FakeQuantInput(*input_range, name="input_range")
+
+    def call(self, inputs):
+        if self.input_fq is not None:
+            inputs = self.input_fq(inputs)
+        return self.inner(inputs)
+
+
+def _is_quantized(layer):
+    if isinstance(layer, QuantizedLayerMixin):
+        return True
+    return any(getattr(layer, q, None) is not None for q, _ in _LARQ_KERNELS) or (
+        getattr(layer, "input_quantizer", None) is not None
+    )
+
+
+def _plain_class(layer):
+    for cls in type(layer).__mro__:
+        if issubclass(cls, QuantizedLayerMixin) or cls.__module__.startswith("larq"):
+            continue
+        return cls
+    raise TypeError(f"layer '{layer.name}': cannot find the plain Keras class of {type(layer).__name__}")
+
+
+def _input_range(layer):
+    quantizer = getattr(layer, "input_quantizer", None)
+    if quantizer is None:
+        return None
+    if isinstance(quantizer, ActivationQuantizer):
+        return quantizer.export_range()
+    raise ValueError(
+        f"layer '{layer.name}': input quantizer {type(quantizer).__name__} has no int8 TFLite "
+        "form in target 'litert'; use a syq_tf activation quantizer (e.g. DoReFa) or no input "
+        "quantizer."
+    )
+
+
+def _kernels(layer):
+    """{kernel attribute: (quantizer, float variable)} of a quantized layer."""
+    if isinstance(layer, QuantizedLayerMixin):
+        return {layer._syq_kernel_attr: (layer.kernel_quantizer, layer.float_kernel)}
+    out = {}
+    for q_attr, k_attr in _LARQ_KERNELS:
+        kernel = getattr(layer, k_attr, None)
+        if kernel is not None:
+            out[k_attr] = (getattr(layer, q_attr, None), _float_variable(kernel))
+    return out
+
+
+def _quantized_value(quantizer, variable):
+    if quantizer is None:
+        return variable.numpy()
+    return tf.convert_to_tensor(quantizer(tf.convert_to_tensor(variable))).numpy()
+
+
+def _leaf(name):
+    return name.split("/")[-1]
+
+
+def build_inference_model(model):
+    """A plain Keras model that computes what ``model`` computes at inference, ready to convert."""
+    plan = {}
+
+    def clone(layer):
+        if not _is_quantized(layer):
+            return layer.__class__.from_config(layer.get_config())
+        config = {k: v for k, v in layer.get_config().items() if k not in _QUANT_KEYS}
+        pad = config.pop("pad_values", 0.0)
+        if pad not in (0, 0.0):
+            raise ValueError(
+                f"layer '{layer.name}': pad_values={pad} has no TFLite int8 form; use pad_values=0."
+            )
+        config["name"] = f"{layer.name}_float"
+        inner = _plain_class(layer).from_config(config)
+        plan[layer.name] = layer
+        return _ExportLayer(inner, _input_range(layer), name=layer.name)
+
+    inference = tf.keras.models.clone_model(model, clone_function=clone)
+    for new in inference.layers:
+        old = _find_layer(model, new.name)
+        if old is None or not old.weights:
+            continue
+        if new.name not in plan:
+            new.set_weights(old.get_weights())
+            continue
+        values = {_leaf(v.name): v.numpy() for v in old.weights}
+        for attr, (quantizer, variable) in _kernels(old).items():
+            values[_leaf(variable.name)] = _quantized_value(quantizer, variable)
+        for variable in new.inner.weights:
+            variable.assign(values[_leaf(variable.name)])
+    return inference
+
+
+def _find_layer(model, name):
+    try:
+        return model.get_layer(name)
+    except ValueError:
+        return None
+
+
+def _samples(data, limit):
+    """Single-example float32 batches from an array, a tuple (x, y) or a tf.data.Dataset."""
+    if isinstance(data, tf.data.Dataset):
+        out = []
+        for batch in data:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            for row in np.asarray(x):
+                out.append(row[None].astype(np.float32))
+                if len(out) >= limit:
+                    return out
+        return out
+    if isinstance(data, (tuple, list)):
+        data = data[0]
+    array = np.asarray(data, dtype=np.float32)
+    return [array[i : i + 1] for i in range(min(limit, len(array)))]
+
+
+def convert(inference_model, representative_data, samples=200):
+    """Full-integer int8 conversion (int8 inputs and outputs)."""
+    reps = _samples(representative_data, samples)
+    if not reps:
+        raise ValueError("to_tflite: representative_data is empty; give a few hundred input examples.")
+
+    def representative():
+        for sample in reps:
+            yield [sample]
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(inference_model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    return converter.convert()
+
+
+# ---- what was stored vs what Keras computes ---------------------------------------------------
+
+
+def _to_tflite_layout(kernel, op, stored_shape):
+    k = np.asarray(kernel, np.float64)
+    if op == "FULLY_CONNECTED":
+        k = k.reshape(-1, k.shape[-1]).T  # [in, out] -> [out, in]
+    elif op == "DEPTHWISE_CONV_2D":
+        k = k.reshape((1,) + k.shape[:-2] + (-1,))  # [kh, kw, cin, m] -> [1, kh, kw, cin*m]
+    else:  # CONV_2D: [.., cin, cout] -> [cout, .., cin]
+        if k.ndim == 3:  # Conv1D is converted as a 1xk Conv2D
+            k = k[None]
+        k = np.transpose(k, (3, 0, 1, 2))
+    return k.reshape(stored_shape)
+
+
+def codebook_check(expected, tensor):
+    """Compare a stored int8 tensor with the Keras quantized kernel (in TFLite layout).
+
+    Per quantization group (channel, or the whole tensor if quantized per tensor), the stored
+    values must be the Keras values times one factor (the int8 scale, times a folded BatchNorm
+    scale). Returns the largest relative error of a stored codebook level, whether zeros stayed
+    zeros, and the number of distinct stored levels per group.
+    """
+    values = tensor.values.astype(np.float64)
+    axis = tensor.quantized_dimension if tensor.scales.size > 1 else None
+    if axis is None:
+        groups = [(values.ravel(), expected.ravel())]
+    else:
+        groups = [
+            (np.take(values, c, axis=axis).ravel(), np.take(expected, c, axis=axis).ravel())
+            for c in range(values.shape[axis])
+        ]
+    worst, zeros_ok, levels, keras_levels = 0.0, True, 0, 0
+    for stored, keras in groups:
+        levels = max(levels, np.unique(stored).size)
+        keras_levels = max(keras_levels, np.unique(keras).size)
+        zeros_ok &= bool(np.array_equal(stored == 0, keras == 0))
+        ref = int(np.argmax(np.abs(keras)))
+        if keras[ref] == 0:
+            continue
+        factor = stored[ref] / keras[ref]
+        nonzero = keras != 0
+        if factor == 0:
+            worst = max(worst, 1.0)
+            continue
+        rel = np.abs(stored[nonzero] / factor - keras[nonzero]) / np.abs(keras[nonzero])
+        worst = max(worst, float(rel.max(initial=0.0)))
+    return worst, zeros_ok, levels, keras_levels
+
+
+@dataclasses.dataclass
+class LayerReport:
+    layer: str
+    op: str
+    quantizer: str
+    keras_levels: int  # distinct kernel values per output channel in Keras (max over channels)
+    stored_levels: int  # distinct int8 values per channel in the flatbuffer
+    max_rel_alpha_error: float  # largest relative error of a stored codebook level
+    exact: bool
+    weight_bytes: int
+    note: str = ""
+
+
+def _describe(quantizer):
+    if quantizer is None:
+        return "float"
+    cfg = quantizer.get_config() if hasattr(quantizer, "get_config") else {}
+    parts = [type(quantizer).__name__ if hasattr(quantizer, "get_config") else getattr(quantizer, "__name__", "?")]
+    for key in ("bits", "granularity"):
+        if key in cfg:
+            parts.append(f"{key}={cfg[key]}")
+    return " ".join(parts)
+
+
+def _match_tensor(layer, kernel, tensors, used):
+    """The stored weight tensor of a Keras kernel: by layer name in the tensor name, else (when the
+    converter renamed it, e.g. after folding a BatchNorm) the next unused one of the same size.
+    Weight ops are stored in execution order, which follows the model's layer order."""
+    size = int(np.prod(kernel.shape))
+    free = [t for t in tensors if id(t) not in used and t.values.size == size]
+    for t in free:
+        if f"/{layer.name}/" in f"/{t.name}/":
+            return t
+    return free[0] if free else None
+
+
+def layer_reports(model, buffer):
+    tensors = flatbuffer.weight_tensors(buffer)
+    used = set()
+    reports = []
+    for layer in model.layers:
+        if _is_quantized(layer):
+            kernels = _kernels(layer)
+        elif getattr(layer, "kernel", None) is not None:
+            kernels = {"kernel": (None, layer.kernel)}
+        else:
+            kernels = {}
+        for attr, (quantizer, variable) in kernels.items():
+            tensor = _match_tensor(layer, variable, tensors, used)
+            if tensor is None:
+                reports.append(LayerReport(layer.name, "?", _describe(quantizer), 0, 0, float("nan"), False, 0,
+                                           "weight tensor not found in the flatbuffer"))
+                continue
+            used.add(id(tensor))
+            expected = _to_tflite_layout(_quantized_value(quantizer, variable), tensor.op, tensor.values.shape)
+            err, zeros_ok, levels, keras_levels = codebook_check(expected, tensor)
+            if quantizer is None:
+                reports.append(LayerReport(layer.name, tensor.op, "float", keras_levels, levels, float("nan"),
+                                           False, int(tensor.values.nbytes),
+                                           "float weights, stored as ordinary int8"))
+                continue
+            exact = zeros_ok and err <= 1e-5
+            note = ""
+            if not exact:
+                note = (f"int8 {'per-channel' if tensor.scales.size > 1 else 'per-tensor'} scales "
+                        f"cannot hold this codebook exactly: stored levels off by up to {err:.2%}"
+                        + ("" if zeros_ok else "; zero weights were not kept at zero"))
+            reports.append(LayerReport(layer.name, tensor.op, _describe(quantizer), keras_levels, levels,
+                                       err, exact, int(tensor.values.nbytes), note))
+    return reports
+
+
+def activation_notes(model):
+    notes = []
+    for layer in model.layers:
+        quantizer = getattr(layer, "input_quantizer", None)
+        bits = getattr(quantizer, "bits", 8)
+        if isinstance(quantizer, ActivationQuantizer) and bits < 8:
+            notes.append(
+                f"layer '{layer.name}': {type(quantizer).__name__} {bits}-bit activations are stored "
+                "as int8 on the same range; int8 TFLite does not enforce the coarser grid."
+            )
+    return notes

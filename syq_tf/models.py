@@ -1,0 +1,62 @@
+"""Model-level helpers: find quantized kernels, re-initialise learned scales."""
+
+import tensorflow as tf
+
+from syq_tf.layers import QuantizedLayerMixin
+
+# larq layers: quantizer attribute -> kernel attribute
+_LARQ_KERNELS = (
+    ("kernel_quantizer", "kernel"),
+    ("depthwise_quantizer", "depthwise_kernel"),
+    ("pointwise_quantizer", "pointwise_kernel"),
+)
+
+
+def _flat_layers(model):
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.Model):
+            yield from _flat_layers(layer)
+        else:
+            yield layer
+
+
+def _float_variable(variable):
+    # larq wraps kernels in a QuantizedVariable whose reads are quantized in a quantized scope.
+    return getattr(variable, "latent_variable", variable)
+
+
+def quantized_kernels(model):
+    """(layer, quantizer, float kernel variable) for every quantized kernel, syq_tf or larq layer."""
+    found = []
+    for layer in _flat_layers(model):
+        if isinstance(layer, QuantizedLayerMixin):
+            if layer.kernel_quantizer is not None:
+                found.append((layer, layer.kernel_quantizer, layer.float_kernel))
+            continue
+        for q_attr, k_attr in _LARQ_KERNELS:
+            quantizer = getattr(layer, q_attr, None)
+            kernel = getattr(layer, k_attr, None)
+            if quantizer is not None and kernel is not None:
+                found.append((layer, quantizer, _float_variable(kernel)))
+    return found
+
+
+def reinitialize_scales(model):
+    """Re-initialise every learned scale from the current float weights.
+
+    The paper's recipe: train (or load) a float model, then switch quantization on and set each
+    alpha_g = mean|W| over its subgroup. Returns the names of the layers whose scales were set.
+    """
+    names = []
+    for layer, quantizer, kernel in quantized_kernels(model):
+        if hasattr(quantizer, "initialize_from"):
+            quantizer.initialize_from(kernel)
+            names.append(layer.name)
+    return names
+
+
+class ReinitializeScales(tf.keras.callbacks.Callback):
+    """Calls :func:`reinitialize_scales` when training begins (e.g. after loading float weights)."""
+
+    def on_train_begin(self, logs=None):
+        reinitialize_scales(self.model)

@@ -1,0 +1,99 @@
+"""Shared pieces of all quantizers: registration, base class, weight subgroups.
+
+Kernel layouts (Keras): Dense ``[c_in, c_out]``, Conv1D ``[k, c_in, c_out]``, Conv2D
+``[kh, kw, c_in, c_out]``, DepthwiseConv2D ``[kh, kw, c_in, multiplier]``.
+"""
+
+import larq as lq
+import tensorflow as tf
+
+GRANULARITIES = ("layer", "row", "pixel", "channel")
+
+
+def register(alias=None):
+    """Register a quantizer as a Keras custom object (``syq_tf>Name``) plus an optional string alias.
+
+    The package prefix keeps our names apart from larq's (larq also has a ``DoReFa``), so saved
+    models load without a custom-object scope once syq_tf is imported.
+    """
+
+    def decorate(cls):
+        cls = tf.keras.utils.register_keras_serializable(package="syq_tf")(cls)
+        if alias is not None:
+            tf.keras.utils.get_custom_objects()[alias] = cls
+        return cls
+
+    return decorate
+
+
+class WeightQuantizer(lq.quantizers.Quantizer):
+    """Base of quantizers meant for kernels (``kernel_quantizer``), never for activations."""
+
+    role = "weight"
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+class ActivationQuantizer(lq.quantizers.Quantizer):
+    """Base of quantizers meant for layer inputs (``input_quantizer``)."""
+
+    role = "activation"
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def export_range(self):
+        """(min, max) of the output, so export can give the converter an exact int8 range."""
+        raise NotImplementedError
+
+
+def subgroup_reduce_axes(granularity, kernel_shape, depthwise=False, owner="quantizer"):
+    """Axes of the kernel that one scale is shared over, for a given granularity.
+
+    layer   -> every axis (one scale)
+    channel -> every axis but the output channel (last; last two for depthwise kernels)
+    pixel   -> the two channel axes: one scale per spatial position (kh*kw for Conv2D)
+    row     -> every axis but the kernel row: one scale per row i (kh for Conv2D)
+    """
+    shape = tf.TensorShape(kernel_shape)
+    if shape.rank is None or not shape[1:].is_fully_defined():
+        raise ValueError(
+            f"{owner}: got a tensor of shape {shape}; weight quantizers quantize kernels of known "
+            "shape. Use it as kernel_quantizer, not as input_quantizer."
+        )
+    rank = shape.rank
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"{owner}: unknown granularity {granularity!r}; allowed: {GRANULARITIES}.")
+    if rank < 2:
+        raise ValueError(f"{owner}: kernel of rank {rank} (shape {shape}); expected rank >= 2.")
+    all_axes = tuple(range(rank))
+    if granularity == "layer":
+        return all_axes
+    if granularity == "channel":
+        keep = (rank - 2, rank - 1) if depthwise else (rank - 1,)
+        return tuple(a for a in all_axes if a not in keep)
+    if granularity == "pixel":
+        if rank < 3:
+            raise ValueError(
+                f"{owner}: granularity 'pixel' needs a convolution kernel (rank >= 3), got shape "
+                f"{shape}; for Dense kernels use 'layer' or 'channel'."
+            )
+        return (rank - 2, rank - 1)
+    # row
+    if rank != 4:
+        raise ValueError(
+            f"{owner}: granularity 'row' needs a 2-D convolution kernel [kh, kw, c_in, c_out], got "
+            f"shape {shape}; allowed here: 'layer', 'channel'" + (", 'pixel'." if rank >= 3 else ".")
+        )
+    return (1, 2, 3)
+
+
+def scale_shape(kernel_shape, reduce_axes):
+    """Shape of the scale tensor: the kernel shape with reduced axes set to 1 (broadcastable)."""
+    return [1 if axis in reduce_axes else int(dim) for axis, dim in enumerate(kernel_shape)]
+
+
+def sign_pm1(x):
+    """sign with sign(0) := +1, written as LCE's converter recognises it."""
+    return tf.where(x >= 0, tf.ones_like(x), -tf.ones_like(x))
