@@ -38,7 +38,7 @@ def ensure_keras2():
 
     import tensorflow as tf  # noqa: E402  (deliberately after the variable is set)
 
-    keras_module = getattr(tf.keras, "__name__", "")
+    keras_module = tf.keras.layers.Layer.__module__
     if not keras_module.startswith("tf_keras"):
         raise ImportError(
             f"tf.keras resolves to {keras_module or 'Keras 3'}, not tf_keras (Keras 2): it was "

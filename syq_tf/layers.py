@@ -135,12 +135,26 @@ class QuantizedLayerMixin:
         config = dict(config)
         for key in ("kernel_quantizer", "input_quantizer"):
             if isinstance(config.get(key), dict):
-                config[key] = tf.keras.utils.deserialize_keras_object(config[key])
+                config[key] = deserialize_quantizer(config[key])
         return cls(**config)
 
 
 def _has_depthwise_arg(quantizer):
     return isinstance(quantizer, WeightQuantizer) and "depthwise" in quantizer.get_config()
+
+
+def deserialize_quantizer(config):
+    """A quantizer from its serialized dict, in either Keras serialization format (h5 files use the
+    legacy one, where the registered name may be missing)."""
+    name = config.get("registered_name") or config.get("class_name")
+    cls = tf.keras.utils.get_registered_object(name) or tf.keras.utils.get_registered_object(
+        f"syq_tf>{config.get('class_name')}"
+    )
+    if isinstance(cls, type) and issubclass(cls, (WeightQuantizer, ActivationQuantizer)):
+        return cls.from_config(config.get("config", {}))
+    import larq as lq
+
+    return lq.quantizers.get(config)
 
 
 def _serialize(quantizer):

@@ -11,16 +11,23 @@ GRANULARITIES = ("layer", "row", "pixel", "channel")
 
 
 def register(alias=None):
-    """Register a quantizer as a Keras custom object (``syq_tf>Name``) plus an optional string alias.
+    """Register a quantizer as a Keras custom object so saved models load without a scope.
 
-    The package prefix keeps our names apart from larq's (larq also has a ``DoReFa``), so saved
-    models load without a custom-object scope once syq_tf is imported.
+    Two names: ``syq_tf>Name`` (Keras' package-qualified name) and the plain class name, which
+    Keras' legacy (h5) deserialization and larq's ``quantizers.get`` look up. Plain names must not
+    collide with larq's (larq has a ``DoReFa``; ours is ``DoReFaActivation``), checked here.
     """
 
     def decorate(cls):
         cls = tf.keras.utils.register_keras_serializable(package="syq_tf")(cls)
-        if alias is not None:
-            tf.keras.utils.get_custom_objects()[alias] = cls
+        objects = tf.keras.utils.get_custom_objects()
+        for name in (cls.__name__, alias):
+            if name is None:
+                continue
+            taken = objects.get(name)
+            if taken is not None and taken.__module__.split(".")[0] != "syq_tf":
+                raise RuntimeError(f"quantizer name {name!r} is already registered by {taken.__module__}")
+            objects[name] = cls
         return cls
 
     return decorate
@@ -57,7 +64,7 @@ def subgroup_reduce_axes(granularity, kernel_shape, depthwise=False, owner="quan
     row     -> every axis but the kernel row: one scale per row i (kh for Conv2D)
     """
     shape = tf.TensorShape(kernel_shape)
-    if shape.rank is None or not shape[1:].is_fully_defined():
+    if not shape.is_fully_defined():
         raise ValueError(
             f"{owner}: got a tensor of shape {shape}; weight quantizers quantize kernels of known "
             "shape. Use it as kernel_quantizer, not as input_quantizer."

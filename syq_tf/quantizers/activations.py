@@ -30,8 +30,11 @@ def dorefa_quantize(x, bits=8):
 
 
 @register(alias="syq_dorefa")
-class DoReFa(ActivationQuantizer):
-    """DoReFa k-bit activation quantizer (``bits`` 1..8) on [0, 1]; use as ``input_quantizer``."""
+class DoReFaActivation(ActivationQuantizer):
+    """DoReFa k-bit activation quantizer (``bits`` 1..8) on [0, 1]; use as ``input_quantizer``.
+
+    Exported as ``syq_tf.quantizers.DoReFa``; the class name differs from larq's ``DoReFa`` so
+    both load from saved models."""
 
     def __init__(self, bits=8, **kwargs):
         if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
@@ -51,3 +54,6 @@ class DoReFa(ActivationQuantizer):
 
     def get_config(self):
         return {**super().get_config(), "bits": self.bits}
+
+
+DoReFa = DoReFaActivation

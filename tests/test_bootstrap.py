@@ -1,0 +1,42 @@
+"""Import order: syq_tf selects Keras 2 itself and refuses to run on top of Keras 3."""
+
+from conftest import run_python
+
+
+def test_import_selects_keras2():
+    r = run_python("import syq_tf, os, tensorflow as tf; print(os.environ['TF_USE_LEGACY_KERAS'], tf.keras.layers.Layer.__module__.split('.')[0])")
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert r.stdout.split() == ["1", "tf_keras"]
+
+
+def test_keras3_loaded_first_is_a_clear_error():
+    r = run_python("import keras\nimport syq_tf")
+    assert r.returncode != 0
+    assert "ImportError: syq_tf was imported after Keras 3" in r.stderr
+    assert "Import syq_tf before TensorFlow or Keras" in r.stderr
+
+
+def test_tensorflow_first_without_flag_is_a_clear_error():
+    r = run_python("import tensorflow\nimport syq_tf")
+    assert r.returncode != 0 and "TF_USE_LEGACY_KERAS=1" in r.stderr
+
+
+def test_tensorflow_first_with_flag_is_fine():
+    r = run_python("import tensorflow as tf\nimport syq_tf\nprint(tf.keras.layers.Layer.__module__)", {"TF_USE_LEGACY_KERAS": "1"})
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "tf_keras" in r.stdout
+
+
+def test_flag_selecting_keras3_is_refused():
+    r = run_python("import syq_tf", {"TF_USE_LEGACY_KERAS": "0"})
+    assert r.returncode != 0 and "TF_USE_LEGACY_KERAS='0' selects Keras 3" in r.stderr
+
+
+def test_keras3_layer_is_refused_by_quantize():
+    r = run_python(
+        "import os; os.environ['TF_USE_LEGACY_KERAS']='1'\n"
+        "import syq_tf, keras\n"
+        "syq_tf.quantize(keras.layers.Dense(2), kernel_quantizer=syq_tf.quantizers.SYQ())"
+    )
+    assert r.returncode != 0
+    assert "Dense comes from Keras 3" in r.stderr
