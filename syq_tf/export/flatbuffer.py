@@ -23,6 +23,8 @@ class WeightTensor:
     scales: np.ndarray  # per-tensor (1 value) or per-channel
     zero_points: np.ndarray
     quantized_dimension: int
+    input_scale: float = float("nan")  # quantization of the op's activation input
+    input_zero_point: int = 0
 
 
 def _load(buffer):
@@ -67,6 +69,9 @@ def weight_tensors(buffer):
         if dtype not in _NUMPY:
             raise ValueError(f"weight tensor {tensor.name!r} has unsupported type {dtype}")
         values = np.frombuffer(bytes(bytearray(data)), _NUMPY[dtype]).reshape(tuple(tensor.shape))
+        act = graph.tensors[op.inputs[0]].quantization
+        act_scale = float(act.scale[0]) if act is not None and act.scale is not None and len(act.scale) else float("nan")
+        act_zero = int(act.zeroPoint[0]) if act is not None and act.zeroPoint is not None and len(act.zeroPoint) else 0
         quant = tensor.quantization
         scales = np.asarray(quant.scale if quant is not None and quant.scale is not None else [], np.float32)
         zero_points = np.asarray(
@@ -82,6 +87,8 @@ def weight_tensors(buffer):
                 scales=scales,
                 zero_points=zero_points,
                 quantized_dimension=int(quant.quantizedDimension) if quant is not None else 0,
+                input_scale=act_scale,
+                input_zero_point=act_zero,
             )
         )
     return found
