@@ -46,16 +46,18 @@ def build_cnn(bits=None, granularity="pixel", act_bits=8, eta=0.05):
             kernel_quantizer=Q.SYQ(bits, "layer", eta) if kernel else None, **kw,
         )
 
-    bn = lambda: tf.keras.layers.BatchNormalization(momentum=0.9)
+    def bn(name):
+        return tf.keras.layers.BatchNormalization(momentum=0.9, name=name)
+
     layers = [
         tf.keras.Input((28, 28, 1)),
         tf.keras.layers.Conv2D(32, 3, padding="same", use_bias=False, name="conv1"),  # float (paper)
-        bn(), *act(),
-        qconv(32, "conv2"), tf.keras.layers.MaxPool2D(), bn(), *act(),
-        qconv(64, "conv3"), bn(), *act(),
-        qconv(64, "conv4"), tf.keras.layers.MaxPool2D(), bn(), *act(),
+        bn("bn1"), *act(),
+        qconv(32, "conv2"), tf.keras.layers.MaxPool2D(), bn("bn2"), *act(),
+        qconv(64, "conv3"), bn("bn3"), *act(),
+        qconv(64, "conv4"), tf.keras.layers.MaxPool2D(), bn("bn4"), *act(),
         tf.keras.layers.Flatten(),
-        qdense(128, "fc1", use_bias=False), bn(), *act(),
+        qdense(128, "fc1", use_bias=False), bn("bn5"), *act(),
         qdense(10, "logits", kernel=False),  # last layer: float weights (paper)
     ]
     return tf.keras.Sequential(layers, name="syq_cnn" if quantized else "float_cnn")
@@ -74,9 +76,10 @@ def main(argv=None):
     p.add_argument("--bits", type=int, default=2, help="SYQ weight bits: 1 binary, 2 ternary")
     p.add_argument("--granularity", default="pixel", choices=["layer", "row", "pixel", "channel"])
     p.add_argument("--act-bits", type=int, default=8)
-    p.add_argument("--float-epochs", type=int, default=1)
-    p.add_argument("--quant-epochs", type=int, default=2)
-    p.add_argument("--train-limit", type=int, default=30000, help="training images used (of 60000)")
+    p.add_argument("--float-epochs", type=int, default=1, help="float pre-training epochs")
+    p.add_argument("--quant-epochs", type=int, default=2,
+                   help="SYQ fine-tuning epochs (the float baseline trains as many more epochs)")
+    p.add_argument("--train-limit", type=int, default=20000, help="training images used (of 60000)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--out", default="out/fashion_mnist_syq")
     p.add_argument("--seed", type=int, default=0)
@@ -93,7 +96,12 @@ def main(argv=None):
     float_model = build_cnn(None)
     compile_model(float_model, 1e-3)
     float_model.fit(train, epochs=args.float_epochs, verbose=1)
+    pretrained = float_model.get_weights()
+    print(f"   float baseline: {args.quant_epochs} more epoch(s), the same budget as SYQ fine-tuning")
+    float_model.fit(train, epochs=args.float_epochs + args.quant_epochs, initial_epoch=args.float_epochs,
+                    verbose=1)
     _, float_acc = float_model.evaluate(test, verbose=0)
+    float_model.set_weights(pretrained)
 
     print(f"== 2/4 SYQ W{args.bits}A{args.act_bits} ({args.granularity}) fine-tuning "
           f"({args.quant_epochs} epoch(s)), alphas initialised from the float weights")
@@ -118,8 +126,9 @@ def main(argv=None):
     print("== 4/4 summary")
     v = result.verification
     rows = [
-        ("float accuracy (Keras)", f"{float_acc:.4f}"),
-        (f"SYQ W{args.bits}A{args.act_bits} {args.granularity} accuracy (Keras)", f"{quant_acc:.4f}"),
+        (f"float accuracy (Keras, {args.float_epochs + args.quant_epochs} epochs)", f"{float_acc:.4f}"),
+        (f"SYQ W{args.bits}A{args.act_bits} {args.granularity} accuracy (Keras, "
+         f"{args.float_epochs} float + {args.quant_epochs} SYQ epochs)", f"{quant_acc:.4f}"),
         ("SYQ accuracy (LiteRT int8)", f"{v['runtime_accuracy']:.4f}"),
         ("Keras vs LiteRT top-1 agreement", f"{v['top1_agreement']:.4f} on {v['examples']} test images"),
         ("TFLite model bytes", f"{result.model_bytes}"),
@@ -142,16 +151,23 @@ def main(argv=None):
 
 
 def _float_weights_for(model, float_model):
-    """The float model's weights in the quantized model's order (quantizer scales keep theirs)."""
+    """The float model's weights in the quantized model's order; quantizer scales keep theirs
+    (they are set from these weights by reinitialize_scales)."""
     by_name = {}
     for layer in float_model.layers:
         for w in layer.weights:
             by_name[f"{layer.name}/{w.name.split('/')[-1]}"] = w.numpy()
+    scales = {id(w) for _, q, _ in syq_tf.quantized_kernels(model) for w in q.weights}
     values = []
     for layer in model.layers:
         for w in layer.weights:
             key = f"{layer.name}/{w.name.split('/')[-1]}"
-            values.append(by_name.get(key, w.numpy()))
+            if id(w) in scales:
+                values.append(w.numpy())
+            elif key in by_name:
+                values.append(by_name[key])
+            else:
+                raise KeyError(f"no float weight for {key} in the float model")
     return values
 
 
