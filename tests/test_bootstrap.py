@@ -40,3 +40,14 @@ def test_keras3_layer_is_refused_by_quantize():
     )
     assert r.returncode != 0
     assert "Dense comes from Keras 3" in r.stderr
+
+
+def test_tf_keras_already_resolved_to_keras3_is_refused():
+    r = run_python(
+        "import tensorflow as tf\n"
+        "tf.keras.layers.Dense\n"  # resolves tf.keras to Keras 3
+        "import os; os.environ['TF_USE_LEGACY_KERAS'] = '1'\n"
+        "import syq_tf"
+    )
+    assert r.returncode != 0
+    assert "tf.keras resolves to keras" in r.stderr and "not tf_keras (Keras 2)" in r.stderr
