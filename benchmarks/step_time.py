@@ -1,0 +1,72 @@
+"""Training step time of SYQ models relative to the same float CNN, measured side by side.
+
+All models are built first; then rounds interleave them (each round times a few steps of every
+model) so that the shared machine's noise hits all alike. Prints a table and writes JSON.
+
+    .venv/bin/python benchmarks/step_time.py [--rounds 8] [--steps 10] [--out benchmarks/results]
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import syq_tf  # noqa: F401  (first: Keras 2)
+
+import numpy as np
+import tensorflow as tf
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from fashion_mnist_syq import build_cnn, compile_model  # noqa: E402
+
+from syq_tf.data import load_fashion_mnist  # noqa: E402
+
+CONFIGS = [("float", None, None)] + [
+    (f"SYQ W{b} {g}", b, g) for b in (2, 1) for g in ("layer", "row", "pixel", "channel")
+]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = p.parse_args(argv)
+    x, y = load_fashion_mnist("train")
+    x, y = x[: args.batch_size], y[: args.batch_size]
+    models = {}
+    for name, bits, granularity in CONFIGS:
+        model = build_cnn(bits, granularity or "pixel")
+        compile_model(model, 1e-3)
+        for _ in range(3):  # trace and warm up
+            model.train_on_batch(x, y)
+        models[name] = model
+    times = {name: [] for name in models}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                model.train_on_batch(x, y)
+            times[name].append((time.perf_counter() - start) / args.steps)
+    base = float(np.median(times["float"]))
+    rows = []
+    print(f"{'model':<20}{'median step ms':>16}{'vs float':>10}")
+    for name, samples in times.items():
+        median = float(np.median(samples))
+        rows.append({"model": name, "median_step_s": median, "ratio_to_float": median / base,
+                     "samples_s": samples})
+        print(f"{name:<20}{1000 * median:>16.1f}{median / base:>10.2f}")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "step_time.json")
+    with open(path, "w") as f:
+        json.dump({"batch_size": args.batch_size, "rounds": args.rounds, "steps": args.steps,
+                   "machine": platform.platform(), "cpus": os.cpu_count(),
+                   "tensorflow": tf.__version__, "rows": rows}, f, indent=2)
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
