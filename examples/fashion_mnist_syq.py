@@ -14,7 +14,6 @@ import time
 import syq_tf  # first: selects Keras 2 before TensorFlow loads
 
 import larq as lq
-import numpy as np
 import tensorflow as tf
 
 from syq_tf.data import fashion_mnist_dataset, load_fashion_mnist

@@ -5,6 +5,7 @@ quantizer on the inputs and the kernel quantizer on the kernel, then the origina
 ``call`` with the quantized kernel in place of the float one.
 """
 
+import larq as lq
 import tensorflow as tf
 
 from syq_tf.quantizers._common import ActivationQuantizer, WeightQuantizer
@@ -49,8 +50,6 @@ def _copy_quantizer(quantizer, role, layer_name, **overrides):
     if quantizer is None:
         return None
     if isinstance(quantizer, (str, dict)):
-        import larq as lq
-
         quantizer = lq.quantizers.get(quantizer)
     expected = WeightQuantizer if role == "kernel_quantizer" else ActivationQuantizer
     wrong = ActivationQuantizer if role == "kernel_quantizer" else WeightQuantizer
@@ -152,8 +151,6 @@ def deserialize_quantizer(config):
     )
     if isinstance(cls, type) and issubclass(cls, (WeightQuantizer, ActivationQuantizer)):
         return cls.from_config(config.get("config", {}))
-    import larq as lq
-
     return lq.quantizers.get(config)
 
 

@@ -200,3 +200,12 @@ def test_already_quantized_and_missing_quantizers():
         syq_tf.quantize(layer, kernel_quantizer=SYQ())
     with pytest.raises(ValueError, match="give a kernel_quantizer, an input_quantizer or both"):
         syq_tf.quantize(tf.keras.layers.Dense(2))
+
+
+def test_string_aliases_in_larq_layers():
+    layer = lq.layers.QuantDense(3, kernel_quantizer="syq", input_quantizer="syq_dorefa")
+    layer(tf.ones((1, 4)))
+    assert isinstance(layer.kernel_quantizer, SYQ) and layer.kernel_quantizer.bits == 2
+    assert isinstance(layer.input_quantizer, DoReFa) and layer.input_quantizer.bits == 8
+    # larq's own DoReFa keeps its name: both load side by side
+    assert tf.keras.utils.get_custom_objects()["DoReFa"] is lq.quantizers.DoReFa

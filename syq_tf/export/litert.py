@@ -9,8 +9,6 @@ flatbuffer back and checks what was stored against the Keras codebook.
 """
 
 import dataclasses
-import json
-import os
 
 import numpy as np
 import tensorflow as tf
