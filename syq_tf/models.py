@@ -25,20 +25,26 @@ def _float_variable(variable):
     return getattr(variable, "latent_variable", variable)
 
 
+def layer_kernels(layer):
+    """{kernel attribute: (quantizer or None, float kernel variable)} of a syq_tf or larq layer."""
+    if isinstance(layer, QuantizedLayerMixin):
+        return {layer._syq_kernel_attr: (layer.kernel_quantizer, layer.float_kernel)}
+    out = {}
+    for q_attr, k_attr in _LARQ_KERNELS:
+        kernel = getattr(layer, k_attr, None)
+        if kernel is not None:
+            out[k_attr] = (getattr(layer, q_attr, None), _float_variable(kernel))
+    return out
+
+
 def quantized_kernels(model):
     """(layer, quantizer, float kernel variable) for every quantized kernel, syq_tf or larq layer."""
-    found = []
-    for layer in _flat_layers(model):
-        if isinstance(layer, QuantizedLayerMixin):
-            if layer.kernel_quantizer is not None:
-                found.append((layer, layer.kernel_quantizer, layer.float_kernel))
-            continue
-        for q_attr, k_attr in _LARQ_KERNELS:
-            quantizer = getattr(layer, q_attr, None)
-            kernel = getattr(layer, k_attr, None)
-            if quantizer is not None and kernel is not None:
-                found.append((layer, quantizer, _float_variable(kernel)))
-    return found
+    return [
+        (layer, quantizer, kernel)
+        for layer in _flat_layers(model)
+        for quantizer, kernel in layer_kernels(layer).values()
+        if quantizer is not None
+    ]
 
 
 def reinitialize_scales(model):

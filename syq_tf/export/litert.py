@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from syq_tf.export import flatbuffer
 from syq_tf.layers import QuantizedLayerMixin
-from syq_tf.models import _LARQ_KERNELS, _float_variable
+from syq_tf.models import _LARQ_KERNELS, layer_kernels
 from syq_tf.quantizers._common import ActivationQuantizer
 
 # Config keys of larq / syq_tf layers that the plain Keras layer does not take.
@@ -78,18 +78,6 @@ def _input_range(layer):
     )
 
 
-def _kernels(layer):
-    """{kernel attribute: (quantizer, float variable)} of a quantized layer."""
-    if isinstance(layer, QuantizedLayerMixin):
-        return {layer._syq_kernel_attr: (layer.kernel_quantizer, layer.float_kernel)}
-    out = {}
-    for q_attr, k_attr in _LARQ_KERNELS:
-        kernel = getattr(layer, k_attr, None)
-        if kernel is not None:
-            out[k_attr] = (getattr(layer, q_attr, None), _float_variable(kernel))
-    return out
-
-
 def _quantized_value(quantizer, variable):
     if quantizer is None:
         return variable.numpy()
@@ -127,7 +115,7 @@ def build_inference_model(model):
             new.set_weights(old.get_weights())
             continue
         values = {_leaf(v.name): v.numpy() for v in old.weights}
-        for attr, (quantizer, variable) in _kernels(old).items():
+        for attr, (quantizer, variable) in layer_kernels(old).items():
             values[_leaf(variable.name)] = _quantized_value(quantizer, variable)
         for variable in new.inner.weights:
             variable.assign(values[_leaf(variable.name)])
@@ -270,7 +258,7 @@ def layer_reports(model, buffer):
     reports = []
     for layer in model.layers:
         if _is_quantized(layer):
-            kernels = _kernels(layer)
+            kernels = layer_kernels(layer)
         elif getattr(layer, "kernel", None) is not None:
             kernels = {"kernel": (None, layer.kernel)}
         else:
