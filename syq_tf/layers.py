@@ -144,11 +144,8 @@ def _has_depthwise_arg(quantizer):
 
 def deserialize_quantizer(config):
     """A quantizer from its serialized dict, in either Keras serialization format (h5 files use the
-    legacy one, where the registered name may be missing)."""
-    name = config.get("registered_name") or config.get("class_name")
-    cls = tf.keras.utils.get_registered_object(name) or tf.keras.utils.get_registered_object(
-        f"syq_tf>{config.get('class_name')}"
-    )
+    legacy one, where only the plain class name is looked up; ours are registered under it too)."""
+    cls = tf.keras.utils.get_registered_object(config.get("registered_name") or config.get("class_name"))
     if isinstance(cls, type) and issubclass(cls, (WeightQuantizer, ActivationQuantizer)):
         return cls.from_config(config.get("config", {}))
     return lq.quantizers.get(config)

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from syq_tf.export import flatbuffer
 from syq_tf.layers import QuantizedLayerMixin
-from syq_tf.models import _LARQ_KERNELS, layer_kernels
+from syq_tf.models import layer_kernels
 from syq_tf.quantizers._common import ActivationQuantizer
 
 # Config keys of larq / syq_tf layers that the plain Keras layer does not take.
@@ -52,7 +52,7 @@ class _ExportLayer(tf.keras.layers.Layer):
 def _is_quantized(layer):
     if isinstance(layer, QuantizedLayerMixin):
         return True
-    return any(getattr(layer, q, None) is not None for q, _ in _LARQ_KERNELS) or (
+    return any(q is not None for q, _ in layer_kernels(layer).values()) or (
         getattr(layer, "input_quantizer", None) is not None
     )
 
