@@ -9,6 +9,7 @@ _ensure_keras2()
 
 from syq_tf import quantizers  # noqa: E402
 from syq_tf.layers import quantize  # noqa: E402
+from syq_tf.calibration import Calibrate, calibrate  # noqa: E402
 from syq_tf.models import ReinitializeScales, quantized_kernels, reinitialize_scales  # noqa: E402
 from syq_tf import export  # noqa: E402
 
@@ -20,5 +21,7 @@ __all__ = [
     "reinitialize_scales",
     "ReinitializeScales",
     "quantized_kernels",
+    "calibrate",
+    "Calibrate",
     "export",
 ]

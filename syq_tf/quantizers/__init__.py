@@ -3,10 +3,22 @@
 from syq_tf.quantizers._common import ActivationQuantizer, WeightQuantizer
 from syq_tf.quantizers.activations import DoReFa, DoReFaActivation, dorefa_quantize
 from syq_tf.quantizers.syq import SYQ, syq_quantize
+from syq_tf.quantizers.uniq import (
+    NotCalibratedError,
+    UniQ,
+    UniQActivation,
+    uniq_activation_quantize,
+    uniq_weight_quantize,
+)
 
 __all__ = [
     "SYQ",
     "syq_quantize",
+    "UniQ",
+    "UniQActivation",
+    "uniq_weight_quantize",
+    "uniq_activation_quantize",
+    "NotCalibratedError",
     "DoReFa",
     "DoReFaActivation",
     "dorefa_quantize",

@@ -1,0 +1,82 @@
+"""Calibration: set activation steps from data before training (UniQ, METHODS.md §2).
+
+The model runs in inference mode (``training=False``), so BatchNorm uses and keeps its moving
+statistics: calibrating never changes them (the original UniQ code calibrated in training mode and
+silently moved them). While calibrating, each activation quantizer passes its input through in
+float and records ``sqrt(2 E[a^2])`` (the pre-ReLU standard deviation of a rectified Gaussian) per
+batch; at the end its step becomes ``k+_b`` times the largest value seen.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+
+def calibratable_quantizers(model):
+    """Every quantizer in ``model`` (nested layers included) that is set by calibration."""
+    found, seen = [], set()
+    for module in [model, *model.submodules]:
+        if hasattr(module, "start_calibration") and id(module) not in seen:
+            seen.add(id(module))
+            found.append(module)
+    return found
+
+
+def _batches(data, batches, batch_size):
+    if isinstance(data, tf.data.Dataset):
+        source = data
+    else:
+        if isinstance(data, (tuple, list)):
+            data = data[0]
+        array = np.asarray(data)
+        if array.ndim == 0 or len(array) == 0:
+            raise ValueError("syq_tf.calibrate: no calibration data (an empty array).")
+        source = tf.data.Dataset.from_tensor_slices(array.astype(np.float32)).batch(batch_size)
+    for i, batch in enumerate(source):
+        if i >= batches:
+            return
+        yield batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def calibrate(model, data, batches=100, batch_size=128, recalibrate=True):
+    """Set the step of every activation quantizer of ``model`` from ``data``.
+
+    ``data``: a ``tf.data.Dataset`` of batches (``x`` or ``(x, y)``), or an array / ``(x, y)`` tuple
+    of examples (batched by ``batch_size``). Runs at most ``batches`` forward passes in inference
+    mode. With ``recalibrate=False`` quantizers that already have a step are left alone (what the
+    :class:`Calibrate` callback does, so resuming training keeps the learned steps).
+    Weight steps initialise themselves on the first forward pass. Returns ``{quantizer name: step}``.
+    """
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise ValueError(f"syq_tf.calibrate: batches={batches!r} must be a positive integer.")
+    quantizers = calibratable_quantizers(model)
+    if not recalibrate:
+        quantizers = [q for q in quantizers if not q.calibrated]
+    if not quantizers:
+        return {}
+    for q in quantizers:
+        q.start_calibration()
+    seen = 0
+    try:
+        for x in _batches(data, batches, batch_size):
+            model(x, training=False)
+            seen += 1
+    except BaseException:
+        for q in quantizers:
+            q._observer = None
+        raise
+    if seen == 0:
+        for q in quantizers:
+            q._observer = None
+        raise ValueError("syq_tf.calibrate: the calibration data gave no batches.")
+    return {q.name: q.finish_calibration() for q in quantizers}
+
+
+class Calibrate(tf.keras.callbacks.Callback):
+    """Calibrates uncalibrated activation steps when training begins (see :func:`calibrate`)."""
+
+    def __init__(self, data, batches=100, batch_size=128):
+        super().__init__()
+        self.data, self.batches, self.batch_size = data, batches, batch_size
+
+    def on_train_begin(self, logs=None):
+        calibrate(self.model, self.data, self.batches, self.batch_size, recalibrate=False)

@@ -1,0 +1,345 @@
+"""UniQ — learnable symmetric step, multi-bit and binary (Pham, Abraham, Chung, 2021).
+
+See ../shared/METHODS.md §2. ``b`` bits, ``L = 2^b`` levels, ``c = (L-1)/2``, step ``delta > 0``:
+
+    weights (mid-rise, no zero level):  Q(w) = (round(clip(w/delta + c, 0, L-1)) - c) * delta
+                                        levels (i - c) * delta;  b = 1 gives +-delta/2
+    activations (unsigned):             Q(a) = round(clip(a/delta, 0, L-1)) * delta
+
+    dQ/dw = 1 inside the clip range, 0 outside                              (straight-through)
+    dQ/ddelta, weights, u = w/delta + c:   round(u) - u inside, -c below, +c above
+    dQ/ddelta, activations, u = a/delta:   round(u) - u inside, L-1 above, 0 below
+    step gradient scaled by 1/sqrt(N * Qp), Qp = max(2^(b-1) - 1, 1)   (weights, N per step)
+                       and 1/sqrt(N * (2^b - 1))                       (activations, N features)
+
+    init: delta_w = k_b * std(W),  delta_a = k+_b * max_batches sqrt(2 E[a^2])
+    (k_b, k+_b: MSE-optimal steps for a unit Gaussian / a rectified unit Gaussian)
+
+Rounding ties: weights round half away from the centre (Q(-w) = -Q(w) exactly); activations round
+half up (floor(u + 1/2)), as TFLite rounds non-negative values. Both equal ``round`` except at ties.
+
+In every case dQ/ddelta = Q/delta - (x/delta if inside the clip range else 0), which is how the
+backward pass below computes it.
+"""
+
+import math
+
+import tensorflow as tf
+
+from syq_tf.quantizers._common import (
+    ActivationQuantizer,
+    WeightQuantizer,
+    register,
+    scale_shape,
+    subgroup_reduce_axes,
+)
+
+BITS = tuple(range(1, 9))
+GRANULARITIES = ("layer", "channel")
+
+# MSE-optimal steps from the paper (METHODS.md §2). Other bit widths are computed by
+# gaussian_optimal_step, which reproduces these to 1e-4 (tests/test_uniq.py).
+K_WEIGHT = {1: 1.59577, 2: 0.99569, 3: 0.58602, 4: 0.33520, 5: 0.18814}
+K_ACTIVATION = {1: 1.22399, 2: 0.65077, 3: 0.35341, 4: 0.19325}
+
+
+def _gaussian_segment(a, b, level):
+    """integral_a^b (x - level)^2 phi(x) dx for the unit Gaussian density phi (a, b may be +-inf)."""
+
+    def cdf(x):
+        return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0))) if math.isfinite(x) else float(x > 0)
+
+    def pdf(x):
+        return math.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi) if math.isfinite(x) else 0.0
+
+    def x_pdf(x):
+        return x * pdf(x) if math.isfinite(x) else 0.0
+
+    # antiderivatives: x^2 phi -> Phi - x phi,  x phi -> -phi,  phi -> Phi
+    return (
+        (cdf(b) - x_pdf(b)) - (cdf(a) - x_pdf(a))
+        + 2.0 * level * (pdf(b) - pdf(a))
+        + level * level * (cdf(b) - cdf(a))
+    )
+
+
+def gaussian_mse(delta, bits, rectified=False):
+    """Mean squared error of the UniQ quantizer with step ``delta`` on N(0, 1) data, or on
+    max(N(0, 1), 0) with the unsigned activation levels if ``rectified``."""
+    levels = 2**bits
+    centre = 0.0 if rectified else (levels - 1) / 2.0
+    total = 0.0
+    for i in range(levels):
+        level = (i - centre) * delta
+        low = (0.0 if rectified else -math.inf) if i == 0 else level - delta / 2.0
+        high = math.inf if i == levels - 1 else level + delta / 2.0
+        total += _gaussian_segment(low, high, level)
+    return total  # rectified: the negative half maps to 0 exactly and adds nothing
+
+
+def gaussian_optimal_step(bits, rectified=False):
+    """The step minimising :func:`gaussian_mse` (golden-section search on (0, 4])."""
+    ratio = (math.sqrt(5.0) - 1.0) / 2.0
+    lo, hi = 1e-4, 4.0
+    for _ in range(200):
+        a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        if gaussian_mse(a, bits, rectified) < gaussian_mse(b, bits, rectified):
+            hi = b
+        else:
+            lo = a
+    return (lo + hi) / 2.0
+
+
+def weight_step_constant(bits):
+    return K_WEIGHT.get(bits) or gaussian_optimal_step(bits)
+
+
+def activation_step_constant(bits):
+    return K_ACTIVATION.get(bits) or gaussian_optimal_step(bits, rectified=True)
+
+
+def _check_bits(bits, owner):
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
+        raise ValueError(f"{owner}: bits={bits!r} is not supported; allowed: integers 1 to 8.")
+
+
+# ---- the math --------------------------------------------------------------------------------
+
+
+def uniq_weight_quantize(w, delta, bits, reduce_axes=None):
+    """UniQ weight quantization; ``delta`` broadcasts against ``w`` with size 1 on ``reduce_axes``
+    (the axes one step is shared over)."""
+    if reduce_axes is None:
+        reduce_axes = tuple(range(w.shape.rank))
+    c = (2.0**bits - 1.0) / 2.0
+    q_p = max(2.0 ** (bits - 1) - 1.0, 1.0)
+
+    @tf.custom_gradient
+    def _uniq(w, delta):
+        s = w / delta
+        sign = tf.where(s >= 0, tf.ones_like(s), -tf.ones_like(s))
+        # |round(u) - c| = floor(|w|/delta) + 1/2, capped at c (ties away from the centre)
+        index = sign * tf.minimum(tf.floor(tf.abs(s)) + 0.5, c)  # (Q / delta), in {-c, ..., c}
+        inside = tf.abs(s) <= c
+
+        def grad(g):
+            n = tf.cast(tf.size(w), w.dtype) / tf.cast(tf.size(delta), w.dtype)  # elements per step
+            scale = tf.math.rsqrt(n * q_p)
+            d_delta = index - tf.where(inside, s, tf.zeros_like(s))
+            grad_delta = tf.reduce_sum(g * d_delta, axis=reduce_axes, keepdims=True) * scale
+            return tf.where(inside, g, tf.zeros_like(g)), tf.reshape(grad_delta, tf.shape(delta))
+
+        return index * delta, grad
+
+    return _uniq(w, delta)
+
+
+def uniq_activation_quantize(a, delta, bits):
+    """UniQ unsigned activation quantization with a scalar step ``delta``."""
+    top = 2.0**bits - 1.0
+
+    @tf.custom_gradient
+    def _uniq_act(a, delta):
+        s = a / delta
+        index = tf.minimum(tf.floor(tf.maximum(s, 0.0) + 0.5), top)
+        inside = tf.logical_and(s >= 0.0, s <= top)
+
+        def grad(g):
+            features = tf.cast(tf.size(a) // tf.maximum(tf.shape(a)[0], 1), a.dtype)
+            scale = tf.math.rsqrt(features * top)
+            d_delta = index - tf.where(inside, s, tf.zeros_like(s))
+            grad_delta = tf.reduce_sum(g * d_delta) * scale
+            return tf.where(inside, g, tf.zeros_like(g)), tf.reshape(grad_delta, tf.shape(delta))
+
+        return index * delta, grad
+
+    return _uniq_act(a, delta)
+
+
+def uniq_initial_step(w, bits, reduce_axes):
+    """delta = k_b * std(W) per step group; a constant group (std 0) uses k_b * mean|W| or 1."""
+    k = weight_step_constant(bits)
+    std = tf.math.reduce_std(w, axis=reduce_axes, keepdims=True)
+    mag = tf.reduce_mean(tf.abs(w), axis=reduce_axes, keepdims=True)
+    step = tf.where(std > 0, k * std, tf.where(mag > 0, 2.0 * mag, tf.ones_like(mag)))
+    return step
+
+
+# ---- Keras / larq quantizers -----------------------------------------------------------------
+
+
+@register(alias="uniq")
+class UniQ(WeightQuantizer):
+    """UniQ weight quantizer, ``bits`` 1..8, one learnable step per tensor (``granularity="layer"``)
+    or per output channel (``"channel"``). Binary (``bits=1``) gives ``+-delta/2``.
+
+    The step starts at ``k_b * std(W)`` the first time the quantizer sees real weights (so a
+    float checkpoint loaded before training is used); :func:`syq_tf.reinitialize_scales` sets it
+    again from the current float weights.
+    """
+
+    def __init__(self, bits=2, granularity="layer", depthwise=False, **kwargs):
+        owner = f"UniQ {kwargs.get('name', '')!s}".rstrip()
+        _check_bits(bits, owner)
+        if granularity not in GRANULARITIES:
+            raise ValueError(
+                f"{owner}: unknown granularity {granularity!r}; allowed: {GRANULARITIES}."
+            )
+        super().__init__(**kwargs)
+        self.bits = bits
+        self.precision = bits
+        self.granularity = granularity
+        self.depthwise = bool(depthwise)
+
+    def build(self, input_shape):
+        self._reduce_axes = subgroup_reduce_axes(
+            self.granularity, input_shape, self.depthwise, owner=f"UniQ quantizer '{self.name}'"
+        )
+        self._kernel_shape = tf.TensorShape(input_shape)
+        self.delta = self.add_weight(
+            name="delta", shape=scale_shape(input_shape, self._reduce_axes), initializer="ones",
+            trainable=True,
+        )
+        self.delta_initialized = self.add_weight(
+            name="delta_initialized", shape=(), dtype=tf.bool, initializer="zeros", trainable=False
+        )
+        super().build(input_shape)
+
+    def initialize_from(self, kernel):
+        """Set the step(s) to k_b * std(W) from the given float kernel."""
+        kernel = tf.convert_to_tensor(kernel, dtype=self.dtype)
+        if not self.built:
+            self.build(kernel.shape)
+        self._check_shape(kernel.shape)
+        self.delta.assign(uniq_initial_step(kernel, self.bits, self._reduce_axes))
+        self.delta_initialized.assign(True)
+
+    def _check_shape(self, shape):
+        if not self._kernel_shape.is_compatible_with(shape):
+            raise ValueError(
+                f"UniQ quantizer '{self.name}' was built for a kernel of shape {self._kernel_shape} "
+                f"and now got {tf.TensorShape(shape)}: each layer needs its own quantizer instance."
+            )
+
+    def _lazy_init(self, w):
+        def init():
+            self.delta.assign(uniq_initial_step(w, self.bits, self._reduce_axes))
+            self.delta_initialized.assign(True)
+            return tf.constant(True)
+
+        if tf.executing_eagerly():
+            if not bool(self.delta_initialized.numpy()):
+                init()
+            return []
+        return [tf.cond(self.delta_initialized, lambda: tf.constant(True), init)]
+
+    def call(self, inputs):
+        w = tf.convert_to_tensor(inputs)
+        self._check_shape(w.shape)
+        with tf.control_dependencies(self._lazy_init(w)):
+            delta = tf.identity(self.delta)
+        return uniq_weight_quantize(w, delta, self.bits, self._reduce_axes)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "bits": self.bits,
+            "granularity": self.granularity,
+            "depthwise": self.depthwise,
+        }
+
+
+class NotCalibratedError(RuntimeError):
+    """An activation step was used before :func:`syq_tf.calibrate` set it."""
+
+
+@register(alias="uniq_activation")
+class UniQActivation(ActivationQuantizer):
+    """UniQ unsigned activation quantizer (use after ReLU), ``bits`` 1..8, one learnable step.
+
+    The step must be set from data before the quantizer is used: run
+    ``syq_tf.calibrate(model, dataset)`` (or the ``syq_tf.Calibrate`` callback), or give
+    ``initial_step`` explicitly. Using an uncalibrated step raises, in eager and in graph mode.
+    """
+
+    def __init__(self, bits=8, initial_step=None, **kwargs):
+        owner = f"UniQActivation {kwargs.get('name', '')!s}".rstrip()
+        _check_bits(bits, owner)
+        if initial_step is not None and (
+            isinstance(initial_step, bool)
+            or not isinstance(initial_step, (int, float))
+            or not math.isfinite(initial_step)
+            or initial_step <= 0
+        ):
+            raise ValueError(f"{owner}: initial_step={initial_step!r} must be a positive number or None.")
+        super().__init__(**kwargs)
+        self.bits = bits
+        self.precision = bits
+        self.initial_step = None if initial_step is None else float(initial_step)
+        self._observer = None  # during calibration: list collecting sqrt(2 E[a^2]) per batch
+
+    def build(self, input_shape):
+        self.delta = self.add_weight(
+            name="delta", shape=(), trainable=True,
+            initializer=tf.keras.initializers.Constant(self.initial_step or 1.0),
+        )
+        self.delta_initialized = self.add_weight(
+            name="delta_initialized", shape=(), dtype=tf.bool, trainable=False,
+            initializer=tf.keras.initializers.Constant(self.initial_step is not None),
+        )
+        super().build(input_shape)
+
+    # -- calibration (driven by syq_tf.calibrate) --
+    def start_calibration(self):
+        self._observer = []
+
+    def finish_calibration(self):
+        """Set delta = k+_b * max over batches of sqrt(2 E[a^2]). Returns the new step."""
+        observed, self._observer = self._observer, None
+        if not observed:
+            raise NotCalibratedError(
+                f"UniQActivation '{self.name}': calibration saw no inputs; is the quantizer part of "
+                "the model's forward pass?"
+            )
+        sigma = max(observed)
+        if not math.isfinite(sigma):
+            raise ValueError(f"UniQActivation '{self.name}': calibration inputs contain NaN or Inf.")
+        step = activation_step_constant(self.bits) * sigma if sigma > 0 else 1.0
+        self.delta.assign(step)
+        self.delta_initialized.assign(True)
+        return step
+
+    @property
+    def calibrated(self):
+        return self.built and bool(self.delta_initialized.numpy())
+
+    def call(self, inputs):
+        a = tf.convert_to_tensor(inputs)
+        if self._observer is not None:
+            if not tf.executing_eagerly():
+                raise RuntimeError("syq_tf.calibrate runs the model eagerly; do not trace it.")
+            self._observer.append(float(tf.sqrt(2.0 * tf.reduce_mean(tf.square(a)))))
+            return a  # float pass-through while calibrating
+        check = tf.debugging.Assert(
+            self.delta_initialized,
+            [f"UniQActivation '{self.name}': the activation step was never set; run "
+             "syq_tf.calibrate(model, data) (or the syq_tf.Calibrate callback) before training or "
+             "inference, or pass initial_step=..."],
+        )
+        with tf.control_dependencies([check]):
+            delta = tf.identity(self.delta)
+        return uniq_activation_quantize(a, delta, self.bits)
+
+    def export_range(self):
+        """(0, max) such that every level k * delta is an int8 grid point (range may exceed the top
+        level when 255 is not a multiple of 2^b - 1)."""
+        if not self.calibrated:
+            raise NotCalibratedError(
+                f"UniQActivation '{self.name}': not calibrated; run syq_tf.calibrate(model, data) "
+                "before export."
+            )
+        per_level = 255 // (2**self.bits - 1)  # int8 grid steps per UniQ step
+        return 0.0, float(self.delta.numpy()) * 255.0 / per_level
+
+    def get_config(self):
+        return {**super().get_config(), "bits": self.bits, "initial_step": self.initial_step}
