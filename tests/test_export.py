@@ -75,7 +75,9 @@ def test_pixel_and_row_report_their_alpha_error(data, granularity):
     model(x[:1])
     # spread the alphas so that int8 rounding must show
     q = model.get_layer("qconv").kernel_quantizer
-    q.alpha.assign(np.linspace(0.3, 1.0, int(np.prod(q.alpha.shape))).reshape(q.alpha.shape).astype(np.float32) / 7)
+    # (square roots of primes: no common unit step, so no exact integer form exists either)
+    primes = np.array([2, 3, 5, 7, 11, 13, 17, 19, 23])[: int(np.prod(q.alpha.shape))]
+    q.alpha.assign((np.sqrt(primes) / 20).reshape(q.alpha.shape).astype(np.float32))
     result = syq_tf.export.to_tflite(model, representative_data=x[:64])
     r = next(r for r in result.layers if r.layer == "qconv")
     assert not r.exact and 1e-5 < r.max_rel_alpha_error < 0.05

@@ -17,6 +17,7 @@ from syq_tf.export.litert import (
     activation_notes,
     build_inference_model,
     convert,
+    exact_codebooks,
     layer_reports,
 )
 from syq_tf.export.runtime import agreement, litert_predict
@@ -80,21 +81,36 @@ class ExportResult:
 
 
 def to_tflite(model, representative_data, target="litert", verify_data=None, verify_labels=None,
-              representative_samples=200):
+              representative_samples=200, require_exact=False):
     """Export ``model`` as a full-integer int8 TFLite model.
 
     representative_data: input examples (array, (x, y) tuple or tf.data.Dataset) used to
         calibrate the ranges of tensors that have no quantizer of their own.
     verify_data / verify_labels: optional inputs (and labels) on which LiteRT is run and compared
         with Keras; the result lands in ``ExportResult.verification``.
+    require_exact: raise instead of exporting when some quantized layer's codebook cannot be
+        stored exactly (it is always reported in ``ExportResult.layers`` and ``notes``).
+
+    Codebooks that are integer multiples of a unit step per channel (UniQ up to 7 bits, binary and
+    ternary ones) are stored exactly: where the converter's scale max|w|/127 misses their levels,
+    the int8 weights are re-expressed as k*m with a matching scale.
     """
     if target not in TARGETS:
         raise ValueError(f"to_tflite: unknown target {target!r}; available here: {TARGETS}.")
     inference = build_inference_model(model)
     buffer = convert(inference, representative_data, representative_samples)
-    reports = layer_reports(model, buffer)
+    buffer, rescaled = exact_codebooks(model, buffer)
+    reports = layer_reports(model, buffer, rescaled)
+    inexact = [r for r in reports if r.quantizer != "float" and not r.exact]
+    if require_exact and inexact:
+        raise ValueError(
+            f"to_tflite(target={target!r}, require_exact=True): these layers' codebooks cannot be "
+            "stored exactly in int8: "
+            + "; ".join(f"'{r.layer}' ({r.quantizer}): {r.note}" for r in inexact)
+        )
     notes = activation_notes(model)
-    notes += [f"layer '{r.layer}': {r.note}" for r in reports if r.note and r.quantizer != "float"]
+    notes += [f"layer '{r.layer}': {r.note}" for r in reports
+              if r.note and r.quantizer != "float" and not r.exact]
     result = ExportResult(buffer, target, reports, notes)
     if verify_data is not None:
         x = np.asarray(verify_data, np.float32)

@@ -25,6 +25,8 @@ class WeightTensor:
     quantized_dimension: int
     input_scale: float = float("nan")  # quantization of the op's activation input
     input_zero_point: int = 0
+    tensor_index: int = -1  # in the first subgraph
+    bias_index: int = -1  # the op's bias tensor, -1 if none
 
 
 def _load(buffer):
@@ -89,6 +91,81 @@ def weight_tensors(buffer):
                 quantized_dimension=int(quant.quantizedDimension) if quant is not None else 0,
                 input_scale=act_scale,
                 input_zero_point=act_zero,
+                tensor_index=int(op.inputs[WEIGHT_OPS[name]]),
+                bias_index=int(op.inputs[2]) if len(op.inputs) > 2 else -1,
             )
         )
     return found
+
+
+def bias_tensors(buffer):
+    """{tensor index: int32 values} of the constant biases of weight ops."""
+    model = _load(buffer)
+    graph = model.subgraphs[0]
+    out = {}
+    for op in graph.operators:
+        if _op_name(model, op) not in WEIGHT_OPS or len(op.inputs) < 3 or op.inputs[2] < 0:
+            continue
+        tensor = graph.tensors[op.inputs[2]]
+        data = model.buffers[tensor.buffer].data
+        if data is not None and tensor.type == schema.TensorType.INT32:
+            out[int(op.inputs[2])] = np.frombuffer(bytes(bytearray(data)), np.int32).copy()
+    return out
+
+
+def rewrite_weights(buffer, updates):
+    """A copy of the flatbuffer with new int8 weights and per-channel scales for some weight
+    tensors, and their int32 biases re-expressed in the new scales.
+
+    ``updates``: ``{tensor_index: (int8 values, float32 scales, int32 bias or None)}``. New data
+    goes into new buffers (the converter may share buffers between identical constants); a weight
+    or bias tensor used by more than one op is refused.
+    """
+    import flatbuffers  # the runtime of the generated schema; installed with tensorflow
+
+    model = _load(buffer)
+    graph = model.subgraphs[0]
+    users = {}
+    for op in graph.operators:
+        for i in op.inputs:
+            users[int(i)] = users.get(int(i), 0) + 1
+
+    buffer_users = {}
+    for sub in model.subgraphs:
+        for t in sub.tensors:
+            buffer_users[t.buffer] = buffer_users.get(t.buffer, 0) + 1
+
+    def store(tensor, array):
+        """Put ``array`` in the tensor's own buffer, or a new one if the buffer is shared."""
+        data = np.frombuffer(np.ascontiguousarray(array).tobytes(), np.uint8)
+        if buffer_users.get(tensor.buffer, 0) == 1 and tensor.buffer > 0:
+            model.buffers[tensor.buffer].data = data
+            return
+        b = schema.BufferT()
+        b.data = data
+        model.buffers.append(b)
+        buffer_users[tensor.buffer] -= 1
+        tensor.buffer = len(model.buffers) - 1
+        buffer_users[tensor.buffer] = 1
+
+    for op in graph.operators:
+        index = int(op.inputs[WEIGHT_OPS.get(_op_name(model, op), 1)]) if len(op.inputs) > 1 else -1
+        if index not in updates:
+            continue
+        values, scales, bias = updates[index]
+        for t in [index] + ([int(op.inputs[2])] if bias is not None else []):
+            if users.get(t, 0) > 1:
+                raise ValueError(f"tensor {graph.tensors[t].name!r} is shared by several ops; not rewritten")
+        weight = graph.tensors[index]
+        store(weight, values.astype(np.int8))
+        weight.quantization.scale = [float(s) for s in scales]
+        weight.quantization.zeroPoint = [0] * len(scales)
+        if bias is not None:
+            b = graph.tensors[int(op.inputs[2])]
+            in_scale = float(graph.tensors[int(op.inputs[0])].quantization.scale[0])
+            store(b, bias.astype(np.int32))
+            b.quantization.scale = [float(np.float32(in_scale) * np.float32(s)) for s in scales]
+            b.quantization.zeroPoint = [0] * len(scales)
+    builder = flatbuffers.Builder(max(1024, len(buffer)))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())

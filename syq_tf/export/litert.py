@@ -216,19 +216,6 @@ def codebook_check(expected, tensor):
     return worst, zeros_ok, levels, keras_levels
 
 
-@dataclasses.dataclass
-class LayerReport:
-    layer: str
-    op: str
-    quantizer: str
-    keras_levels: int  # distinct kernel values per output channel in Keras (max over channels)
-    stored_levels: int  # distinct int8 values per channel in the flatbuffer
-    max_rel_alpha_error: float  # largest relative error of a stored codebook level
-    exact: bool
-    weight_bytes: int
-    note: str = ""
-
-
 def _describe(quantizer):
     if quantizer is None:
         return "float"
@@ -252,10 +239,10 @@ def _match_tensor(layer, kernel, tensors, used):
     return free[0] if free else None
 
 
-def layer_reports(model, buffer):
+def kernel_matches(model, buffer):
+    """(layer, quantizer or None, float kernel variable, stored WeightTensor or None) per kernel."""
     tensors = flatbuffer.weight_tensors(buffer)
-    used = set()
-    reports = []
+    used, out = set(), []
     for layer in model.layers:
         if _is_quantized(layer):
             kernels = layer_kernels(layer)
@@ -263,28 +250,135 @@ def layer_reports(model, buffer):
             kernels = {"kernel": (None, layer.kernel)}
         else:
             kernels = {}
-        for attr, (quantizer, variable) in kernels.items():
+        for quantizer, variable in kernels.values():
             tensor = _match_tensor(layer, variable, tensors, used)
-            if tensor is None:
-                reports.append(LayerReport(layer.name, "?", _describe(quantizer), 0, 0, float("nan"), False, 0,
-                                           "weight tensor not found in the flatbuffer"))
-                continue
-            used.add(id(tensor))
-            expected = _to_tflite_layout(_quantized_value(quantizer, variable), tensor.op, tensor.values.shape)
-            err, zeros_ok, levels, keras_levels = codebook_check(expected, tensor)
-            if quantizer is None:
-                reports.append(LayerReport(layer.name, tensor.op, "float", keras_levels, levels, float("nan"),
-                                           False, int(tensor.values.nbytes),
-                                           "float weights, stored as ordinary int8"))
-                continue
-            exact = zeros_ok and err <= 1e-5
-            note = ""
-            if not exact:
-                note = (f"int8 {'per-channel' if tensor.scales.size > 1 else 'per-tensor'} scales "
-                        f"cannot hold this codebook exactly: stored levels off by up to {err:.2%}"
-                        + ("" if zeros_ok else "; zero weights were not kept at zero"))
-            reports.append(LayerReport(layer.name, tensor.op, _describe(quantizer), keras_levels, levels,
-                                       err, exact, int(tensor.values.nbytes), note))
+            if tensor is not None:
+                used.add(id(tensor))
+            out.append((layer, quantizer, variable, tensor))
+    return out
+
+
+def _groups(values, tensor):
+    axis = tensor.quantized_dimension if tensor.scales.size > 1 else None
+    if axis is None:
+        return [values.reshape(-1)], None
+    return [np.take(values, c, axis=axis).reshape(-1) for c in range(values.shape[axis])], axis
+
+
+def integer_unit(levels, max_int=127, max_divisor=16):
+    """The largest u such that every level is an integer multiple k*u with |k| <= max_int
+    (u = smallest |level| / d for the smallest d = 1..max_divisor that works), or None."""
+    mags = np.unique(np.abs(levels[levels != 0]))
+    if mags.size == 0:
+        return None
+    for d in range(1, max_divisor + 1):
+        unit = mags[0] / d
+        ints = mags / unit
+        whole = np.round(ints)
+        # float32 levels i*delta carry ~1e-7 relative error; allow a few times that, no more
+        if whole.max() <= max_int and np.all(np.abs(ints - whole) <= 1e-6 * (1.0 + whole)):
+            return unit
+    return None
+
+
+def exact_integer_update(expected, tensor, bias):
+    """New int8 values, scales and bias for a weight tensor whose Keras codebook is, per channel,
+    integer multiples k*u of a unit u (uniform codebooks: UniQ, 2-bit ls/gf with v1 = 3 v2, ...),
+    but whose converter-chosen scale max|w|/127 does not hit those levels. Stores k*m (m =
+    127 // max|k|) with scale u*f/m, f the converter's folded factor; the int32 bias is re-expressed
+    in the new scale. None if some channel's codebook has no such unit."""
+    keras_groups, axis = _groups(expected, tensor)
+    stored_groups, _ = _groups(tensor.values.astype(np.float64), tensor)
+    new_groups, scales, ratios = [], [], []
+    for c, (keras, stored) in enumerate(zip(keras_groups, stored_groups)):
+        scale = float(tensor.scales[c])
+        unit = integer_unit(keras)
+        if unit is None:
+            if np.any(keras != 0):
+                return None
+            new_groups.append(stored)
+            scales.append(scale)
+            ratios.append(1.0)
+            continue
+        k = np.round(keras / unit)
+        ref = int(np.argmax(np.abs(keras)))
+        if stored[ref] == 0:
+            return None
+        sign = np.sign(stored[ref] * keras[ref])
+        m = 127 // int(np.abs(k).max())
+        new_scale = scale * abs(stored[ref]) / (m * abs(k[ref]))
+        new_groups.append(sign * k * m)
+        scales.append(new_scale)
+        ratios.append(scale / new_scale)
+    if axis is None:
+        values = new_groups[0].reshape(tensor.values.shape)
+    else:
+        values = np.stack([g.reshape(np.take(tensor.values, 0, axis=axis).shape) for g in new_groups], axis=axis)
+    new_bias = None
+    if bias is not None:
+        new_bias = np.round(bias.astype(np.float64) * np.asarray(ratios if len(ratios) > 1 else ratios[0]))
+        new_bias = np.clip(new_bias, -(2**31), 2**31 - 1)
+    return values.astype(np.int8), np.asarray(scales, np.float32), new_bias
+
+
+def exact_codebooks(model, buffer):
+    """Rewrite the int8 weights of quantized layers whose codebook the converter's scale rounded,
+    when an exact integer form exists. Returns the new flatbuffer and the rewritten layer names."""
+    updates, names = {}, []
+    biases = flatbuffer.bias_tensors(buffer)
+    for layer, quantizer, variable, tensor in kernel_matches(model, buffer):
+        if quantizer is None or tensor is None or tensor.dtype != "INT8":
+            continue
+        expected = _to_tflite_layout(_quantized_value(quantizer, variable), tensor.op, tensor.values.shape)
+        err, zeros_ok, _, _ = codebook_check(expected, tensor)
+        if zeros_ok and err <= 1e-5:
+            continue
+        update = exact_integer_update(expected, tensor, biases.get(tensor.bias_index))
+        if update is not None:
+            updates[tensor.tensor_index] = update
+            names.append(layer.name)
+    if not updates:
+        return buffer, []
+    return flatbuffer.rewrite_weights(buffer, updates), names
+
+
+@dataclasses.dataclass
+class LayerReport:
+    layer: str
+    op: str
+    quantizer: str
+    keras_levels: int  # distinct kernel values per output channel in Keras (max over channels)
+    stored_levels: int  # distinct int8 values per channel in the flatbuffer
+    max_rel_alpha_error: float  # largest relative error of a stored codebook level
+    exact: bool
+    weight_bytes: int
+    note: str = ""
+
+
+def layer_reports(model, buffer, rescaled=()):
+    reports = []
+    for layer, quantizer, variable, tensor in kernel_matches(model, buffer):
+        if tensor is None:
+            reports.append(LayerReport(layer.name, "?", _describe(quantizer), 0, 0, float("nan"), False, 0,
+                                       "weight tensor not found in the flatbuffer"))
+            continue
+        expected = _to_tflite_layout(_quantized_value(quantizer, variable), tensor.op, tensor.values.shape)
+        err, zeros_ok, levels, keras_levels = codebook_check(expected, tensor)
+        if quantizer is None:
+            reports.append(LayerReport(layer.name, tensor.op, "float", keras_levels, levels, float("nan"),
+                                       False, int(tensor.values.nbytes), "float weights, stored as ordinary int8"))
+            continue
+        exact = zeros_ok and err <= 1e-5
+        note = ""
+        if not exact:
+            note = (f"int8 {'per-channel' if tensor.scales.size > 1 else 'per-tensor'} scales "
+                    f"cannot hold this codebook exactly: stored levels off by up to {err:.2%}"
+                    + ("" if zeros_ok else "; zero weights were not kept at zero"))
+        elif layer.name in rescaled:
+            note = ("codebook stored exactly as integer multiples of its unit step (int8 scales and "
+                    "int32 bias re-expressed)")
+        reports.append(LayerReport(layer.name, tensor.op, _describe(quantizer), keras_levels, levels,
+                                   err, exact, int(tensor.values.nbytes), note))
     return reports
 
 

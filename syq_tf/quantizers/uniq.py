@@ -98,6 +98,20 @@ def activation_step_constant(bits):
     return K_ACTIVATION.get(bits) or gaussian_optimal_step(bits, rectified=True)
 
 
+# Smallest step. Adam moves a variable by about its learning rate per update whatever the gradient
+# scale, so a small step (an 8-bit activation step is ~0.017 sigma) can be pushed through zero; a
+# non-positive step is meaningless (and breaks export), so the variables are constrained to stay
+# above this and the forward pass uses max(delta, MIN_STEP).
+MIN_STEP = 1e-8
+
+
+class PositiveStep(tf.keras.constraints.Constraint):
+    """Keeps a step variable >= MIN_STEP after every optimizer update."""
+
+    def __call__(self, w):
+        return tf.maximum(w, MIN_STEP)
+
+
 def _check_bits(bits, owner):
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
         raise ValueError(f"{owner}: bits={bits!r} is not supported; allowed: integers 1 to 8.")
@@ -198,7 +212,7 @@ class UniQ(WeightQuantizer):
         self._kernel_shape = tf.TensorShape(input_shape)
         self.delta = self.add_weight(
             name="delta", shape=scale_shape(input_shape, self._reduce_axes), initializer="ones",
-            trainable=True,
+            trainable=True, constraint=PositiveStep(),
         )
         self.delta_initialized = self.add_weight(
             name="delta_initialized", shape=(), dtype=tf.bool, initializer="zeros", trainable=False
@@ -237,7 +251,7 @@ class UniQ(WeightQuantizer):
         w = tf.convert_to_tensor(inputs)
         self._check_shape(w.shape)
         with tf.control_dependencies(self._lazy_init(w)):
-            delta = tf.identity(self.delta)
+            delta = tf.maximum(self.delta, MIN_STEP)
         return uniq_weight_quantize(w, delta, self.bits, self._reduce_axes)
 
     def get_config(self):
@@ -280,7 +294,7 @@ class UniQActivation(ActivationQuantizer):
 
     def build(self, input_shape):
         self.delta = self.add_weight(
-            name="delta", shape=(), trainable=True,
+            name="delta", shape=(), trainable=True, constraint=PositiveStep(),
             initializer=tf.keras.initializers.Constant(self.initial_step or 1.0),
         )
         self.delta_initialized = self.add_weight(
@@ -327,7 +341,7 @@ class UniQActivation(ActivationQuantizer):
              "inference, or pass initial_step=..."],
         )
         with tf.control_dependencies([check]):
-            delta = tf.identity(self.delta)
+            delta = tf.maximum(self.delta, MIN_STEP)
         return uniq_activation_quantize(a, delta, self.bits)
 
     def export_range(self):
