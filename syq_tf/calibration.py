@@ -62,11 +62,11 @@ def calibrate(model, data, batches=100, batch_size=128, recalibrate=True):
             seen += 1
     except BaseException:
         for q in quantizers:
-            q._observer = None
+            q.cancel_calibration()
         raise
     if seen == 0:
         for q in quantizers:
-            q._observer = None
+            q.cancel_calibration()
         raise ValueError("syq_tf.calibrate: the calibration data gave no batches.")
     return {q.name: q.finish_calibration() for q in quantizers}
 

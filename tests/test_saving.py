@@ -67,3 +67,47 @@ print("OK")
     result = run_python(code)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "OK" in result.stdout
+
+
+def make_uniq_model():
+    from syq_tf.quantizers import UniQ, UniQActivation
+
+    inp = tf.keras.Input((8, 8, 1))
+    x = syq_tf.quantize(tf.keras.layers.Conv2D(4, 3, name="conv"), kernel_quantizer=UniQ(3, "channel"),
+                        input_quantizer=UniQActivation(4))(inp)
+    x = tf.keras.layers.ReLU()(x)
+    x = lq.layers.QuantDepthwiseConv2D(3, depthwise_quantizer=UniQ(2, "layer"), input_quantizer=UniQActivation(2),
+                                       name="dw")(x)
+    x = tf.keras.layers.Flatten()(x)
+    out = lq.layers.QuantDense(4, kernel_quantizer="uniq", input_quantizer="uniq_activation", name="head")(x)
+    model = tf.keras.Model(inp, out)
+    model.compile(tf.keras.optimizers.Adam(1e-2),
+                  tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = separable_data(64)
+    syq_tf.calibrate(model, x, batches=1)
+    model.fit(x, y, epochs=2, verbose=0)
+    return model, x
+
+
+def _steps(model):
+    out = {}
+    for m in model.submodules:
+        for v in getattr(m, "weights", []):
+            if "delta" in v.name:
+                out[v.name] = v.numpy()
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["h5", "tf"])
+def test_uniq_round_trip_keeps_steps_and_calibration(tmp_path, fmt):
+    model, x = make_uniq_model()
+    path = str(tmp_path / ("model.h5" if fmt == "h5" else "model_tf"))
+    model.save(path, save_format=fmt)
+    loaded = tf.keras.models.load_model(path)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    before, after = _steps(model), _steps(loaded)
+    assert len(before) == 6 * 2 - 0 and before.keys() == after.keys()  # 3 weight + 3 activation, each delta + flag
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name])
+    assert loaded.get_layer("conv").input_quantizer.calibrated  # no recalibration needed after loading
+    assert loaded.get_layer("conv").kernel_quantizer.get_config()["bits"] == 3

@@ -2,6 +2,12 @@
 
 from syq_tf.quantizers._common import ActivationQuantizer, WeightQuantizer
 from syq_tf.quantizers.activations import DoReFa, DoReFaActivation, dorefa_quantize
+from syq_tf.quantizers.least_squares import (
+    LeastSquares,
+    LeastSquaresActivation,
+    least_squares_quantize,
+    least_squares_scalars,
+)
 from syq_tf.quantizers.syq import SYQ, syq_quantize
 from syq_tf.quantizers.uniq import (
     NotCalibratedError,
@@ -19,6 +25,10 @@ __all__ = [
     "uniq_weight_quantize",
     "uniq_activation_quantize",
     "NotCalibratedError",
+    "LeastSquares",
+    "LeastSquaresActivation",
+    "least_squares_quantize",
+    "least_squares_scalars",
     "DoReFa",
     "DoReFaActivation",
     "dorefa_quantize",

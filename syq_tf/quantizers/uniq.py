@@ -290,7 +290,12 @@ class UniQActivation(ActivationQuantizer):
         self.bits = bits
         self.precision = bits
         self.initial_step = None if initial_step is None else float(initial_step)
-        self._observer = None  # during calibration: list collecting sqrt(2 E[a^2]) per batch
+        self._set_observer(None)
+
+    def _set_observer(self, value):
+        # During calibration: a list collecting sqrt(2 E[a^2]) per batch. Set past Keras' attribute
+        # tracking: it is transient state, never saved or restored with the model.
+        object.__setattr__(self, "_observer", value)
 
     def build(self, input_shape):
         self.delta = self.add_weight(
@@ -305,11 +310,15 @@ class UniQActivation(ActivationQuantizer):
 
     # -- calibration (driven by syq_tf.calibrate) --
     def start_calibration(self):
-        self._observer = []
+        self._set_observer([])
+
+    def cancel_calibration(self):
+        self._set_observer(None)
 
     def finish_calibration(self):
         """Set delta = k+_b * max over batches of sqrt(2 E[a^2]). Returns the new step."""
-        observed, self._observer = self._observer, None
+        observed = self._observer
+        self._set_observer(None)
         if not observed:
             raise NotCalibratedError(
                 f"UniQActivation '{self.name}': calibration saw no inputs; is the quantizer part of "
@@ -329,7 +338,7 @@ class UniQActivation(ActivationQuantizer):
 
     def call(self, inputs):
         a = tf.convert_to_tensor(inputs)
-        if self._observer is not None:
+        if getattr(self, "_observer", None) is not None:
             if not tf.executing_eagerly():
                 raise RuntimeError("syq_tf.calibrate runs the model eagerly; do not trace it.")
             self._observer.append(float(tf.sqrt(2.0 * tf.reduce_mean(tf.square(a)))))

@@ -1,0 +1,434 @@
+"""Least-squares binary quantization (Pouransari, Tu, Tuzel, CVPR-W 2020).
+
+See ../shared/METHODS.md §3. A row x (length n) is approximated by sum_i v_i b_i, b_i in {-1,+1}^n,
+v_i > 0. The scalars are recomputed in closed form from the current tensor at every step and get no
+gradient (tf.stop_gradient). sign(0) := +1. Rows are subgroups: [groups, n].
+
+    ls1 (1 bit):   v = mean|x|                               Q = v sign(x)
+    gf-k (k bits): r_0 = x;  v_i = mean|r_{i-1}|,  b_i = sign(r_{i-1}),  r_i = r_{i-1} - v_i b_i
+                   Q = sum_i v_i b_i                         (greedy, foldable; modes gf2, gf3, gf4)
+    ls2 (2 bits):  b1 = sign(x),  b2 = b1 sign(|x| - v1)     Q = v1 b1 + v2 b2
+                   magnitude levels: |x| >= v1 -> v1 + v2,  |x| < v1 -> v1 - v2
+    lsT (ternary): Q = 0 where |x| < v,  2v sign(x) where |x| >= v      (levels {0, +-2v})
+
+Optimal ls2 / lsT scalars, O(n log n): a = sort(|x|) ascending, S_i = a_1 + ... + a_i (S_0 = 0).
+A split i puts a_1..a_i in the low cluster, a_{i+1}..a_n in the high one:
+
+    m_lo(i) = S_i / i,   m_hi(i) = (S_n - S_i) / (n - i)
+    ls2 candidates:  v1 = (m_lo + m_hi)/2, v2 = (m_hi - m_lo)/2     for i = 1..n-1
+                     v1 = v2 = m_hi/2  (low level 0, boundary v1 = v2)  for i = 0..n-1
+    lsT candidates:  v = m_hi/2                                      for i = 0..n-1
+    consistent split: a_i < v1 <= a_{i+1}   (lsT: a_i < v <= a_{i+1}; a_0 = -inf, a_{n+1} = +inf)
+    squared error at split i with magnitude levels L (low), H (high):
+        E = ||x||^2 - 2 L S_i + i L^2 - 2 H (S_n - S_i) + (n - i) H^2
+    keep consistent candidates, pick the least E (||x||^2 is common to all candidates and is left
+    out of the comparison, so no prefix sums of squares are needed)
+
+Robustness: consistency is tested as a_i <= v1 <= a_{i+1} (closed); at an exact tie a_i = v1 the
+point is at distance v2 from both levels, so E is still the true error, and the closed test
+tolerates float rounding of v1 at a tie. The rule assigns every |x| to the nearer of its two
+magnitude levels (threshold at their midpoint), so the true error of any candidate is at most its E;
+the least E is the optimum, and the chosen candidate attains it. Hence if rounding leaves a row
+without a consistent candidate, the least-E candidate among all is taken (a safety net, still
+optimal up to rounding). Candidates with v2 <= 0 (lsT: v <= 0) are invalid; a row with no valid
+candidate at all is all zeros: scalars 0, Q = 0 (no division by zero, no NaN). An all-equal row c
+gets v1 = v2 = |c|/2 (lsT: v = |c|/2), so Q = x (up to float rounding of the cluster means).
+
+ls2 tie rule: the paper's bit is b2 = sign(x - v1 b1); it differs from b1 sign(|x| - v1) only when
+|x| = v1 exactly and x < 0. At such a tie both levels are at distance v2, so the error is the same;
+the form above keeps Q odd (Q(-x) = -Q(x)) and matches the split used in the search ("|x| >= v1 is
+high").
+
+Straight-through estimators (the forward uses the closed-form scalars, backward ignores them):
+    weights:      dL/dw = g                                              (identity)
+    activations:  x_c = clip(x, -c, c),  dL/dx = g where -c <= x <= c, 0 outside
+                  c = 2 for ls1 / lsT, 3 for ls2 / gf-k (default; ``clip=`` overrides)
+
+Subgroups: weights share one set of scalars per output channel (``granularity="channel"``) or per
+kernel (``"layer"``); activations one set per sample (all non-batch axes).
+"""
+
+import tensorflow as tf
+
+from syq_tf.quantizers._common import (
+    ActivationQuantizer,
+    WeightQuantizer,
+    register,
+    sign_pm1,
+    subgroup_reduce_axes,
+)
+
+MODES = ("ls1", "ls2", "lsT", "gf2", "gf3", "gf4")
+GRANULARITIES = ("layer", "channel")
+# bit width of a mode (lsT is ternary: 2 bits of storage)
+MODE_BITS = {"ls1": 1, "ls2": 2, "lsT": 2, "gf2": 2, "gf3": 3, "gf4": 4}
+# number of scalars per subgroup: ls1 (v,), ls2 (v1, v2), lsT (v,), gf-k (v_1..v_k)
+NUM_SCALARS = {"ls1": 1, "ls2": 2, "lsT": 1, "gf2": 2, "gf3": 3, "gf4": 4}
+# default activation clip c (the window [-c, c])
+DEFAULT_CLIP = {"ls1": 2.0, "lsT": 2.0, "ls2": 3.0, "gf2": 3.0, "gf3": 3.0, "gf4": 3.0}
+
+
+def _check_mode(mode, owner="least_squares"):
+    if mode not in MODES:
+        raise ValueError(f"{owner}: unknown mode {mode!r}; allowed: {MODES}.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Closed-form scalars on 2-D tensors [groups, n]; no gradient.
+
+
+def ls1_scalars(x2d):
+    """Optimal 1-bit scalar per row: v = mean|x|, shape [g, 1]."""
+    x2d = tf.stop_gradient(tf.convert_to_tensor(x2d))
+    return tf.reduce_mean(tf.abs(x2d), axis=-1, keepdims=True)
+
+
+def greedy_scalars(x2d, k):
+    """Greedy foldable scalars v_1..v_k per row (gf-k), shape [g, k]."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"greedy_scalars: k={k!r} must be a positive integer (number of bits).")
+    r = tf.stop_gradient(tf.convert_to_tensor(x2d))
+    scalars = []
+    for _ in range(k):  # loop over bits, not elements
+        v = tf.reduce_mean(tf.abs(r), axis=-1, keepdims=True)
+        r = r - v * sign_pm1(r)
+        scalars.append(v)
+    return tf.concat(scalars, axis=-1)
+
+
+def _sorted_prefix(x2d):
+    """a = sort(|x|) ascending [g, n]; S = [0, cumsum(a)] [g, n+1]; n (scalar int32 tensor)."""
+    a = tf.sort(tf.abs(tf.stop_gradient(tf.convert_to_tensor(x2d))), axis=-1)
+    s = tf.concat([tf.zeros_like(a[:, :1]), tf.cumsum(a, axis=-1)], axis=-1)
+    return a, s, tf.shape(a)[-1]
+
+
+def _split_means(s, n):
+    """Split index i = 0..n, cluster means m_lo(i), m_hi(i) (0 where a cluster is empty)."""
+    dtype = s.dtype
+    i = tf.range(n + 1)
+    count_lo = tf.cast(i, dtype)
+    count_hi = tf.cast(n - i, dtype)
+    total = s[:, -1:]
+    m_lo = s / tf.maximum(count_lo, 1.0)
+    m_hi = (total - s) / tf.maximum(count_hi, 1.0)
+    return i, m_lo, m_hi
+
+
+def _split_objective(s, n, i, low, high):
+    """Squared error minus ||x||^2 of magnitude levels ``low`` (a_1..a_i) and ``high`` (a_{i+1}..a_n)
+    at split i: -2 L S_i + i L^2 - 2 H (S_n - S_i) + (n - i) H^2 (the sum of squares cancels)."""
+    count_lo = tf.cast(i, s.dtype)
+    count_hi = tf.cast(n - i, s.dtype)
+    total = s[:, -1:]
+    return -2.0 * low * s + count_lo * low * low - 2.0 * high * (total - s) + count_hi * high * high
+
+
+def _consistent(a, threshold):
+    """a_i <= threshold <= a_{i+1} for split i = 0..n (a_0 = -inf, a_{n+1} = +inf), [g, n+1]."""
+    inf = tf.fill(tf.shape(a[:, :1]), tf.constant(float("inf"), a.dtype))
+    below = tf.concat([-inf, a], axis=-1)
+    above = tf.concat([a, inf], axis=-1)
+    return tf.logical_and(below <= threshold, threshold <= above)
+
+
+def _best(objective, valid, fallback, values):
+    """Per row, the entries of each tensor in ``values`` [g, m] at the candidate of least objective
+    among ``valid`` ones, or among ``fallback`` ones if no candidate of the row is valid; 0 for rows
+    with neither (all-zero rows). Each result has shape [g, 1]."""
+    inf = tf.constant(float("inf"), objective.dtype)
+    any_valid = tf.reduce_any(valid, axis=-1, keepdims=True)
+    usable = tf.where(any_valid, valid, fallback)
+    idx = tf.argmin(tf.where(usable, objective, inf), axis=-1, output_type=tf.int32)[:, None]
+    any_usable = tf.reduce_any(usable, axis=-1, keepdims=True)
+    return [
+        tf.where(any_usable, tf.gather(v, idx, axis=1, batch_dims=1), tf.zeros_like(v[:, :1]))
+        for v in values
+    ]
+
+
+def ls2_scalars(x2d):
+    """Optimal 2-bit scalars (v1, v2) per row, shape [g, 2] (module docstring)."""
+    a, s, n = _sorted_prefix(x2d)
+    i, m_lo, m_hi = _split_means(s, n)
+    interior = tf.logical_and(i >= 1, i <= n - 1)[None, :]  # both clusters non-empty
+    boundary = (i <= n - 1)[None, :]  # high cluster non-empty, low level 0 (v1 = v2); i = 0 included
+    candidates = []
+    for low, defined in ((m_lo, interior), (tf.zeros_like(m_lo), boundary)):
+        v1 = 0.5 * (low + m_hi)
+        v2 = 0.5 * (m_hi - low)
+        usable = tf.logical_and(defined, v2 > 0)
+        candidates.append(
+            (v1, v2, tf.logical_and(usable, _consistent(a, v1)), usable, _split_objective(s, n, i, low, m_hi))
+        )
+    v1, v2, valid, fallback, objective = (tf.concat(parts, axis=-1) for parts in zip(*candidates))
+    best_v1, best_v2 = _best(objective, valid, fallback, [v1, v2])
+    return tf.concat([best_v1, best_v2], axis=-1)
+
+
+def lsT_scalars(x2d):  # noqa: N802  (mode name)
+    """Optimal ternary scalar v per row (levels {0, +-2v}), shape [g, 1] (module docstring)."""
+    a, s, n = _sorted_prefix(x2d)
+    i, _, m_hi = _split_means(s, n)
+    v = 0.5 * m_hi
+    usable = tf.logical_and((i <= n - 1)[None, :], v > 0)
+    valid = tf.logical_and(usable, _consistent(a, v))
+    objective = _split_objective(s, n, i, tf.zeros_like(m_hi), m_hi)
+    (best_v,) = _best(objective, valid, usable, [v])
+    return best_v
+
+
+def least_squares_scalars(x2d, mode):
+    """The scalars of ``mode`` for every row of ``x2d`` [g, n]: shape [g, NUM_SCALARS[mode]]."""
+    _check_mode(mode)
+    if mode == "ls1":
+        return ls1_scalars(x2d)
+    if mode == "ls2":
+        return ls2_scalars(x2d)
+    if mode == "lsT":
+        return lsT_scalars(x2d)
+    return greedy_scalars(x2d, MODE_BITS[mode])
+
+
+def reconstruct(x2d, scalars, mode):
+    """Apply the bit-assignment rule of ``mode`` with given scalars [g or 1, k] to x2d [g, n]."""
+    _check_mode(mode)
+    x2d = tf.convert_to_tensor(x2d)
+    scalars = tf.cast(scalars, x2d.dtype)
+    sign = sign_pm1(x2d)
+    if mode == "ls1":
+        return scalars[:, 0:1] * sign
+    if mode == "lsT":
+        v = scalars[:, 0:1]
+        return tf.where(tf.abs(x2d) < v, tf.zeros_like(x2d), 2.0 * v * sign)
+    if mode == "ls2":
+        v1, v2 = scalars[:, 0:1], scalars[:, 1:2]
+        b2 = sign * sign_pm1(tf.abs(x2d) - v1)
+        return v1 * sign + v2 * b2
+    # gf-k: greedy residual signs with fixed v_i
+    r = x2d
+    q = tf.zeros_like(x2d)
+    for bit in range(MODE_BITS[mode]):
+        step = scalars[:, bit : bit + 1] * sign_pm1(r)
+        q = q + step
+        r = r - step
+    return q
+
+
+def least_squares_quantize(x2d, mode):
+    """Forward only: Q of every row of x2d [g, n] with its own closed-form scalars."""
+    return reconstruct(x2d, least_squares_scalars(x2d, mode), mode)
+
+
+def least_squares_ste(x2d, mode, clip=None, scalars=None):
+    """Q with a straight-through gradient.
+
+    ``clip=None`` (weights): dL/dx = g. ``clip=c`` (activations): x is clipped to [-c, c] first and
+    dL/dx = g inside the window, 0 outside. ``scalars`` [g or 1, k] are used instead of the per-row
+    closed form when given (e.g. moving averages). No gradient reaches the scalars either way.
+    """
+    _check_mode(mode)
+    x2d = tf.convert_to_tensor(x2d)
+    if clip is not None:
+        clip = tf.cast(clip, x2d.dtype)
+    if scalars is None:
+        clipped = x2d if clip is None else tf.clip_by_value(x2d, -clip, clip)
+        scalars = least_squares_scalars(clipped, mode)
+    scalars = tf.stop_gradient(tf.cast(scalars, x2d.dtype))
+
+    @tf.custom_gradient
+    def _ste(x, v):
+        xc = x if clip is None else tf.clip_by_value(x, -clip, clip)
+        q = reconstruct(xc, v, mode)
+
+        def grad(g):
+            if clip is None:
+                return g, tf.zeros_like(v)
+            inside = tf.abs(x) <= clip
+            return tf.where(inside, g, tf.zeros_like(g)), tf.zeros_like(v)
+
+        return q, grad
+
+    return _ste(x2d, scalars)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reshaping to / from rows.
+
+
+def to_groups(w, reduce_axes):
+    """Move the kept axes of ``w`` (static shape) to the front and flatten: [groups, n]; returns the
+    2-D tensor and the permutation needed to undo it with :func:`from_groups`."""
+    rank = w.shape.rank
+    keep = [axis for axis in range(rank) if axis not in reduce_axes]
+    perm = keep + list(reduce_axes)
+    moved = tf.transpose(w, perm)
+    groups = 1
+    for axis in keep:
+        groups *= int(w.shape[axis])
+    return tf.reshape(moved, [groups, -1]), perm
+
+
+def from_groups(q2d, shape, perm):
+    """Inverse of :func:`to_groups` for a kernel of static ``shape``."""
+    moved_shape = [int(shape[axis]) for axis in perm]
+    inverse = [0] * len(perm)
+    for position, axis in enumerate(perm):
+        inverse[axis] = position
+    return tf.transpose(tf.reshape(q2d, moved_shape), inverse)
+
+
+# ------------------------------------------------------------------------------------------------
+# Keras quantizers.
+
+
+@register(alias="least_squares")
+class LeastSquares(WeightQuantizer):
+    """Least-squares weight quantizer, ``mode`` in ls1, ls2, lsT, gf2, gf3, gf4 (module docstring).
+
+    One set of closed-form scalars per output channel (``granularity="channel"``, default) or per
+    kernel (``"layer"``); nothing is trained, so there are no weights. Straight-through (identity)
+    gradient. ``depthwise=True`` marks a DepthwiseConv2D kernel ``[kh, kw, c_in, mult]`` so that
+    ``channel`` means one set per (c_in, mult).
+    """
+
+    def __init__(self, mode="ls1", granularity="channel", depthwise=False, **kwargs):
+        name = kwargs.get("name", "")
+        _check_mode(mode, owner=f"LeastSquares {name!s}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(
+                f"LeastSquares {name!s}: unknown granularity {granularity!r}; allowed: "
+                f"{GRANULARITIES} (least-squares scalars are per output channel or per layer)."
+            )
+        super().__init__(**kwargs)
+        self.mode = mode
+        self.granularity = granularity
+        self.depthwise = bool(depthwise)
+        self.bits = MODE_BITS[mode]
+        self.precision = MODE_BITS[mode]
+
+    def reduce_axes(self, kernel_shape):
+        return subgroup_reduce_axes(
+            self.granularity, kernel_shape, self.depthwise, owner=f"LeastSquares quantizer '{self.name}'"
+        )
+
+    def call(self, inputs):
+        w = tf.convert_to_tensor(inputs)
+        reduce_axes = self.reduce_axes(w.shape)
+        w2d, perm = to_groups(w, reduce_axes)
+        q2d = least_squares_ste(w2d, self.mode)
+        return from_groups(q2d, w.shape, perm)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "mode": self.mode,
+            "granularity": self.granularity,
+            "depthwise": self.depthwise,
+        }
+
+
+@register(alias="least_squares_activation")
+class LeastSquaresActivation(ActivationQuantizer):
+    """Least-squares activation quantizer: clip to [-c, c], then one set of scalars per sample.
+
+    ``clip``: c > 0 (default 2 for ls1 / lsT, 3 for ls2 / gf-k). Gradient: identity inside
+    [-c, c], 0 outside.
+
+    ``momentum=None`` (default): per-sample scalars always, in training and inference.
+    ``momentum`` in (0, 1): in training, per-sample scalars are used and the batch mean of them
+    updates ``moving_scalars`` (shape [k]) as ``moving = momentum * moving + (1 - momentum) * mean``
+    (Keras BatchNorm convention); the first training batch assigns the mean directly, and
+    ``moving_initialized`` turns True. At inference (training False/None) the moving averages are
+    used with the same bit-assignment rule (ls2: levels v1 +- v2 split at v1; gf-k: greedy residual
+    signs with fixed v_i; lsT: 0 if |x| < v else +-2v). Before any training batch has been seen,
+    inference falls back to per-sample scalars (so a fresh model never quantizes with zeros).
+
+    :meth:`export_range` is the clip window (-c, c): the int8 export replaces the least-squares
+    levels by an int8 grid on that window (an approximation). ls1 / ls2 / lsT levels lie inside
+    the window; gf-k levels sum_i v_i can exceed c slightly (at most 2c).
+    """
+
+    def __init__(self, mode="ls1", clip=None, momentum=None, **kwargs):
+        name = kwargs.get("name", "")
+        owner = f"LeastSquaresActivation {name!s}"
+        _check_mode(mode, owner=owner)
+        if clip is None:
+            clip = DEFAULT_CLIP[mode]
+        if (
+            isinstance(clip, bool)
+            or not isinstance(clip, (int, float))
+            or not 0.0 < float(clip) < float("inf")
+        ):
+            raise ValueError(f"{owner}: clip={clip!r} must be a finite number > 0 (window [-clip, clip]).")
+        if momentum is not None and (
+            isinstance(momentum, bool)
+            or not isinstance(momentum, (int, float))
+            or not 0.0 < float(momentum) < 1.0
+        ):
+            raise ValueError(
+                f"{owner}: momentum={momentum!r} must be None (per-sample scalars always) or a number "
+                "in (0, 1) (moving average of the scalars for inference)."
+            )
+        super().__init__(**kwargs)
+        self.mode = mode
+        self.clip = float(clip)
+        self.momentum = None if momentum is None else float(momentum)
+        self.bits = MODE_BITS[mode]
+        self.precision = MODE_BITS[mode]
+        self.num_scalars = NUM_SCALARS[mode]
+
+    def build(self, input_shape):
+        if self.momentum is not None:
+            self.moving_scalars = self.add_weight(
+                name="moving_scalars", shape=(self.num_scalars,), initializer="zeros", trainable=False
+            )
+            self.moving_initialized = self.add_weight(
+                name="moving_initialized", shape=(), dtype=tf.bool, initializer="zeros", trainable=False
+            )
+        super().build(input_shape)
+
+    def _per_sample(self, x2d):
+        return least_squares_scalars(tf.clip_by_value(x2d, -self.clip, self.clip), self.mode)
+
+    def _training_scalars(self, x2d):
+        scalars = self._per_sample(x2d)
+        batch_mean = tf.cast(tf.reduce_mean(scalars, axis=0), self.moving_scalars.dtype)
+        updated = tf.where(
+            self.moving_initialized,
+            self.momentum * self.moving_scalars + (1.0 - self.momentum) * batch_mean,
+            batch_mean,
+        )
+        update = self.moving_scalars.assign(updated)
+        flag = self.moving_initialized.assign(True)
+        with tf.control_dependencies([update, flag]):
+            return tf.identity(scalars)
+
+    def _inference_scalars(self, x2d):
+        def moving():
+            return tf.cast(self.moving_scalars, x2d.dtype)[None, :] * tf.ones_like(x2d[:, :1])
+
+        return tf.cond(self.moving_initialized, moving, lambda: self._per_sample(x2d))
+
+    def call(self, inputs, training=None):
+        x = tf.convert_to_tensor(inputs)
+        shape = tf.shape(x)
+        x2d = tf.reshape(x, tf.stack([shape[0], -1]))
+        if self.momentum is None:
+            scalars = None
+        elif training is None or not tf.is_tensor(training):
+            scalars = (self._training_scalars if bool(training) else self._inference_scalars)(x2d)
+        else:
+            scalars = tf.cond(
+                tf.cast(training, tf.bool),
+                lambda: self._training_scalars(x2d),
+                lambda: self._inference_scalars(x2d),
+            )
+        q2d = least_squares_ste(x2d, self.mode, clip=self.clip, scalars=scalars)
+        return tf.reshape(q2d, shape)
+
+    def export_range(self):
+        return -self.clip, self.clip
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode, "clip": self.clip, "momentum": self.momentum}

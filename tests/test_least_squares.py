@@ -1,0 +1,549 @@
+"""Least-squares binary quantization (Pouransari et al. 2020) against brute-force and numpy references."""
+
+import itertools
+
+import larq as lq
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from syq_tf.quantizers.least_squares import (
+    MODES,
+    LeastSquares,
+    LeastSquaresActivation,
+    greedy_scalars,
+    least_squares_quantize,
+    least_squares_scalars,
+    least_squares_ste,
+    ls1_scalars,
+    ls2_scalars,
+    lsT_scalars,
+    reconstruct,
+)
+
+BITS = {"ls1": 1, "ls2": 2, "lsT": 2, "gf2": 2, "gf3": 3, "gf4": 4}
+MAX_LEVELS = {"ls1": 2, "lsT": 3, "ls2": 4, "gf2": 4, "gf3": 8, "gf4": 16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent float64 numpy references.
+
+
+def sign(x):
+    return np.where(x >= 0, 1.0, -1.0)
+
+
+def brute_force_ls2(x):
+    """min over every b2 in {+-1}^n (b1 = sign x) of the 2x2 least squares in (v1, v2)."""
+    n = x.size
+    b1 = sign(x)
+    b2 = np.array(list(itertools.product([-1.0, 1.0], repeat=n)))  # [2^n, n]
+    basis = np.stack([np.broadcast_to(b1, b2.shape), b2], axis=-1)  # [2^n, n, 2]
+    coef = np.linalg.pinv(basis) @ x  # least squares (minimum-norm when singular)
+    err = np.sum((x - np.einsum("mnk,mk->mn", basis, coef)) ** 2, axis=-1)
+    return err.min()
+
+
+def brute_force_ternary(x):
+    """min over every support subset: scale = mean|x| on the support, zero elsewhere."""
+    n = x.size
+    masks = np.array(list(itertools.product([0.0, 1.0], repeat=n)))  # includes the empty support
+    count = masks.sum(-1)
+    scale = np.where(count > 0, (masks * np.abs(x)).sum(-1) / np.maximum(count, 1), 0.0)
+    q = masks * scale[:, None] * sign(x)
+    return np.sum((x - q) ** 2, axis=-1).min()
+
+
+def greedy_reference(x, k):
+    """gf-k on a 1-D float64 vector, element by element: (scalars, Q)."""
+    r = x.astype(np.float64).copy()
+    q = np.zeros_like(r)
+    scalars = []
+    for _ in range(k):
+        v = np.mean(np.abs(r))
+        b = sign(r)
+        q += v * b
+        r -= v * b
+        scalars.append(v)
+    return np.array(scalars), q
+
+
+def rule_reference(x, scalars, mode):
+    """Bit-assignment rule of each mode with fixed scalars, on a 1-D float64 vector."""
+    s = sign(x)
+    if mode == "ls1":
+        return scalars[0] * s
+    if mode == "lsT":
+        return np.where(np.abs(x) < scalars[0], 0.0, 2.0 * scalars[0] * s)
+    if mode == "ls2":
+        v1, v2 = scalars
+        return np.where(np.abs(x) >= v1, v1 + v2, v1 - v2) * s
+    r = x.copy()
+    q = np.zeros_like(x)
+    for v in scalars:
+        b = sign(r)
+        q += v * b
+        r -= v * b
+    return q
+
+
+def small_vectors():
+    """Random small vectors (n = 1..10) with duplicates, ties of |x| across signs, and zeros."""
+    rng = np.random.default_rng(2020)
+    out = []
+    for n in range(1, 11):
+        for trial in range(4):
+            if trial == 0:
+                x = rng.normal(0, 1, n)
+            elif trial == 1:  # few distinct magnitudes: duplicates and +-ties
+                x = rng.integers(-3, 4, n) * 0.5
+            elif trial == 2:  # zeros mixed in
+                x = rng.normal(0, 2, n) * (rng.random(n) < 0.6)
+            else:  # heavy-tailed with repeated values
+                x = rng.standard_cauchy(n)
+                x[rng.integers(0, n)] = x[0]
+            out.append(x)
+    out += [np.zeros(4), np.full(5, 0.7), np.full(3, -2.0), np.array([0.0, 0.0, 3.0]),
+            np.array([1.0, -1.0, 2.0, -2.0]), np.array([1.0, 1.0, 1.0, 5.0, 5.0])]
+    return out
+
+
+VECTORS = small_vectors()
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimality against brute force.
+
+
+def _sq_err(x, q):
+    return float(np.sum((np.asarray(x, np.float64) - np.asarray(q, np.float64)) ** 2))
+
+
+@pytest.mark.parametrize("mode,brute", [("ls2", brute_force_ls2), ("lsT", brute_force_ternary)])
+def test_optimal_modes_match_brute_force_float64(mode, brute):
+    for x in VECTORS:
+        q = least_squares_quantize(tf.constant(x[None, :], tf.float64), mode).numpy()[0]
+        best = brute(x)
+        err = _sq_err(x, q)
+        assert err == pytest.approx(best, rel=1e-9, abs=1e-12 * max(1.0, np.sum(x**2))), (x, q)
+        assert np.all(np.isfinite(q))
+
+
+@pytest.mark.parametrize("mode,brute", [("ls2", brute_force_ls2), ("lsT", brute_force_ternary)])
+def test_optimal_modes_match_brute_force_float32(mode, brute):
+    for x in VECTORS:
+        x32 = x.astype(np.float32)
+        q = least_squares_quantize(tf.constant(x32[None, :]), mode).numpy()[0]
+        x64 = x32.astype(np.float64)
+        assert _sq_err(x64, q) <= brute(x64) * (1 + 1e-5) + 1e-6 * np.sum(x64**2), (x, q)
+
+
+def test_ls2_scalars_positive_and_levels():
+    batch = np.stack([x for x in VECTORS if x.size == 10] + [np.random.default_rng(3).normal(0, 1, 10)])
+    scalars = ls2_scalars(tf.constant(batch, tf.float64)).numpy()
+    q = least_squares_quantize(tf.constant(batch, tf.float64), "ls2").numpy()
+    for x, (v1, v2), row in zip(batch, scalars, q):
+        assert v1 > 0 and v2 > 0 and v1 >= v2
+        levels = np.array([v1 + v2, v1 - v2, -(v1 + v2), -(v1 - v2)])
+        assert np.all(np.min(np.abs(row[:, None] - levels[None, :]), axis=1) < 1e-12)
+        np.testing.assert_allclose(row, rule_reference(x, (v1, v2), "ls2"), rtol=0, atol=1e-12)
+
+
+def test_lsT_scalar_and_levels():
+    batch = np.random.default_rng(4).normal(0, 1, (6, 9))
+    (v,) = lsT_scalars(tf.constant(batch)).numpy().T
+    q = least_squares_quantize(tf.constant(batch), "lsT").numpy()
+    assert np.all(v > 0)
+    for x, vi, row in zip(batch, v, q):
+        assert set(np.round(np.abs(row) / vi, 9)) <= {0.0, 2.0}
+        np.testing.assert_allclose(row, rule_reference(x, (vi,), "lsT"), atol=1e-12)
+
+
+def test_batched_rows_are_independent():
+    """Rows of different length scales in one call give the same result as one row at a time."""
+    rng = np.random.default_rng(5)
+    batch = rng.normal(0, 1, (5, 8)) * np.array([[0.01], [1.0], [100.0], [0.0], [3.0]])
+    for mode in MODES:
+        together = least_squares_quantize(tf.constant(batch), mode).numpy()
+        for row, expected in zip(batch, together):
+            alone = least_squares_quantize(tf.constant(row[None, :]), mode).numpy()[0]
+            np.testing.assert_allclose(alone, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("mode,expected", [("ls1", 0.603), ("lsT", 0.438), ("gf2", 0.363), ("ls2", 0.344)])
+def test_gaussian_relative_error(mode, expected):
+    x = np.random.default_rng(11).normal(0, 1, (1, 100_000)).astype(np.float32)
+    q = least_squares_quantize(tf.constant(x), mode).numpy()
+    rel = np.linalg.norm(x.astype(np.float64) - q) / np.linalg.norm(x.astype(np.float64))
+    assert abs(rel - expected) < 0.01
+
+
+def test_error_decreases_with_bits():
+    x = tf.constant(np.random.default_rng(12).normal(0, 1, (1, 4000)))
+    errs = {m: float(tf.norm(x - least_squares_quantize(x, m))) for m in MODES}
+    assert errs["ls2"] <= errs["gf2"] and errs["ls2"] < errs["lsT"] < errs["ls1"]
+    assert errs["gf4"] < errs["gf3"] < errs["gf2"] < errs["ls1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# ls1, greedy, sign(0), degenerate rows.
+
+
+def test_ls1_is_mean_abs_times_sign():
+    x = np.random.default_rng(6).normal(0, 1, (4, 13))
+    x[0, 3] = 0.0
+    q = least_squares_quantize(tf.constant(x), "ls1").numpy()
+    v = np.mean(np.abs(x), axis=1, keepdims=True)
+    np.testing.assert_allclose(q, v * sign(x), rtol=1e-14)
+    np.testing.assert_allclose(ls1_scalars(tf.constant(x)).numpy(), v, rtol=1e-14)
+    assert q[0, 3] == pytest.approx(v[0, 0])  # sign(0) := +1
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_greedy_matches_numpy(k):
+    x = np.random.default_rng(7).normal(0, 1, (3, 17))
+    x[1, 0] = 0.0
+    scalars = greedy_scalars(tf.constant(x), k).numpy()
+    q = least_squares_quantize(tf.constant(x), f"gf{k}").numpy()
+    for row, s_row, q_row in zip(x, scalars, q):
+        s_ref, q_ref = greedy_reference(row, k)
+        np.testing.assert_allclose(s_row, s_ref, rtol=1e-12)
+        np.testing.assert_allclose(q_row, q_ref, rtol=1e-12, atol=1e-14)
+    assert scalars.shape == (3, k)
+
+
+def test_sign_of_zero_is_plus_one():
+    x = tf.constant([[0.0, 1.0, -1.0, 2.0]], tf.float64)
+    assert least_squares_quantize(x, "ls1").numpy()[0, 0] == pytest.approx(1.0)  # +mean|x|
+    g1, g2 = greedy_scalars(x, 2).numpy()[0]
+    # gf2: b1(0) = +1, so r1 = -v1 and b2 = -1
+    assert least_squares_quantize(x, "gf2").numpy()[0, 0] == pytest.approx(g1 - g2)
+    v1, v2 = ls2_scalars(x).numpy()[0]
+    # 0 < v1: low magnitude level with the sign of +1
+    assert least_squares_quantize(x, "ls2").numpy()[0, 0] == pytest.approx(v1 - v2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_all_zero_rows(mode):
+    x = tf.constant(np.array([[0.0] * 6, [1.0, -2.0, 0.5, 0.0, 3.0, -1.0]], np.float32))
+    scalars = least_squares_scalars(x, mode).numpy()
+    q = least_squares_quantize(x, mode).numpy()
+    assert np.all(np.isfinite(scalars)) and np.all(np.isfinite(q))
+    np.testing.assert_array_equal(q[0], 0.0)
+    np.testing.assert_array_equal(scalars[0], 0.0)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = least_squares_ste(x, mode, clip=2.0)
+    assert np.all(np.isfinite(tape.gradient(out, x).numpy()))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("c", [0.7, -2.0, 1e-3])
+def test_constant_rows_are_exact(mode, c):
+    x = np.full((1, 50), c, np.float32)
+    q = least_squares_quantize(tf.constant(x), mode).numpy()
+    np.testing.assert_allclose(q, x, rtol=1e-5)
+    if mode in ("ls2", "lsT"):
+        scalars = least_squares_scalars(tf.constant(x), mode).numpy()
+        np.testing.assert_allclose(scalars, abs(c) / 2, rtol=1e-5)
+
+
+def test_reconstruct_with_fixed_scalars_matches_rule():
+    rng = np.random.default_rng(8)
+    x = rng.normal(0, 1, (2, 20))
+    given = {"ls1": [0.8], "ls2": [0.9, 0.4], "lsT": [0.6], "gf2": [0.8, 0.5], "gf3": [0.8, 0.5, 0.3],
+             "gf4": [0.8, 0.5, 0.3, 0.1]}
+    for mode, scalars in given.items():
+        q = reconstruct(tf.constant(x), tf.constant([scalars], tf.float64), mode).numpy()
+        for row, q_row in zip(x, q):
+            np.testing.assert_allclose(q_row, rule_reference(row, np.array(scalars), mode), atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight quantizer: subgroups.
+
+
+def _alone(values, mode):
+    return least_squares_quantize(tf.constant(values.reshape(1, -1)), mode).numpy().reshape(values.shape)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_per_channel_conv_kernel(mode):
+    w = np.random.default_rng(9).normal(0, 0.1, (3, 3, 4, 5)) * np.arange(1, 6)  # channel scales differ
+    q = LeastSquares(mode, dtype="float64")(tf.constant(w)).numpy()
+    for c in range(5):
+        np.testing.assert_allclose(q[..., c], _alone(w[..., c], mode), rtol=1e-12, atol=1e-15)
+        assert len(np.unique(np.round(q[..., c], 12))) <= MAX_LEVELS[mode]
+
+
+@pytest.mark.parametrize("mode", ["ls1", "ls2", "lsT", "gf2"])
+def test_dense_channel_and_layer(mode):
+    w = np.random.default_rng(10).normal(0, 1, (6, 7))
+    q = LeastSquares(mode, granularity="channel", dtype="float64")(tf.constant(w)).numpy()
+    for c in range(7):
+        np.testing.assert_allclose(q[:, c], _alone(w[:, c], mode), rtol=1e-12, atol=1e-15)
+    q_layer = LeastSquares(mode, granularity="layer", dtype="float64")(tf.constant(w)).numpy()
+    np.testing.assert_allclose(q_layer, _alone(w, mode), rtol=1e-12, atol=1e-15)
+    assert len(np.unique(np.round(q_layer, 12))) <= MAX_LEVELS[mode]
+
+
+def test_depthwise_channel():
+    w = np.random.default_rng(13).normal(0, 1, (3, 3, 4, 2))
+    q = LeastSquares("ls2", depthwise=True, dtype="float64")(tf.constant(w)).numpy()
+    for ci in range(4):
+        for m in range(2):
+            np.testing.assert_allclose(q[:, :, ci, m], _alone(w[:, :, ci, m], "ls2"), rtol=1e-12)
+    # without depthwise=True, "channel" groups over the last axis only
+    q_plain = LeastSquares("ls2", dtype="float64")(tf.constant(w)).numpy()
+    np.testing.assert_allclose(q_plain[..., 1], _alone(w[..., 1], "ls2"), rtol=1e-12)
+
+
+def test_weight_quantizer_in_larq_layer():
+    layer = lq.layers.QuantConv2D(5, 3, kernel_quantizer=LeastSquares("ls2"), use_bias=False)
+    x = tf.random.normal([2, 6, 6, 4])
+    y = layer(x)
+    q = layer.kernel_quantizer(layer.kernel).numpy()
+    np.testing.assert_allclose(y.numpy(), tf.nn.conv2d(x, q, 1, "VALID").numpy(), rtol=1e-5, atol=1e-5)
+    assert not layer.kernel_quantizer.weights  # closed-form scalars: nothing to train
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients.
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_weight_gradient_is_identity(mode):
+    rng = np.random.default_rng(14)
+    w = tf.Variable(rng.normal(0, 1, (3, 3, 2, 4)).astype(np.float32))
+    g = rng.normal(0, 1, (3, 3, 2, 4)).astype(np.float32)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(LeastSquares(mode)(w) * g)
+    # exactly g: any gradient through the scalars would add sum_j b_j g_j * dv/dw terms
+    np.testing.assert_array_equal(tape.gradient(loss, w).numpy(), g)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_activation_gradient_is_clip_mask(mode):
+    c = 2.0 if mode in ("ls1", "lsT") else 3.0
+    x_np = np.array([[-5.0, -c, -1.0, 0.0, 0.5, c, 4.0, c + 1e-3]], np.float32)
+    x = tf.constant(x_np)
+    g = np.arange(1.0, 9.0, dtype=np.float32)[None, :]
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(LeastSquaresActivation(mode)(x) * g)
+    grad = tape.gradient(loss, x).numpy()
+    np.testing.assert_array_equal(grad, np.where(np.abs(x_np) <= c, g, 0.0))
+
+
+def test_activation_gradient_custom_clip_and_moving_scalars_get_none():
+    q = LeastSquaresActivation("ls2", clip=1.0, momentum=0.9)
+    x = tf.constant([[-2.0, -1.0, 0.3, 0.99, 1.5]])
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(q(x, training=True))
+    np.testing.assert_array_equal(tape.gradient(loss, x).numpy(), [[0.0, 1.0, 1.0, 1.0, 0.0]])
+    grad_moving = tape.gradient(loss, q.moving_scalars)
+    assert grad_moving is None or np.all(grad_moving.numpy() == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation quantizer: per sample, clipping, moving averages.
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_activation_per_sample(mode):
+    rng = np.random.default_rng(15)
+    x = rng.normal(0, 1, (4, 5, 3)) * np.array([0.1, 1.0, 3.0, 10.0])[:, None, None]
+    q = LeastSquaresActivation(mode, dtype="float64")(tf.constant(x)).numpy()
+    c = 2.0 if mode in ("ls1", "lsT") else 3.0
+    for sample, q_sample in zip(x, q):
+        np.testing.assert_allclose(q_sample, _alone(np.clip(sample, -c, c), mode), rtol=1e-12, atol=1e-15)
+    assert np.abs(q).max() <= (c if mode in ("ls1", "ls2", "lsT") else 2 * c) + 1e-9
+
+
+def test_activation_custom_clip():
+    x = np.random.default_rng(16).normal(0, 2, (2, 30))
+    q = LeastSquaresActivation("lsT", clip=0.5, dtype="float64")(tf.constant(x)).numpy()
+    np.testing.assert_allclose(q, np.stack([_alone(np.clip(r, -0.5, 0.5), "lsT") for r in x]), rtol=1e-12)
+    assert LeastSquaresActivation("lsT", clip=0.5).export_range() == (-0.5, 0.5)
+    assert LeastSquaresActivation("lsT").export_range() == (-2.0, 2.0)
+    assert LeastSquaresActivation("gf3").export_range() == (-3.0, 3.0)
+
+
+def _per_sample_scalars(x, mode, c):
+    return least_squares_scalars(tf.constant(np.clip(x, -c, c).reshape(len(x), -1)), mode).numpy()
+
+
+@pytest.mark.parametrize("mode", ["ls2", "lsT", "gf3", "ls1"])
+def test_moving_average(mode):
+    rng = np.random.default_rng(17)
+    c = 2.0 if mode in ("ls1", "lsT") else 3.0
+    q = LeastSquaresActivation(mode, momentum=0.75)
+    plain = LeastSquaresActivation(mode)
+    b1, b2, b3 = (rng.normal(0, s, (3, 10)).astype(np.float32) for s in (1.0, 2.0, 0.5))
+
+    # inference before any training batch: per-sample scalars (the documented fallback)
+    np.testing.assert_allclose(q(b3).numpy(), plain(b3).numpy(), rtol=1e-6)
+    assert not bool(q.moving_initialized.numpy())
+
+    # training: per-sample scalars in the output; first batch assigns the batch mean
+    np.testing.assert_allclose(q(b1, training=True).numpy(), plain(b1).numpy(), rtol=1e-6)
+    m1 = _per_sample_scalars(b1, mode, c).mean(0)
+    np.testing.assert_allclose(q.moving_scalars.numpy(), m1, rtol=1e-5)
+    assert bool(q.moving_initialized.numpy())
+    q(b2, training=True)
+    m2 = 0.75 * m1 + 0.25 * _per_sample_scalars(b2, mode, c).mean(0)
+    np.testing.assert_allclose(q.moving_scalars.numpy(), m2, rtol=1e-5)
+    num_scalars = {"ls1": 1, "ls2": 2, "lsT": 1, "gf3": 3}[mode]
+    assert q.moving_scalars.shape == (num_scalars,)
+
+    # inference: the moving averages with the same bit-assignment rule, every sample
+    for training in (False, None):
+        out = q(b3, training=training).numpy()
+        for row, out_row in zip(b3.astype(np.float64), out):
+            expected = rule_reference(np.clip(row, -c, c), m2, mode)
+            np.testing.assert_allclose(out_row, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(q.moving_scalars.numpy(), m2, rtol=1e-5)  # inference does not update
+
+
+def test_moving_average_training_flag_from_keras_model():
+    quantizer = LeastSquaresActivation("ls2", momentum=0.9)
+    model = tf.keras.Sequential(
+        [tf.keras.Input((6,)), lq.layers.QuantDense(3, input_quantizer=quantizer, use_bias=False)]
+    )
+    x = np.random.default_rng(18).normal(0, 1, (5, 6)).astype(np.float32)
+    model(x)  # inference: no update
+    assert not bool(quantizer.moving_initialized.numpy())
+    model(x, training=True)
+    assert bool(quantizer.moving_initialized.numpy())
+    np.testing.assert_allclose(quantizer.moving_scalars.numpy(), _per_sample_scalars(x, "ls2", 3.0).mean(0),
+                               rtol=1e-5)
+    model.compile(optimizer="sgd", loss="mse")
+    before = quantizer.moving_scalars.numpy().copy()
+    model.fit(x * 2, np.zeros((5, 3), np.float32), epochs=1, verbose=0)
+    assert not np.allclose(quantizer.moving_scalars.numpy(), before)
+
+
+def test_moving_average_tensor_training_flag_in_tf_function():
+    q = LeastSquaresActivation("lsT", momentum=0.5)
+    x = np.random.default_rng(19).normal(0, 1, (4, 8)).astype(np.float32)
+
+    @tf.function
+    def run(x, training):
+        return q(x, training=training)
+
+    run(x, tf.constant(False))
+    assert not bool(q.moving_initialized.numpy())
+    run(x, tf.constant(True))
+    expected = _per_sample_scalars(x, "lsT", 2.0).mean(0)
+    np.testing.assert_allclose(q.moving_scalars.numpy(), expected, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph mode and XLA.
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tf_function_and_xla_match_eager(mode):
+    x = tf.constant(np.random.default_rng(20).normal(0, 1, (6, 40)).astype(np.float32))
+    eager_s = least_squares_scalars(x, mode)
+    eager_q = least_squares_quantize(x, mode)
+    for jit in (False, True):
+        fn = tf.function(lambda t: (least_squares_scalars(t, mode), least_squares_quantize(t, mode)),
+                         jit_compile=jit)
+        s, q = fn(x)
+        np.testing.assert_allclose(s.numpy(), eager_s.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(q.numpy(), eager_q.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_quantizer_layers_under_xla():
+    kernel = tf.Variable(np.random.default_rng(21).normal(0, 1, (3, 3, 4, 5)).astype(np.float32))
+    wq = LeastSquares("ls2")
+    aq = LeastSquaresActivation("ls2", momentum=0.5)
+    x = tf.constant(np.random.default_rng(22).normal(0, 1, (3, 4, 4, 2)).astype(np.float32))
+    eager_w = wq(kernel).numpy()
+    eager_a = LeastSquaresActivation("ls2")(x).numpy()
+
+    @tf.function(jit_compile=True)
+    def step(x):
+        with tf.GradientTape() as tape:
+            out = tf.reduce_sum(wq(kernel))
+        return wq(kernel), aq(x, training=True), tape.gradient(out, kernel)
+
+    w_xla, a_xla, grad = step(x)
+    np.testing.assert_allclose(w_xla.numpy(), eager_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a_xla.numpy(), eager_a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(grad.numpy(), np.ones((3, 3, 4, 5), np.float32))
+    assert bool(aq.moving_initialized.numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments, config, registration.
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"unknown mode 'ls3'.*'ls1', 'ls2', 'lsT', 'gf2', 'gf3', 'gf4'"):
+        LeastSquares("ls3")
+    with pytest.raises(ValueError, match=r"LeastSquaresActivation.*unknown mode 'gf5'"):
+        LeastSquaresActivation("gf5")
+    with pytest.raises(ValueError, match=r"unknown granularity 'pixel'.*'layer', 'channel'"):
+        LeastSquares("ls1", granularity="pixel")
+    with pytest.raises(ValueError, match=r"unknown granularity 'row'"):
+        LeastSquares("ls1", granularity="row")
+    for clip in (0, -1.0, float("inf"), "2"):
+        with pytest.raises(ValueError, match=r"clip=.* must be a finite number > 0"):
+            LeastSquaresActivation("ls2", clip=clip)
+    for momentum in (0.0, 1.0, 1.5, -0.1, True):
+        with pytest.raises(ValueError, match=r"momentum=.* must be None .* or a number in \(0, 1\)"):
+            LeastSquaresActivation("ls2", momentum=momentum)
+    with pytest.raises(ValueError, match=r"k=0 must be a positive integer"):
+        greedy_scalars(tf.zeros([1, 3]), 0)
+    with pytest.raises(ValueError, match=r"unknown mode"):
+        least_squares_quantize(tf.zeros([1, 3]), "ls")
+
+
+def test_weight_quantizer_rejects_unknown_shape_and_rank():
+    q = LeastSquares("ls1")
+    fn = tf.function(q, input_signature=[tf.TensorSpec([None, 4])])
+    with pytest.raises(ValueError, match=r"known shape"):
+        fn.get_concrete_function()
+    with pytest.raises(ValueError, match=r"rank 1"):
+        LeastSquares("ls1")(tf.zeros([4]))
+
+
+def test_precision_and_bits():
+    for mode in MODES:
+        assert LeastSquares(mode).precision == LeastSquares(mode).bits == BITS[mode]
+        assert LeastSquaresActivation(mode).precision == BITS[mode]
+
+
+def test_config_round_trip_and_registration():
+    w = LeastSquares("gf3", granularity="layer", depthwise=True, name="wq")
+    w2 = LeastSquares.from_config(w.get_config())
+    assert w2.get_config() == w.get_config()
+    assert (w2.mode, w2.granularity, w2.depthwise, w2.name) == ("gf3", "layer", True, "wq")
+
+    a = LeastSquaresActivation("lsT", clip=1.5, momentum=0.99, name="aq")
+    a2 = LeastSquaresActivation.from_config(a.get_config())
+    assert a2.get_config() == a.get_config()
+    assert (a2.mode, a2.clip, a2.momentum) == ("lsT", 1.5, 0.99)
+    assert LeastSquaresActivation("ls2").get_config()["clip"] == 3.0
+
+    assert isinstance(lq.quantizers.get("least_squares"), LeastSquares)
+    assert isinstance(lq.quantizers.get("LeastSquares"), LeastSquares)
+    assert isinstance(lq.quantizers.get("least_squares_activation"), LeastSquaresActivation)
+    restored = lq.quantizers.get(tf.keras.utils.serialize_keras_object(a))
+    assert isinstance(restored, LeastSquaresActivation) and restored.get_config() == a.get_config()
+
+
+def test_safety_net_selection():
+    """Rows without a consistent candidate fall back to the least objective among usable ones; rows
+    with no usable candidate get 0 (the all-zero case)."""
+    from syq_tf.quantizers.least_squares import _best
+
+    objective = tf.constant([[3.0, 1.0, 2.0], [3.0, 1.0, 2.0], [3.0, 1.0, 2.0]])
+    valid = tf.constant([[True, False, True], [False, False, False], [False, False, False]])
+    fallback = tf.constant([[True, True, True], [True, False, True], [False, False, False]])
+    values = tf.constant([[10.0, 20.0, 30.0]] * 3)
+    (picked,) = _best(objective, valid, fallback, [values])
+    np.testing.assert_array_equal(picked.numpy(), [[30.0], [30.0], [0.0]])
