@@ -1,5 +1,7 @@
 """Main job: SYQ on Fashion-MNIST, train -> evaluate -> export -> verify with LiteRT.
 
+``--method uniq`` / ``--method ls`` run the same recipe with UniQ or least-squares quantizers.
+
 Recipe of the SYQ paper, scaled to a small budget: train the CNN in float, switch SYQ weights and
 DoReFa activations on (first conv and last dense stay float), re-initialise every alpha from the
 float weights, fine-tune, then export a full-integer int8 TFLite model and run it with LiteRT.
@@ -21,12 +23,43 @@ from syq_tf.data import fashion_mnist_dataset, load_fashion_mnist
 Q = syq_tf.quantizers
 
 
-def build_cnn(bits=None, granularity="pixel", act_bits=8, eta=0.05):
-    """32-32-64-64 conv + 128 dense CNN. bits=None builds the float model (ReLU activations)."""
+METHODS = ("syq", "uniq", "ls")
+
+
+def quantizer_factories(method="syq", bits=2, granularity="pixel", act_bits=8, eta=0.05, ls_mode=None,
+                        ls_act_mode=None):
+    """Zero-argument factories (conv kernel, dense kernel, layer input) for one method.
+
+    syq:  SYQ weights (``granularity`` for convs, layer-wise for the dense), DoReFa activations.
+    uniq: UniQ weights per channel, UniQ activations (need ``syq_tf.calibrate`` before training).
+    ls:   least-squares weights per channel (``ls_mode``, default ls1 for 1 bit, ls2 for 2), and
+          least-squares activations of ``ls_act_mode`` (sign-like, per sample) or, if None, DoReFa.
+    """
+    if method == "syq":
+        return (lambda: Q.SYQ(bits, granularity, eta), lambda: Q.SYQ(bits, "layer", eta),
+                lambda: Q.DoReFa(act_bits))
+    if method == "uniq":
+        return (lambda: Q.UniQ(bits, "channel"), lambda: Q.UniQ(bits, "channel"),
+                lambda: Q.UniQActivation(act_bits))
+    if method == "ls":
+        mode = ls_mode or {1: "ls1", 2: "ls2"}[bits]
+        act = (lambda: Q.LeastSquaresActivation(ls_act_mode)) if ls_act_mode else (lambda: Q.DoReFa(act_bits))
+        return (lambda: Q.LeastSquares(mode), lambda: Q.LeastSquares(mode), act)
+    raise ValueError(f"unknown method {method!r}; allowed: {METHODS}")
+
+
+def build_cnn(bits=None, granularity="pixel", act_bits=8, eta=0.05, method="syq", **method_options):
+    """32-32-64-64 conv + 128 dense CNN. bits=None builds the float model (ReLU activations).
+
+    Quantized: first conv and last dense keep float weights (the papers' recipe); the other layers
+    get the method's weight quantizer and input quantizer (see :func:`quantizer_factories`)."""
     quantized = bits is not None
+    if quantized:
+        conv_q, dense_q, input_q = quantizer_factories(method, bits, granularity, act_bits, eta, **method_options)
 
     def act():
-        # Float model: ReLU. Quantized model: the next layer's DoReFa input quantizer clips to [0, 1].
+        # Float model: ReLU. Quantized model: the next layer's input quantizer clips (DoReFa to
+        # [0, 1], UniQ to [0, (2^b - 1) delta]; least-squares activations are sign-like).
         return [] if quantized else [tf.keras.layers.ReLU()]
 
     def qconv(filters, name):
@@ -34,15 +67,14 @@ def build_cnn(bits=None, granularity="pixel", act_bits=8, eta=0.05):
             return tf.keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=name)
         return lq.layers.QuantConv2D(
             filters, 3, padding="same", use_bias=False, name=name,
-            kernel_quantizer=Q.SYQ(bits, granularity, eta), input_quantizer=Q.DoReFa(act_bits),
+            kernel_quantizer=conv_q(), input_quantizer=input_q(),
         )
 
     def qdense(units, name, kernel=True, **kw):
         if not quantized:
             return tf.keras.layers.Dense(units, name=name, **kw)
         return lq.layers.QuantDense(
-            units, name=name, input_quantizer=Q.DoReFa(act_bits),
-            kernel_quantizer=Q.SYQ(bits, "layer", eta) if kernel else None, **kw,
+            units, name=name, input_quantizer=input_q(), kernel_quantizer=dense_q() if kernel else None, **kw,
         )
 
     def bn(name):
@@ -59,7 +91,7 @@ def build_cnn(bits=None, granularity="pixel", act_bits=8, eta=0.05):
         qdense(128, "fc1", use_bias=False), bn("bn5"), *act(),
         qdense(10, "logits", kernel=False),  # last layer: float weights (paper)
     ]
-    return tf.keras.Sequential(layers, name="syq_cnn" if quantized else "float_cnn")
+    return tf.keras.Sequential(layers, name=f"{method}_cnn" if quantized else "float_cnn")
 
 
 def compile_model(model, lr):
@@ -72,7 +104,13 @@ def compile_model(model, lr):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--bits", type=int, default=2, help="SYQ weight bits: 1 binary, 2 ternary")
+    p.add_argument("--method", default="syq", choices=METHODS,
+                   help="syq (default), uniq (UniQ weights and activations, calibrated), or ls "
+                        "(least-squares weights, DoReFa activations)")
+    p.add_argument("--bits", type=int, default=2,
+                   help="weight bits: SYQ 1 binary / 2 ternary, UniQ 1-8, ls 1 (ls1) or 2 (ls2)")
+    p.add_argument("--ls-mode", default=None, choices=["ls1", "ls2", "lsT", "gf2", "gf3", "gf4"],
+                   help="least-squares weight mode (method ls)")
     p.add_argument("--granularity", default="pixel", choices=["layer", "row", "pixel", "channel"])
     p.add_argument("--act-bits", type=int, default=8)
     p.add_argument("--float-epochs", type=int, default=1, help="float pre-training epochs")
@@ -102,11 +140,17 @@ def main(argv=None):
     _, float_acc = float_model.evaluate(test, verbose=0)
     float_model.set_weights(pretrained)
 
-    print(f"== 2/4 SYQ W{args.bits}A{args.act_bits} ({args.granularity}) fine-tuning "
-          f"({args.quant_epochs} epoch(s)), alphas initialised from the float weights")
-    model = build_cnn(args.bits, args.granularity, args.act_bits)
+    options = {"ls_mode": args.ls_mode} if args.method == "ls" else {}
+    label = {"syq": "SYQ", "uniq": "UniQ", "ls": "LS"}[args.method]
+    label = f"{label} W{args.bits}A{args.act_bits}" + (f" {args.granularity}" if args.method == "syq" else "")
+    print(f"== 2/4 {label} fine-tuning ({args.quant_epochs} epoch(s)), scales initialised from the "
+          "float weights")
+    model = build_cnn(args.bits, args.granularity, args.act_bits, method=args.method, **options)
     model.set_weights(_float_weights_for(model, float_model))
     syq_tf.reinitialize_scales(model)
+    if args.method == "uniq":  # activation steps from data, BatchNorm statistics untouched
+        steps = syq_tf.calibrate(model, train, batches=20)
+        print("   calibrated activation steps: " + ", ".join(f"{k}={v:.4f}" for k, v in steps.items()))
     compile_model(model, 5e-4)
     t0 = time.time()
     model.fit(train, epochs=args.quant_epochs, verbose=1)
@@ -126,20 +170,20 @@ def main(argv=None):
     v = result.verification
     rows = [
         (f"float accuracy (Keras, {args.float_epochs + args.quant_epochs} epochs)", f"{float_acc:.4f}"),
-        (f"SYQ W{args.bits}A{args.act_bits} {args.granularity} accuracy (Keras, "
-         f"{args.float_epochs} float + {args.quant_epochs} SYQ epochs)", f"{quant_acc:.4f}"),
-        ("SYQ accuracy (LiteRT int8)", f"{v['runtime_accuracy']:.4f}"),
+        (f"{label} accuracy (Keras, {args.float_epochs} float + {args.quant_epochs} quantized epochs)",
+         f"{quant_acc:.4f}"),
+        (f"{label} accuracy (LiteRT int8)", f"{v['runtime_accuracy']:.4f}"),
         ("Keras vs LiteRT top-1 agreement", f"{v['top1_agreement']:.4f} on {v['examples']} test images"),
         ("TFLite model bytes", f"{result.model_bytes}"),
         ("float32 Keras weights bytes", f"{4 * float_model.count_params()}"),
-        ("SYQ fine-tune seconds", f"{quant_seconds:.0f}"),
+        ("quantized fine-tune seconds", f"{quant_seconds:.0f}"),
         ("total seconds", f"{time.time() - started:.0f}"),
     ]
     width = max(len(k) for k, _ in rows)
     for k, val in rows:
         print(f"  {k:<{width}}  {val}")
     metrics = {k: val for k, val in rows}
-    metrics.update(float_accuracy=float_acc, quant_accuracy=quant_acc, verification=v,
+    metrics.update(method=args.method, bits=args.bits, act_bits=args.act_bits, float_accuracy=float_acc, quant_accuracy=quant_acc, verification=v,
                    model_bytes=result.model_bytes, tflite=path)
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
@@ -156,7 +200,8 @@ def _float_weights_for(model, float_model):
     for layer in float_model.layers:
         for w in layer.weights:
             by_name[f"{layer.name}/{w.name.split('/')[-1]}"] = w.numpy()
-    scales = {id(w) for _, q, _ in syq_tf.quantized_kernels(model) for w in q.weights}
+    quantizers = [m for m in model.submodules if isinstance(m, (Q.WeightQuantizer, Q.ActivationQuantizer))]
+    scales = {id(w) for q in quantizers for w in q.weights}
     values = []
     for layer in model.layers:
         for w in layer.weights:

@@ -104,14 +104,81 @@ def test_uncalibrated_activation_step_blocks_export(data):
         syq_tf.export.to_tflite(model, representative_data=x[:8])
 
 
-def test_low_bit_uniq_activations_export_on_their_grid(data):
-    x, _ = data
-    model = uniq_model(2, act_bits=2)
-    syq_tf.calibrate(model, x[:128], batches=1)
-    result = syq_tf.export.to_tflite(model, representative_data=x[:32])
+@pytest.mark.parametrize("act_bits", [1, 2, 4])
+def test_low_bit_uniq_activations_are_exact_in_int8(data, act_bits):
+    x, y = data
+    model = uniq_model(2, act_bits=act_bits)
+    syq_tf.calibrate(model, x[:256], batches=2)
+    model.fit(x[:512], y[:512], epochs=3, batch_size=32, verbose=0)
+    result = syq_tf.export.to_tflite(model, representative_data=x[:128], verify_data=x[512:],
+                                     verify_labels=y[512:])
+    # the int8 input of qconv has scale delta: TFLite rounds to the 2^b UniQ levels itself, and
+    # a MINIMUM op clips at the top level (2^b - 1) delta
     q = model.get_layer("qconv").input_quantizer
     t = next(t for t in flatbuffer.weight_tensors(result.flatbuffer) if t.op == "CONV_2D"
              and t.values.shape[0] == 12)
-    # the int8 input grid contains every 2-bit level k*delta: delta is 85 int8 steps
-    assert float(q.delta.numpy()) / t.input_scale == pytest.approx(85, rel=1e-4)
-    assert any("'qconv'" in n and "2-bit" in n for n in result.notes)
+    assert t.input_scale == pytest.approx(float(q.delta.numpy()), rel=1e-6) and t.input_zero_point == -128
+    assert flatbuffer.op_names(result.flatbuffer).count("MINIMUM") == 2  # qconv and dw inputs
+    assert not result.notes
+    # 1-bit: inputs near the threshold delta/2 flip when int8 re-rounds them (double rounding)
+    assert result.verification["top1_agreement"] >= (0.95 if act_bits == 1 else 0.98), result.verification
+
+
+def ls_model(modes=("ls1", "lsT", "ls2"), act=None):
+    from syq_tf.quantizers import DoReFa, LeastSquares
+
+    conv_mode, dw_mode, fc_mode = modes
+    inp = tf.keras.Input((8, 8, 1))
+    x = tf.keras.layers.Conv2D(8, 3, padding="same", name="first")(inp)
+    x = tf.keras.layers.BatchNormalization()(x)
+    x = syq_tf.quantize(tf.keras.layers.Conv2D(12, 3, name="qconv"), kernel_quantizer=LeastSquares(conv_mode),
+                        input_quantizer=act() if act else DoReFa(8))(x)
+    x = tf.keras.layers.BatchNormalization()(x)
+    x = syq_tf.quantize(tf.keras.layers.DepthwiseConv2D(3, name="dw"), kernel_quantizer=LeastSquares(dw_mode),
+                        input_quantizer=DoReFa(8))(x)
+    x = tf.keras.layers.Flatten()(x)
+    out = syq_tf.quantize(tf.keras.layers.Dense(4, name="fc"), kernel_quantizer=LeastSquares(fc_mode),
+                          input_quantizer=DoReFa(8))(x)
+    model = tf.keras.Model(inp, out)
+    model.compile(tf.keras.optimizers.Adam(2e-3),
+                  tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    return model
+
+
+def test_least_squares_codebooks_exact_where_int8_can_and_reported_where_not(data):
+    x, y = data
+    model = ls_model()
+    model.fit(x[:512], y[:512], epochs=8, batch_size=32, verbose=0)
+    result = syq_tf.export.to_tflite(model, representative_data=x[:128], verify_data=x[512:],
+                                     verify_labels=y[512:])
+    by_layer = {r.layer: r for r in result.layers}
+    # ls1: +-v per channel; lsT: {0, +-2v} per channel -> exact in per-channel int8
+    assert by_layer["qconv"].exact and by_layer["qconv"].stored_levels == 2
+    assert by_layer["dw"].exact and by_layer["dw"].stored_levels <= 3
+    dw = next(t for t in flatbuffer.weight_tensors(result.flatbuffer) if t.op == "DEPTHWISE_CONV_2D")
+    for levels in _per_channel_levels(dw, 3):
+        assert levels <= {-127, 0, 127}
+    # ls2: levels +-(v1 +- v2) with an arbitrary ratio: 4 levels per channel in Keras, and int8
+    # rounds the inner ones -- reported, not hidden
+    fc = by_layer["fc"]
+    assert fc.keras_levels == 4 and not fc.exact and 0 < fc.max_rel_alpha_error < 0.05
+    assert any("'fc'" in n and "cannot hold this codebook exactly" in n for n in result.notes)
+    # the int8 value of each ls2 level is the nearest to the Keras level on the channel's grid
+    fc_t = next(t for t in flatbuffer.weight_tensors(result.flatbuffer) if t.op == "FULLY_CONNECTED")
+    keras_fc = model.get_layer("fc").quantized_kernel().numpy().T  # [out, in]
+    for c in range(4):
+        k, stored = keras_fc[c], fc_t.values[c].astype(np.float64)
+        np.testing.assert_array_equal(stored, np.round(k / np.abs(k).max() * 127 * np.sign(stored[np.argmax(np.abs(k))] * k[np.argmax(np.abs(k))])))
+    with pytest.raises(ValueError, match="require_exact=True.*'fc' \\(LeastSquares"):
+        syq_tf.export.to_tflite(model, representative_data=x[:32], require_exact=True)
+    assert result.verification["top1_agreement"] >= 0.98, result.verification
+
+
+def test_least_squares_activations_are_reported_as_approximate(data):
+    from syq_tf.quantizers import LeastSquaresActivation
+
+    x, _ = data
+    model = ls_model(act=lambda: LeastSquaresActivation("ls2"))
+    model(x[:2])
+    result = syq_tf.export.to_tflite(model, representative_data=x[:32])
+    assert any("'qconv'" in n and "LeastSquaresActivation" in n and "[-3, 3]" in n for n in result.notes)

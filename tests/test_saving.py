@@ -111,3 +111,29 @@ def test_uniq_round_trip_keeps_steps_and_calibration(tmp_path, fmt):
         np.testing.assert_array_equal(before[name], after[name])
     assert loaded.get_layer("conv").input_quantizer.calibrated  # no recalibration needed after loading
     assert loaded.get_layer("conv").kernel_quantizer.get_config()["bits"] == 3
+
+
+@pytest.mark.parametrize("fmt", ["h5", "tf"])
+def test_least_squares_round_trip_keeps_moving_scalars(tmp_path, fmt):
+    from syq_tf.quantizers import LeastSquares, LeastSquaresActivation
+
+    inp = tf.keras.Input((8, 8, 1))
+    x = syq_tf.quantize(tf.keras.layers.Conv2D(4, 3, name="conv"), kernel_quantizer=LeastSquares("ls2"),
+                        input_quantizer=LeastSquaresActivation("gf2", momentum=0.9))(inp)
+    x = tf.keras.layers.Flatten()(x)
+    out = lq.layers.QuantDense(4, kernel_quantizer=LeastSquares("lsT", "layer"),
+                               input_quantizer="least_squares_activation", name="head")(x)
+    model = tf.keras.Model(inp, out)
+    model.compile("adam", tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    data, y = separable_data(64)
+    model.fit(data, y, epochs=1, verbose=0)
+    q = model.get_layer("conv").input_quantizer
+    assert bool(q.moving_initialized.numpy()) and np.all(q.moving_scalars.numpy() > 0)
+    path = str(tmp_path / ("model.h5" if fmt == "h5" else "model_tf"))
+    model.save(path, save_format=fmt)
+    loaded = tf.keras.models.load_model(path)
+    np.testing.assert_allclose(loaded.predict(data, verbose=0), model.predict(data, verbose=0), rtol=1e-5, atol=1e-6)
+    lq2 = loaded.get_layer("conv").input_quantizer
+    np.testing.assert_array_equal(lq2.moving_scalars.numpy(), q.moving_scalars.numpy())
+    assert (lq2.mode, lq2.momentum) == ("gf2", 0.9)
+    assert loaded.get_layer("head").kernel_quantizer.get_config()["mode"] == "lsT"

@@ -219,7 +219,7 @@ def test_uncalibrated_step_never_reaches_training_or_inference():
     with pytest.raises(tf.errors.InvalidArgumentError, match="never set"):
         model.fit(x, y, epochs=1, verbose=0)
     with pytest.raises(uniq_module.NotCalibratedError, match="before export"):
-        model.get_layer("c2").input_quantizer.export_range()
+        model.get_layer("c2").input_quantizer.export_grid()
     # the callback calibrates first, then training runs
     model.fit(x, y, epochs=1, verbose=0, callbacks=[syq_tf.Calibrate(x, batches=1)])
     q = model.get_layer("c2").input_quantizer
@@ -230,16 +230,12 @@ def test_uncalibrated_step_never_reaches_training_or_inference():
     assert abs(q.delta.numpy() - trained) < 0.1 * trained
 
 
-def test_initial_step_skips_calibration_and_export_range_is_on_the_grid():
+def test_initial_step_skips_calibration_and_export_grid_is_the_step():
     q = UniQActivation(3, initial_step=0.1)
     q(tf.zeros((1, 4)))
     assert q.calibrated
-    low, high = q.export_range()
-    assert low == 0.0
-    int8_step = high / 255
-    levels = np.arange(8) * 0.1 / int8_step
-    np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)  # every level on the int8 grid
-    assert high >= 7 * 0.1
+    step, levels = q.export_grid()
+    assert step == pytest.approx(0.1) and levels == 8
 
 
 # ---- as Keras/larq quantizers, and errors -----------------------------------------------------

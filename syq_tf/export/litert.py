@@ -23,13 +23,19 @@ _QUANT_KEYS = ("kernel_quantizer", "input_quantizer", "depthwise_quantizer", "po
 
 
 class _FakeQuantInput(tf.keras.layers.Layer):
-    """Inference stand-in for an activation quantizer: an exact 8-bit range for the converter."""
+    """Inference stand-in for an activation quantizer: an int8 range for the converter, and an
+    optional upper clip. With range [0, 255 step] the int8 tensor's scale is the quantizer's step,
+    so TFLite itself rounds to the quantizer's levels; the clip at the top level (a MINIMUM op)
+    and the int8 floor at 0 give its clipping."""
 
-    def __init__(self, low, high, **kwargs):
+    def __init__(self, low, high, top=None, **kwargs):
         super().__init__(**kwargs)
         self.low, self.high = float(low), float(high)
+        self.top = None if top is None else float(top)
 
     def call(self, inputs):
+        if self.top is not None:
+            inputs = tf.minimum(inputs, self.top)
         return tf.quantization.fake_quant_with_min_max_args(
             inputs, min=self.low, max=self.high, num_bits=8, narrow_range=False
         )
@@ -66,16 +72,22 @@ def _plain_class(layer):
 
 
 def _input_range(layer):
+    """(low, high, top) of the int8 stand-in for the layer's input quantizer, or None."""
     quantizer = getattr(layer, "input_quantizer", None)
     if quantizer is None:
         return None
-    if isinstance(quantizer, ActivationQuantizer):
-        return quantizer.export_range()
-    raise ValueError(
-        f"layer '{layer.name}': input quantizer {type(quantizer).__name__} has no int8 TFLite "
-        "form in target 'litert'; use a syq_tf activation quantizer (e.g. DoReFa) or no input "
-        "quantizer."
-    )
+    if not isinstance(quantizer, ActivationQuantizer):
+        raise ValueError(
+            f"layer '{layer.name}': input quantizer {type(quantizer).__name__} has no int8 TFLite "
+            "form in target 'litert'; use a syq_tf activation quantizer (e.g. DoReFa) or no input "
+            "quantizer."
+        )
+    grid = quantizer.export_grid()
+    if grid is None:
+        return (*quantizer.export_range(), None)
+    step, levels = grid
+    top = (levels - 1) * step
+    return 0.0, 255.0 * step, (top if levels < 256 else None)
 
 
 def _quantized_value(quantizer, variable):
@@ -386,10 +398,11 @@ def activation_notes(model):
     notes = []
     for layer in model.layers:
         quantizer = getattr(layer, "input_quantizer", None)
-        bits = getattr(quantizer, "bits", 8)
-        if isinstance(quantizer, ActivationQuantizer) and bits < 8:
+        if isinstance(quantizer, ActivationQuantizer) and quantizer.export_grid() is None:
+            low, high = quantizer.export_range()
             notes.append(
-                f"layer '{layer.name}': {type(quantizer).__name__} {bits}-bit activations are stored "
-                "as int8 on the same range; int8 TFLite does not enforce the coarser grid."
+                f"layer '{layer.name}': {type(quantizer).__name__} levels are not a fixed uniform grid, "
+                f"which int8 TFLite cannot compute; its input is stored as int8 on [{low:g}, {high:g}] "
+                "without the quantizer's levels."
             )
     return notes

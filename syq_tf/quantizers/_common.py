@@ -50,9 +50,14 @@ class ActivationQuantizer(lq.quantizers.Quantizer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
+    def export_grid(self):
+        """(step, number of levels) if the output levels are exactly {0, step, ..., (n-1) step}
+        (export then stores them exactly: an int8 tensor of scale ``step``), else None."""
+        return None
+
     def export_range(self):
-        """(min, max) of the output, so export can give the converter an exact int8 range."""
-        raise NotImplementedError
+        """(min, max) int8 range for quantizers without an exact grid (an approximation)."""
+        raise NotImplementedError(f"{type(self).__name__} has no int8 export range")
 
 
 def subgroup_reduce_axes(granularity, kernel_shape, depthwise=False, owner="quantizer"):

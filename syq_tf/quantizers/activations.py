@@ -49,6 +49,9 @@ class DoReFaActivation(ActivationQuantizer):
     def call(self, inputs):
         return dorefa_quantize(inputs, self.bits)
 
+    def export_grid(self):
+        return 1.0 / (2**self.bits - 1), 2**self.bits
+
     def export_range(self):
         return 0.0, 1.0
 

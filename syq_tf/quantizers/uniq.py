@@ -353,16 +353,14 @@ class UniQActivation(ActivationQuantizer):
             delta = tf.maximum(self.delta, MIN_STEP)
         return uniq_activation_quantize(a, delta, self.bits)
 
-    def export_range(self):
-        """(0, max) such that every level k * delta is an int8 grid point (range may exceed the top
-        level when 255 is not a multiple of 2^b - 1)."""
+    def export_grid(self):
+        """Levels {0, delta, ..., (2^b - 1) delta}: exported exactly as an int8 tensor of scale delta."""
         if not self.calibrated:
             raise NotCalibratedError(
                 f"UniQActivation '{self.name}': not calibrated; run syq_tf.calibrate(model, data) "
                 "before export."
             )
-        per_level = 255 // (2**self.bits - 1)  # int8 grid steps per UniQ step
-        return 0.0, float(self.delta.numpy()) * 255.0 / per_level
+        return float(tf.maximum(self.delta, MIN_STEP).numpy()), 2**self.bits
 
     def get_config(self):
         return {**super().get_config(), "bits": self.bits, "initial_step": self.initial_step}
