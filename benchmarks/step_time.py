@@ -1,4 +1,7 @@
-"""Training step time of SYQ models relative to the same float CNN, measured side by side.
+"""Training step time of every quantizer relative to the same float CNN, measured side by side.
+
+The demo CNN (examples/fashion_mnist_syq.py) with SYQ, UniQ and least-squares quantizers; the
+least-squares activations (a sort per sample per layer for ls2/lsT) are the ones to watch.
 
 All models are built first; then rounds interleave them (each round times a few steps of every
 model) so that the shared machine's noise hits all alike. Prints a table and writes JSON.
@@ -13,7 +16,7 @@ import platform
 import sys
 import time
 
-import syq_tf  # noqa: F401  (first: Keras 2)
+import syq_tf  # first: Keras 2
 
 import numpy as np
 import tensorflow as tf
@@ -23,9 +26,13 @@ from fashion_mnist_syq import build_cnn, compile_model  # noqa: E402
 
 from syq_tf.data import load_fashion_mnist  # noqa: E402
 
-CONFIGS = [("float", None, None)] + [
-    (f"SYQ W{b} {g}", b, g) for b in (2, 1) for g in ("layer", "row", "pixel", "channel")
-]
+CONFIGS = (
+    [("float", None)]
+    + [(f"SYQ W{b}A8 {g}", dict(bits=b, granularity=g)) for b in (2, 1) for g in ("layer", "row", "pixel", "channel")]
+    + [(f"UniQ W{b}A{a}", dict(method="uniq", bits=b, act_bits=a)) for b, a in ((1, 1), (2, 2), (4, 4), (2, 8))]
+    + [(f"LS W1 ls1, A {m}", dict(method="ls", bits=1, ls_act_mode=m)) for m in ("ls1", "lsT", "gf2", "ls2")]
+    + [("LS W2 ls2, A8 DoReFa", dict(method="ls", bits=2))]
+)
 
 
 def main(argv=None):
@@ -38,9 +45,10 @@ def main(argv=None):
     x, y = load_fashion_mnist("train")
     x, y = x[: args.batch_size], y[: args.batch_size]
     models = {}
-    for name, bits, granularity in CONFIGS:
-        model = build_cnn(bits, granularity or "pixel")
+    for name, options in CONFIGS:
+        model = build_cnn(None) if options is None else build_cnn(**options)
         compile_model(model, 1e-3)
+        syq_tf.calibrate(model, x, batches=1)  # UniQ activation steps (a no-op for the others)
         for _ in range(3):  # trace and warm up
             model.train_on_batch(x, y)
         models[name] = model
@@ -53,12 +61,12 @@ def main(argv=None):
             times[name].append((time.perf_counter() - start) / args.steps)
     base = float(np.median(times["float"]))
     rows = []
-    print(f"{'model':<20}{'median step ms':>16}{'vs float':>10}")
+    print(f"{'model':<24}{'median step ms':>16}{'vs float':>10}")
     for name, samples in times.items():
         median = float(np.median(samples))
         rows.append({"model": name, "median_step_s": median, "ratio_to_float": median / base,
                      "samples_s": samples})
-        print(f"{name:<20}{1000 * median:>16.1f}{median / base:>10.2f}")
+        print(f"{name:<24}{1000 * median:>16.1f}{median / base:>10.2f}")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "step_time.json")
     with open(path, "w") as f:

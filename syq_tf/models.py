@@ -50,8 +50,10 @@ def quantized_kernels(model):
 def reinitialize_scales(model):
     """Re-initialise every learned scale from the current float weights.
 
-    The paper's recipe: train (or load) a float model, then switch quantization on and set each
-    alpha_g = mean|W| over its subgroup. Returns the names of the layers whose scales were set.
+    The papers' recipe: train (or load) a float model, then switch quantization on and set the
+    scales from the float weights: SYQ alpha_g = mean|W| over each subgroup, UniQ delta = k_b std(W).
+    (Least-squares scalars need nothing: they are recomputed every step. Activation steps are set
+    from data by :func:`syq_tf.calibrate`.) Returns the names of the layers whose scales were set.
     """
     names = []
     for layer, quantizer, kernel in quantized_kernels(model):

@@ -547,3 +547,94 @@ def test_safety_net_selection():
     values = tf.constant([[10.0, 20.0, 30.0]] * 3)
     (picked,) = _best(objective, valid, fallback, [values])
     np.testing.assert_array_equal(picked.numpy(), [[30.0], [30.0], [0.0]])
+
+
+# ---------------------------------------------------------------------------------------------
+# The histogram-bracketed search (long rows) finds the same optimum as the full sort.
+
+from syq_tf.quantizers import least_squares as ls_module  # noqa: E402
+
+
+@pytest.mark.parametrize("mode,brute", [("ls2", brute_force_ls2), ("lsT", brute_force_ternary)])
+@pytest.mark.parametrize("bins", [1, 2, 3, 8])
+def test_histogram_search_matches_brute_force(mode, brute, bins):
+    """Few bins on short vectors: the optimum often lies inside a bin, so the in-bin sort is used."""
+    for x in VECTORS:
+        scalars, ok = ls_module._histogram_search(tf.constant(x[None, :], tf.float64), mode, bins=bins)
+        assert bool(ok)  # kmax >= n here: never falls back
+        q = reconstruct(tf.constant(x[None, :]), scalars, mode).numpy()[0]
+        best = brute(x)
+        assert _sq_err(x, q) == pytest.approx(best, rel=1e-9, abs=1e-12 * max(1.0, np.sum(x**2))), (x, q)
+
+
+def _long_rows(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(12, 6000)) * rng.uniform(0.05, 5.0, (12, 1))
+    x[1] = rng.standard_cauchy(6000)  # heavy tails
+    x[2] = np.round(x[2] * 2) / 2  # many ties
+    x[3, :4000] = 0.0  # mostly zeros
+    x[4] = 0.0
+    x[5] = -1.25  # constant
+    x[6] = np.concatenate([rng.normal(0.1, 0.01, 3000), rng.normal(3.0, 0.01, 3000)])  # bimodal
+    x[7] = rng.uniform(-1, 1, 6000)
+    return x
+
+
+@pytest.mark.parametrize("mode", ["ls2", "lsT"])
+@pytest.mark.parametrize("search", ["histogram", "auto"])
+def test_histogram_search_equals_sort_on_long_rows(mode, search):
+    x = _long_rows(3)
+    sort = least_squares_scalars(tf.constant(x), mode, search="sort")
+    hist = least_squares_scalars(tf.constant(x), mode, search=search)
+    e_sort = np.sum((x - reconstruct(tf.constant(x), sort, mode).numpy()) ** 2, axis=-1)
+    e_hist = np.sum((x - reconstruct(tf.constant(x), hist, mode).numpy()) ** 2, axis=-1)
+    np.testing.assert_allclose(e_hist, e_sort, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["ls2", "lsT"])
+def test_histogram_search_falls_back_to_sort_when_the_run_is_long(mode):
+    x = tf.constant(_long_rows(4))
+    _, ok = ls_module._histogram_search(x, mode, kmax=4)
+    assert not bool(ok)  # too many values in the bracketing bins for kmax = 4
+    old = ls_module._histogram_search
+    try:  # force the fallback through the public path
+        ls_module._histogram_search = lambda x2d, m: old(x2d, m, kmax=4)
+        got = least_squares_scalars(x, mode, search="histogram").numpy()
+    finally:
+        ls_module._histogram_search = old
+    np.testing.assert_array_equal(got, least_squares_scalars(x, mode, search="sort").numpy())
+
+
+@pytest.mark.parametrize("mode", ["ls2", "lsT"])
+def test_histogram_search_under_xla(mode):
+    x = tf.constant(_long_rows(5).astype(np.float32))
+    xla = tf.function(lambda t: least_squares_scalars(t, mode, search="histogram"), jit_compile=True)(x)
+    x64 = x.numpy().astype(np.float64)
+    e_xla = np.sum((x64 - reconstruct(tf.constant(x64), tf.cast(xla, tf.float64), mode).numpy()) ** 2, -1)
+    e_ref = np.sum((x64 - reconstruct(tf.constant(x64), least_squares_scalars(tf.constant(x64), mode, "sort"),
+                                      mode).numpy()) ** 2, -1)
+    np.testing.assert_allclose(e_xla, e_ref, rtol=1e-5, atol=1e-9)
+
+
+def test_bad_search():
+    with pytest.raises(ValueError, match="search='fast'.*'auto', 'sort', 'histogram'"):
+        least_squares_scalars(tf.zeros((2, 8)), "ls2", search="fast")
+
+
+def test_histogram_search_random_sweep_against_brute_force():
+    """Many short vectors with 2-5 bins: every way the optimal split can sit (inside a bin,
+    between bins, at a tie) is met; each result must equal the brute-force optimum."""
+    rng = np.random.default_rng(7)
+    failures = []
+    for trial in range(400):
+        n = int(rng.integers(4, 12))
+        x = rng.normal(size=n) * rng.choice([1.0, 1.0, 5.0])
+        if trial % 3 == 0:
+            x = np.round(x * 2) / 2
+        for mode, brute in (("ls2", brute_force_ls2), ("lsT", brute_force_ternary)):
+            bins = int(rng.integers(2, 6))
+            scalars, _ = ls_module._histogram_search(tf.constant(x[None]), mode, bins=bins)
+            q = reconstruct(tf.constant(x[None]), scalars, mode).numpy()[0]
+            if _sq_err(x, q) > brute(x) * (1 + 1e-9) + 1e-12:
+                failures.append((mode, bins, x))
+    assert not failures, failures[:3]

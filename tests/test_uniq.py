@@ -271,6 +271,14 @@ def test_wrong_role_is_refused():
         syq_tf.quantize(tf.keras.layers.Dense(3, name="d"), kernel_quantizer=UniQActivation(2))
     with pytest.raises(ValueError, match="UniQ quantizes weights"):
         syq_tf.quantize(tf.keras.layers.Dense(3, name="d"), input_quantizer=UniQ(2))
+    from syq_tf.quantizers import LeastSquares, LeastSquaresActivation
+    with pytest.raises(ValueError, match="LeastSquaresActivation quantizes activations"):
+        syq_tf.quantize(tf.keras.layers.Conv2D(3, 3, name="c"), kernel_quantizer=LeastSquaresActivation("ls2"))
+    with pytest.raises(ValueError, match="LeastSquares quantizes weights"):
+        syq_tf.quantize(tf.keras.layers.Conv2D(3, 3, name="c"), input_quantizer=LeastSquares("ls2"))
+    # a weight quantizer handed activations directly (e.g. as a larq input_quantizer) refuses them
+    with pytest.raises(ValueError, match="use it as kernel_quantizer, not as input_quantizer"):
+        tf.keras.Sequential([tf.keras.Input((4,)), UniQ(2)])
 
 
 def test_depthwise_channel_steps():

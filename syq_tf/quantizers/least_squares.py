@@ -178,15 +178,143 @@ def lsT_scalars(x2d):  # noqa: N802  (mode name)
     return best_v
 
 
-def least_squares_scalars(x2d, mode):
-    """The scalars of ``mode`` for every row of ``x2d`` [g, n]: shape [g, NUM_SCALARS[mode]]."""
+# ---- the same optimum without sorting whole rows (long rows: per-sample activations) -----------
+#
+# Both searches pick the split i (low cluster = the i smallest |x|) maximising
+#     ls2:  F(i) = S_i^2 / i + (S_n - S_i)^2 / (n - i)      (i = 0: the v1 = v2 boundary)
+#     lsT:  F(i) = (S_n - S_i)^2 / (n - i)
+# which is minimising the squared error E = ||x||^2 - F. An optimal split is consistent (a_i <=
+# v1 <= a_{i+1}), and v1(i) = (m_lo + m_hi)/2 (lsT: m_hi/2) never decreases with i. So after a
+# histogram of |x| (counts, sums, min and max per bin; bins are contiguous runs of the sorted
+# values) every split between bins is scored exactly from the bin prefix sums, and a split inside
+# bin j can only be optimal if [v1 at the bin's first split, v1 at its last split] meets
+# the bin's value range [j, j+1] / scale. Only the run of such bins is sorted (top_k of the masked
+# row). If that run holds more than ``kmax`` values the full sort runs instead (tf.cond), so the
+# result is the exact optimum either way.
+
+HIST_MIN_N = 2048  # rows at least this long use the histogram search ("auto")
+HIST_BINS = 4096
+
+
+def _split_score(s, i, total, n, mode):
+    """F(i) from prefix sum s and (float) count i; -inf where the split is not allowed."""
+    n_hi = n - i
+    hi = total - s
+    score = hi * hi / tf.maximum(n_hi, 1.0)
+    if mode == "ls2":
+        score += s * s / tf.maximum(i, 1.0)
+    return tf.where(n_hi > 0, score, tf.constant(-float("inf"), s.dtype))
+
+
+def _level_at(s, i, total, n, mode):
+    """v1 (ls2) or v (lsT) of split (s, i) (m_lo := 0 for an empty low cluster)."""
+    m_hi = (total - s) / tf.maximum(n - i, 1.0)
+    if mode == "lsT":
+        return 0.5 * m_hi
+    return 0.5 * (s / tf.maximum(i, 1.0) + m_hi)
+
+
+def _scalars_from_split(s, i, total, n, mode):
+    m_lo = s / tf.maximum(i, 1.0)
+    m_hi = (total - s) / tf.maximum(n - i, 1.0)
+    if mode == "lsT":
+        return 0.5 * m_hi
+    return tf.concat([0.5 * (m_lo + m_hi), 0.5 * (m_hi - m_lo)], axis=-1)
+
+
+def _histogram_search(x2d, mode, bins=HIST_BINS, kmax=None):
+    """(scalars, ok): the optimum over splits between histogram bins and inside the run of bins
+    that can hold a consistent split; ok is False if that run held more than ``kmax`` values."""
+    a = tf.abs(tf.stop_gradient(tf.convert_to_tensor(x2d)))
+    dtype = a.dtype
+    n_int = int(a.shape[-1])
+    n = tf.constant(float(n_int), dtype)
+    if kmax is None:
+        kmax = max(256, 16 * -(-n_int // bins))
+    kmax = min(kmax, n_int)
+    g = tf.shape(a)[0]
+    top = tf.reduce_max(a, axis=-1, keepdims=True)
+    scale = tf.where(top > 0, bins / tf.where(top > 0, top, tf.ones_like(top)), tf.zeros_like(top))
+    b = tf.minimum(tf.cast(tf.floor(a * scale), tf.int32), bins - 1)  # nondecreasing in |x|
+    seg = b + tf.range(g)[:, None] * bins
+    counts = tf.reshape(tf.math.unsorted_segment_sum(tf.ones_like(a), seg, g * bins), [g, bins])
+    sums = tf.reshape(tf.math.unsorted_segment_sum(a, seg, g * bins), [g, bins])
+    total = tf.reduce_sum(sums, axis=-1, keepdims=True)
+    start_i = tf.cumsum(counts, axis=-1, exclusive=True)  # split before bin j
+    start_s = tf.cumsum(sums, axis=-1, exclusive=True)
+    end_i, end_s = start_i + counts, start_s + sums  # split after bin j
+
+    # Bins that may hold the optimal split inside them: their values lie in [j, j+1] / scale.
+    index = tf.range(bins)[None, :]
+    width = tf.where(scale > 0, 1.0 / tf.where(scale > 0, scale, tf.ones_like(scale)), tf.zeros_like(scale))
+    slack = 1e-5 * top
+    low = tf.cast(index, dtype) * width - slack
+    high = tf.cast(index + 1, dtype) * width + slack
+    v_first = _level_at(start_s, start_i, total, n, mode)
+    # last split inside the bin: before its largest value (the row maximum, for the last bin)
+    v_last = tf.where(end_i < n, _level_at(end_s, end_i, total, n, mode),
+                      _level_at(total - top, n - 1.0, total, n, mode))
+    inside = (counts >= 2) & (v_first <= high) & (v_last >= low)
+    any_inside = tf.reduce_any(inside, axis=-1)
+    j_lo = tf.reduce_min(tf.where(inside, index, bins), axis=-1)
+    j_hi = tf.reduce_max(tf.where(inside, index, -1), axis=-1)
+    j_lo, j_hi = tf.where(any_inside, j_lo, 0), tf.where(any_inside, j_hi, 0)
+    run_start_i = tf.gather(start_i, j_lo[:, None], batch_dims=1)
+    run_start_s = tf.gather(start_s, j_lo[:, None], batch_dims=1)
+    run_count = tf.gather(end_i, j_hi[:, None], batch_dims=1) - run_start_i
+    run_count = tf.where(any_inside[:, None], run_count, tf.zeros_like(run_count))
+    ok = tf.reduce_all(run_count <= kmax)
+
+    # Sort only the run (its kmax smallest values, ascending) and score every split inside it.
+    member = (b >= j_lo[:, None]) & (b <= j_hi[:, None]) & any_inside[:, None]
+    neg_inf = tf.fill(tf.shape(a), tf.constant(-float("inf"), dtype))
+    smallest = -tf.math.top_k(tf.where(member, -a, neg_inf), k=kmax).values
+    k = tf.range(1, kmax + 1, dtype=dtype)[None, :]
+    real = k <= run_count
+    prefix = tf.cumsum(tf.where(real, smallest, tf.zeros_like(smallest)), axis=-1)
+    s_in = tf.where(real, run_start_s + prefix, tf.zeros_like(prefix))
+    i_in = tf.where(real, run_start_i + k, tf.fill(tf.shape(prefix), tf.cast(n, dtype)))  # i = n: no split
+
+    # ... together with every split between bins (scored exactly from the bin prefix sums)
+    s_all = tf.concat([start_s, s_in], axis=-1)
+    i_all = tf.concat([start_i, i_in], axis=-1)
+    best = tf.argmax(_split_score(s_all, i_all, total, n, mode), axis=-1, output_type=tf.int32)[:, None]
+    s_best = tf.gather(s_all, best, batch_dims=1)
+    i_best = tf.gather(i_all, best, batch_dims=1)
+    return _scalars_from_split(s_best, i_best, total, n, mode), ok
+
+
+def _use_histogram(x2d, search):
+    if search not in ("auto", "sort", "histogram"):
+        raise ValueError(f"least_squares: search={search!r}; allowed: 'auto', 'sort', 'histogram'.")
+    n = tf.TensorShape(x2d.shape)[-1]
+    if search == "sort" or n is None:
+        return False
+    return search == "histogram" or n >= HIST_MIN_N
+
+
+def _optimal_scalars(x2d, mode, search, sorted_search):
+    x2d = tf.convert_to_tensor(x2d)
+    if not _use_histogram(x2d, search):
+        return sorted_search(x2d)
+    scalars, ok = _histogram_search(x2d, mode)
+    return tf.cond(ok, lambda: scalars, lambda: sorted_search(x2d))
+
+
+def least_squares_scalars(x2d, mode, search="auto"):
+    """The scalars of ``mode`` for every row of ``x2d`` [g, n]: shape [g, NUM_SCALARS[mode]].
+
+    ``search`` (ls2, lsT): "sort" sorts every row; "histogram" brackets the optimum with a
+    histogram and sorts only the bins that can hold it (falling back to "sort" when that cannot
+    be decided); both give the exact optimum. "auto" uses the histogram for rows of at least
+    HIST_MIN_N values."""
     _check_mode(mode)
     if mode == "ls1":
         return ls1_scalars(x2d)
     if mode == "ls2":
-        return ls2_scalars(x2d)
+        return _optimal_scalars(x2d, mode, search, ls2_scalars)
     if mode == "lsT":
-        return lsT_scalars(x2d)
+        return _optimal_scalars(x2d, mode, search, lsT_scalars)
     return greedy_scalars(x2d, MODE_BITS[mode])
 
 
