@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 
@@ -40,12 +41,16 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--only", default=None,
+                   help="regular expression: time only the matching models (float is always timed)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     x, y = load_fashion_mnist("train")
     x, y = x[: args.batch_size], y[: args.batch_size]
     models = {}
     for name, options in CONFIGS:
+        if args.only and options is not None and not re.search(args.only, name):
+            continue
         model = build_cnn(None) if options is None else build_cnn(**options)
         compile_model(model, 1e-3)
         syq_tf.calibrate(model, x, batches=1)  # UniQ activation steps (a no-op for the others)
@@ -68,7 +73,7 @@ def main(argv=None):
                      "samples_s": samples})
         print(f"{name:<24}{1000 * median:>16.1f}{median / base:>10.2f}")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "step_time.json")
+    path = os.path.join(args.out, "step_time.json" if not args.only else "step_time_subset.json")
     with open(path, "w") as f:
         json.dump({"batch_size": args.batch_size, "rounds": args.rounds, "steps": args.steps,
                    "machine": platform.platform(), "cpus": os.cpu_count(),

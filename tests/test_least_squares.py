@@ -638,3 +638,14 @@ def test_histogram_search_random_sweep_against_brute_force():
             if _sq_err(x, q) > brute(x) * (1 + 1e-9) + 1e-12:
                 failures.append((mode, bins, x))
     assert not failures, failures[:3]
+
+
+def test_activation_with_unknown_batch_uses_the_histogram_search_for_large_maps():
+    """The per-sample row length must stay static when the batch is unknown (model.fit traces with
+    batch None), or the search silently falls back to sorting every row."""
+    q = LeastSquaresActivation("ls2")
+    graph = tf.function(lambda x: q(x)).get_concrete_function(tf.TensorSpec([None, 16, 16, 16])).graph
+    assert "UnsortedSegmentSum" in {op.type for op in graph.get_operations()}
+    small = LeastSquaresActivation("ls2")
+    graph = tf.function(lambda x: small(x)).get_concrete_function(tf.TensorSpec([None, 4, 4, 2])).graph
+    assert "UnsortedSegmentSum" not in {op.type for op in graph.get_operations()}

@@ -541,7 +541,8 @@ class LeastSquaresActivation(ActivationQuantizer):
     def call(self, inputs, training=None):
         x = tf.convert_to_tensor(inputs)
         shape = tf.shape(x)
-        x2d = tf.reshape(x, tf.stack([shape[0], -1]))
+        features = x.shape[1:].num_elements()  # static when known: the search picks its method by it
+        x2d = tf.reshape(x, [-1, features] if features else tf.stack([shape[0], -1]))
         if self.momentum is None:
             scalars = None
         elif training is None or not tf.is_tensor(training):
