@@ -199,14 +199,24 @@ def test_calibrate_sets_steps_from_data_without_touching_batchnorm():
     steps = syq_tf.calibrate(model, x, batches=3, batch_size=32)
     for v, b in zip(bn.weights, before):
         np.testing.assert_array_equal(v.numpy(), b)
-    # independent reference: the input of c2, in inference mode, per batch of 32
+    # independent reference: the input of c2 with batch statistics, per batch of 32, on a copy
     relu_out = tf.keras.Model(model.input, model.get_layer("relu").output)
-    sigma = max(float(np.sqrt(2 * np.mean(relu_out(x[i:i + 32], training=False).numpy() ** 2)))
+    copy = tf.keras.models.clone_model(relu_out)
+    copy.set_weights(relu_out.get_weights())
+    sigma = max(float(np.sqrt(2 * np.mean(copy(x[i:i + 32], training=True).numpy() ** 2)))
                 for i in (0, 32, 64))
     q = model.get_layer("c2").input_quantizer
     assert steps[q.name] == pytest.approx(0.65077 * sigma, rel=1e-5)
     assert q.delta.numpy() == pytest.approx(0.65077 * sigma, rel=1e-5)
     assert model.get_layer("fc").input_quantizer.calibrated
+    # inference-mode calibration uses the moving statistics instead
+    inference = max(float(np.sqrt(2 * np.mean(relu_out(x[i:i + 32], training=False).numpy() ** 2)))
+                    for i in (0, 32, 64))
+    steps = syq_tf.calibrate(model, x, batches=3, batch_size=32, batch_statistics=False)
+    assert steps[q.name] == pytest.approx(0.65077 * inference, rel=1e-5)
+    assert abs(inference - sigma) > 0.01 * sigma  # the two modes really differ here
+    for v, b in zip(bn.weights, before):
+        np.testing.assert_array_equal(v.numpy(), b)
 
 
 def test_uncalibrated_step_never_reaches_training_or_inference():
@@ -277,7 +287,7 @@ def test_wrong_role_is_refused():
     with pytest.raises(ValueError, match="LeastSquares quantizes weights"):
         syq_tf.quantize(tf.keras.layers.Conv2D(3, 3, name="c"), input_quantizer=LeastSquares("ls2"))
     # a weight quantizer handed activations directly (e.g. as a larq input_quantizer) refuses them
-    with pytest.raises(ValueError, match="use it as kernel_quantizer, not as input_quantizer"):
+    with pytest.raises(ValueError, match="Use it as kernel_quantizer, not as input_quantizer"):
         tf.keras.Sequential([tf.keras.Input((4,)), UniQ(2)])
 
 
