@@ -59,14 +59,14 @@ class ExportResult:
         return path
 
     def table(self):
-        head = f"{'layer':<18}{'op':<20}{'quantizer':<32}{'levels':>7}{'exact':>7}{'max alpha err':>15}{'bytes':>8}"
+        head = f"{'layer':<18}{'op':<20}{'quantizer':<44}{'levels':>7}{'exact':>7}{'max alpha err':>15}{'bytes':>8}"
         rows = [head, "-" * len(head)]
         for r in self.layers:
             is_float = r.quantizer == "float"
             exact = "-" if is_float else ("yes" if r.exact else "NO")
             err = "-" if is_float else f"{r.max_rel_alpha_error:.2e}"
             rows.append(
-                f"{r.layer:<18}{r.op:<20}{r.quantizer:<32}{r.stored_levels:>7}{exact:>7}"
+                f"{r.layer:<18}{r.op:<20}{r.quantizer:<44}{r.stored_levels:>7}{exact:>7}"
                 f"{err:>15}{r.weight_bytes:>8}"
             )
         rows.append(f"model: {self.model_bytes} bytes ({self.target})")

@@ -233,7 +233,7 @@ def _describe(quantizer):
         return "float"
     cfg = quantizer.get_config() if hasattr(quantizer, "get_config") else {}
     parts = [type(quantizer).__name__ if hasattr(quantizer, "get_config") else getattr(quantizer, "__name__", "?")]
-    for key in ("bits", "granularity"):
+    for key in ("mode", "bits", "granularity"):
         if key in cfg:
             parts.append(f"{key}={cfg[key]}")
     return " ".join(parts)
