@@ -42,6 +42,83 @@ class WeightQuantizer(lq.quantizers.Quantizer):
         return input_shape
 
 
+class LearnedScaleQuantizer(WeightQuantizer):
+    """A weight quantizer with one trainable scale per subgroup (SYQ's alpha, UniQ's delta).
+
+    The scale variable (``SCALE_NAME``) starts from the weights the first time the quantizer sees
+    real values, in eager and in graph mode (so a float checkpoint loaded before training is
+    used), tracked by a bool variable ``<SCALE_NAME>_initialized``; ``initialize_from`` sets it
+    again. Subclasses give ``SCALE_NAME``, ``reduce_axes(shape)`` and ``initial_scale(w)``.
+    """
+
+    SCALE_NAME = "scale"
+    SCALE_CONSTRAINT = None
+
+    def reduce_axes(self, kernel_shape):
+        raise NotImplementedError
+
+    def initial_scale(self, w):
+        raise NotImplementedError
+
+    @property
+    def _scale(self):
+        return getattr(self, self.SCALE_NAME)
+
+    @property
+    def _scale_initialized(self):
+        return getattr(self, self.SCALE_NAME + "_initialized")
+
+    def build(self, input_shape):
+        self._reduce_axes = self.reduce_axes(input_shape)
+        self._kernel_shape = tf.TensorShape(input_shape)
+        constraint = self.SCALE_CONSTRAINT() if self.SCALE_CONSTRAINT else None
+        setattr(self, self.SCALE_NAME, self.add_weight(
+            name=self.SCALE_NAME, shape=scale_shape(input_shape, self._reduce_axes), initializer="ones",
+            trainable=True, constraint=constraint,
+        ))
+        # False until the scale has been set from real weights (first call or initialize_from).
+        setattr(self, self.SCALE_NAME + "_initialized", self.add_weight(
+            name=self.SCALE_NAME + "_initialized", shape=(), dtype=tf.bool, initializer="zeros",
+            trainable=False,
+        ))
+        super().build(input_shape)
+
+    def initialize_from(self, kernel):
+        """Set the scales from the given float kernel."""
+        kernel = tf.convert_to_tensor(kernel, dtype=self.dtype)
+        if not self.built:
+            self.build(kernel.shape)
+        self._check_shape(kernel.shape)
+        self._scale.assign(self.initial_scale(kernel))
+        self._scale_initialized.assign(True)
+
+    def _check_shape(self, shape):
+        if not self._kernel_shape.is_compatible_with(shape):
+            kind = type(self).__name__
+            raise ValueError(
+                f"{kind} quantizer '{self.name}' was built for a kernel of shape {self._kernel_shape} "
+                f"and now got {tf.TensorShape(shape)}: each layer needs its own quantizer instance "
+                f"(pass a new {kind}(...) per layer, or let syq_tf.quantize copy it)."
+            )
+
+    def scale_for(self, w):
+        """The scale tensor to quantize ``w`` with, initialising it from ``w`` on first use."""
+        self._check_shape(w.shape)
+
+        def init():
+            self._scale.assign(self.initial_scale(w))
+            self._scale_initialized.assign(True)
+            return tf.constant(True)
+
+        if tf.executing_eagerly():
+            if not bool(self._scale_initialized.numpy()):
+                init()
+            return tf.identity(self._scale)
+        ready = tf.cond(self._scale_initialized, lambda: tf.constant(True), init)
+        with tf.control_dependencies([ready]):
+            return tf.identity(self._scale)
+
+
 class ActivationQuantizer(lq.quantizers.Quantizer):
     """Base of quantizers meant for layer inputs (``input_quantizer``)."""
 

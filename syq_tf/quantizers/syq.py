@@ -14,9 +14,8 @@ import tensorflow as tf
 
 from syq_tf.quantizers._common import (
     GRANULARITIES,
-    WeightQuantizer,
+    LearnedScaleQuantizer,
     register,
-    scale_shape,
     sign_pm1,
     subgroup_reduce_axes,
 )
@@ -59,7 +58,7 @@ def syq_initial_alpha(w, reduce_axes):
 
 
 @register(alias="syq")
-class SYQ(WeightQuantizer):
+class SYQ(LearnedScaleQuantizer):
     """SYQ weight quantizer: binary (``bits=1``) or ternary (``bits=2``) with one trainable scale per
     subgroup (``granularity`` in ``layer``, ``row``, ``pixel``, ``channel``).
 
@@ -70,6 +69,8 @@ class SYQ(WeightQuantizer):
     ``depthwise=True`` marks a DepthwiseConv2D kernel ``[kh, kw, c_in, mult]`` so that ``channel``
     means one scale per (c_in, mult) output channel; ``syq_tf.quantize`` sets it automatically.
     """
+
+    SCALE_NAME = "alpha"
 
     def __init__(self, bits=2, granularity="layer", eta=0.05, depthwise=False, **kwargs):
         if bits not in (1, 2):
@@ -103,55 +104,12 @@ class SYQ(WeightQuantizer):
             self.granularity, kernel_shape, self.depthwise, owner=f"SYQ quantizer '{self.name}'"
         )
 
-    def build(self, input_shape):
-        self._reduce_axes = self.reduce_axes(input_shape)
-        self._kernel_shape = tf.TensorShape(input_shape)
-        self.alpha = self.add_weight(
-            name="alpha",
-            shape=scale_shape(input_shape, self._reduce_axes),
-            initializer="ones",
-            trainable=True,
-        )
-        # False until alpha has been set from real weights (first call or reinitialisation).
-        self.alpha_initialized = self.add_weight(
-            name="alpha_initialized", shape=(), dtype=tf.bool, initializer="zeros", trainable=False
-        )
-        super().build(input_shape)
-
-    def initialize_from(self, kernel):
-        """Set every alpha_g to mean|W| of its subgroup, from the given float kernel."""
-        kernel = tf.convert_to_tensor(kernel, dtype=self.alpha.dtype)
-        if not self.built:
-            self.build(kernel.shape)
-        self._check_shape(kernel.shape)
-        self.alpha.assign(syq_initial_alpha(kernel, self._reduce_axes))
-        self.alpha_initialized.assign(True)
-
-    def _check_shape(self, shape):
-        if not self._kernel_shape.is_compatible_with(shape):
-            raise ValueError(
-                f"SYQ quantizer '{self.name}' was built for a kernel of shape {self._kernel_shape} "
-                f"and now got {tf.TensorShape(shape)}: each layer needs its own quantizer instance "
-                "(pass a new SYQ(...) per layer, or let syq_tf.quantize copy it)."
-            )
-
-    def _lazy_init(self, w):
-        def init():
-            self.alpha.assign(syq_initial_alpha(w, self._reduce_axes))
-            self.alpha_initialized.assign(True)
-            return tf.constant(True)
-
-        if tf.executing_eagerly():
-            if not bool(self.alpha_initialized.numpy()):
-                init()
-            return []
-        return [tf.cond(self.alpha_initialized, lambda: tf.constant(True), init)]
+    def initial_scale(self, w):
+        return syq_initial_alpha(w, self._reduce_axes)
 
     def call(self, inputs):
         w = tf.convert_to_tensor(inputs)
-        self._check_shape(w.shape)
-        with tf.control_dependencies(self._lazy_init(w)):
-            alpha = tf.identity(self.alpha)
+        alpha = self.scale_for(w)
         return syq_quantize(w, alpha, self.eta, self.ternary, self._reduce_axes)
 
     def get_config(self):

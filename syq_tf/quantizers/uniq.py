@@ -28,9 +28,8 @@ import tensorflow as tf
 
 from syq_tf.quantizers._common import (
     ActivationQuantizer,
-    WeightQuantizer,
+    LearnedScaleQuantizer,
     register,
-    scale_shape,
     subgroup_reduce_axes,
 )
 
@@ -183,7 +182,7 @@ def uniq_initial_step(w, bits, reduce_axes):
 
 
 @register(alias="uniq")
-class UniQ(WeightQuantizer):
+class UniQ(LearnedScaleQuantizer):
     """UniQ weight quantizer, ``bits`` 1..8, one learnable step per tensor (``granularity="layer"``)
     or per output channel (``"channel"``). Binary (``bits=1``) gives ``+-delta/2``.
 
@@ -191,6 +190,9 @@ class UniQ(WeightQuantizer):
     float checkpoint loaded before training is used); :func:`syq_tf.reinitialize_scales` sets it
     again from the current float weights.
     """
+
+    SCALE_NAME = "delta"
+    SCALE_CONSTRAINT = PositiveStep
 
     def __init__(self, bits=2, granularity="layer", depthwise=False, **kwargs):
         owner = f"UniQ {kwargs.get('name', '')!s}".rstrip()
@@ -205,53 +207,18 @@ class UniQ(WeightQuantizer):
         self.granularity = granularity
         self.depthwise = bool(depthwise)
 
-    def build(self, input_shape):
-        self._reduce_axes = subgroup_reduce_axes(
-            self.granularity, input_shape, self.depthwise, owner=f"UniQ quantizer '{self.name}'"
+    def reduce_axes(self, kernel_shape):
+        return subgroup_reduce_axes(
+            self.granularity, kernel_shape, self.depthwise, owner=f"UniQ quantizer '{self.name}'"
         )
-        self._kernel_shape = tf.TensorShape(input_shape)
-        self.delta = self.add_weight(
-            name="delta", shape=scale_shape(input_shape, self._reduce_axes), initializer="ones",
-            trainable=True, constraint=PositiveStep(),
-        )
-        self.delta_initialized = self.add_weight(
-            name="delta_initialized", shape=(), dtype=tf.bool, initializer="zeros", trainable=False
-        )
-        super().build(input_shape)
 
-    def initialize_from(self, kernel):
-        """Set the step(s) to k_b * std(W) from the given float kernel."""
-        kernel = tf.convert_to_tensor(kernel, dtype=self.dtype)
-        if not self.built:
-            self.build(kernel.shape)
-        self._check_shape(kernel.shape)
-        self.delta.assign(uniq_initial_step(kernel, self.bits, self._reduce_axes))
-        self.delta_initialized.assign(True)
-
-    def _check_shape(self, shape):
-        if not self._kernel_shape.is_compatible_with(shape):
-            raise ValueError(
-                f"UniQ quantizer '{self.name}' was built for a kernel of shape {self._kernel_shape} "
-                f"and now got {tf.TensorShape(shape)}: each layer needs its own quantizer instance."
-            )
-
-    def _lazy_init(self, w):
-        def init():
-            self.delta.assign(uniq_initial_step(w, self.bits, self._reduce_axes))
-            self.delta_initialized.assign(True)
-            return tf.constant(True)
-
-        if tf.executing_eagerly():
-            if not bool(self.delta_initialized.numpy()):
-                init()
-            return []
-        return [tf.cond(self.delta_initialized, lambda: tf.constant(True), init)]
+    def initial_scale(self, w):
+        """delta = k_b * std(W) per step group."""
+        return uniq_initial_step(w, self.bits, self._reduce_axes)
 
     def call(self, inputs):
         w = tf.convert_to_tensor(inputs)
-        self._check_shape(w.shape)
-        with tf.control_dependencies(self._lazy_init(w)):
-            delta = tf.maximum(self.delta, MIN_STEP)
+        delta = tf.maximum(self.scale_for(w), MIN_STEP)
         return uniq_weight_quantize(w, delta, self.bits, self._reduce_axes)
 
     def get_config(self):
