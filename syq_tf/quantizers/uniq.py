@@ -22,6 +22,7 @@ In every case dQ/ddelta = Q/delta - (x/delta if inside the clip range else 0), w
 backward pass below computes it.
 """
 
+import functools
 import math
 
 import tensorflow as tf
@@ -76,6 +77,10 @@ def gaussian_mse(delta, bits, rectified=False):
     return total  # rectified: the negative half maps to 0 exactly and adds nothing
 
 
+# Pure Python, called from quantizer code that autograph converts: keep autograph out (converted,
+# the 200-step search over 2^b levels took minutes for 8 bits) and compute each constant once.
+@functools.lru_cache(maxsize=None)
+@tf.autograph.experimental.do_not_convert
 def gaussian_optimal_step(bits, rectified=False):
     """The step minimising :func:`gaussian_mse` (golden-section search on (0, 4])."""
     ratio = (math.sqrt(5.0) - 1.0) / 2.0
@@ -89,10 +94,12 @@ def gaussian_optimal_step(bits, rectified=False):
     return (lo + hi) / 2.0
 
 
+@tf.autograph.experimental.do_not_convert
 def weight_step_constant(bits):
     return K_WEIGHT.get(bits) or gaussian_optimal_step(bits)
 
 
+@tf.autograph.experimental.do_not_convert
 def activation_step_constant(bits):
     return K_ACTIVATION.get(bits) or gaussian_optimal_step(bits, rectified=True)
 
