@@ -12,6 +12,8 @@ from syq_tf.layers import quantize  # noqa: E402
 from syq_tf.calibration import Calibrate, calibrate  # noqa: E402
 from syq_tf.models import ReinitializeScales, quantized_kernels, reinitialize_scales  # noqa: E402
 from syq_tf import export  # noqa: E402
+from syq_tf import optimizers  # noqa: E402
+from syq_tf.optimizers import LossAwareAdam  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -24,4 +26,6 @@ __all__ = [
     "calibrate",
     "Calibrate",
     "export",
+    "optimizers",
+    "LossAwareAdam",
 ]

@@ -8,6 +8,7 @@ quantizer on the inputs and the kernel quantizer on the kernel, then the origina
 import larq as lq
 import tensorflow as tf
 
+from syq_tf.optimizers import mark_quantized
 from syq_tf.quantizers._common import ActivationQuantizer, WeightQuantizer
 
 # Stock Keras layers with one kernel, and the attribute that holds it.
@@ -17,6 +18,10 @@ _KERNEL_ATTR = {
     tf.keras.layers.Conv2D: "kernel",
     tf.keras.layers.Conv3D: "kernel",
     tf.keras.layers.Dense: "kernel",
+    # Recurrent layers: the input kernel and the recurrent kernel of their cell are both quantized.
+    tf.keras.layers.LSTM: "cell.kernel",
+    tf.keras.layers.GRU: "cell.kernel",
+    tf.keras.layers.SimpleRNN: "cell.kernel",
 }
 # Kernel layers whose layouts or kernels differ; quantizing them needs work not done yet.
 _UNSUPPORTED = (
@@ -45,20 +50,23 @@ def _kernel_attr_for(cls, what):
     )
 
 
+_WEIGHT_ROLES = ("kernel_quantizer", "recurrent_quantizer")
+
+
 def _copy_quantizer(quantizer, role, layer_name, **overrides):
     """A fresh quantizer instance for one layer (quantizers with scales must not be shared)."""
     if quantizer is None:
         return None
     if isinstance(quantizer, (str, dict)):
         quantizer = lq.quantizers.get(quantizer)
-    expected = WeightQuantizer if role == "kernel_quantizer" else ActivationQuantizer
-    wrong = ActivationQuantizer if role == "kernel_quantizer" else WeightQuantizer
+    weights = role in _WEIGHT_ROLES
+    expected = WeightQuantizer if weights else ActivationQuantizer
+    wrong = ActivationQuantizer if weights else WeightQuantizer
     if isinstance(quantizer, wrong):
         raise ValueError(
             f"layer '{layer_name}': {type(quantizer).__name__} quantizes "
-            f"{'activations' if role == 'kernel_quantizer' else 'weights'} and cannot be used as "
-            f"{role}; use a {expected.__name__} such as "
-            f"{'SYQ' if role == 'kernel_quantizer' else 'DoReFa'}."
+            f"{'activations' if weights else 'weights'} and cannot be used as "
+            f"{role}; use a {expected.__name__} such as {'SYQ' if weights else 'DoReFa'}."
         )
     if isinstance(quantizer, tf.keras.layers.Layer):
         config = dict(quantizer.get_config())
@@ -85,42 +93,69 @@ class QuantizedLayerMixin:
         self.kernel_quantizer = _copy_quantizer(kernel_quantizer, "kernel_quantizer", self.name, **extra)
         self.input_quantizer = _copy_quantizer(input_quantizer, "input_quantizer", self.name)
 
+    # (quantizer attribute, path of the kernel attribute) of every quantized kernel of the layer.
+    _syq_kernels = (("kernel_quantizer", "kernel"),)
+
     @property
     def float_kernel(self):
-        return getattr(self, self._syq_kernel_attr)
+        _, holder, attr = self._kernel_slots()[0]
+        return getattr(holder, attr)
+
+    def _kernel_slots(self):
+        """(quantizer, object holding the kernel, attribute name) per quantized kernel."""
+        slots = []
+        for q_attr, path in self._syq_kernels:
+            owner, _, attr = path.rpartition(".")
+            slots.append((getattr(self, q_attr), getattr(self, owner) if owner else self, attr))
+        return slots
+
+    def float_kernels(self):
+        """{kernel name: (quantizer or None, float kernel variable)}."""
+        return {attr: (q, getattr(holder, attr)) for q, holder, attr in self._kernel_slots()}
 
     def build(self, input_shape):
         super().build(input_shape)
-        if isinstance(self.kernel_quantizer, tf.keras.layers.Layer):
-            try:
-                self.kernel_quantizer.build(self.float_kernel.shape)
-            except ValueError as err:
-                raise ValueError(f"layer '{self.name}' ({type(self).__name__}): {err}") from None
-        precision = getattr(self.kernel_quantizer, "precision", None)
-        if precision:
-            # larq.models.summary reads a weight's bit width from `weight.precision`.
-            self.float_kernel.precision = precision
+        for quantizer, holder, attr in self._kernel_slots():
+            kernel = getattr(holder, attr)
+            if isinstance(quantizer, tf.keras.layers.Layer):
+                try:
+                    quantizer.build(kernel.shape)
+                except ValueError as err:
+                    raise ValueError(f"layer '{self.name}' ({type(self).__name__}): {err}") from None
+                # Lets syq_tf.optimizers.LossAwareAdam find the quantizer of a kernel it trains.
+                mark_quantized(kernel, quantizer)
+            precision = getattr(quantizer, "precision", None)
+            if precision:
+                # larq.models.summary reads a weight's bit width from `weight.precision`.
+                kernel.precision = precision
 
-    def call(self, inputs):
+    def _quantized_call(self, call, inputs):
         if self.input_quantizer is not None:
             inputs = self.input_quantizer(inputs)
-        if self.kernel_quantizer is None:
-            return super().call(inputs)
-        float_kernel = self.float_kernel
-        quantized = self.kernel_quantizer(float_kernel)
-        # Swap the quantized tensor in for the duration of the stock call, bypassing Keras'
-        # attribute tracking so the float variable stays the tracked, trained one.
-        object.__setattr__(self, self._syq_kernel_attr, quantized)
+        swapped = []
+        for quantizer, holder, attr in self._kernel_slots():
+            if quantizer is not None:
+                float_kernel = getattr(holder, attr)
+                swapped.append((holder, attr, float_kernel, quantizer(float_kernel)))
+        # Swap the quantized tensors in for the duration of the stock call, bypassing Keras'
+        # attribute tracking so the float variables stay the tracked, trained ones.
+        for holder, attr, _, quantized in swapped:
+            object.__setattr__(holder, attr, quantized)
         try:
-            return super().call(inputs)
+            return call(inputs)
         finally:
-            object.__setattr__(self, self._syq_kernel_attr, float_kernel)
+            for holder, attr, float_kernel, _ in swapped:
+                object.__setattr__(holder, attr, float_kernel)
 
-    def quantized_kernel(self):
-        """The kernel as the layer computes with it (a tensor)."""
-        if self.kernel_quantizer is None:
-            return tf.convert_to_tensor(self.float_kernel)
-        return self.kernel_quantizer(self.float_kernel)
+    def call(self, inputs):
+        return self._quantized_call(super().call, inputs)
+
+    def quantized_kernel(self, name=None):
+        """A kernel as the layer computes with it (a tensor); ``name`` defaults to the main kernel."""
+        quantizer, kernel = self.float_kernels()[name or self._syq_kernel_attr.rpartition(".")[2]]
+        if quantizer is None:
+            return tf.convert_to_tensor(kernel)
+        return quantizer(kernel)
 
     def get_config(self):
         return {
@@ -175,11 +210,16 @@ def _quantized_class(base):
         return base
     attr, stock = _kernel_attr_for(base, f"layer class {base.__name__}")
     name = f"Quantized{base.__name__}" if base in _KERNEL_ATTR else base.__name__
+    recurrent = issubclass(base, tf.keras.layers.RNN)
+    kernels = (("kernel_quantizer", attr),)
+    if recurrent:
+        kernels += (("recurrent_quantizer", "cell.recurrent_kernel"),)
     cls = type(
         name,
-        (QuantizedLayerMixin, base),
+        (QuantizedRNNMixin if recurrent else QuantizedLayerMixin, base),
         {
             "_syq_kernel_attr": attr,
+            "_syq_kernels": kernels,
             "_syq_depthwise": issubclass(base, tf.keras.layers.DepthwiseConv2D),
             "__module__": base.__module__ if base not in _KERNEL_ATTR else __name__,
             "__qualname__": name,
@@ -190,14 +230,49 @@ def _quantized_class(base):
     return cls
 
 
+class QuantizedRNNMixin(QuantizedLayerMixin):
+    """Quantizes a recurrent layer's input kernel (``kernel_quantizer``) and recurrent kernel
+    (``recurrent_quantizer``; by default a copy of ``kernel_quantizer``: the papers quantize every
+    LSTM weight matrix). The gate biases stay in float."""
+
+    def __init__(self, *args, recurrent_quantizer=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        source = (
+            recurrent_quantizer
+            or self._syq_defaults.get("recurrent_quantizer")
+            or self._syq_defaults.get("kernel_quantizer")
+            or self.kernel_quantizer
+        )
+        self.recurrent_quantizer = _copy_quantizer(source, "recurrent_quantizer", self.name)
+
+    def call(self, inputs, mask=None, training=None, initial_state=None):
+        stock = super(QuantizedLayerMixin, self).call
+        return self._quantized_call(
+            lambda x: stock(x, mask=mask, training=training, initial_state=initial_state), inputs
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "recurrent_quantizer": _serialize(self.recurrent_quantizer)}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("recurrent_quantizer"), dict):
+            config["recurrent_quantizer"] = deserialize_quantizer(config["recurrent_quantizer"])
+        return super().from_config(config)
+
+
 QuantizedConv1D = _quantized_class(tf.keras.layers.Conv1D)
 QuantizedConv2D = _quantized_class(tf.keras.layers.Conv2D)
 QuantizedConv3D = _quantized_class(tf.keras.layers.Conv3D)
 QuantizedDepthwiseConv2D = _quantized_class(tf.keras.layers.DepthwiseConv2D)
 QuantizedDense = _quantized_class(tf.keras.layers.Dense)
+QuantizedLSTM = _quantized_class(tf.keras.layers.LSTM)
+QuantizedGRU = _quantized_class(tf.keras.layers.GRU)
+QuantizedSimpleRNN = _quantized_class(tf.keras.layers.SimpleRNN)
 
 
-def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None):
+def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None, recurrent_quantizer=None):
     """Quantize a Keras layer class, a subclass (as a decorator) or a layer instance.
 
     - ``quantize(tf.keras.layers.Conv2D, kernel_quantizer=q, input_quantizer=a)`` returns a class
@@ -205,13 +280,25 @@ def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None):
     - ``@quantize(kernel_quantizer=q)`` over a user's Conv2D/Dense/DepthwiseConv2D subclass does the same.
     - ``quantize(layer, kernel_quantizer=q)`` returns a new quantized layer with the same config
       (and the same weights, if the layer was built).
+    - Recurrent layers (LSTM, GRU, SimpleRNN): ``kernel_quantizer`` quantizes the input kernel and
+      ``recurrent_quantizer`` (default: a copy of ``kernel_quantizer``) the recurrent kernel.
 
     Quantizers with scales are copied per layer, so one ``SYQ(...)`` can configure many layers.
     """
     if target is None:
-        return lambda t: quantize(t, kernel_quantizer=kernel_quantizer, input_quantizer=input_quantizer)
+        return lambda t: quantize(t, kernel_quantizer=kernel_quantizer, input_quantizer=input_quantizer,
+                                  recurrent_quantizer=recurrent_quantizer)
     if kernel_quantizer is None and input_quantizer is None:
         raise ValueError("syq_tf.quantize: give a kernel_quantizer, an input_quantizer or both.")
+    cls = target if isinstance(target, type) else type(target)
+    if recurrent_quantizer is not None and not (
+        isinstance(cls, type) and issubclass(cls, tf.keras.layers.RNN)
+    ):
+        raise ValueError(
+            f"syq_tf.quantize: recurrent_quantizer is for recurrent layers (LSTM, GRU, SimpleRNN); "
+            f"{cls.__name__} has no recurrent kernel."
+        )
+    extra = {} if recurrent_quantizer is None else {"recurrent_quantizer": recurrent_quantizer}
     if isinstance(target, type):
         if not issubclass(target, tf.keras.layers.Layer):
             raise TypeError(f"syq_tf.quantize: {target!r} is not a tf.keras layer class.")
@@ -220,7 +307,8 @@ def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None):
         # Validate the quantizers now (role errors), then bake them in as defaults.
         _copy_quantizer(kernel_quantizer, "kernel_quantizer", target.__name__)
         _copy_quantizer(input_quantizer, "input_quantizer", target.__name__)
-        defaults = {"kernel_quantizer": kernel_quantizer, "input_quantizer": input_quantizer}
+        _copy_quantizer(recurrent_quantizer, "recurrent_quantizer", target.__name__)
+        defaults = {"kernel_quantizer": kernel_quantizer, "input_quantizer": input_quantizer, **extra}
         return type(
             quantized.__name__,
             (quantized,),
@@ -234,13 +322,12 @@ def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None):
         cls = _quantized_class(type(target))
         layer = cls.from_config(
             {**target.get_config(), "kernel_quantizer": kernel_quantizer,
-             "input_quantizer": input_quantizer}
+             "input_quantizer": input_quantizer, **extra}
         )
         if target.built:
             layer.build(target._build_input_shape)
             quantizer_weights = [
-                w for q in (layer.kernel_quantizer, layer.input_quantizer)
-                if isinstance(q, tf.keras.layers.Layer) for w in q.weights
+                w for q in _quantizers_of(layer) if isinstance(q, tf.keras.layers.Layer) for w in q.weights
             ]
             own = [w for w in layer.weights if not any(w is q for q in quantizer_weights)]
             for src, dst in zip(target.weights, own):
@@ -251,6 +338,10 @@ def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None):
     raise TypeError(
         f"syq_tf.quantize: expected a tf.keras layer class or instance, got {type(target).__name__}."
     )
+
+
+def _quantizers_of(layer):
+    return [layer.input_quantizer] + [q for q, _, _ in layer._kernel_slots()]
 
 
 def _check_keras2(cls):

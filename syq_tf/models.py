@@ -28,7 +28,7 @@ def _float_variable(variable):
 def layer_kernels(layer):
     """{kernel attribute: (quantizer or None, float kernel variable)} of a syq_tf or larq layer."""
     if isinstance(layer, QuantizedLayerMixin):
-        return {layer._syq_kernel_attr: (layer.kernel_quantizer, layer.float_kernel)}
+        return layer.float_kernels()
     out = {}
     for q_attr, k_attr in _LARQ_KERNELS:
         kernel = getattr(layer, k_attr, None)

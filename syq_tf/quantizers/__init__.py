@@ -8,6 +8,7 @@ from syq_tf.quantizers.least_squares import (
     least_squares_quantize,
     least_squares_scalars,
 )
+from syq_tf.quantizers.loss_aware import LossAware, loss_aware_project
 from syq_tf.quantizers.syq import SYQ, syq_quantize
 from syq_tf.quantizers.uniq import (
     NotCalibratedError,
@@ -29,6 +30,8 @@ __all__ = [
     "LeastSquaresActivation",
     "least_squares_quantize",
     "least_squares_scalars",
+    "LossAware",
+    "loss_aware_project",
     "DoReFa",
     "DoReFaActivation",
     "dorefa_quantize",

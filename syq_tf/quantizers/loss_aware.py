@@ -71,7 +71,14 @@ Degenerate rows: an all-zero row (or a row with an empty support) gets alpha = 0
 import numpy as np
 import tensorflow as tf
 
-from syq_tf.quantizers._common import sign_pm1
+from syq_tf.quantizers._common import (
+    WeightQuantizer,
+    register,
+    scale_shape,
+    sign_pm1,
+    subgroup_reduce_axes,
+)
+from syq_tf.quantizers.least_squares import to_groups
 
 MODES = ("binary", "ternary", "ternary_exact", "ternary_two_scale", "linear", "log")
 LAQ_KINDS = ("linear", "log")
@@ -375,3 +382,279 @@ def loss_aware_project(w, d, mode, bits=None, **kw):
     if mode == "ternary_two_scale":
         return lat2_project(w, d, **kw)
     return laq_project(w, d, bits, kind=mode, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# Codebook rules at a given scale: the quantized kernel as a function of (w, alpha).
+#
+# The projection above returns a scale per row; the rule below maps every weight to its level at
+# that scale (the "assignment" half-step, which never increases the weighted error). The Keras
+# quantizer stores only the scales, so training, inference, saved models and export all compute the
+# kernel with these rules from (w, alpha) -- no curvature needed at inference.
+
+
+def assign_levels(w, mode, alpha, alpha_neg=None, bits=None):
+    """Q(w) at fixed scales (alpha broadcastable to w, >= 0):
+
+        binary             alpha sign(w)
+        ternary*           alpha sign(w) [|w| > alpha/2]
+        ternary_two_scale  alpha [w > alpha/2] - alpha_neg [-w > alpha_neg/2]
+        linear / log       alpha sign(w) nearest_level(|w| / alpha)   (ties to the smaller level)
+    A zero scale gives 0.
+    """
+    zero = tf.zeros_like(w)
+    if mode == "binary":
+        return alpha * sign_pm1(w)
+    if mode in ("ternary", "ternary_exact"):
+        return tf.where(tf.abs(w) > 0.5 * alpha, alpha * sign_pm1(w), zero)
+    if mode == "ternary_two_scale":
+        positive = tf.where(w > 0.5 * alpha, alpha * tf.ones_like(w), zero)
+        negative = tf.where(-w > 0.5 * alpha_neg, alpha_neg * tf.ones_like(w), zero)
+        return positive - negative
+    levels_np = laq_levels(bits, mode)
+    levels = tf.constant(levels_np, w.dtype)
+    midpoints = tf.constant(0.5 * (levels_np[1:] + levels_np[:-1]), w.dtype)
+    alpha = alpha * tf.ones_like(w)
+    u = tf.reshape(_safe_div(tf.abs(w), alpha), [-1])
+    index = tf.searchsorted(midpoints, u, side="left")  # midpoints strictly below u
+    level = tf.reshape(tf.gather(levels, index), tf.shape(w))
+    return alpha * level * sign_pm1(w)
+
+
+# ------------------------------------------------------------------------------------------------
+# The Keras quantizer.
+
+CURVATURES = ("optimizer", "constant")
+LOSS_AWARE_GRANULARITIES = ("layer", "channel")
+_PRECISION = {"binary": 1, "ternary": 2, "ternary_exact": 2, "ternary_two_scale": 2}
+
+
+def _checked_identity(x, bound, message):
+    """Identity whose gradient fails (InvalidArgumentError: ``message``) unless ``bound`` is True."""
+
+    @tf.custom_gradient
+    def identity(x):
+        def grad(dy):
+            check = tf.debugging.Assert(bound.read_value(), [message])
+            with tf.control_dependencies([check]):
+                return tf.identity(dy)
+
+        return tf.identity(x), grad
+
+    return identity(x)
+
+
+@register(alias="loss_aware")
+class LossAware(WeightQuantizer):
+    """Loss-aware weight quantizer (LAB / LAT / LAQ), ``mode`` one of :data:`MODES`.
+
+    Q = alpha b with alpha the minimiser of sum d (alpha b - w)^2 (module docstring), one scale per
+    kernel (``granularity="layer"``, the papers' choice) or per output channel (``"channel"``).
+
+    ``curvature="optimizer"`` (default, the paper's method): d = sqrt(v_hat) + eps comes from Adam's
+    second moments, so the model must be trained with :class:`syq_tf.optimizers.LossAwareAdam`. That
+    optimizer, after each Adam update of the float kernel, clips it to [-1, 1] and projects it with
+    the new d, storing the scales in this quantizer's ``alpha`` (and ``alpha_neg`` for two scales)
+    variables; the forward pass maps w to its levels at the stored scales (:func:`assign_levels`).
+    Before the first projection the scales are set from the weights with d = 1 (Adam's v starts at 0,
+    so the paper's first step is the unweighted projection). Training such a kernel with another
+    optimizer fails at the first gradient with a message naming this quantizer.
+
+    ``curvature="constant"``: d = 1, explicitly: the projection is recomputed from w in every call
+    (no variables), and any optimizer works (LossAwareAdam still clips the weights to [-1, 1]).
+
+    ``bits`` (2..8) only for the LAQ modes "linear" / "log"; ``iterations`` bounds the approximate
+    LAT and the LAQ alternations. Gradient: identity (the gradient at the quantized weights is
+    applied to the float weights).
+    """
+
+    def __init__(self, mode="binary", bits=None, granularity="layer", curvature="optimizer",
+                 iterations=10, depthwise=False, **kwargs):
+        owner = f"LossAware {kwargs.get('name', '')!s}".rstrip()
+        if mode not in MODES:
+            raise ValueError(f"{owner}: unknown mode {mode!r}; allowed: {MODES}.")
+        if mode in LAQ_KINDS:
+            if bits is None:
+                raise ValueError(
+                    f"{owner}: mode {mode!r} (m-bit LAQ) needs bits, an integer in {MIN_BITS}..{MAX_BITS}."
+                )
+            _check_bits(bits, f"{owner} (mode {mode!r})")
+        elif bits is not None and bits != _PRECISION[mode]:
+            raise ValueError(
+                f"{owner}: mode {mode!r} has a fixed bit width ({_PRECISION[mode]}); bits={bits!r} is "
+                "only for the LAQ modes 'linear' and 'log'."
+            )
+        if granularity not in LOSS_AWARE_GRANULARITIES:
+            raise ValueError(
+                f"{owner}: unknown granularity {granularity!r}; allowed: {LOSS_AWARE_GRANULARITIES}."
+            )
+        if curvature not in CURVATURES:
+            raise ValueError(
+                f"{owner}: curvature={curvature!r}; allowed: 'optimizer' (d from LossAwareAdam's second "
+                "moments) or 'constant' (d = 1, any optimizer)."
+            )
+        _check_iterations(iterations, 1, owner)
+        super().__init__(**kwargs)
+        self.mode = mode
+        self.bits = int(bits) if mode in LAQ_KINDS else _PRECISION[mode]
+        self.precision = self.bits
+        self.granularity = granularity
+        self.curvature = curvature
+        self.iterations = int(iterations)
+        self.depthwise = bool(depthwise)
+        object.__setattr__(self, "_bound", None)
+
+    # -- shapes -----------------------------------------------------------------------------------
+
+    def reduce_axes(self, kernel_shape):
+        return subgroup_reduce_axes(
+            self.granularity, kernel_shape, self.depthwise, owner=f"LossAware quantizer '{self.name}'"
+        )
+
+    @property
+    def two_scales(self):
+        return self.mode == "ternary_two_scale"
+
+    def build(self, input_shape):
+        self._kernel_shape = tf.TensorShape(input_shape)
+        self._reduce_axes = self.reduce_axes(input_shape)
+        if self.curvature == "optimizer":
+            shape = scale_shape(input_shape, self._reduce_axes)
+            first = tf.VariableAggregation.ONLY_FIRST_REPLICA
+            self.alpha = self.add_weight(
+                name="alpha", shape=shape, initializer="zeros", trainable=False, aggregation=first
+            )
+            if self.two_scales:
+                self.alpha_neg = self.add_weight(
+                    name="alpha_neg", shape=shape, initializer="zeros", trainable=False,
+                    aggregation=first,
+                )
+            self.alpha_initialized = self.add_weight(
+                name="alpha_initialized", shape=(), dtype=tf.bool, initializer="zeros",
+                trainable=False, aggregation=first,
+            )
+            # Set by LossAwareAdam when it takes this kernel over; deliberately not a saved weight
+            # (a reloaded model trained with another optimizer must fail again).
+            with tf.init_scope():
+                object.__setattr__(self, "_bound", tf.Variable(False, trainable=False, name="bound"))
+        super().build(input_shape)
+
+    def _check_shape(self, shape):
+        if not self._kernel_shape.is_compatible_with(shape):
+            raise ValueError(
+                f"LossAware quantizer '{self.name}' was built for a kernel of shape {self._kernel_shape} "
+                f"and now got {tf.TensorShape(shape)}: each layer needs its own quantizer instance "
+                "(pass a new LossAware(...) per layer, or let syq_tf.quantize copy it)."
+            )
+
+    # -- the projection ---------------------------------------------------------------------------
+
+    def project(self, w, d=None, previous=None):
+        """Scales of the d-weighted projection of kernel ``w`` (d: kernel-shaped, > 0; None -> 1).
+
+        Returns a tuple of scale tensors in the variables' shape ((alpha,) or (alpha, alpha_neg)).
+        ``previous``: the kernel of the last step, whose support {|w| > alpha/2} at the stored
+        scales starts the approximate LAT iteration (the paper's warm start).
+        """
+        w = tf.convert_to_tensor(w)
+        w2d, _ = to_groups(w, self._reduce_axes)
+        d2d = tf.ones_like(w2d) if d is None else to_groups(tf.cast(d, w.dtype), self._reduce_axes)[0]
+        shape = scale_shape(w.shape, self._reduce_axes)
+        if self.mode == "binary":
+            alpha, _ = lab_project(w2d, d2d)
+        elif self.mode == "ternary_exact":
+            alpha, _ = lat_exact_project(w2d, d2d)
+        elif self.mode == "ternary":
+            start = None
+            if previous is not None:
+                start = to_groups(tf.not_equal(self._levels(previous), 0), self._reduce_axes)[0]
+            alpha, _, _ = lat_approx_project(w2d, d2d, support=start, iterations=self.iterations)
+        elif self.mode == "ternary_two_scale":
+            start = None
+            if previous is not None:
+                start = to_groups(tf.not_equal(self._levels(previous), 0), self._reduce_axes)[0]
+            alpha, alpha_neg, _ = lat2_project(
+                w2d, d2d, exact=False, support=start, iterations=self.iterations
+            )
+            return tf.reshape(alpha, shape), tf.reshape(alpha_neg, shape)
+        else:
+            alpha0 = None
+            if previous is not None and self.curvature == "optimizer":
+                alpha0 = tf.reshape(self.alpha, [-1, 1])  # warm start from the last scale
+            alpha, _ = laq_project(w2d, d2d, self.bits, self.mode, self.iterations, alpha0=alpha0)
+        return (tf.reshape(alpha, shape),)
+
+    def initialize_from(self, kernel):
+        """Set the stored scales from the given float kernel with d = 1 (e.g. after loading float
+        weights; the next LossAwareAdam step replaces them with the curvature-weighted projection)."""
+        kernel = tf.convert_to_tensor(kernel, dtype=self.dtype)
+        if not self.built:
+            self.build(kernel.shape)
+        self._check_shape(kernel.shape)
+        if self.curvature == "optimizer":
+            self.set_scales(self.project(kernel))
+
+    def _scales(self):
+        return (self.alpha, self.alpha_neg) if self.two_scales else (self.alpha,)
+
+    def set_scales(self, scales):
+        """Store projected scales (from :meth:`project`); returns the assign op of the last one."""
+        op = None
+        for variable, value in zip(self._scales(), scales):
+            op = variable.assign(value)
+        self.alpha_initialized.assign(True)
+        return op
+
+    def _levels(self, w, scales=None):
+        if scales is None:
+            scales = tuple(tf.convert_to_tensor(s) for s in self._scales())
+        alpha_neg = scales[1] if self.two_scales else None
+        return assign_levels(w, self.mode, scales[0], alpha_neg, self.bits)
+
+    def scales_for(self, w):
+        """The stored scales, set from ``w`` with d = 1 the first time (eager and graph mode)."""
+
+        def init():
+            self.set_scales(self.project(w))
+            return tf.constant(True)
+
+        if tf.executing_eagerly():
+            if not bool(self.alpha_initialized.numpy()):
+                init()
+            return tuple(tf.identity(s) for s in self._scales())
+        ready = tf.cond(self.alpha_initialized, lambda: tf.constant(True), init)
+        with tf.control_dependencies([ready]):
+            return tuple(tf.identity(s) for s in self._scales())
+
+    # -- Keras ------------------------------------------------------------------------------------
+
+    def call(self, inputs):
+        w = tf.convert_to_tensor(inputs)
+        self._check_shape(w.shape)
+        if self.curvature == "constant":
+            q = self._levels(w, self.project(w))
+            return w + tf.stop_gradient(q - w)
+        q = self._levels(w, self.scales_for(w))
+        message = (
+            f"LossAware quantizer '{self.name}' (mode {self.mode!r}, curvature='optimizer') is being "
+            "trained without syq_tf.optimizers.LossAwareAdam, which supplies its curvature and "
+            "projects its weights: compile the model with LossAwareAdam(...), or use "
+            "LossAware(..., curvature='constant') for the unweighted (d = 1) projection."
+        )
+        w = _checked_identity(w, self._bound, message)
+        return w + tf.stop_gradient(q - w)
+
+    def codebook(self):
+        """The stored scales as numpy arrays (curvature='optimizer' only)."""
+        return tuple(s.numpy() for s in self._scales())
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "mode": self.mode,
+            "bits": self.bits if self.mode in LAQ_KINDS else None,
+            "granularity": self.granularity,
+            "curvature": self.curvature,
+            "iterations": self.iterations,
+            "depthwise": self.depthwise,
+        }

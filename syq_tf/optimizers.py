@@ -1,0 +1,112 @@
+"""The loss-aware optimizer: Adam whose second moments are the curvature of the LossAware quantizers.
+
+Loss-aware training (Hou & Kwok; ../shared/METHODS.md §4), one step t for a kernel w quantized by
+``LossAware(curvature="optimizer")``:
+
+    forward            Q_t = alpha_t b(w_t)                     (levels at the stored scales)
+    gradient           g_t = dL/dQ_t, applied to w unchanged    (identity straight-through)
+    Adam               m, v <- EMAs of g, g^2;   w_{t+1} = w_t - lr m_hat / (sqrt(v_hat) + eps)
+    clip               w_{t+1} <- clip(w_{t+1}, -1, 1)
+    curvature          d_t = sqrt(v_hat_t) + eps                (v_hat = v / (1 - beta_2^t))
+    projection         alpha_{t+1} = argmin_alpha min_b sum d_t (alpha b - w_{t+1})^2
+
+The last two lines are this class's addition to Adam; they run inside ``apply_gradients``, so plain
+``model.fit`` trains loss-aware. Which variables are loss-aware is read from the variables themselves
+(``syq_tf.quantize`` layers mark their kernels; larq layers hand the optimizer a QuantizedVariable
+that carries its quantizer). Other variables get plain Adam.
+"""
+
+import weakref
+
+import tensorflow as tf
+
+from syq_tf.quantizers.loss_aware import LossAware
+
+_MARK = "_syq_quantizer"
+
+
+def mark_quantized(variable, quantizer):
+    """Record on a kernel variable which quantizer reads it (a weak reference)."""
+    setattr(variable, _MARK, weakref.ref(quantizer))
+
+
+def loss_aware_quantizer_of(variable):
+    """The LossAware quantizer that quantizes ``variable`` (a syq_tf or larq kernel), else None."""
+    candidates = [variable]
+    container = getattr(variable, "_distributed_container", None)
+    if callable(container):
+        candidates.append(container())
+    candidates += [getattr(v, "latent_variable", None) for v in list(candidates)]
+    for candidate in candidates:
+        if candidate is None:
+            continue
+        ref = getattr(candidate, _MARK, None)
+        quantizer = ref() if ref is not None else None
+        if quantizer is None:
+            quantizer = candidate.__dict__.get("quantizer") if hasattr(candidate, "__dict__") else None
+        if isinstance(quantizer, LossAware):
+            return quantizer
+    return None
+
+
+@tf.keras.utils.register_keras_serializable(package="syq_tf")
+class LossAwareAdam(tf.keras.optimizers.Adam):
+    """Adam that also clips and projects the kernels of LossAware quantizers (module docstring).
+
+    Arguments are Adam's (``epsilon`` is also the eps of d = sqrt(v_hat) + eps; the paper uses 1e-8),
+    plus ``clip``: loss-aware kernels are clipped to [-clip, clip] after every update (default 1, the
+    paper's; None disables). Kernels of ``LossAware(curvature="constant")`` are clipped but not
+    projected (their quantizer projects with d = 1 itself).
+    """
+
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-8, clip=1.0,
+                 name="LossAwareAdam", **kwargs):
+        if clip is not None and not (isinstance(clip, (int, float)) and not isinstance(clip, bool)
+                                     and 0 < clip < float("inf")):
+            raise ValueError(f"LossAwareAdam: clip={clip!r} must be a finite number > 0 or None.")
+        super().__init__(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+                         name=name, **kwargs)
+        self.clip = None if clip is None else float(clip)
+        self._loss_aware = {}
+
+    def build(self, var_list):
+        super().build(var_list)
+        for variable in var_list:
+            quantizer = loss_aware_quantizer_of(variable)
+            if quantizer is None:
+                continue
+            self._loss_aware[self._var_key(variable)] = quantizer
+            if quantizer.curvature == "optimizer":
+                if not quantizer.built:
+                    quantizer.build(variable.shape)
+                with tf.init_scope():
+                    quantizer._bound.assign(True)
+
+    @property
+    def loss_aware_quantizers(self):
+        """The LossAware quantizers whose kernels this optimizer trains."""
+        return list(self._loss_aware.values())
+
+    def _curvature(self, variable):
+        """d = sqrt(v_hat) + eps for ``variable`` after this step's update."""
+        index = self._index_dict[self._var_key(variable)]
+        v = self._velocity_hats[index] if self.amsgrad else self._velocities[index]
+        step = tf.cast(self.iterations + 1, variable.dtype)
+        v_hat = v / (1.0 - tf.pow(tf.cast(self.beta_2, variable.dtype), step))
+        return tf.sqrt(v_hat) + tf.cast(self.epsilon, variable.dtype)
+
+    def update_step(self, gradient, variable):
+        quantizer = self._loss_aware.get(self._var_key(variable))
+        if quantizer is None:
+            return super().update_step(gradient, variable)
+        projected = quantizer.curvature == "optimizer"
+        previous = tf.identity(variable) if projected else None
+        super().update_step(gradient, variable)
+        if self.clip is not None:
+            variable.assign(tf.clip_by_value(variable, -self.clip, self.clip))
+        if projected:
+            w = tf.identity(variable)
+            quantizer.set_scales(quantizer.project(w, self._curvature(variable), previous=previous))
+
+    def get_config(self):
+        return {**super().get_config(), "clip": self.clip}
