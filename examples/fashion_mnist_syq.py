@@ -1,6 +1,7 @@
 """Main job: SYQ on Fashion-MNIST, train -> evaluate -> export -> verify with LiteRT.
 
-``--method uniq`` / ``--method ls`` run the same recipe with UniQ or least-squares quantizers.
+``--method uniq`` / ``--method ls`` / ``--method la`` run the same recipe with UniQ, least-squares
+or loss-aware (LAB / LAT / LAQ, ``--la-mode``; trained with ``syq_tf.LossAwareAdam``) quantizers.
 
 Recipe of the SYQ paper, scaled to a small budget: train the CNN in float, switch SYQ weights and
 DoReFa activations on (first conv and last dense stay float), re-initialise every alpha from the
@@ -23,17 +24,21 @@ from syq_tf.data import fashion_mnist_dataset, load_fashion_mnist
 Q = syq_tf.quantizers
 
 
-METHODS = ("syq", "uniq", "ls")
+METHODS = ("syq", "uniq", "ls", "la")
+LA_MODES = ("binary", "ternary", "ternary_exact", "ternary_two_scale", "linear", "log")
 
 
 def quantizer_factories(method="syq", bits=2, granularity="pixel", act_bits=8, eta=0.05, ls_mode=None,
-                        ls_act_mode=None):
+                        ls_act_mode=None, la_mode=None):
     """Zero-argument factories (conv kernel, dense kernel, layer input) for one method.
 
     syq:  SYQ weights (``granularity`` for convs, layer-wise for the dense), DoReFa activations.
     uniq: UniQ weights per channel, UniQ activations (need ``syq_tf.calibrate`` before training).
     ls:   least-squares weights per channel (``ls_mode``, default ls1 for 1 bit, ls2 for 2), and
           least-squares activations of ``ls_act_mode`` (sign-like, per sample) or, if None, DoReFa.
+    la:   loss-aware weights (``la_mode``, default LAB for 1 bit, LAT for 2, linear LAQ above; one
+          scale per layer as in the papers; the model must be trained with LossAwareAdam), DoReFa
+          activations.
     """
     if method == "syq":
         return (lambda: Q.SYQ(bits, granularity, eta), lambda: Q.SYQ(bits, "layer", eta),
@@ -45,6 +50,11 @@ def quantizer_factories(method="syq", bits=2, granularity="pixel", act_bits=8, e
         mode = ls_mode or {1: "ls1", 2: "ls2"}[bits]
         act = (lambda: Q.LeastSquaresActivation(ls_act_mode)) if ls_act_mode else (lambda: Q.DoReFa(act_bits))
         return (lambda: Q.LeastSquares(mode), lambda: Q.LeastSquares(mode), act)
+    if method == "la":
+        mode = la_mode or {1: "binary", 2: "ternary"}.get(bits, "linear")
+        extra = {"bits": bits} if mode in ("linear", "log") else {}
+        return (lambda: Q.LossAware(mode, **extra), lambda: Q.LossAware(mode, **extra),
+                lambda: Q.DoReFa(act_bits))
     raise ValueError(f"unknown method {method!r}; allowed: {METHODS}")
 
 
@@ -94,9 +104,11 @@ def build_cnn(bits=None, granularity="pixel", act_bits=8, eta=0.05, method="syq"
     return tf.keras.Sequential(layers, name=f"{method}_cnn" if quantized else "float_cnn")
 
 
-def compile_model(model, lr):
+def compile_model(model, lr, method=None):
+    # Loss-aware quantizers take their curvature from (and are projected by) LossAwareAdam.
+    optimizer = syq_tf.LossAwareAdam(lr) if method == "la" else tf.keras.optimizers.Adam(lr)
     model.compile(
-        optimizer=tf.keras.optimizers.Adam(lr),
+        optimizer=optimizer,
         loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
@@ -105,12 +117,16 @@ def compile_model(model, lr):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--method", default="syq", choices=METHODS,
-                   help="syq (default), uniq (UniQ weights and activations, calibrated), or ls "
-                        "(least-squares weights, DoReFa activations)")
+                   help="syq (default), uniq (UniQ weights and activations, calibrated), ls "
+                        "(least-squares weights, DoReFa activations) or la (loss-aware weights, "
+                        "DoReFa activations, LossAwareAdam)")
     p.add_argument("--bits", type=int, default=2,
                    help="weight bits: SYQ 1 binary / 2 ternary, UniQ 1-8, ls 1 (ls1) or 2 (ls2)")
     p.add_argument("--ls-mode", default=None, choices=["ls1", "ls2", "lsT", "gf2", "gf3", "gf4"],
                    help="least-squares weight mode (method ls)")
+    p.add_argument("--la-mode", default=None, choices=LA_MODES,
+                   help="loss-aware weight mode (method la): binary = LAB, ternary* = LAT, "
+                        "linear / log = LAQ with --bits bits")
     p.add_argument("--granularity", default="pixel", choices=["layer", "row", "pixel", "channel"])
     p.add_argument("--act-bits", type=int, default=8)
     p.add_argument("--float-epochs", type=int, default=1, help="float pre-training epochs")
@@ -140,8 +156,13 @@ def main(argv=None):
     _, float_acc = float_model.evaluate(test, verbose=0)
     float_model.set_weights(pretrained)
 
-    options = {"ls_mode": args.ls_mode} if args.method == "ls" else {}
-    label = {"syq": "SYQ", "uniq": "UniQ", "ls": "LS"}[args.method]
+    options = {"ls": {"ls_mode": args.ls_mode}, "la": {"la_mode": args.la_mode}}.get(args.method, {})
+    label = {"syq": "SYQ", "uniq": "UniQ", "ls": "LS"}.get(args.method)
+    if args.method == "la":
+        la_mode = args.la_mode or {1: "binary", 2: "ternary"}.get(args.bits, "linear")
+        label = {"binary": "LAB", "ternary": "LAT", "ternary_exact": "LAT-exact",
+                 "ternary_two_scale": "LAT2", "linear": "LAQ", "log": "LAQ-log"}[la_mode]
+        args.bits = 1 if la_mode == "binary" else (2 if la_mode.startswith("ternary") else args.bits)
     label = f"{label} W{args.bits}A{args.act_bits}" + (f" {args.granularity}" if args.method == "syq" else "")
     print(f"== 2/4 {label} fine-tuning ({args.quant_epochs} epoch(s)), scales initialised from the "
           "float weights")
@@ -151,7 +172,7 @@ def main(argv=None):
     if args.method == "uniq":  # activation steps from data, BatchNorm statistics untouched
         steps = syq_tf.calibrate(model, train, batches=20)
         print("   calibrated activation steps: " + ", ".join(f"{k}={v:.4f}" for k, v in steps.items()))
-    compile_model(model, 5e-4)
+    compile_model(model, 5e-4, args.method)
     t0 = time.time()
     model.fit(train, epochs=args.quant_epochs, verbose=1)
     quant_seconds = time.time() - t0

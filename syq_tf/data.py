@@ -1,6 +1,11 @@
-"""Offline datasets. Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` package (IDX files),
-parsed here and served through tf.data; nothing is ever downloaded."""
+"""Offline datasets; nothing is ever downloaded.
 
+Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` package (IDX files), parsed here and served
+through tf.data. Text corpora for character-level language models are read from files installed on
+the machine (by default the Linux kernel headers of ``linux-libc-dev``)."""
+
+import dataclasses
+import glob
 import gzip
 import os
 
@@ -72,3 +77,64 @@ def fashion_mnist_dataset(split="train", batch_size=128, limit=None, shuffle_see
     if shuffle_seed is not None:
         ds = ds.shuffle(len(x), seed=shuffle_seed, reshuffle_each_iteration=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+# ------------------------------------------------------------------------------------------------
+# Text corpora for character-level language models (the loss-aware papers' LSTM experiments).
+
+LINUX_HEADERS = "/usr/include/linux"
+
+
+@dataclasses.dataclass
+class TextCorpus:
+    """A byte-level corpus: ``alphabet`` lists the byte values present (id -> byte); ``train`` /
+    ``valid`` / ``test`` are int32 id arrays, contiguous slices of the concatenated files."""
+
+    alphabet: bytes
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+    files: int
+    root: str
+
+    @property
+    def size(self):
+        return len(self.train) + len(self.valid) + len(self.test)
+
+    def decode(self, ids):
+        return bytes(self.alphabet[int(i)] for i in ids).decode("utf-8", errors="replace")
+
+    def describe(self):
+        return {"root": self.root, "files": self.files, "characters": self.size,
+                "alphabet": len(self.alphabet), "train": len(self.train), "valid": len(self.valid),
+                "test": len(self.test)}
+
+
+def load_text_corpus(root=LINUX_HEADERS, pattern="*.h", split=(0.9, 0.05, 0.05)):
+    """Concatenate every file matching ``pattern`` under ``root`` (recursively, sorted by path) and
+    split the bytes contiguously into train / validation / test by the ``split`` fractions.
+
+    The default is the Linux kernel's user-space API headers installed by ``linux-libc-dev``: real
+    kernel C, a small stand-in for the Linux-kernel corpus of the loss-aware LSTM experiments.
+    """
+    if len(split) != 3 or any(f <= 0 for f in split) or abs(sum(split) - 1.0) > 1e-9:
+        raise ValueError(f"load_text_corpus: split={split!r} must be three positive fractions summing to 1.")
+    paths = sorted(glob.glob(os.path.join(root, "**", pattern), recursive=True)) if os.path.isdir(root) else []
+    paths = [p for p in paths if os.path.isfile(p)]
+    if not paths:
+        hint = " (Debian/Ubuntu: `apt-get install linux-libc-dev`)" if root == LINUX_HEADERS else ""
+        raise FileNotFoundError(f"load_text_corpus: no files matching {pattern!r} under {root!r}{hint}.")
+    chunks = []
+    for path in paths:
+        with open(path, "rb") as f:
+            chunks.append(f.read())
+    data = np.frombuffer(b"".join(chunks), np.uint8)
+    if data.size < 1000:
+        raise ValueError(f"load_text_corpus: {root!r} holds only {data.size} bytes; too small to split.")
+    present = np.unique(data)
+    lookup = np.zeros(256, np.int32)
+    lookup[present] = np.arange(present.size, dtype=np.int32)
+    ids = lookup[data]
+    a = int(round(split[0] * ids.size))
+    b = a + int(round(split[1] * ids.size))
+    return TextCorpus(bytes(present.tolist()), ids[:a], ids[a:b], ids[b:], len(paths), root)

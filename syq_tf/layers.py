@@ -119,7 +119,10 @@ class QuantizedLayerMixin:
             kernel = getattr(holder, attr)
             if isinstance(quantizer, tf.keras.layers.Layer):
                 try:
-                    quantizer.build(kernel.shape)
+                    # Under the quantizer's own name scope: a layer with two quantizers (LSTM) must
+                    # not create two variables both called "<layer>/alpha" (h5 files refuse that).
+                    with tf.name_scope(quantizer.name):
+                        quantizer.build(kernel.shape)
                 except ValueError as err:
                     raise ValueError(f"layer '{self.name}' ({type(self).__name__}): {err}") from None
                 # Lets syq_tf.optimizers.LossAwareAdam find the quantizer of a kernel it trains.

@@ -17,8 +17,10 @@ from syq_tf.export.litert import (
     activation_notes,
     build_inference_model,
     convert,
+    convert_dynamic,
     exact_codebooks,
     layer_reports,
+    recurrent_layers,
 )
 from syq_tf.export.runtime import agreement, litert_predict
 
@@ -50,23 +52,25 @@ class ExportResult:
         }
 
     def save(self, path):
-        """Write ``path`` (.tflite) and the report next to it (``path`` + ``.json``)."""
+        """Write ``path`` (.tflite) and the report next to it (``path`` + ``.json``); each file is
+        written to a temporary name first and renamed, so a failure never leaves a partial file."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(self.flatbuffer)
-        with open(path + ".json", "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+        _write_atomic(path, bytes(self.flatbuffer))
+        _write_atomic(path + ".json", json.dumps(self.to_dict(), indent=2).encode())
         return path
 
     def table(self):
-        head = f"{'layer':<18}{'op':<20}{'quantizer':<44}{'levels':>7}{'exact':>7}{'max alpha err':>15}{'bytes':>8}"
+        wl = max([18] + [len(r.layer) + 2 for r in self.layers])
+        wo = max([20] + [len(r.op) + 2 for r in self.layers])
+        wq = max([44] + [len(r.quantizer) + 2 for r in self.layers])
+        head = f"{'layer':<{wl}}{'op':<{wo}}{'quantizer':<{wq}}{'levels':>7}{'exact':>7}{'max alpha err':>15}{'bytes':>8}"
         rows = [head, "-" * len(head)]
         for r in self.layers:
             is_float = r.quantizer == "float"
             exact = "-" if is_float else ("yes" if r.exact else "NO")
             err = "-" if is_float else f"{r.max_rel_alpha_error:.2e}"
             rows.append(
-                f"{r.layer:<18}{r.op:<20}{r.quantizer:<44}{r.stored_levels:>7}{exact:>7}"
+                f"{r.layer:<{wl}}{r.op:<{wo}}{r.quantizer:<{wq}}{r.stored_levels:>7}{exact:>7}"
                 f"{err:>15}{r.weight_bytes:>8}"
             )
         rows.append(f"model: {self.model_bytes} bytes ({self.target})")
@@ -80,12 +84,29 @@ class ExportResult:
         return self.table()
 
 
+def _write_atomic(path, data):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def to_tflite(model, representative_data, target="litert", verify_data=None, verify_labels=None,
               representative_samples=200, require_exact=False):
     """Export ``model`` as a full-integer int8 TFLite model.
 
+    Models with LSTM layers are exported with int8 weights and float activations instead (dynamic
+    range: TFLite's full-integer fused LSTM gives wrong outputs on this stack), batch size 1, the LSTM
+    as one fused op whose eight gate weight tensors are checked against the Keras codebooks like any
+    other kernel. GRU / SimpleRNN layers are refused with the reason.
+
     representative_data: input examples (array, (x, y) tuple or tf.data.Dataset) used to
-        calibrate the ranges of tensors that have no quantizer of their own.
+        calibrate the ranges of tensors that have no quantizer of their own (unused for recurrent
+        models, whose activations stay float).
     verify_data / verify_labels: optional inputs (and labels) on which LiteRT is run and compared
         with Keras; the result lands in ``ExportResult.verification``.
     require_exact: raise instead of exporting when some quantized layer's codebook cannot be
@@ -97,8 +118,10 @@ def to_tflite(model, representative_data, target="litert", verify_data=None, ver
     """
     if target not in TARGETS:
         raise ValueError(f"to_tflite: unknown target {target!r}; available here: {TARGETS}.")
-    inference = build_inference_model(model)
-    buffer = convert(inference, representative_data, representative_samples)
+    if recurrent_layers(model):
+        buffer = convert_dynamic(build_inference_model(model, batch_size=1))
+    else:
+        buffer = convert(build_inference_model(model), representative_data, representative_samples)
     buffer, rescaled = exact_codebooks(model, buffer)
     reports = layer_reports(model, buffer, rescaled)
     inexact = [r for r in reports if r.quantizer != "float" and not r.exact]
@@ -113,7 +136,8 @@ def to_tflite(model, representative_data, target="litert", verify_data=None, ver
               if r.note and r.quantizer != "float" and not r.exact]
     result = ExportResult(buffer, target, reports, notes)
     if verify_data is not None:
-        x = np.asarray(verify_data, np.float32)
+        x = np.asarray(verify_data)
+        x = x.astype(np.float32) if x.dtype.kind == "f" else x
         keras_out = model.predict(x, batch_size=256, verbose=0)
         result.verification = agreement(keras_out, litert_predict(buffer, x), verify_labels)
     return result

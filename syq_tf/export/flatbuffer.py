@@ -9,8 +9,15 @@ _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.star
 _TYPES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
 _NUMPY = {"INT8": np.int8, "INT32": np.int32, "FLOAT32": np.float32, "UINT8": np.uint8,
           "INT16": np.int16, "INT64": np.int64}
-# op -> (index of the weight input, quantized-dimension layout name)
-WEIGHT_OPS = {"CONV_2D": 1, "DEPTHWISE_CONV_2D": 1, "FULLY_CONNECTED": 1}
+# op -> input positions of its constant weight tensors. The fused LSTM has eight: input_to_{input,
+# forget, cell, output}_weights (1-4) and recurrent_to_{input, forget, cell, output}_weights (5-8),
+# each [units, in] -- Keras' kernel [in, 4 units] split per gate (gate order i, f, c, o) and transposed.
+WEIGHT_OPS = {
+    "CONV_2D": (1,),
+    "DEPTHWISE_CONV_2D": (1,),
+    "FULLY_CONNECTED": (1,),
+    "UNIDIRECTIONAL_SEQUENCE_LSTM": (1, 2, 3, 4, 5, 6, 7, 8),
+}
 
 
 @dataclasses.dataclass
@@ -26,7 +33,9 @@ class WeightTensor:
     input_scale: float = float("nan")  # quantization of the op's activation input
     input_zero_point: int = 0
     tensor_index: int = -1  # in the first subgraph
-    bias_index: int = -1  # the op's bias tensor, -1 if none
+    bias_index: int = -1  # the op's bias tensor, -1 if none (or for multi-weight ops)
+    op_index: int = -1  # position of the op in the first subgraph
+    position: int = 1  # which input of the op this weight is
 
 
 def _load(buffer):
@@ -55,47 +64,56 @@ def _op_name(model, op):
 
 
 def weight_tensors(buffer):
-    """Constant weight tensors of CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED ops."""
+    """Constant weight tensors of the ops in WEIGHT_OPS (one entry per weight input)."""
     model = _load(buffer)
     graph = model.subgraphs[0]
     found = []
-    for op in graph.operators:
+    for op_index, op in enumerate(graph.operators):
         name = _op_name(model, op)
         if name not in WEIGHT_OPS:
             continue
-        tensor = graph.tensors[op.inputs[WEIGHT_OPS[name]]]
-        data = model.buffers[tensor.buffer].data
-        if data is None:  # not a constant (weights computed at run time)
-            continue
-        dtype = _TYPES.get(tensor.type, str(tensor.type))
-        if dtype not in _NUMPY:
-            raise ValueError(f"weight tensor {tensor.name!r} has unsupported type {dtype}")
-        values = np.frombuffer(bytes(bytearray(data)), _NUMPY[dtype]).reshape(tuple(tensor.shape))
-        act = graph.tensors[op.inputs[0]].quantization
-        act_scale = float(act.scale[0]) if act is not None and act.scale is not None and len(act.scale) else float("nan")
-        act_zero = int(act.zeroPoint[0]) if act is not None and act.zeroPoint is not None and len(act.zeroPoint) else 0
-        quant = tensor.quantization
-        scales = np.asarray(quant.scale if quant is not None and quant.scale is not None else [], np.float32)
-        zero_points = np.asarray(
-            quant.zeroPoint if quant is not None and quant.zeroPoint is not None else [], np.int64
-        )
-        found.append(
-            WeightTensor(
-                op=name,
-                name=tensor.name.decode(),
-                dtype=dtype,
-                shape=tuple(tensor.shape),
-                values=values,
-                scales=scales,
-                zero_points=zero_points,
-                quantized_dimension=int(quant.quantizedDimension) if quant is not None else 0,
-                input_scale=act_scale,
-                input_zero_point=act_zero,
-                tensor_index=int(op.inputs[WEIGHT_OPS[name]]),
-                bias_index=int(op.inputs[2]) if len(op.inputs) > 2 else -1,
-            )
-        )
+        for position in WEIGHT_OPS[name]:
+            if position >= len(op.inputs) or op.inputs[position] < 0:
+                continue
+            weight = _weight_tensor(model, graph, op, name, position)
+            if weight is not None:
+                weight.op_index = op_index
+                found.append(weight)
     return found
+
+
+def _weight_tensor(model, graph, op, name, position):
+    index = int(op.inputs[position])
+    tensor = graph.tensors[index]
+    data = model.buffers[tensor.buffer].data
+    if data is None:  # not a constant (weights computed at run time)
+        return None
+    dtype = _TYPES.get(tensor.type, str(tensor.type))
+    if dtype not in _NUMPY:
+        raise ValueError(f"weight tensor {tensor.name!r} has unsupported type {dtype}")
+    values = np.frombuffer(bytes(bytearray(data)), _NUMPY[dtype]).reshape(tuple(tensor.shape))
+    act = graph.tensors[op.inputs[0]].quantization
+    act_scale = float(act.scale[0]) if act is not None and act.scale is not None and len(act.scale) else float("nan")
+    act_zero = int(act.zeroPoint[0]) if act is not None and act.zeroPoint is not None and len(act.zeroPoint) else 0
+    quant = tensor.quantization
+    scales = np.asarray(quant.scale if quant is not None and quant.scale is not None else [], np.float32)
+    zero_points = np.asarray(quant.zeroPoint if quant is not None and quant.zeroPoint is not None else [], np.int64)
+    single = WEIGHT_OPS[name] == (1,)
+    return WeightTensor(
+        op=name,
+        name=tensor.name.decode(),
+        dtype=dtype,
+        shape=tuple(tensor.shape),
+        values=values,
+        scales=scales,
+        zero_points=zero_points,
+        quantized_dimension=int(quant.quantizedDimension) if quant is not None else 0,
+        input_scale=act_scale,
+        input_zero_point=act_zero,
+        tensor_index=index,
+        bias_index=int(op.inputs[2]) if single and len(op.inputs) > 2 else -1,
+        position=position,
+    )
 
 
 def bias_tensors(buffer):
@@ -104,7 +122,7 @@ def bias_tensors(buffer):
     graph = model.subgraphs[0]
     out = {}
     for op in graph.operators:
-        if _op_name(model, op) not in WEIGHT_OPS or len(op.inputs) < 3 or op.inputs[2] < 0:
+        if WEIGHT_OPS.get(_op_name(model, op)) != (1,) or len(op.inputs) < 3 or op.inputs[2] < 0:
             continue
         tensor = graph.tensors[op.inputs[2]]
         data = model.buffers[tensor.buffer].data
@@ -149,23 +167,27 @@ def rewrite_weights(buffer, updates):
         buffer_users[tensor.buffer] = 1
 
     for op in graph.operators:
-        index = int(op.inputs[WEIGHT_OPS.get(_op_name(model, op), 1)]) if len(op.inputs) > 1 else -1
-        if index not in updates:
-            continue
-        values, scales, bias = updates[index]
-        for t in [index] + ([int(op.inputs[2])] if bias is not None else []):
-            if users.get(t, 0) > 1:
-                raise ValueError(f"tensor {graph.tensors[t].name!r} is shared by several ops; not rewritten")
-        weight = graph.tensors[index]
-        store(weight, values.astype(np.int8))
-        weight.quantization.scale = [float(s) for s in scales]
-        weight.quantization.zeroPoint = [0] * len(scales)
-        if bias is not None:
-            b = graph.tensors[int(op.inputs[2])]
-            in_scale = float(graph.tensors[int(op.inputs[0])].quantization.scale[0])
-            store(b, bias.astype(np.int32))
-            b.quantization.scale = [float(np.float32(in_scale) * np.float32(s)) for s in scales]
-            b.quantization.zeroPoint = [0] * len(scales)
+        positions = WEIGHT_OPS.get(_op_name(model, op), ())
+        for position in positions:
+            index = int(op.inputs[position]) if position < len(op.inputs) else -1
+            if index not in updates:
+                continue
+            values, scales, bias = updates[index]
+            if bias is not None and positions != (1,):
+                raise ValueError(f"tensor {graph.tensors[index].name!r}: bias rewrite needs a single-weight op")
+            for t in [index] + ([int(op.inputs[2])] if bias is not None else []):
+                if users.get(t, 0) > 1:
+                    raise ValueError(f"tensor {graph.tensors[t].name!r} is shared by several ops; not rewritten")
+            weight = graph.tensors[index]
+            store(weight, values.astype(np.int8))
+            weight.quantization.scale = [float(s) for s in scales]
+            weight.quantization.zeroPoint = [0] * len(scales)
+            if bias is not None:
+                b = graph.tensors[int(op.inputs[2])]
+                in_scale = float(graph.tensors[int(op.inputs[0])].quantization.scale[0])
+                store(b, bias.astype(np.int32))
+                b.quantization.scale = [float(np.float32(in_scale) * np.float32(s)) for s in scales]
+                b.quantization.zeroPoint = [0] * len(scales)
     builder = flatbuffers.Builder(max(1024, len(buffer)))
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())

@@ -19,7 +19,8 @@ from syq_tf.models import layer_kernels
 from syq_tf.quantizers._common import ActivationQuantizer
 
 # Config keys of larq / syq_tf layers that the plain Keras layer does not take.
-_QUANT_KEYS = ("kernel_quantizer", "input_quantizer", "depthwise_quantizer", "pointwise_quantizer", "metrics")
+_QUANT_KEYS = ("kernel_quantizer", "input_quantizer", "recurrent_quantizer", "depthwise_quantizer",
+               "pointwise_quantizer", "metrics")
 
 
 class _FakeQuantInput(tf.keras.layers.Layer):
@@ -100,8 +101,9 @@ def _leaf(name):
     return name.split("/")[-1]
 
 
-def build_inference_model(model):
-    """A plain Keras model that computes what ``model`` computes at inference, ready to convert."""
+def build_inference_model(model, batch_size=None):
+    """A plain Keras model that computes what ``model`` computes at inference, ready to convert
+    (``batch_size``: fix the batch dimension of the inputs, which fused recurrent ops need)."""
     plan = {}
 
     def clone(layer):
@@ -118,7 +120,11 @@ def build_inference_model(model):
         plan[layer.name] = layer
         return _ExportLayer(inner, _input_range(layer), name=layer.name)
 
-    inference = tf.keras.models.clone_model(model, clone_function=clone)
+    inputs = None
+    if batch_size is not None:
+        inputs = [tf.keras.Input(batch_shape=(batch_size, *t.shape[1:]), dtype=t.dtype) for t in model.inputs]
+        inputs = inputs[0] if len(inputs) == 1 else inputs
+    inference = tf.keras.models.clone_model(model, input_tensors=inputs, clone_function=clone)
     for new in inference.layers:
         old = _find_layer(model, new.name)
         if old is None or not old.weights:
@@ -177,11 +183,52 @@ def convert(inference_model, representative_data, samples=200):
     return converter.convert()
 
 
+def recurrent_layers(model):
+    """The recurrent layers of ``model``, checked for the fused-LSTM export (clear error otherwise)."""
+    found = [layer for layer in model.layers if isinstance(layer, tf.keras.layers.RNN)]
+    for layer in found:
+        kind = type(layer).__name__
+        if not isinstance(layer, tf.keras.layers.LSTM):
+            raise ValueError(
+                f"to_tflite: layer '{layer.name}' ({kind}) cannot be exported yet: TFLite turns GRU and "
+                "SimpleRNN layers into a WHILE loop whose weights syq_tf cannot check, and its int8 "
+                "calibration crashes on GRU; recurrent models export with LSTM layers (fused "
+                "UNIDIRECTIONAL_SEQUENCE_LSTM)."
+            )
+        if layer.unroll or layer.stateful or layer.go_backwards:
+            raise ValueError(
+                f"to_tflite: layer '{layer.name}' ({kind}) has unroll/stateful/go_backwards set; only "
+                "the default LSTM (unroll=False, stateful=False, go_backwards=False) converts to the fused "
+                "TFLite LSTM op."
+            )
+    if found:
+        for layer in model.layers:
+            if getattr(layer, "input_quantizer", None) is not None:
+                raise ValueError(
+                    f"to_tflite: layer '{layer.name}' has an input (activation) quantizer, but a model with "
+                    f"recurrent layers ({', '.join(repr(r.name) for r in found)}) is exported with int8 "
+                    "weights and float activations (TFLite's int8 fused LSTM is not usable); remove the "
+                    "activation quantizers of recurrent models."
+                )
+    return found
+
+
+def convert_dynamic(inference_model):
+    """Dynamic-range conversion: int8 weights (exact codebooks rewritten afterwards), float
+    activations; the LSTM stays one fused UNIDIRECTIONAL_SEQUENCE_LSTM op."""
+    converter = tf.lite.TFLiteConverter.from_keras_model(inference_model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    return converter.convert()
+
+
 # ---- what was stored vs what Keras computes ---------------------------------------------------
 
 
-def _to_tflite_layout(kernel, op, stored_shape):
+def _to_tflite_layout(kernel, op, stored_shape, part=None):
     k = np.asarray(kernel, np.float64)
+    if op == "UNIDIRECTIONAL_SEQUENCE_LSTM":  # [in, 4 units] -> gate `part` as [units, in]
+        units = k.shape[-1] // 4
+        return k[:, part * units : (part + 1) * units].T.reshape(stored_shape)
     if op == "FULLY_CONNECTED":
         k = k.reshape(-1, k.shape[-1]).T  # [in, out] -> [out, in]
     elif op == "DEPTHWISE_CONV_2D":
@@ -251,22 +298,61 @@ def _match_tensor(layer, kernel, tensors, used):
     return free[0] if free else None
 
 
+@dataclasses.dataclass
+class KernelMatch:
+    """One stored weight tensor of a Keras kernel (a fused LSTM stores each kernel as 4 gates)."""
+
+    layer: object
+    quantizer: object  # None for a float kernel
+    variable: object  # the float kernel variable
+    tensor: object  # flatbuffer.WeightTensor, or None if not found
+    part: int = None  # LSTM gate (0..3: i, f, c, o), None for single-tensor kernels
+
+    def expected(self):
+        """The Keras quantized kernel (this part of it) in the stored tensor's layout."""
+        return _to_tflite_layout(_quantized_value(self.quantizer, self.variable), self.tensor.op,
+                                 self.tensor.values.shape, self.part)
+
+
+def _lstm_matches(layer, kernels, tensors, used):
+    ops = sorted({t.op_index for t in tensors if t.op == "UNIDIRECTIONAL_SEQUENCE_LSTM"
+                  and id(t) not in used})
+    if not ops:
+        return [KernelMatch(layer, q, v, None) for q, v in kernels.values()]
+    by_position = {t.position: t for t in tensors if t.op_index == ops[0]}
+    out = []
+    for first, name in ((1, "kernel"), (5, "recurrent_kernel")):
+        quantizer, variable = kernels[name]
+        for part in range(4):
+            tensor = by_position.get(first + part)
+            if tensor is not None:
+                used.add(id(tensor))
+            out.append(KernelMatch(layer, quantizer, variable, tensor, part))
+    return out
+
+
 def kernel_matches(model, buffer):
-    """(layer, quantizer or None, float kernel variable, stored WeightTensor or None) per kernel."""
+    """A :class:`KernelMatch` per stored weight tensor of every kernel of the model."""
     tensors = flatbuffer.weight_tensors(buffer)
     used, out = set(), []
     for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.LSTM):
+            kernels = layer_kernels(layer) if _is_quantized(layer) else {
+                "kernel": (None, layer.cell.kernel), "recurrent_kernel": (None, layer.cell.recurrent_kernel)}
+            out.extend(_lstm_matches(layer, kernels, tensors, used))
+            continue
         if _is_quantized(layer):
             kernels = layer_kernels(layer)
         elif getattr(layer, "kernel", None) is not None:
             kernels = {"kernel": (None, layer.kernel)}
         else:
             kernels = {}
+        single = [t for t in tensors if t.op in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")]
         for quantizer, variable in kernels.values():
-            tensor = _match_tensor(layer, variable, tensors, used)
+            tensor = _match_tensor(layer, variable, single, used)
             if tensor is not None:
                 used.add(id(tensor))
-            out.append((layer, quantizer, variable, tensor))
+            out.append(KernelMatch(layer, quantizer, variable, tensor))
     return out
 
 
@@ -338,17 +424,18 @@ def exact_codebooks(model, buffer):
     when an exact integer form exists. Returns the new flatbuffer and the rewritten layer names."""
     updates, names = {}, []
     biases = flatbuffer.bias_tensors(buffer)
-    for layer, quantizer, variable, tensor in kernel_matches(model, buffer):
-        if quantizer is None or tensor is None or tensor.dtype != "INT8":
+    for match in kernel_matches(model, buffer):
+        tensor = match.tensor
+        if match.quantizer is None or tensor is None or tensor.dtype != "INT8":
             continue
-        expected = _to_tflite_layout(_quantized_value(quantizer, variable), tensor.op, tensor.values.shape)
+        expected = match.expected()
         err, zeros_ok, _, _ = codebook_check(expected, tensor)
         if zeros_ok and err <= 1e-5:
             continue
         update = exact_integer_update(expected, tensor, biases.get(tensor.bias_index))
         if update is not None:
             updates[tensor.tensor_index] = update
-            names.append(layer.name)
+            names.append(_kernel_label(match))
     if not updates:
         return buffer, []
     return flatbuffer.rewrite_weights(buffer, updates), names
@@ -367,30 +454,51 @@ class LayerReport:
     note: str = ""
 
 
+def _kernel_label(match):
+    """Report name of a kernel: the layer's name, plus the kernel's for layers with several."""
+    if isinstance(match.layer, tf.keras.layers.RNN):
+        return f"{match.layer.name}/{_leaf(match.variable.name).split(':')[0]}"
+    return match.layer.name
+
+
 def layer_reports(model, buffer, rescaled=()):
+    """One :class:`LayerReport` per kernel (the gates of a fused LSTM kernel are summed up)."""
+    groups = {}
+    for match in kernel_matches(model, buffer):
+        groups.setdefault(_kernel_label(match), []).append(match)
     reports = []
-    for layer, quantizer, variable, tensor in kernel_matches(model, buffer):
-        if tensor is None:
-            reports.append(LayerReport(layer.name, "?", _describe(quantizer), 0, 0, float("nan"), False, 0,
+    for label, matches in groups.items():
+        quantizer = matches[0].quantizer
+        if any(m.tensor is None for m in matches):
+            reports.append(LayerReport(label, "?", _describe(quantizer), 0, 0, float("nan"), False, 0,
                                        "weight tensor not found in the flatbuffer"))
             continue
-        expected = _to_tflite_layout(_quantized_value(quantizer, variable), tensor.op, tensor.values.shape)
-        err, zeros_ok, levels, keras_levels = codebook_check(expected, tensor)
+        err, zeros_ok, levels, keras_levels, nbytes, dtypes = 0.0, True, 0, 0, 0, set()
+        for m in matches:
+            e, z, lv, klv = codebook_check(m.expected(), m.tensor)
+            err, zeros_ok = max(err, e), zeros_ok and z
+            levels, keras_levels = max(levels, lv), max(keras_levels, klv)
+            nbytes += int(m.tensor.values.nbytes)
+            dtypes.add(m.tensor.dtype)
+        op = matches[0].tensor.op
         if quantizer is None:
-            reports.append(LayerReport(layer.name, tensor.op, "float", keras_levels, levels, float("nan"),
-                                       False, int(tensor.values.nbytes), "float weights, stored as ordinary int8"))
+            reports.append(LayerReport(label, op, "float", keras_levels, levels, float("nan"), False, nbytes,
+                                       f"float weights, stored as ordinary {'/'.join(sorted(dtypes)).lower()}"))
             continue
         exact = zeros_ok and err <= 1e-5
         note = ""
+        tensor = matches[0].tensor
         if not exact:
             note = (f"int8 {'per-channel' if tensor.scales.size > 1 else 'per-tensor'} scales "
                     f"cannot hold this codebook exactly: stored levels off by up to {err:.2%}"
                     + ("" if zeros_ok else "; zero weights were not kept at zero"))
-        elif layer.name in rescaled:
-            note = ("codebook stored exactly as integer multiples of its unit step (int8 scales and "
-                    "int32 bias re-expressed)")
-        reports.append(LayerReport(layer.name, tensor.op, _describe(quantizer), keras_levels, levels,
-                                   err, exact, int(tensor.values.nbytes), note))
+        elif label in rescaled:
+            note = ("codebook stored exactly as integer multiples of its unit step (int8 scales"
+                    + (" and int32 bias" if tensor.bias_index >= 0 else "") + " re-expressed)")
+        elif "FLOAT32" in dtypes:
+            note = "stored as float32 (the converter keeps small tensors in float), so exact"
+        reports.append(LayerReport(label, op, _describe(quantizer), keras_levels, levels, err, exact,
+                                   nbytes, note))
     return reports
 
 

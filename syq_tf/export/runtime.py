@@ -4,7 +4,10 @@ import numpy as np
 
 
 def litert_predict(buffer, x, batch_size=256):
-    """Float outputs of an int8 TFLite model on float inputs (quantize in, dequantize out)."""
+    """Float outputs of a TFLite model: int8 inputs are quantized and int8 outputs dequantized.
+
+    A model with a fixed batch dimension (recurrent models: the fused LSTM keeps its state in
+    variable tensors) is run one batch at a time with its state reset before every batch."""
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_content=bytes(buffer), num_threads=1)
@@ -12,17 +15,29 @@ def litert_predict(buffer, x, batch_size=256):
     out = interpreter.get_output_details()[0]
     in_scale, in_zero = inp["quantization"]
     out_scale, out_zero = out["quantization"]
-    x = np.asarray(x, np.float32)
+    fixed = inp["shape_signature"][0] != -1
+    if fixed:
+        batch_size = int(inp["shape"][0])
+        interpreter.allocate_tensors()
+    x = np.asarray(x)
+    x = x.astype(np.float32) if x.dtype.kind == "f" or inp["dtype"] in (np.int8, np.float32) else x
     results = []
     current = None
     for start in range(0, len(x), batch_size):
         chunk = x[start : start + batch_size]
-        if current != len(chunk):
+        if fixed and len(chunk) != batch_size:
+            raise ValueError(f"litert_predict: the model takes batches of exactly {batch_size}; got "
+                             f"{len(x)} examples (not a multiple).")
+        if not fixed and current != len(chunk):
             interpreter.resize_tensor_input(inp["index"], [len(chunk), *chunk.shape[1:]])
             interpreter.allocate_tensors()
             current = len(chunk)
         if inp["dtype"] == np.int8:
             chunk = np.clip(np.floor(chunk / in_scale + 0.5) + in_zero, -128, 127).astype(np.int8)
+        else:
+            chunk = chunk.astype(inp["dtype"])
+        if fixed:
+            interpreter.reset_all_variables()
         interpreter.set_tensor(inp["index"], chunk)
         interpreter.invoke()
         y = interpreter.get_tensor(out["index"])
@@ -36,9 +51,10 @@ def agreement(keras_outputs, runtime_outputs, labels=None):
     """Top-1 agreement between two models' outputs, and each one's accuracy if labels are given."""
     k = np.argmax(keras_outputs, axis=-1)
     r = np.argmax(runtime_outputs, axis=-1)
-    report = {"examples": int(len(k)), "top1_agreement": float(np.mean(k == r))}
+    report = {"examples": int(len(k)), "top1_agreement": float(np.mean(k == r)),
+              "max_abs_diff": float(np.max(np.abs(np.asarray(keras_outputs, np.float64) - runtime_outputs)))}
     if labels is not None:
-        labels = np.asarray(labels).reshape(-1)
+        labels = np.asarray(labels).reshape(k.shape)
         report["keras_accuracy"] = float(np.mean(k == labels))
         report["runtime_accuracy"] = float(np.mean(r == labels))
     return report

@@ -429,19 +429,24 @@ LOSS_AWARE_GRANULARITIES = ("layer", "channel")
 _PRECISION = {"binary": 1, "ternary": 2, "ternary_exact": 2, "ternary_two_scale": 2}
 
 
-def _checked_identity(x, bound, message):
-    """Identity whose gradient fails (InvalidArgumentError: ``message``) unless ``bound`` is True."""
+def _straight_through(w, q, check=None):
+    """Q in the forward pass (exactly: no w + (q - w) rounding), identity gradient to w. ``check``:
+    (bool variable, message): the gradient fails (InvalidArgumentError: message) unless it is True."""
+    q = tf.stop_gradient(q)
 
     @tf.custom_gradient
-    def identity(x):
+    def ste(w):
         def grad(dy):
-            check = tf.debugging.Assert(bound.read_value(), [message])
-            with tf.control_dependencies([check]):
+            if check is None:
+                return dy
+            bound, message = check
+            assertion = tf.debugging.Assert(bound.read_value(), [message])
+            with tf.control_dependencies([assertion]):
                 return tf.identity(dy)
 
-        return tf.identity(x), grad
+        return tf.identity(q), grad
 
-    return identity(x)
+    return ste(w)
 
 
 @register(alias="loss_aware")
@@ -533,10 +538,14 @@ class LossAware(WeightQuantizer):
                 name="alpha_initialized", shape=(), dtype=tf.bool, initializer="zeros",
                 trainable=False, aggregation=first,
             )
-            # Set by LossAwareAdam when it takes this kernel over; deliberately not a saved weight
-            # (a reloaded model trained with another optimizer must fail again).
+            # Set by LossAwareAdam when it takes this kernel over. Not a Keras weight, so h5 files
+            # and get_weights() leave it out (a model reloaded from h5 and trained with another
+            # optimizer fails again); tracked as a plain dependency because the gradient reads it
+            # and a SavedModel must reach every variable its functions capture.
             with tf.init_scope():
-                object.__setattr__(self, "_bound", tf.Variable(False, trainable=False, name="bound"))
+                bound = tf.Variable(False, trainable=False, name="bound")
+            object.__setattr__(self, "_bound", bound)
+            self._track_trackable(bound, name="loss_aware_bound")
         super().build(input_shape)
 
     def _check_shape(self, shape):
@@ -632,8 +641,7 @@ class LossAware(WeightQuantizer):
         w = tf.convert_to_tensor(inputs)
         self._check_shape(w.shape)
         if self.curvature == "constant":
-            q = self._levels(w, self.project(w))
-            return w + tf.stop_gradient(q - w)
+            return _straight_through(w, self._levels(w, self.project(w)))
         q = self._levels(w, self.scales_for(w))
         message = (
             f"LossAware quantizer '{self.name}' (mode {self.mode!r}, curvature='optimizer') is being "
@@ -641,8 +649,7 @@ class LossAware(WeightQuantizer):
             "projects its weights: compile the model with LossAwareAdam(...), or use "
             "LossAware(..., curvature='constant') for the unweighted (d = 1) projection."
         )
-        w = _checked_identity(w, self._bound, message)
-        return w + tf.stop_gradient(q - w)
+        return _straight_through(w, q, (self._bound, message))
 
     def codebook(self):
         """The stored scales as numpy arrays (curvature='optimizer' only)."""
