@@ -1,7 +1,9 @@
 """Training step time of every quantizer relative to the same float CNN, measured side by side.
 
-The demo CNN (examples/fashion_mnist_syq.py) with SYQ, UniQ and least-squares quantizers; the
-least-squares activations (a sort per sample per layer for ls2/lsT) are the ones to watch.
+The demo CNN (examples/fashion_mnist_syq.py) with SYQ, UniQ, least-squares and loss-aware
+quantizers; the least-squares activations (a sort per sample per layer for ls2/lsT) and the
+loss-aware projection (inside LossAwareAdam's step, a sort per kernel for exact LAT) are the ones to
+watch.
 
 All models are built first; then rounds interleave them (each round times a few steps of every
 model) so that the shared machine's noise hits all alike. Prints a table and writes JSON.
@@ -33,6 +35,9 @@ CONFIGS = (
     + [(f"UniQ W{b}A{a}", dict(method="uniq", bits=b, act_bits=a)) for b, a in ((1, 1), (2, 2), (4, 4), (2, 8))]
     + [(f"LS W1 ls1, A {m}", dict(method="ls", bits=1, ls_act_mode=m)) for m in ("ls1", "lsT", "gf2", "ls2")]
     + [("LS W2 ls2, A8 DoReFa", dict(method="ls", bits=2))]
+    + [(f"LA {label} A8", dict(method="la", bits=b, la_mode=m))
+       for label, m, b in (("LAB W1", "binary", 1), ("LAT W2", "ternary", 2), ("LAT-exact W2", "ternary_exact", 2),
+                           ("LAT2 W2", "ternary_two_scale", 2), ("LAQ W3", "linear", 3), ("LAQ-log W3", "log", 3))]
 )
 
 
@@ -52,7 +57,7 @@ def main(argv=None):
         if args.only and options is not None and not re.search(args.only, name):
             continue
         model = build_cnn(None) if options is None else build_cnn(**options)
-        compile_model(model, 1e-3)
+        compile_model(model, 1e-3, (options or {}).get("method"))
         syq_tf.calibrate(model, x, batches=1)  # UniQ activation steps (a no-op for the others)
         for _ in range(3):  # trace and warm up
             model.train_on_batch(x, y)

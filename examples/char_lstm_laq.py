@@ -96,6 +96,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-chars", type=int, default=200_000,
                    help="characters of the validation / test split used (0: all)")
+    p.add_argument("--verify-sequences", type=int, default=32,
+                   help="test sequences run through LiteRT to compare with Keras")
     p.add_argument("--out", default="out/char_lstm")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -145,13 +147,22 @@ def main(argv=None):
             path = os.path.join(args.out, f"{run}.h5")
             model.save(path)
             reloaded = tf.keras.models.load_model(path, compile=False)
-            x, _ = next(iter(test))
+            x, y = next(iter(test))
+            x, y = x.numpy()[: args.verify_sequences], y.numpy()[: args.verify_sequences]
             row["reload_max_abs_diff"] = float(np.abs(reloaded(x) - model(x)).max())
+            # TFLite: a fused LSTM with int8 weights (codebooks checked), run with LiteRT
+            result = syq_tf.export.to_tflite(model, representative_data=x, verify_data=x, verify_labels=y)
+            result.save(os.path.join(args.out, f"{run}.tflite"))
+            print(result.table())
+            row["tflite"] = {"model_bytes": result.model_bytes, "verification": result.verification,
+                             "all_codebooks_exact": all(r.exact for r in result.layers)}
         results[run] = row
         print(f"   test cross-entropy {test_ce:.4f} nats/char = {test_ce / math.log(2):.4f} bits/char "
               f"({seconds:.0f} s)")
 
-    print("\n  run         test nats/char  bits/char  vs float  train s")
+    print(f"\n  test cross-entropy per character ({len(test_ids):,} test characters; {args.layers} x LSTM"
+          f"({args.units}), {args.steps} steps of {args.batch_size} x {args.seq_len} characters)")
+    print("  run         test nats/char  bits/char  vs float  train s")
     base = results.get("float", {}).get("test_cross_entropy_nats")
     for run, row in results.items():
         delta = "" if base is None else f"{row['test_cross_entropy_nats'] - base:+.4f}"

@@ -3,11 +3,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
-  echo "[setup] installing Debian package dataset-fashion-mnist"
+# Offline data: Fashion-MNIST (IDX files) and the Linux kernel UAPI headers (the text corpus of
+# examples/char_lstm_laq.py); installed only when missing.
+missing=""
+dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || missing="$missing dataset-fashion-mnist"
+dpkg -s linux-libc-dev >/dev/null 2>&1 || missing="$missing linux-libc-dev"
+if [ -n "$missing" ]; then
+  echo "[setup] installing Debian package(s):$missing"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
 fi
 
 PY="${PYTHON:-}"

@@ -50,3 +50,32 @@ def test_fashion_mnist_from_debian_package():
     assert batch_x.shape == (32, 28, 28, 1) and batch_y.shape == (32,)
     with pytest.raises(ValueError, match="split='val'"):
         data.load_fashion_mnist("val")
+
+
+def test_text_corpus_is_split_contiguously_in_file_order(tmp_path):
+    from syq_tf.data import load_text_corpus
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "b.h").write_bytes(b"int b;\n" * 200)
+    (tmp_path / "sub" / "a.h").write_bytes(b"#define A 1\n" * 100)
+    (tmp_path / "skip.txt").write_bytes(b"not a header")
+    corpus = load_text_corpus(str(tmp_path), "*.h", split=(0.8, 0.1, 0.1))
+    text = b"int b;\n" * 200 + b"#define A 1\n" * 100  # sorted paths: b.h < sub/a.h
+    assert corpus.files == 2 and corpus.size == len(text)
+    assert corpus.alphabet == bytes(sorted(set(text)))
+    joined = np.concatenate([corpus.train, corpus.valid, corpus.test])
+    assert corpus.decode(joined) == text.decode()
+    assert len(corpus.train) == round(0.8 * len(text)) and len(corpus.valid) == round(0.1 * len(text))
+    assert corpus.train.dtype == np.int32 and joined.max() == len(corpus.alphabet) - 1
+
+
+def test_text_corpus_errors_name_the_problem(tmp_path):
+    from syq_tf.data import load_text_corpus
+
+    with pytest.raises(FileNotFoundError, match="no files matching '\\*.h' under"):
+        load_text_corpus(str(tmp_path))
+    (tmp_path / "x.h").write_bytes(b"abc")
+    with pytest.raises(ValueError, match="only 3 bytes"):
+        load_text_corpus(str(tmp_path))
+    with pytest.raises(ValueError, match="three positive fractions"):
+        load_text_corpus(str(tmp_path), split=(0.5, 0.5))

@@ -281,7 +281,7 @@ def _describe(quantizer):
     cfg = quantizer.get_config() if hasattr(quantizer, "get_config") else {}
     parts = [type(quantizer).__name__ if hasattr(quantizer, "get_config") else getattr(quantizer, "__name__", "?")]
     for key in ("mode", "bits", "granularity"):
-        if key in cfg:
+        if cfg.get(key) is not None:
             parts.append(f"{key}={cfg[key]}")
     return " ".join(parts)
 

@@ -186,3 +186,25 @@ def scale_shape(kernel_shape, reduce_axes):
 def sign_pm1(x):
     """sign with sign(0) := +1, written as LCE's converter recognises it."""
     return tf.where(x >= 0, tf.ones_like(x), -tf.ones_like(x))
+
+
+def to_groups(w, reduce_axes):
+    """Move the kept axes of ``w`` (static shape) to the front and flatten: [groups, n]; returns the
+    2-D tensor and the permutation needed to undo it with :func:`from_groups`."""
+    rank = w.shape.rank
+    keep = [axis for axis in range(rank) if axis not in reduce_axes]
+    perm = keep + list(reduce_axes)
+    moved = tf.transpose(w, perm)
+    groups = 1
+    for axis in keep:
+        groups *= int(w.shape[axis])
+    return tf.reshape(moved, [groups, -1]), perm
+
+
+def from_groups(q2d, shape, perm):
+    """Inverse of :func:`to_groups` for a kernel of static ``shape``."""
+    moved_shape = [int(shape[axis]) for axis in perm]
+    inverse = [0] * len(perm)
+    for position, axis in enumerate(perm):
+        inverse[axis] = position
+    return tf.transpose(tf.reshape(q2d, moved_shape), inverse)

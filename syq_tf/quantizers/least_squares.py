@@ -54,8 +54,10 @@ from syq_tf.quantizers._common import (
     ActivationQuantizer,
     WeightQuantizer,
     register,
+    from_groups,
     sign_pm1,
     subgroup_reduce_axes,
+    to_groups,
 )
 
 MODES = ("ls1", "ls2", "lsT", "gf2", "gf3", "gf4")
@@ -382,28 +384,6 @@ def least_squares_ste(x2d, mode, clip=None, scalars=None):
 
 # ------------------------------------------------------------------------------------------------
 # Reshaping to / from rows.
-
-
-def to_groups(w, reduce_axes):
-    """Move the kept axes of ``w`` (static shape) to the front and flatten: [groups, n]; returns the
-    2-D tensor and the permutation needed to undo it with :func:`from_groups`."""
-    rank = w.shape.rank
-    keep = [axis for axis in range(rank) if axis not in reduce_axes]
-    perm = keep + list(reduce_axes)
-    moved = tf.transpose(w, perm)
-    groups = 1
-    for axis in keep:
-        groups *= int(w.shape[axis])
-    return tf.reshape(moved, [groups, -1]), perm
-
-
-def from_groups(q2d, shape, perm):
-    """Inverse of :func:`to_groups` for a kernel of static ``shape``."""
-    moved_shape = [int(shape[axis]) for axis in perm]
-    inverse = [0] * len(perm)
-    for position, axis in enumerate(perm):
-        inverse[axis] = position
-    return tf.transpose(tf.reshape(q2d, moved_shape), inverse)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -77,8 +77,8 @@ from syq_tf.quantizers._common import (
     scale_shape,
     sign_pm1,
     subgroup_reduce_axes,
+    to_groups,
 )
-from syq_tf.quantizers.least_squares import to_groups
 
 MODES = ("binary", "ternary", "ternary_exact", "ternary_two_scale", "linear", "log")
 LAQ_KINDS = ("linear", "log")
