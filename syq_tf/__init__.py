@@ -14,6 +14,8 @@ from syq_tf.models import ReinitializeScales, quantized_kernels, reinitialize_sc
 from syq_tf import export  # noqa: E402
 from syq_tf import optimizers  # noqa: E402
 from syq_tf.optimizers import LossAwareAdam  # noqa: E402
+from syq_tf import tfmot  # noqa: E402
+from syq_tf.tfmot import quantize_model  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -28,4 +30,6 @@ __all__ = [
     "export",
     "optimizers",
     "LossAwareAdam",
+    "tfmot",
+    "quantize_model",
 ]

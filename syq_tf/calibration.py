@@ -21,9 +21,13 @@ def calibratable_quantizers(model):
     """Every quantizer in ``model`` (nested layers included) that is set by calibration."""
     found, seen = [], set()
     for module in [model, *model.submodules]:
-        if hasattr(module, "start_calibration") and id(module) not in seen:
-            seen.add(id(module))
-            found.append(module)
+        # tfmot wrappers keep syq_tf quantizers inside their QuantizeConfig (not as sub-layers)
+        config = getattr(module, "quantize_config", None)
+        inner = [q.impl for q in getattr(config, "quantizers", lambda: [])() if getattr(q, "impl", None)]
+        for candidate in [module, *inner]:
+            if hasattr(candidate, "start_calibration") and id(candidate) not in seen:
+                seen.add(id(candidate))
+                found.append(candidate)
     return found
 
 

@@ -29,6 +29,10 @@ def layer_kernels(layer):
     """{kernel attribute: (quantizer or None, float kernel variable)} of a syq_tf or larq layer."""
     if isinstance(layer, QuantizedLayerMixin):
         return layer.float_kernels()
+    from syq_tf import tfmot  # noqa: PLC0415  (tfmot imports this module's neighbours)
+
+    if tfmot.is_wrapper(layer):
+        return tfmot.wrapper_kernels(layer)
     out = {}
     for q_attr, k_attr in _LARQ_KERNELS:
         kernel = getattr(layer, k_attr, None)

@@ -67,7 +67,9 @@ class LossAwareAdam(tf.keras.optimizers.Adam):
         super().__init__(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
                          name=name, **kwargs)
         self.clip = None if clip is None else float(clip)
-        self._loss_aware = {}
+        # kernel key -> quantizer; a plain dict on purpose: as a tracked attribute it would make the
+        # quantizers part of the optimizer's SavedModel graph (revived as extra, unbuilt copies).
+        object.__setattr__(self, "_loss_aware", {})
 
     def build(self, var_list):
         super().build(var_list)

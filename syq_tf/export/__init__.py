@@ -118,7 +118,14 @@ def to_tflite(model, representative_data, target="litert", verify_data=None, ver
     """
     if target not in TARGETS:
         raise ValueError(f"to_tflite: unknown target {target!r}; available here: {TARGETS}.")
-    if recurrent_layers(model):
+    from syq_tf import tfmot as _tfmot  # noqa: PLC0415
+
+    if any(_tfmot.is_wrapper(layer) for layer in model.layers):
+        # tfmot QAT model: its fake-quant ranges are kept; syq_tf kernels become their quantized
+        # constants with their int8 range, syq_tf activation quantizers int8 grids (export_form).
+        with _tfmot.quantize_scope():
+            buffer = convert(_tfmot.export_form(model), representative_data, representative_samples)
+    elif recurrent_layers(model):
         buffer = convert_dynamic(build_inference_model(model, batch_size=1))
     else:
         buffer = convert(build_inference_model(model), representative_data, representative_samples)

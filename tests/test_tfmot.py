@@ -1,0 +1,189 @@
+"""tfmot integration: QuantizeConfigs round-trip and save/load in the scope; quantize_model on a
+ResNet-style functional model trains and exports with exact low-bit codebooks; unsupported layers
+are reported; the larq path and the tfmot path compute the same outputs."""
+
+import larq as lq
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+
+import syq_tf
+from conftest import separable_data
+from syq_tf import tfmot as st
+from syq_tf.export import flatbuffer
+from syq_tf.export.litert import kernel_matches
+from syq_tf.quantizers import SYQ, DoReFaActivation, LeastSquares, LossAware, UniQ
+
+tq = tfmot.quantization.keras
+
+CONFIGS = [
+    st.SYQConfig(bits=2, granularity="pixel", activation_bits=4),
+    st.UniQConfig(bits=3, activation_bits=4),
+    st.LeastSquaresConfig("ls2", activation_mode="lsT"),
+    st.LossAwareConfig("linear", bits=3, activation_bits=8),
+    st.ActivationConfig(DoReFaActivation(2)),
+    st.QuantizeConfig(SYQ(1, "channel"), None),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: type(c).__name__)
+def test_configs_round_trip_through_keras_serialization(config):
+    data = tf.keras.utils.serialize_keras_object(config)
+    with st.quantize_scope():
+        again = tf.keras.utils.deserialize_keras_object(data)
+    assert type(again) is type(config) and again.get_config() == config.get_config()
+    assert again == config
+    for q, q2 in zip(config.quantizers(), again.quantizers()):
+        assert q.quantizer.get_config() == q2.quantizer.get_config()
+
+
+def test_configs_reject_quantizers_in_the_wrong_role():
+    with pytest.raises(ValueError, match="weight_quantizer DoReFaActivation quantizes activations"):
+        st.QuantizeConfig(DoReFaActivation(4), None)
+    with pytest.raises(ValueError, match="output_quantizer SYQ quantizes weights"):
+        st.QuantizeConfig(None, SYQ(2))
+    with pytest.raises(TypeError, match="expected a syq_tf quantizer"):
+        st.TfmotQuantizer("ste_sign")
+    layer = tf.keras.layers.ReLU(name="r")
+    with pytest.raises(ValueError, match="layer 'r' \\(ReLU\\) has no kernel"):
+        st.SYQConfig().get_weights_and_quantizers(layer)
+
+
+def _annotated_model():
+    a = tq.quantize_annotate_layer
+    inp = tf.keras.Input((8, 8, 1))
+    x = tf.keras.layers.Conv2D(8, 3, name="c0")(inp)
+    x = a(tf.keras.layers.ReLU(name="r0"), st.ActivationConfig(DoReFaActivation(4)))(x)
+    x = a(tf.keras.layers.Conv2D(8, 3, name="c1"), st.SYQConfig(2, "pixel"))(x)
+    x = a(tf.keras.layers.DepthwiseConv2D(3, name="dw"), st.QuantizeConfig(UniQ(3, "channel")))(x)
+    x = tf.keras.layers.Flatten()(x)
+    x = a(tf.keras.layers.Dense(16, name="d1"), st.LeastSquaresConfig("ls1"))(x)
+    out = a(tf.keras.layers.Dense(4, name="d2"), st.LossAwareConfig("ternary_exact"))(x)
+    return tf.keras.Model(inp, out)
+
+
+@pytest.mark.parametrize("fmt", ["h5", "tf"])
+def test_annotate_apply_train_save_and_load_in_the_scope(tmp_path, fmt):
+    x, y = separable_data(128)
+    with st.quantize_scope():
+        model = tq.quantize_apply(_annotated_model())
+    model.compile(syq_tf.LossAwareAdam(1e-2), tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=2, verbose=0)
+    # the quantizers' scales are the wrappers' weights, and the loss-aware kernel was projected
+    names = {v.name.split("/")[-1] for v in model.weights}
+    assert {"kernel_alpha:0", "depthwise_kernel_delta:0", "output_delta:0"} - names == {"output_delta:0"}
+    la = model.get_layer("quant_d2").quantize_config.weight_quantizer.impl
+    assert model.optimizer.loss_aware_quantizers == [la] and bool(la.alpha_initialized.numpy())
+    path = str(tmp_path / ("m.h5" if fmt == "h5" else "m"))
+    model.save(path, save_format=fmt)
+    with st.quantize_scope():
+        loaded = tf.keras.models.load_model(path)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+    for layer in ("quant_c1", "quant_d2"):
+        old = dict(st.wrapper_kernels(model.get_layer(layer)))
+        new = dict(st.wrapper_kernels(loaded.get_layer(layer)))
+        for key in old:
+            np.testing.assert_array_equal(old[key][0](old[key][1]), new[key][0](new[key][1]))
+
+
+def resnet_like():
+    inp = tf.keras.Input((8, 8, 1))
+    h = tf.keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="stem")(inp)
+    h = tf.keras.layers.BatchNormalization(momentum=0.8, name="bn0")(h)
+    h = tf.keras.layers.ReLU(name="r0")(h)
+    r = tf.keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="c1")(h)
+    r = tf.keras.layers.BatchNormalization(momentum=0.8, name="bn1")(r)
+    r = tf.keras.layers.ReLU(name="r1")(r)
+    r = tf.keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(r)
+    r = tf.keras.layers.BatchNormalization(momentum=0.8, name="bn2")(r)
+    h = tf.keras.layers.Add(name="add")([h, r])
+    h = tf.keras.layers.ReLU(name="r2")(h)
+    h = tf.keras.layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False, name="c2")(h)
+    h = tf.keras.layers.BatchNormalization(momentum=0.8, name="bn3")(h)
+    h = tf.keras.layers.ReLU(name="r3")(h)
+    h = tf.keras.layers.GlobalAveragePooling2D(name="gap")(h)
+    return tf.keras.Model(inp, tf.keras.layers.Dense(4, name="head")(h))
+
+
+@pytest.mark.parametrize("scheme", ["syq-w2a8", "lab-w1", "laq-w3a8", "uniq-w2a8"])
+def test_quantize_model_trains_and_exports_exact_low_bit_layers(scheme):
+    x, y = separable_data(640)
+    model, report = st.quantize_model(resnet_like(), scheme, return_report=True)
+    assert report["low_bit"] == ["c1", "c2", "dw"] and {"stem", "head"} <= set(report["eight_bit"])
+    assert report["unsupported"] == [] and report["float"] == []
+    assert type(model.get_layer("quant_stem").quantize_config).__name__ == "Default8BitConvQuantizeConfig"
+    optimizer = syq_tf.LossAwareAdam(1e-2) if scheme.startswith("la") else tf.keras.optimizers.Adam(1e-2)
+    model.compile(optimizer, tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    history = model.fit(x[:512], y[:512], epochs=6, batch_size=32, verbose=0)
+    assert history.history["accuracy"][-1] > 0.9
+    result = syq_tf.export.to_tflite(model, representative_data=x[:128], verify_data=x[512:],
+                                     verify_labels=y[512:], require_exact=True)
+    assert {r.layer for r in result.layers if r.quantizer != "float"} == {"quant_c1", "quant_dw", "quant_c2"}
+    assert all(r.exact for r in result.layers if r.quantizer != "float")
+    for match in kernel_matches(model, result.flatbuffer):  # read back from the flatbuffer
+        if match.quantizer is not None:
+            stored = match.tensor.values
+            assert match.tensor.dtype == "INT8" and np.array_equal(stored == 0, match.expected() == 0)
+            bits = {"syq-w2a8": 3, "lab-w1": 2, "laq-w3a8": 7, "uniq-w2a8": 4}[scheme]
+            per_channel = [np.unique(np.take(stored, c, axis=match.tensor.quantized_dimension)).size
+                           for c in range(stored.shape[match.tensor.quantized_dimension])]
+            assert max(per_channel) <= bits
+    assert result.verification["top1_agreement"] >= 0.99
+    assert flatbuffer.op_names(result.flatbuffer).count("CONV_2D") == 3
+
+
+def test_low_bit_activation_schemes_quantize_activation_layers():
+    model, report = st.quantize_model(resnet_like(), "syq-w1a2", return_report=True)
+    assert report["low_bit_activations"] == ["r0", "r1", "r2", "r3"]
+    out = model.get_layer("quant_r1").quantize_config.output_quantizer
+    assert isinstance(out.quantizer, DoReFaActivation) and out.quantizer.bits == 2
+    x, _ = separable_data(16)
+    values = np.unique(tf.keras.Model(model.input, model.get_layer("quant_r1").output)(x).numpy())
+    assert np.all(np.isin(np.round(values * 3, 5), [0, 1, 2, 3]))  # 2-bit DoReFa levels {0, 1/3, 2/3, 1}
+
+
+def test_unsupported_layers_are_reported_or_kept_float_on_request():
+    inp = tf.keras.Input((10, 4))
+    x = tf.keras.layers.Conv1D(8, 3, name="c0")(inp)
+    x = tf.keras.layers.LSTM(8, return_sequences=True, name="lstm")(x)
+    x = tf.keras.layers.Conv1D(8, 3, name="c1")(x)
+    x = tf.keras.layers.GlobalAveragePooling1D(name="gap")(x)
+    model = tf.keras.Model(inp, tf.keras.layers.Dense(3, name="head")(x))
+    with pytest.raises(st.UnsupportedLayersError, match="'lstm' \\(LSTM\\): tfmot's default 8-bit registry"):
+        st.quantize_model(model, "syq-w2a8")
+    quantized, report = st.quantize_model(model, "syq-w2a8", on_unsupported="keep_float", keep_float=["gap"],
+                                          return_report=True)
+    assert report["float"] == ["gap", "lstm"] and report["low_bit"] == ["c1"] and "c0" in report["eight_bit"]
+    assert report["unsupported"] == [{"layer": "lstm", "type": "LSTM", "why": report["unsupported"][0]["why"]}]
+    assert not st.is_wrapper(quantized.get_layer("lstm"))
+    with pytest.raises(ValueError, match="keep_float names layers the model does not have: \\['nope'\\]"):
+        st.quantize_model(model, "syq-w2a8", keep_float=["nope"])
+    with pytest.raises(ValueError, match="unknown scheme 'syq-w3a8'|unsupported bit widths"):
+        st.quantize_model(model, "syq-w3a8")
+    with pytest.raises(ValueError, match="unknown scheme 'foo'"):
+        st.quantize_model(model, "foo")
+
+
+@pytest.mark.parametrize("weight,out", [(SYQ(2, "channel"), DoReFaActivation(4)),
+                                        (LeastSquares("ls2"), None),
+                                        (LossAware("linear", bits=3, curvature="constant"), DoReFaActivation(8))])
+def test_larq_path_and_tfmot_path_compute_the_same(weight, out):
+    """The same float kernel through a larq QuantDense (+ the activation quantizer as a layer) and
+    through a tfmot wrapper with the same syq_tf quantizers gives the same outputs. (Layer level:
+    tfmot adds its own 8-bit quantization of the model input, which larq does not.)"""
+    x = np.random.default_rng(0).normal(size=(32, 6)).astype(np.float32)
+    fc = lq.layers.QuantDense(5, kernel_quantizer=type(weight).from_config(weight.get_config()), name="fc")
+    act = None if out is None else type(out).from_config(out.get_config())
+    fc.build((None, 6))
+
+    inp = tf.keras.Input((6,))
+    h = tq.quantize_annotate_layer(tf.keras.layers.Dense(5, name="fc"), st.QuantizeConfig(weight, out))(inp)
+    with st.quantize_scope():
+        tfmot_model = tq.quantize_apply(tf.keras.Model(inp, h))
+    wrapper = tfmot_model.get_layer("quant_fc")
+    st.wrapper_kernels(wrapper)["kernel"][1].assign(fc.kernel.latent_variable)  # the float kernels agree ...
+    wrapper.layer.bias.assign(fc.bias)
+    expected = fc(x) if act is None else act(fc(x))
+    np.testing.assert_allclose(wrapper(x, training=False).numpy(), expected.numpy(), rtol=1e-6, atol=1e-6)
+    assert tfmot_model.layers[1].name == "quantize_layer"  # (the model-level difference)
