@@ -1,4 +1,14 @@
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+
+# Packed binary/ternary kernels (tflite/, C99): a plain shared library loaded with ctypes by
+# syq_tf.kernels; compiled by `pip install -e .` with the system C compiler.
+SYQ_KERNELS = Extension(
+    "syq_tf.kernels._libsyq",
+    sources=["tflite/src/syq_common.c", "tflite/src/syq_opt.c"],
+    include_dirs=["tflite/include"],
+    depends=["tflite/include/syq_kernels.h", "tflite/src/syq_internal.h"],
+    extra_compile_args=["-std=c99", "-O3"],
+)
 
 setup(
     name="syq_tf",
@@ -17,5 +27,8 @@ setup(
         "absl-py",
         "numpy<2",
     ],
-    extras_require={"test": ["pytest"]},
+    # tflite-micro: TFLite Micro's Python runtime (benchmarks/kernels.py compares with its int8
+    # reference kernels); the exact nightly is pinned in constraints.txt.
+    extras_require={"test": ["pytest", "tflite-micro"]},
+    ext_modules=[SYQ_KERNELS],
 )

@@ -29,7 +29,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=".venv/.syq_tf-installed"
-want="$(cat constraints.txt setup.py | sha256sum | cut -d' ' -f1)"
+# re-install when the pins, setup.py or the C kernels (compiled by the install) change
+want="$(cat constraints.txt setup.py tflite/include/*.h tflite/src/*.[ch] | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing pinned dependencies (constraints.txt)"
   .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"

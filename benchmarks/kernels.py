@@ -1,0 +1,180 @@
+"""Packed binary/ternary kernels vs LiteRT int8 vs TFLite Micro, single thread, one run.
+
+Layers: the demo CNN's quantized layers (examples/fashion_mnist_syq.py: conv2 28x28x32->32,
+conv3 14x14x32->64, conv4 14x14x64->64, all 3x3 SAME; fc1 3136->128) and a ResNet-18-sized
+3x3 conv (56x56x64->64).  Each layer is a one-layer Keras model with a binary / ternary SYQ
+pixel codebook converted to full-integer int8; our kernels run the packed codes read back from that
+flatbuffer.  Timings are interleaved (round-robin over implementations), median per call.
+
+    TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/kernels.py [--rounds 15] [--quick]
+
+Writes benchmarks/results/kernels.json.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import numpy as np
+
+import syq_tf  # noqa: F401
+import tensorflow as tf
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+from syq_tf import kernels as K
+
+LAYERS = [
+    ("demo conv2 28x28x32->32 3x3", "conv", (28, 28, 32), 32),
+    ("demo conv3 14x14x32->64 3x3", "conv", (14, 14, 32), 64),
+    ("demo conv4 14x14x64->64 3x3", "conv", (14, 14, 64), 64),
+    ("demo fc1 3136->128", "fc", (3136,), 128),
+    ("resnet18 conv 56x56x64->64 3x3", "conv", (56, 56, 64), 64),
+]
+
+
+def convert(kind, in_shape, out_c, bits, rng):
+    inp = tf.keras.Input(in_shape)
+    layer = (tf.keras.layers.Conv2D(out_c, 3, padding="same", activation="relu") if kind == "conv"
+             else tf.keras.layers.Dense(out_c, activation="relu"))
+    model = tf.keras.Model(inp, layer(inp))
+    shape = tuple(layer.kernel.shape)
+    codes = rng.choice([-1, 1] if bits == 1 else [-1, 0, 1], size=shape)
+    alpha = rng.uniform(0.02, 0.2, size=list(shape[:-2]) + [1, 1]) if kind == "conv" else 0.05
+    layer.kernel.assign((codes * alpha).astype(np.float32))
+    layer.bias.assign(rng.normal(0, 0.2, size=out_c).astype(np.float32))
+
+    def rep():
+        for _ in range(8):
+            yield [rng.uniform(0, 1, size=(1,) + in_shape).astype(np.float32)]
+
+    c = tf.lite.TFLiteConverter.from_keras_model(model)
+    c.optimizations = [tf.lite.Optimize.DEFAULT]
+    c.representative_dataset = rep
+    c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    c.inference_input_type = c.inference_output_type = tf.int8
+    return c.convert()
+
+
+def litert_runner(fb, x, resolver):
+    it = Interpreter(model_content=fb, experimental_op_resolver_type=resolver, num_threads=1)
+    it.allocate_tensors()
+    d, o = it.get_input_details()[0], it.get_output_details()[0]
+    it.set_tensor(d["index"], x)
+
+    def run():
+        it.invoke()
+    run.output = lambda: it.get_tensor(o["index"])
+    return run
+
+
+def tflm_runner(fb, x):
+    try:
+        from tflite_micro.python.tflite_micro import runtime
+    except ImportError as err:
+        return None, f"tflite-micro not installed ({err})"
+    it = runtime.Interpreter.from_bytes(fb, arena_size=8 << 20)
+    it.set_input(x, 0)
+
+    def run():
+        it.invoke()
+    run.output = lambda: it.get_output(0)
+    return run, None
+
+
+def ours_runner(layer, x, impl):
+    xin = x if layer.kind == "conv" else x.reshape(1, -1)
+    r = layer.make_runner(xin.shape, impl=impl)
+
+    def run():
+        r(xin)
+    run.output = lambda: r(xin)
+    return run
+
+
+def time_call(fn, min_time):
+    n, t = 1, 0.0
+    while True:  # calls per sample so one sample takes >= min_time
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t = time.perf_counter() - t0
+        if t >= min_time:
+            return t / n
+        n *= 2
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--min-time", type=float, default=0.02, help="seconds per timing sample")
+    ap.add_argument("--quick", action="store_true", help="3 rounds, skip the slow reference kernels on big layers")
+    ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "kernels.json"))
+    args = ap.parse_args()
+    rounds = 3 if args.quick else args.rounds
+    rng = np.random.default_rng(0)
+    results = []
+    tflm_note = None
+    print(f"optimized path: {'AVX2' if K.simd_level() == 2 else 'portable C'}; single thread; "
+          f"median of {rounds} interleaved rounds, microseconds per call")
+    for name, kind, in_shape, out_c in LAYERS:
+        for bits in (1, 2):
+            fb = convert(kind, in_shape, out_c, bits, rng)
+            (layer,) = K.packed_layers(fb).values()
+            x = rng.integers(-128, 128, size=(1,) + in_shape).astype(np.int8)
+            impls = {
+                "ours_opt": ours_runner(layer, x, "opt"),
+                "ours_portable": ours_runner(layer, x, "portable"),
+                "ours_ref": ours_runner(layer, x, "ref"),
+                "litert_builtin": litert_runner(fb, x, OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES),
+                "litert_xnnpack": litert_runner(fb, x, OpResolverType.AUTO),
+                "litert_builtin_ref": litert_runner(fb, x, OpResolverType.BUILTIN_REF),
+            }
+            tflm, tflm_note = tflm_runner(fb, x)
+            if tflm is not None:
+                impls["tflm_ref"] = tflm
+            ref_out = None
+            exact = {}
+            for k, fn in impls.items():
+                fn()
+                out = np.asarray(fn.output()).reshape(-1)
+                if k == "litert_builtin_ref":
+                    ref_out = out
+                exact[k] = out
+            exact = {k: int(np.sum(v != ref_out)) for k, v in exact.items()}
+            samples = {k: [] for k in impls}
+            for _ in range(rounds):
+                for k, fn in impls.items():
+                    samples[k].append(time_call(fn, args.min_time))
+            us = {k: statistics.median(v) * 1e6 for k, v in samples.items()}
+            o, kh, kw, i = layer.shape
+            row = dict(layer=name, kind=kind, bits=bits, granularity=layer.granularity,
+                       macs=int(np.prod(layer(x if kind == "conv" else x.reshape(1, -1)).shape[1:-1] or [1]) * o * kh * kw * i),
+                       int8_weight_bytes=int(o * kh * kw * i), packed_code_bytes=int(layer.codes.nbytes),
+                       magnitude_bytes=int(layer.mag.nbytes), us=us,
+                       mismatches_vs_builtin_ref=exact)
+            row["speed_vs"] = {k: us[k] / us["ours_opt"] for k in us if k != "ours_opt"}
+            results.append(row)
+            print(f"\n{name}  {'binary' if bits == 1 else 'ternary'} ({layer.granularity}), "
+                  f"{row['macs'] / 1e6:.1f} MMAC, weights {row['packed_code_bytes']}+{row['magnitude_bytes']} B "
+                  f"vs int8 {row['int8_weight_bytes']} B ({row['int8_weight_bytes'] / row['packed_code_bytes']:.1f}x)")
+            for k in impls:
+                print(f"  {k:20s} {us[k]:10.1f} us   {us[k] / us['ours_opt']:6.2f}x ours_opt   "
+                      f"outputs != builtin_ref: {exact[k]}")
+    meta = dict(machine=platform.machine(), processor=platform.processor(), cpus=os.cpu_count(),
+                simd_level=K.simd_level(), rounds=rounds, tflm=tflm_note or "tflite-micro runtime (reference int8 kernels)")
+    try:
+        import tflite_micro
+        meta["tflm_version"] = getattr(tflite_micro.python.tflite_micro._version, "__version__", "?")
+    except Exception:  # noqa: BLE001
+        pass
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.out).write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
