@@ -49,7 +49,7 @@ from syq_tf.quantizers import (
 )
 
 from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (  # noqa: E402
-    default_8bit_quantize_configs as _default_configs,
+    default_8bit_quantize_configs as _default_configs,  # (its output-only config is not public)
 )
 
 _tq = tfmot.quantization.keras
@@ -421,19 +421,52 @@ _ACTIVATION_LAYERS = (tf.keras.layers.ReLU, tf.keras.layers.Activation)
 _TRANSFORMED = (tf.keras.layers.BatchNormalization,)
 
 
-def _inbound(layer):
-    names = []
-    for node in layer.inbound_nodes:
-        names += [p.name for p in tf.nest.flatten(node.inbound_layers)]
-    return names
-
-
-def _outbound(model, layer):
-    return [other for other in model.layers if layer.name in _inbound(other)]
-
-
 def _weighted(layer):
     return _kernel_attr(layer) is not None
+
+
+class SchemeRegistry(_tq.default_8bit.Default8BitQuantizeRegistry):
+    """tfmot's default 8-bit registry, except: kernel layers get the scheme's weight quantizer
+    (those named in ``eight_bit`` keep the default 8-bit configs; kernels tfmot has none for get
+    8-bit UniQ), activation layers the scheme's activation quantizer below 8 bits, and a
+    BatchNormalization the transforms left alone an 8-bit output config."""
+
+    def __init__(self, scheme, eight_bit=()):
+        super().__init__()
+        self.spec = parse_scheme(scheme) if not isinstance(scheme, Scheme) else scheme
+        self.eight_bit = frozenset(eight_bit)
+
+    def supports(self, layer):
+        return _weighted(layer) or isinstance(layer, _ACTIVATION_LAYERS + _TRANSFORMED) or super().supports(layer)
+
+    def get_quantize_config(self, layer):
+        if _weighted(layer):
+            if layer.name in self.eight_bit:
+                if super().supports(layer):
+                    return super().get_quantize_config(layer)
+                return QuantizeConfig(UniQ(8, "channel"))
+            return QuantizeConfig(self.spec.weight_quantizer())
+        if isinstance(layer, _ACTIVATION_LAYERS) and self.spec.activation_quantizer() is not None:
+            return ActivationConfig(self.spec.activation_quantizer())
+        if isinstance(layer, _TRANSFORMED) and not super().supports(layer):
+            return _default_configs.Default8BitOutputQuantizeConfig()
+        return super().get_quantize_config(layer)
+
+
+class SyqQuantizeScheme(_tq.QuantizeScheme):
+    """A tfmot ``QuantizeScheme``: tfmot's default 8-bit layout transforms (BatchNorm handling) and
+    :class:`SchemeRegistry` for ``scheme`` (a name such as "syq-w2a8"), for
+    ``quantize_apply(annotated_model, scheme=SyqQuantizeScheme("syq-w2a8"))``."""
+
+    def __init__(self, scheme="syq-w2a8", eight_bit=()):
+        self.spec = parse_scheme(scheme)
+        self.eight_bit = tuple(eight_bit)
+
+    def get_layout_transformer(self):
+        return _tq.default_8bit.Default8BitQuantizeLayoutTransform()
+
+    def get_quantize_registry(self):
+        return SchemeRegistry(self.spec, self.eight_bit)
 
 
 def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="error", return_report=False):
@@ -446,14 +479,15 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
     - Activations: ``a8`` uses tfmot's default 8-bit output quantization everywhere; below 8 bits the
       outputs of ReLU/Activation layers get the scheme's activation quantizer (DoReFa, or UniQ's for
       uniq: calibrate with :func:`syq_tf.calibrate`), other layers tfmot's default.
-    - BatchNormalization and every other layer are handled by tfmot's default 8-bit scheme and its
-      layout transforms.
+    - BatchNormalization and every other layer are handled by tfmot's default 8-bit layout
+      transforms and registry (:class:`SyqQuantizeScheme`).
     - ``keep_float``: names of layers to leave in float. Layers neither tfmot's registry nor syq_tf
       supports raise :class:`UnsupportedLayersError` (names, types, why) unless
       ``on_unsupported="keep_float"``, which leaves them in float.
 
     Returns the quantized (``QuantizeWrapperV2``) model, or ``(model, report)`` with
-    ``return_report=True``; report: {"scheme", "low_bit", "eight_bit", "float", "unsupported"}.
+    ``return_report=True``; report: {"scheme", "low_bit", "low_bit_activations", "eight_bit",
+    "float", "unsupported"}.
     """
     if on_unsupported not in ("error", "keep_float"):
         raise ValueError(f"quantize_model: on_unsupported={on_unsupported!r}; allowed: 'error', 'keep_float'.")
@@ -468,60 +502,43 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
     missing = sorted(set(keep_float) - names)
     if missing:
         raise ValueError(f"quantize_model: keep_float names layers the model does not have: {missing}.")
-    registry = _tq.default_8bit.Default8BitQuantizeRegistry()
     weighted = [layer for layer in model.layers if _weighted(layer) and layer.name not in keep_float]
     first_last = {weighted[0].name, weighted[-1].name} if weighted else set()
-    plan, unsupported = {}, []
+    registry = SchemeRegistry(spec, first_last)
+    quantized_names, unsupported = set(), []
     for layer in model.layers:
         if isinstance(layer, tf.keras.layers.InputLayer) or layer.name in keep_float:
             continue
-        if _weighted(layer) and layer.name not in first_last:
-            plan[layer.name] = QuantizeConfig(spec.weight_quantizer())
-            continue
-        if _weighted(layer) and not registry.supports(layer):
-            # a first / last layer tfmot has no 8-bit config for (Conv1D): syq_tf's own 8 bits
-            plan[layer.name] = QuantizeConfig(UniQ(8, "channel"))
-            continue
-        if isinstance(layer, _ACTIVATION_LAYERS) and spec.activation_quantizer() is not None:
-            plan[layer.name] = ActivationConfig(spec.activation_quantizer())
-            continue
-        if isinstance(layer, _TRANSFORMED) and any(plan.get(p) is not None for p in _inbound(layer)):
-            # tfmot's Conv+BatchNorm transforms leave custom-configured convs alone: do what they do
-            # for its own convs -- no quantization between the conv and BatchNorm, the BatchNorm's
-            # output quantized unless an activation layer right after it quantizes its own.
-            consumers = _outbound(model, layer)
-            plan[layer.name] = (_default_configs.NoOpQuantizeConfig() if consumers and all(
-                isinstance(c, _ACTIVATION_LAYERS) for c in consumers)
-                else _default_configs.Default8BitOutputQuantizeConfig())
-            continue
-        if registry.supports(layer) or isinstance(layer, _TRANSFORMED):
-            plan[layer.name] = None  # tfmot's default 8-bit config (BatchNorm: its layout transforms)
+        if registry.supports(layer):
+            quantized_names.add(layer.name)
             continue
         why = ("tfmot's default 8-bit registry does not support it and syq_tf has no config for it "
-               "(supported kernels: Conv1D, Conv2D, DepthwiseConv2D, Dense)")
+               "(syq_tf quantizes Conv1D, Conv2D, DepthwiseConv2D and Dense kernels)")
         unsupported.append(Unsupported(layer.name, type(layer).__name__, why))
     if unsupported and on_unsupported == "error":
         raise UnsupportedLayersError(unsupported)
 
     def annotate(layer):
-        if layer.name not in plan:
-            return layer.__class__.from_config(layer.get_config())
-        return _tq.quantize_annotate_layer(layer.__class__.from_config(layer.get_config()),
-                                           quantize_config=plan[layer.name])
+        copy = layer.__class__.from_config(layer.get_config())
+        return _tq.quantize_annotate_layer(copy) if layer.name in quantized_names else copy
 
     with quantize_scope():
         annotated = tf.keras.models.clone_model(model, clone_function=annotate)
         annotated.set_weights(model.get_weights())
-        quantized = _tq.quantize_apply(annotated)
+        quantized = _tq.quantize_apply(annotated, scheme=SyqQuantizeScheme(spec.name, sorted(first_last)))
     if not return_report:
         return quantized
+    configs = {layer.layer.name: layer.quantize_config for layer in quantized.layers if is_wrapper(layer)}
+
+    def low_bit(config):
+        return isinstance(config, QuantizeConfig) and config.weight_quantizer is not None and \
+            config.weight_quantizer.quantizer.precision < 8
+
     report = {
         "scheme": spec.name,
-        "low_bit": sorted(n for n, c in plan.items() if isinstance(c, QuantizeConfig) and c.weight_quantizer
-                          and c.weight_quantizer.quantizer.precision < 8),
-        "low_bit_activations": sorted(n for n, c in plan.items() if isinstance(c, ActivationConfig)),
-        "eight_bit": sorted(n for n, c in plan.items() if not isinstance(c, QuantizeConfig) or (
-            c.weight_quantizer and c.weight_quantizer.quantizer.precision >= 8)),
+        "low_bit": sorted(n for n, c in configs.items() if low_bit(c)),
+        "low_bit_activations": sorted(n for n, c in configs.items() if isinstance(c, ActivationConfig)),
+        "eight_bit": sorted(n for n, c in configs.items() if not low_bit(c) and not isinstance(c, ActivationConfig)),
         "float": sorted(set(keep_float) | {u.layer for u in unsupported}),
         "unsupported": [dataclasses.asdict(u) for u in unsupported],
     }

@@ -187,3 +187,16 @@ def test_larq_path_and_tfmot_path_compute_the_same(weight, out):
     expected = fc(x) if act is None else act(fc(x))
     np.testing.assert_allclose(wrapper(x, training=False).numpy(), expected.numpy(), rtol=1e-6, atol=1e-6)
     assert tfmot_model.layers[1].name == "quantize_layer"  # (the model-level difference)
+
+
+def test_the_scheme_works_with_tfmots_own_quantize_apply():
+    annotated = tq.quantize_annotate_model(resnet_like())
+    with st.quantize_scope():
+        model = tq.quantize_apply(annotated, scheme=st.SyqQuantizeScheme("syq-w1a8", eight_bit=["head"]))
+    configs = {layer.layer.name: layer.quantize_config for layer in model.layers if st.is_wrapper(layer)}
+    for name in ("stem", "c1", "dw", "c2"):  # every kernel but the one kept at 8 bits is binary SYQ
+        assert isinstance(configs[name].weight_quantizer.quantizer, SYQ) and configs[name].weight_quantizer.quantizer.bits == 1
+    assert type(configs["head"]).__name__ == "Default8BitQuantizeConfig"
+    # tfmot's Conv+BatchNorm(+ReLU) transforms did their usual work around the low-bit convs
+    assert type(configs["bn1"]).__name__ == "NoOpQuantizeConfig"
+    assert type(configs["bn2"]).__name__ == "Default8BitOutputQuantizeConfig"
