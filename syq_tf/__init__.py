@@ -16,6 +16,7 @@ from syq_tf import optimizers  # noqa: E402
 from syq_tf.optimizers import LossAwareAdam  # noqa: E402
 from syq_tf import tfmot  # noqa: E402
 from syq_tf.tfmot import quantize_model  # noqa: E402
+from syq_tf.summary import summary  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -32,4 +33,5 @@ __all__ = [
     "LossAwareAdam",
     "tfmot",
     "quantize_model",
+    "summary",
 ]
