@@ -25,6 +25,7 @@ setup(
         "ai-edge-litert==2.3.*",
         "tensorflow-datasets",
         "absl-py",
+        "tensorboard",  # tf.summary's writer (syq_tf.callbacks.QuantizerLogger)
         "numpy<2",
     ],
     # tflite-micro: TFLite Micro's Python runtime (benchmarks/kernels.py compares with its int8

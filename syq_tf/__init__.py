@@ -17,6 +17,7 @@ from syq_tf.optimizers import LossAwareAdam  # noqa: E402
 from syq_tf import tfmot  # noqa: E402
 from syq_tf.tfmot import quantize_model  # noqa: E402
 from syq_tf.summary import summary  # noqa: E402
+from syq_tf.callbacks import QuantizerLogger  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -34,4 +35,5 @@ __all__ = [
     "tfmot",
     "quantize_model",
     "summary",
+    "QuantizerLogger",
 ]

@@ -24,7 +24,7 @@ from syq_tf.export.litert import (
 )
 from syq_tf.export.runtime import agreement, litert_predict
 
-TARGETS = ("litert",)
+TARGETS = ("litert", "tflm")
 
 
 @dataclasses.dataclass
@@ -120,6 +120,11 @@ def to_tflite(model, representative_data, target="litert", verify_data=None, ver
         raise ValueError(f"to_tflite: unknown target {target!r}; available here: {TARGETS}.")
     from syq_tf import tfmot as _tfmot  # noqa: PLC0415
 
+    if target == "tflm":  # the same int8 model, then LUT-compressed for TFLite Micro (tflm.py)
+        from syq_tf.export import tflm as _tflm  # noqa: PLC0415
+
+        _tflm.check_model(model)
+
     if any(_tfmot.is_wrapper(layer) for layer in model.layers):
         # tfmot QAT model: its fake-quant ranges are kept; syq_tf kernels become their quantized
         # constants with their int8 range, syq_tf activation quantizers int8 grids (export_form).
@@ -142,6 +147,8 @@ def to_tflite(model, representative_data, target="litert", verify_data=None, ver
     notes += [f"layer '{r.layer}': {r.note}" for r in reports
               if r.note and r.quantizer != "float" and not r.exact]
     result = ExportResult(buffer, target, reports, notes)
+    if target == "tflm":
+        return _tflm.finish(model, result, representative_data, verify_data, verify_labels)
     if verify_data is not None:
         x = np.asarray(verify_data)
         x = x.astype(np.float32) if x.dtype.kind == "f" else x

@@ -1,0 +1,94 @@
+"""TensorBoard logging of the quantizers: watch scales and codebooks learn.
+
+``QuantizerLogger(log_dir)`` writes, every ``every`` epochs (and at the end of training), for each
+quantized kernel of the model (syq_tf, larq and tfmot layers):
+  - ``<layer>/<kernel>/<scale>``: every scale variable (SYQ alpha, UniQ delta, loss-aware alpha /
+    alpha_neg) as a scalar (its mean, and each element for up to ``max_scalars`` of them) and a
+    histogram;
+  - ``<layer>/<kernel>/codebook``: the distinct values of the quantized kernel as a histogram and
+    their count as a scalar ``levels``; ``<layer>/<kernel>/weights``: the float kernel histogram;
+  - ``<layer>/<kernel>/curvature``: for loss-aware kernels trained with LossAwareAdam, the curvature
+    d = sqrt(v_hat) + eps the next projection uses (histogram, and its mean);
+  - activation quantizers' steps (``<quantizer>/<variable>``) as scalars.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from syq_tf.calibration import calibratable_quantizers
+from syq_tf.models import quantized_kernels
+
+
+def _clean(name):
+    return name.split(":")[0].replace("/", "_")
+
+
+class QuantizerLogger(tf.keras.callbacks.Callback):
+    """A Keras callback writing the quantizers' state to TensorBoard (module docstring)."""
+
+    def __init__(self, log_dir, every=1, max_scalars=16):
+        super().__init__()
+        if every < 1:
+            raise ValueError(f"QuantizerLogger: every={every!r} must be >= 1 (epochs).")
+        self.log_dir = log_dir
+        self.every = int(every)
+        self.max_scalars = int(max_scalars)
+        self._writer = None
+
+    def _writer_(self):
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+        return self._writer
+
+    def log(self, step):
+        """Write everything for ``step`` now (also callable outside ``fit``)."""
+        optimizer = getattr(self.model, "optimizer", None)
+        with self._writer_().as_default(step=int(step)):
+            for layer, quantizer, kernel in quantized_kernels(self.model):
+                prefix = f"{layer.name}/{_clean(kernel.name.split('/')[-1])}"
+                for variable in getattr(quantizer, "weights", []):
+                    if not variable.dtype.is_floating:
+                        continue
+                    values = variable.numpy().ravel()
+                    tag = f"{prefix}/{_clean(variable.name.split('/')[-1])}"
+                    tf.summary.scalar(f"{tag}/mean", float(values.mean()))
+                    tf.summary.histogram(tag, values)
+                    if values.size <= self.max_scalars:
+                        for i, v in enumerate(values):
+                            tf.summary.scalar(f"{tag}/{i}", float(v))
+                q = np.asarray(quantizer(tf.convert_to_tensor(kernel)))
+                levels = np.unique(q)
+                tf.summary.histogram(f"{prefix}/codebook", levels)
+                tf.summary.scalar(f"{prefix}/levels", float(levels.size))
+                tf.summary.histogram(f"{prefix}/weights", kernel.numpy().ravel())
+                d = _curvature(optimizer, quantizer, kernel)
+                if d is not None:
+                    tf.summary.histogram(f"{prefix}/curvature", d)
+                    tf.summary.scalar(f"{prefix}/curvature/mean", float(d.mean()))
+            for quantizer in calibratable_quantizers(self.model):
+                for variable in quantizer.weights:
+                    if variable.dtype.is_floating and int(np.prod(variable.shape)) == 1:
+                        tf.summary.scalar(f"{quantizer.name}/{_clean(variable.name.split('/')[-1])}",
+                                          float(variable.numpy().ravel()[0]))
+        self._writer_().flush()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every == 0:
+            self.log(epoch + 1)
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _curvature(optimizer, quantizer, kernel):
+    """d = sqrt(v_hat) + eps of a loss-aware kernel from LossAwareAdam, else None."""
+    if optimizer is None or quantizer not in getattr(optimizer, "loss_aware_quantizers", []):
+        return None
+    if not getattr(optimizer, "_built", False):
+        return None
+    try:
+        return optimizer._curvature(kernel).numpy().ravel()  # noqa: SLF001 (same package)
+    except KeyError:
+        return None

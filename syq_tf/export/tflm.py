@@ -1,0 +1,501 @@
+"""TFLite Micro export (``to_tflite(..., target="tflm")``): the same full-integer int8 model as
+target ``litert`` (exact codebooks), with every low-bit weight tensor LUT-compressed for TFLite
+Micro's own compression feature, and the model as a C array ready to compile into firmware.
+
+Format (TFLM's DECODE operator, ``tflite_micro.compression``, LUT decode type 0, version 1): a
+compressed weight tensor becomes a UINT8 tensor of packed indices, ``ceil(log2(levels))`` bits
+each, in the tensor's row-major element order, most significant bit first, zero-padded to a
+whole byte; its paired ancillary UINT8 tensor holds a 16-byte header (byte 0 decode type 0, byte 1
+version 1, byte 4 LUT version 1, byte 5 ``axis << 4 | bits`` with axis 15 meaning one table,
+byte 6 table stride) and then one int8 value table per channel of the quantized axis, each padded
+to the stride. A ``TFLM_DECODE`` custom op in front of each consumer expands it into the arena.
+The compressed flatbuffer itself is produced by TFLM's public ``tflite_micro.compression.compress``;
+this module chooses the tensors and bit widths, checks the result with its own numpy decoder and
+runs both models with the TFLite Micro interpreter.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+
+import numpy as np
+import tensorflow as tf
+
+from syq_tf.export import ExportResult, _write_atomic, flatbuffer
+from syq_tf.export.litert import kernel_matches, _kernel_label
+from syq_tf.export.runtime import agreement
+
+MAX_INDEX_BITS = 7  # the DECODE LUT header's bit-width field (3 bits, 1..7)
+DCM_BYTES = 16  # DECODE common metadata at the head of every ancillary tensor
+DECODE_OP = "TFLM_DECODE"
+_PER_TENSOR_AXIS = 15
+_HOST_ARENA = 8 << 20  # generous: the TFLM Python runtime crashes (not raises) on a too-small arena
+
+
+# ---- the LUT format in numpy (independent of TFLM's Python code) --------------------------------
+
+
+def index_bits(levels):
+    """Bits per index for a codebook of ``levels`` values (at least 1)."""
+    return max(1, math.ceil(math.log2(max(int(levels), 1))))
+
+
+def pack_indices(indices, bits):
+    """Indices (any shape, row-major) as ``bits``-bit fields, MSB first, zero-padded to a byte."""
+    idx = np.asarray(indices, np.uint8).ravel()
+    if idx.size and int(idx.max()) >= (1 << bits):
+        raise ValueError(f"pack_indices: index {int(idx.max())} does not fit in {bits} bits")
+    fields = np.unpackbits(idx[:, None], axis=1, bitorder="big")[:, 8 - bits:]
+    return np.packbits(fields.ravel(), bitorder="big").tobytes()
+
+
+def unpack_indices(data, bits, count):
+    """Inverse of :func:`pack_indices`: ``count`` indices."""
+    raw = np.unpackbits(np.frombuffer(bytes(data), np.uint8), bitorder="big")
+    if raw.size < bits * count:
+        raise ValueError(f"unpack_indices: {len(data)} bytes hold fewer than {count} {bits}-bit indices")
+    fields = raw[: bits * count].reshape(count, bits)
+    weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.uint8)
+    return (fields * weights).sum(axis=1).astype(np.uint8)
+
+
+def lut_encode(values, axis):
+    """(tables, indices): one sorted table of the distinct values per slice along ``axis`` (one
+    table for the whole tensor if ``axis`` is None) and each element's index into its table."""
+    values = np.asarray(values)
+    if axis is None:
+        table, inverse = np.unique(values, return_inverse=True)
+        return [table], inverse.reshape(values.shape).astype(np.uint8)
+    tables, parts = [], []
+    for channel in np.moveaxis(values, axis, 0):
+        table, inverse = np.unique(channel, return_inverse=True)
+        tables.append(table)
+        parts.append(inverse.reshape(channel.shape))
+    return tables, np.moveaxis(np.stack(parts), 0, axis).astype(np.uint8)
+
+
+def lut_decode(tables, indices, axis):
+    """Inverse of :func:`lut_encode`."""
+    indices = np.asarray(indices, np.intp)
+    stride = max(len(t) for t in tables)
+    padded = np.stack([np.pad(t, (0, stride - len(t))) for t in tables])
+    if axis is None:
+        return padded[0][indices]
+    shape = [1] * indices.ndim
+    shape[axis] = len(tables)
+    channel = np.arange(len(tables)).reshape(shape)
+    return padded[channel, indices]
+
+
+def pack(values, axis, bits=None):
+    """(encoded, ancillary) bytes of an int8 tensor in the TFLM DECODE LUT format."""
+    values = np.asarray(values, np.int8)
+    tables, indices = lut_encode(values, axis)
+    stride = max(len(t) for t in tables)
+    bits = index_bits(stride) if bits is None else bits
+    if not 1 <= bits <= MAX_INDEX_BITS:
+        raise ValueError(f"pack: {stride} levels need {index_bits(stride)} bits; the TFLM LUT holds 1..7")
+    header = bytearray(DCM_BYTES)
+    header[1] = 1  # DCM version (byte 0: decode type 0 = LUT)
+    header[4] = 1  # LUT version
+    header[5] = ((_PER_TENSOR_AXIS if axis is None else axis) << 4) | bits
+    header[6] = stride
+    body = b"".join(np.pad(t, (0, stride - len(t))).astype(np.int8).tobytes() for t in tables)
+    return pack_indices(indices, bits), bytes(header) + body
+
+
+def unpack(encoded, ancillary, shape):
+    """The int8 tensor of ``shape`` that a TFLM LUT (encoded, ancillary) pair decodes to."""
+    ancillary = bytes(ancillary)
+    if len(ancillary) < DCM_BYTES or ancillary[0] != 0 or ancillary[1] != 1 or ancillary[4] != 1:
+        raise ValueError("unpack: not a TFLM LUT ancillary tensor (decode type 0, DCM v1, LUT v1)")
+    axis, bits, stride = ancillary[5] >> 4, ancillary[5] & 7, ancillary[6]
+    shape = tuple(int(s) for s in shape)
+    count = int(np.prod(shape))
+    channels = 1 if axis == _PER_TENSOR_AXIS else shape[axis]
+    body = np.frombuffer(ancillary[DCM_BYTES:], np.int8)
+    if bits == 0 or stride == 0 or body.size != channels * stride:
+        raise ValueError(f"unpack: value tables of {body.size} bytes for {channels} channels x {stride}")
+    tables = list(body.reshape(channels, stride))
+    indices = unpack_indices(encoded, bits, count).reshape(shape)
+    return lut_decode(tables, indices, None if axis == _PER_TENSOR_AXIS else axis).astype(np.int8)
+
+
+# ---- reports ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CompressionReport:
+    layer: str
+    op: str
+    tensor: str
+    shape: tuple
+    axis: int  # channel axis of the value tables, -1 for one table
+    channels: int
+    levels: int  # distinct int8 values per channel (max over channels)
+    bits: int  # bits per index; 8 when not compressed
+    weights: int
+    int8_bytes: int  # the uncompressed tensor
+    index_bytes: int  # packed indices as stored
+    table_bytes: int  # ancillary tensor as stored: 16-byte header + padded value tables
+    stored_bytes: int  # index_bytes + table_bytes (int8_bytes when not compressed)
+    minimum_bytes: int  # ceil(sum(bits x weights) / 8) + one byte per distinct level per channel
+    compressed: bool
+    note: str = ""
+
+
+class TflmExportResult(ExportResult):
+    """:class:`ExportResult` of target ``tflm``: ``flatbuffer`` is the LUT-compressed model (or the
+    int8 model if nothing was compressed), ``uncompressed`` the int8 model it decodes to."""
+
+    def __init__(self, base, flatbuffer_bytes, uncompressed, compression, arena_bytes,
+                 arena_bytes_uncompressed, ops, notes):
+        super().__init__(bytes(flatbuffer_bytes), "tflm", base.layers, notes, base.verification)
+        self.uncompressed = bytes(uncompressed)
+        self.compression = compression
+        self.arena_bytes = arena_bytes
+        self.arena_bytes_uncompressed = arena_bytes_uncompressed
+        self.ops = ops
+
+    def to_dict(self):
+        d = super().to_dict()
+        d["tflm"] = {
+            "flash_bytes": self.model_bytes,
+            "uncompressed_model_bytes": len(self.uncompressed),
+            "arena_bytes": self.arena_bytes,
+            "arena_bytes_uncompressed": self.arena_bytes_uncompressed,
+            "arena_note": "RecordingMicroAllocator total on this 64-bit host; 32-bit MCUs need a little less",
+            "ops": self.ops,
+            "compressed_tensors": [dataclasses.asdict(r) for r in self.compression],
+        }
+        return d
+
+    def table(self):
+        rows = [super().table(), ""]
+        wl = max([14] + [len(r.layer) + 2 for r in self.compression])
+        head = (f"{'tensor of':<{wl}}{'op':<20}{'bits':>5}{'levels':>7}{'weights':>9}{'int8 B':>8}"
+                f"{'index B':>9}{'table B':>9}{'stored B':>10}{'minimum B':>11}")
+        rows += [head, "-" * len(head)]
+        for r in self.compression:
+            bits = r.bits if r.compressed else "-"
+            rows.append(f"{r.layer:<{wl}}{r.op:<20}{bits:>5}{r.levels:>7}{r.weights:>9}{r.int8_bytes:>8}"
+                        f"{r.index_bytes:>9}{r.table_bytes:>9}{r.stored_bytes:>10}{r.minimum_bytes:>11}"
+                        + (f"  ({r.note})" if r.note else ""))
+        rows.append(f"flash: {self.model_bytes} bytes (int8 uncompressed {len(self.uncompressed)}); "
+                    f"RAM: tensor arena {self.arena_bytes} bytes (uncompressed model "
+                    f"{self.arena_bytes_uncompressed}), measured by the TFLM runtime")
+        return "\n".join(rows)
+
+    def c_source(self, header_name, array_name="g_model"):
+        """(header, source) text of the model as a C++ array for TFLM firmware."""
+        return c_array(self.flatbuffer, header_name, array_name, self._c_comment())
+
+    def _c_comment(self):
+        compressed = any(r.compressed for r in self.compression)
+        lines = [f"TFLite Micro model exported by syq_tf (target 'tflm'): {self.model_bytes} bytes.",
+                 f"Tensor arena: {self.arena_bytes} bytes measured by the TFLM runtime on a 64-bit host.",
+                 "Ops to register: " + ", ".join(self.ops) + "."]
+        if compressed:
+            lines.append("LUT-compressed weights: register the DECODE op, e.g. "
+                         "resolver.AddCustom(\"TFLM_DECODE\", tflite::micro::Register_DECODE()).")
+        return lines
+
+    def save(self, path, array_name="g_model"):
+        """Write ``path`` (.tflite), its report (``path`` + ``.json``) and the C array (``path``
+        without extension + ``.h`` / ``.cc``). Everything is generated before anything is written,
+        and each file goes to a temporary name first: a failure never leaves a partial file."""
+        path = os.fspath(path)
+        stem = os.path.splitext(path)[0]
+        header, source = self.c_source(os.path.basename(stem) + ".h", array_name)
+        report = json.dumps(self.to_dict(), indent=2).encode()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        for target, data in ((path, bytes(self.flatbuffer)), (path + ".json", report),
+                             (stem + ".h", header.encode()), (stem + ".cc", source.encode())):
+            _write_atomic(target, data)
+        return path
+
+
+_C_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def c_array(data, header_name, array_name="g_model", comment=()):
+    """(header, source) text: ``alignas(16) const unsigned char <array_name>[]`` and
+    ``const unsigned int <array_name>_len`` (C++11)."""
+    if not _C_NAME.match(array_name):
+        raise ValueError(f"c_array: {array_name!r} is not a C identifier")
+    guard = re.sub(r"[^A-Za-z0-9]", "_", header_name).upper() + "_"
+    data = bytes(data)
+    remark = "".join(f"// {line}\n" for line in comment)
+    header = (f"{remark}#ifndef {guard}\n#define {guard}\n\n"
+              f"extern const unsigned char {array_name}[];\n"
+              f"extern const unsigned int {array_name}_len;\n\n#endif  // {guard}\n")
+    body = ",\n".join("  " + ", ".join(f"0x{b:02x}" for b in data[i : i + 12])
+                      for i in range(0, len(data), 12))
+    source = (f"{remark}#include \"{header_name}\"\n\n"
+              f"alignas(16) const unsigned char {array_name}[] = {{\n{body}\n}};\n"
+              f"const unsigned int {array_name}_len = {len(data)};\n")
+    return header, source
+
+
+# ---- running with TFLite Micro and LiteRT -------------------------------------------------------
+
+
+def _tflm():
+    try:
+        from tflite_micro.python.tflite_micro import runtime  # noqa: PLC0415
+    except ImportError as err:
+        raise ImportError("target 'tflm' needs the tflite-micro Python package (pip install "
+                          "tflite-micro; see constraints.txt)") from err
+    return runtime
+
+
+def _quantize_input(x, scale, zero):
+    return np.clip(np.floor(np.asarray(x, np.float32) / scale + 0.5) + zero, -128, 127).astype(np.int8)
+
+
+def input_quantization(buffer):
+    """(scale, zero point) of the model's int8 input."""
+    model = flatbuffer._load(buffer)
+    graph = model.subgraphs[0]
+    q = graph.tensors[graph.inputs[0]].quantization
+    return float(q.scale[0]), int(q.zeroPoint[0])
+
+
+def output_quantization(buffer):
+    model = flatbuffer._load(buffer)
+    graph = model.subgraphs[0]
+    q = graph.tensors[graph.outputs[0]].quantization
+    return float(q.scale[0]), int(q.zeroPoint[0])
+
+
+def tflm_predict_int8(buffer, x_int8, arena_size=None):
+    """Raw int8 outputs of the TFLite Micro interpreter, one example per invoke."""
+    runtime = _tflm()
+    interpreter = runtime.Interpreter.from_bytes(bytes(buffer), arena_size=arena_size or _arena_for(buffer))
+    out = []
+    for row in np.asarray(x_int8, np.int8):
+        interpreter.set_input(row[None], 0)
+        interpreter.invoke()
+        out.append(np.array(interpreter.get_output(0)).reshape(-1))
+    return np.stack(out)
+
+
+def litert_ref_predict_int8(buffer, x_int8):
+    """Raw int8 outputs of LiteRT's reference kernels (OpResolverType.BUILTIN_REF)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType  # noqa: PLC0415
+
+    interpreter = Interpreter(model_content=bytes(buffer), num_threads=1,
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
+    inp = interpreter.get_input_details()[0]
+    x_int8 = np.asarray(x_int8, np.int8)
+    interpreter.resize_tensor_input(inp["index"], list(x_int8.shape))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp["index"], x_int8)
+    interpreter.invoke()
+    y = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    return y.reshape(len(x_int8), -1)
+
+
+def _arena_for(buffer):
+    return _HOST_ARENA + 4 * len(buffer)
+
+
+def arena_used(buffer, x_int8_row):
+    """Tensor-arena bytes the TFLM runtime allocated for ``buffer`` (RecordingMicroAllocator's
+    'Arena allocation total', printed by the interpreter to stderr after one invoke), or None."""
+    runtime = _tflm()
+    interpreter = runtime.Interpreter.from_bytes(bytes(buffer), arena_size=_arena_for(buffer))
+    interpreter.set_input(np.asarray(x_int8_row, np.int8)[None], 0)
+    interpreter.invoke()
+    text = _capture_fd2(interpreter.print_allocations)
+    found = re.search(r"Arena allocation total (\d+) bytes", text)
+    return int(found.group(1)) if found else None
+
+
+def _capture_fd2(fn):
+    import sys  # noqa: PLC0415
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            fn()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        tmp.seek(0)
+        return tmp.read().decode(errors="replace")
+
+
+# ---- export -------------------------------------------------------------------------------------
+
+
+def check_model(model):
+    """Refuse what TFLite Micro cannot run before converting."""
+    recurrent = [layer.name for layer in model.layers if isinstance(layer, tf.keras.layers.RNN)]
+    if recurrent:
+        raise ValueError(
+            f"to_tflite(target='tflm'): layers {recurrent} are recurrent; syq_tf exports recurrent "
+            "models with int8 weights and float activations (dynamic range), which TFLite Micro does "
+            "not run. Use target='litert' for them."
+        )
+
+
+def _plan(model, buffer):
+    """A CompressionReport skeleton (and spec args) per quantized int8 weight tensor."""
+    plans = []
+    for match in kernel_matches(model, buffer):
+        t = match.tensor
+        if t is None or t.dtype != "INT8":
+            continue
+        axis = int(t.quantized_dimension) if t.scales.size > 1 else None
+        tables, _ = lut_encode(t.values, axis)
+        levels = max(len(tab) for tab in tables)
+        bits = index_bits(levels)
+        n = int(t.values.size)
+        minimum = math.ceil(bits * n / 8) + sum(len(tab) for tab in tables)
+        report = CompressionReport(
+            layer=_kernel_label(match), op=t.op, tensor=t.name, shape=tuple(int(s) for s in t.values.shape),
+            axis=-1 if axis is None else axis, channels=len(tables), levels=levels, bits=bits,
+            weights=n, int8_bytes=n, index_bytes=0, table_bytes=0, stored_bytes=n,
+            minimum_bytes=minimum, compressed=False)
+        if match.quantizer is None:
+            report.bits = 8
+            report.minimum_bytes = n
+            report.note = "float layer (ordinary int8): not compressed"
+        elif bits > MAX_INDEX_BITS:
+            report.bits = 8
+            report.minimum_bytes = n
+            report.note = f"{levels} levels need 8 bits: stored as plain int8"
+        elif axis is not None and axis not in (0, t.values.ndim - 1):
+            report.note = f"channel axis {axis}: TFLM LUT tables take axis 0 or the last axis only"
+        else:
+            plans.append((report, t, axis))
+            continue
+        plans.append((report, None, None))
+    return plans
+
+
+def _decode_pairs(buffer):
+    """{tensor name: (encoded bytes, ancillary bytes, shape)} for every DECODE output."""
+    model = flatbuffer._load(buffer)
+    graph = model.subgraphs[0]
+    pairs = {}
+
+    def data(index):
+        d = model.buffers[graph.tensors[index].buffer].data
+        return b"" if d is None else bytes(bytearray(d))
+
+    for op in graph.operators:
+        if flatbuffer._op_name(model, op) != DECODE_OP:
+            continue
+        for k, out in enumerate(op.outputs):
+            enc, anc = int(op.inputs[2 * k]), int(op.inputs[2 * k + 1])
+            name = graph.tensors[enc].name.decode()
+            pairs[name] = (data(enc), data(anc), tuple(int(s) for s in graph.tensors[out].shape))
+    return pairs
+
+
+def ops_of(buffer):
+    return sorted(set(flatbuffer.op_names(buffer)))
+
+
+def compress(model, buffer):
+    """(compressed flatbuffer, [CompressionReport]) of an int8 model: every quantized int8 weight
+    tensor with at most 128 levels per channel LUT-compressed by TFLM's compressor, then decoded
+    back with :func:`unpack` and compared with the int8 weights."""
+    from tflite_micro.tensorflow.lite.micro.compression import compress as tflm_compress  # noqa: PLC0415
+    from tflite_micro.tensorflow.lite.micro.compression import compressor, spec  # noqa: PLC0415
+
+    plans = _plan(model, buffer)
+    specs = []
+    for report, tensor, axis in plans:
+        if tensor is None:
+            continue
+        mode = spec.PerTensor() if axis is None else spec.PerChannel(axis)
+        specs.append(spec.Tensor(0, tensor.tensor_index, [spec.LookUpTableCompression(report.bits, mode)]))
+    reports = [p[0] for p in plans]
+    if not specs:
+        return bytes(buffer), reports
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = bytes(tflm_compress(bytes(buffer), specs))
+    except compressor.CompressionError as err:
+        raise ValueError(f"to_tflite(target='tflm'): TFLM compression failed: {err}") from err
+    pairs = _decode_pairs(out)
+    for report, tensor, axis in plans:
+        if tensor is None:
+            continue
+        if tensor.name not in pairs:
+            report.note = "not compressed by TFLM: " + "; ".join(str(w.message) for w in caught)[:200]
+            continue
+        encoded, ancillary, shape = pairs[tensor.name]
+        if shape != tuple(tensor.values.shape) or not np.array_equal(unpack(encoded, ancillary, shape),
+                                                                     tensor.values):
+            raise RuntimeError(f"to_tflite(target='tflm'): tensor {tensor.name!r} does not decode back "
+                               "to its int8 weights")
+        report.compressed = True
+        report.index_bytes, report.table_bytes = len(encoded), len(ancillary)
+        report.stored_bytes = len(encoded) + len(ancillary)
+    return out, reports
+
+
+def finish(model, base, representative_data, verify_data=None, verify_labels=None):
+    """Turn the int8 ExportResult of target 'litert' into the TFLM one: compress, measure the
+    arena, check the compressed model decodes bit-identically in TFLM, verify if asked."""
+    from syq_tf.export.litert import _samples  # noqa: PLC0415
+
+    int8_model = bytes(base.flatbuffer)
+    compressed, reports = compress(model, int8_model)
+    scale, zero = input_quantization(int8_model)
+    probe = np.concatenate(_samples(representative_data, 8))
+    probe_q = _quantize_input(probe, scale, zero)
+    if any(r.compressed for r in reports):
+        a, b = tflm_predict_int8(compressed, probe_q), tflm_predict_int8(int8_model, probe_q)
+        if not np.array_equal(a, b):
+            raise RuntimeError("to_tflite(target='tflm'): the compressed model's TFLM outputs differ from "
+                               "the uncompressed model's on the representative data")
+    notes = list(base.notes)
+    arena = arena_used(compressed, probe_q[0])
+    arena_plain = arena_used(int8_model, probe_q[0]) if compressed != int8_model else arena
+    if arena is None:
+        notes.append("TFLM arena size could not be read from the runtime's allocation report")
+    result = TflmExportResult(base, compressed, int8_model, reports, arena, arena_plain,
+                              ops_of(compressed), notes)
+    if verify_data is not None:
+        result.verification = verify(model, result, verify_data, verify_labels)
+    return result
+
+
+def verify(model, result, x, labels=None):
+    """TFLM (compressed) vs TFLM (uncompressed) vs LiteRT BUILTIN_REF on the int8 outputs, and
+    TFLM vs Keras top-1 agreement."""
+    x = np.asarray(x, np.float32)
+    scale, zero = input_quantization(result.uncompressed)
+    xq = _quantize_input(x, scale, zero)
+    tflm_c = tflm_predict_int8(result.flatbuffer, xq)
+    tflm_u = tflm_predict_int8(result.uncompressed, xq) if result.flatbuffer != result.uncompressed else tflm_c
+    ref = litert_ref_predict_int8(result.uncompressed, xq)
+    out_scale, out_zero = output_quantization(result.uncompressed)
+    keras_out = model.predict(x, batch_size=256, verbose=0)
+    report = agreement(keras_out.reshape(len(x), -1),
+                       (tflm_c.astype(np.float32) - out_zero) * out_scale, labels)
+    report["tflm_compressed_equals_uncompressed"] = bool(np.array_equal(tflm_c, tflm_u))
+    report["tflm_equals_litert_ref"] = bool(np.array_equal(tflm_c, ref))
+    diff = np.abs(tflm_c.astype(np.int32) - ref)
+    report["max_int8_diff_litert_ref"] = int(diff.max())
+    report["int8_outputs_differing_litert_ref"] = int(np.count_nonzero(diff))
+    report["int8_outputs"] = int(diff.size)
+    if diff.any():
+        result.notes.append(
+            f"TFLM and LiteRT BUILTIN_REF int8 outputs differ by up to {int(diff.max())} on "
+            f"{int(np.count_nonzero(diff))} of {diff.size} values (rounding ties: on per-channel "
+            "FULLY_CONNECTED, TFLM's values follow gemmlowp's two roundings, SaturatingRoundingDoublingHighMul "
+            "then RoundingDivideByPOT, LiteRT 2.3's reference kernel a single rounding).")
+    return report
