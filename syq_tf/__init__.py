@@ -17,7 +17,7 @@ from syq_tf.optimizers import LossAwareAdam  # noqa: E402
 from syq_tf import tfmot  # noqa: E402
 from syq_tf.tfmot import quantize_model  # noqa: E402
 from syq_tf.summary import summary  # noqa: E402
-from syq_tf.callbacks import QuantizerLogger  # noqa: E402
+from syq_tf.callbacks import CheckFinite, QuantizerLogger  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -36,4 +36,5 @@ __all__ = [
     "quantize_model",
     "summary",
     "QuantizerLogger",
+    "CheckFinite",
 ]

@@ -1,4 +1,4 @@
-"""TensorBoard logging of the quantizers: watch scales and codebooks learn.
+"""Callbacks: TensorBoard logging of the quantizers (QuantizerLogger) and a NaN/Inf check (CheckFinite).
 
 ``QuantizerLogger(log_dir)`` writes, every ``every`` epochs (and at the end of training), for each
 quantized kernel of the model (syq_tf, larq and tfmot layers):
@@ -92,3 +92,32 @@ def _curvature(optimizer, quantizer, kernel):
         return optimizer._curvature(kernel).numpy().ravel()  # noqa: SLF001 (same package)
     except KeyError:
         return None
+
+
+class CheckFinite(tf.keras.callbacks.Callback):
+    """Stops training with a FloatingPointError naming the layer and variable as soon as a quantized
+    kernel or one of its quantizer's variables (scales, steps) holds NaN or Inf (checked every
+    ``every`` batches and at the end of each epoch)."""
+
+    def __init__(self, every=1):
+        super().__init__()
+        if every < 1:
+            raise ValueError(f"CheckFinite: every={every!r} must be >= 1 (batches).")
+        self.every = int(every)
+
+    def check(self):
+        for layer, quantizer, kernel in quantized_kernels(self.model):
+            for variable in [kernel, *getattr(quantizer, "weights", [])]:
+                if variable.dtype.is_floating and not np.all(np.isfinite(variable.numpy())):
+                    bad = int(np.sum(~np.isfinite(variable.numpy())))
+                    raise FloatingPointError(
+                        f"layer '{layer.name}': {variable.name} has {bad} non-finite value(s) (NaN/Inf); "
+                        "training stopped (check the learning rate, the inputs and the loss)."
+                    )
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (batch + 1) % self.every == 0:
+            self.check()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.check()

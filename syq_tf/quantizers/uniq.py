@@ -179,8 +179,11 @@ def uniq_activation_quantize(a, delta, bits):
 def uniq_initial_step(w, bits, reduce_axes):
     """delta = k_b * std(W) per step group; a constant group (std 0) uses k_b * mean|W| or 1."""
     k = weight_step_constant(bits)
-    std = tf.math.reduce_std(w, axis=reduce_axes, keepdims=True)
-    mag = tf.reduce_mean(tf.abs(w), axis=reduce_axes, keepdims=True)
+    # computed on w / max|w| and scaled back: no overflow of the squares for huge weights (1e30)
+    top = tf.reduce_max(tf.abs(w), axis=reduce_axes, keepdims=True)
+    unit = tf.where(top > 0, top, tf.ones_like(top))
+    std = unit * tf.math.reduce_std(w / unit, axis=reduce_axes, keepdims=True)
+    mag = unit * tf.reduce_mean(tf.abs(w / unit), axis=reduce_axes, keepdims=True)
     step = tf.where(std > 0, k * std, tf.where(mag > 0, 2.0 * mag, tf.ones_like(mag)))
     return step
 
