@@ -165,6 +165,14 @@ def test_training_without_the_loss_aware_optimizer_fails_naming_the_quantizer():
     assert model(np.ones((1, 4), np.float32)).shape == (1, 3)
 
 
+def test_without_the_optimizer_under_xla_the_gradient_is_nan_not_silently_wrong():
+    model = _dense_model(LossAware("binary"))
+    model.compile(tf.keras.optimizers.Adam(LR), "mse", jit_compile=True)  # XLA drops the Assert
+    x = np.ones((8, 4), np.float32)
+    model.fit(x, np.zeros((8, 3), np.float32), epochs=1, verbose=0)
+    assert np.all(np.isnan(model.layers[0].kernel.numpy()))
+
+
 def test_constant_curvature_is_the_unweighted_projection_with_any_optimizer():
     model = _dense_model(LossAware("binary", curvature="constant"))
     layer = model.layers[0]

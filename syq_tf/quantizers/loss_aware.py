@@ -440,9 +440,12 @@ def _straight_through(w, q, check=None):
             if check is None:
                 return dy
             bound, message = check
-            assertion = tf.debugging.Assert(bound.read_value(), [message])
+            ok = bound.read_value()
+            assertion = tf.debugging.Assert(ok, [message])
             with tf.control_dependencies([assertion]):
-                return tf.identity(dy)
+                # XLA (jit_compile=True) drops Assert: there the gradient turns NaN instead, so the
+                # mistake still cannot train silently (CheckFinite names the layer).
+                return tf.where(ok, dy, tf.fill(tf.shape(dy), tf.constant(float("nan"), dy.dtype)))
 
         return tf.identity(q), grad
 
