@@ -4,9 +4,14 @@ Layers: the demo CNN's quantized layers (examples/fashion_mnist_syq.py: conv2 28
 conv3 14x14x32->64, conv4 14x14x64->64, all 3x3 SAME; fc1 3136->128) and a ResNet-18-sized
 3x3 conv (56x56x64->64).  Each layer is a one-layer Keras model with a binary / ternary SYQ
 pixel codebook converted to full-integer int8; our kernels run the packed codes read back from that
-flatbuffer.  Timings are interleaved (round-robin over implementations), median per call.
+flatbuffer.  Timings are interleaved (round-robin over implementations), median per call, in CPU
+time of the calling thread (time.thread_time: every implementation runs single-threaded in this
+thread; on a shared, loaded machine wall time also counts the time other processes hold the CPU).
+``--baseline-lib`` adds "ours_opt_baseline": the optimized kernels of another build of the library
+(e.g. a copy of the previous _libsyq*.so), timed in the same run.
 
-    TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/kernels.py [--rounds 15] [--quick]
+    TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/kernels.py [--rounds 15] [--quick] \
+        [--baseline-lib /tmp/old_libsyq.so]
 
 Writes benchmarks/results/kernels.json.
 """
@@ -85,9 +90,23 @@ def tflm_runner(fb, x):
     return run, None
 
 
-def ours_runner(layer, x, impl):
+def ours_runner(layer, x, impl, lib_path=None):
     xin = x if layer.kind == "conv" else x.reshape(1, -1)
-    r = layer.make_runner(xin.shape, impl=impl)
+    if lib_path is None:
+        r = layer.make_runner(xin.shape, impl=impl)
+    else:  # another build of the library (the runner keeps its own handle)
+        from syq_tf.kernels import _lib
+
+        saved, env = _lib._LIB, os.environ.get("SYQ_KERNELS_LIB")
+        _lib._LIB, os.environ["SYQ_KERNELS_LIB"] = None, lib_path
+        try:
+            r = layer.make_runner(xin.shape, impl=impl)
+        finally:
+            _lib._LIB = saved
+            if env is None:
+                os.environ.pop("SYQ_KERNELS_LIB")
+            else:
+                os.environ["SYQ_KERNELS_LIB"] = env
 
     def run():
         r(xin)
@@ -98,10 +117,10 @@ def ours_runner(layer, x, impl):
 def time_call(fn, min_time):
     n, t = 1, 0.0
     while True:  # calls per sample so one sample takes >= min_time
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         for _ in range(n):
             fn()
-        t = time.perf_counter() - t0
+        t = time.thread_time() - t0
         if t >= min_time:
             return t / n
         n *= 2
@@ -112,10 +131,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--min-time", type=float, default=0.02, help="seconds per timing sample")
     ap.add_argument("--quick", action="store_true", help="3 rounds, skip the slow reference kernels on big layers")
+    ap.add_argument("--baseline-lib", default=None, help="another build of _libsyq*.so to time as ours_opt_baseline")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "kernels.json"))
     args = ap.parse_args()
     rounds = 3 if args.quick else args.rounds
     rng = np.random.default_rng(0)
+    load_start = list(os.getloadavg())
     results = []
     tflm_note = None
     print(f"optimized path: {'AVX2' if K.simd_level() == 2 else 'portable C'}; single thread; "
@@ -127,6 +148,7 @@ def main():
             x = rng.integers(-128, 128, size=(1,) + in_shape).astype(np.int8)
             impls = {
                 "ours_opt": ours_runner(layer, x, "opt"),
+                **({"ours_opt_baseline": ours_runner(layer, x, "opt", args.baseline_lib)} if args.baseline_lib else {}),
                 "ours_portable": ours_runner(layer, x, "portable"),
                 "ours_ref": ours_runner(layer, x, "ref"),
                 "litert_builtin": litert_runner(fb, x, OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES),
@@ -165,7 +187,9 @@ def main():
                 print(f"  {k:20s} {us[k]:10.1f} us   {us[k] / us['ours_opt']:6.2f}x ours_opt   "
                       f"outputs != builtin_ref: {exact[k]}")
     meta = dict(machine=platform.machine(), processor=platform.processor(), cpus=os.cpu_count(),
-                simd_level=K.simd_level(), rounds=rounds, tflm=tflm_note or "tflite-micro runtime (reference int8 kernels)")
+                simd_level=K.simd_level(), rounds=rounds, timer="time.thread_time (CPU time of the calling thread)",
+                load_average_start=load_start, load_average_end=list(os.getloadavg()),
+                baseline_lib=args.baseline_lib, tflm=tflm_note or "tflite-micro runtime (reference int8 kernels)")
     try:
         import tflite_micro
         meta["tflm_version"] = getattr(tflite_micro.python.tflite_micro._version, "__version__", "?")

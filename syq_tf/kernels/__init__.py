@@ -6,7 +6,8 @@ output channel x kernel pixel).  :func:`split_codebook` recovers (codes, m_g); t
 bit-packed (1 or 2 bits per weight, LCE-style along input channels) and the kernels compute
 TFLite's int32 accumulator with additions/subtractions, then requantize exactly like TFLite's
 builtin int8 kernels.  :func:`packed_layers` reads every such CONV_2D / FULLY_CONNECTED layer of
-an exported int8 flatbuffer (a whole-model runner is future work).
+an exported int8 flatbuffer; :func:`run_tflite` / :class:`TFLiteRunner` execute a whole int8
+model op by op (packed kernels for those layers, numpy int8 references for the other ops).
 
 The C library is compiled by ``pip install -e .`` (setuptools extension ``syq_tf.kernels._libsyq``);
 importing this module works without it, calling a kernel raises :class:`KernelsUnavailable`.
@@ -25,7 +26,7 @@ GRANULARITIES = ("layer", "channel", "pixel")
 __all__ = [
     "GRANULARITIES", "KernelsUnavailable", "PackedLayer", "available", "pack", "unpack",
     "split_codebook", "quantize_multiplier", "conv_multipliers", "fc_multipliers",
-    "activation_range", "simd_level", "packed_layers",
+    "activation_range", "simd_level", "packed_layers", "run_tflite", "TFLiteRunner", "UnsupportedOp",
 ]
 
 
@@ -323,4 +324,4 @@ class PackedLayer:
         return run
 
 
-from syq_tf.kernels.runner import packed_layers  # noqa: E402
+from syq_tf.kernels.runner import TFLiteRunner, UnsupportedOp, packed_layers, run_tflite  # noqa: E402

@@ -69,7 +69,8 @@ typedef struct {
     (64u + SYQ_ALIGN64((((size_t)(out_h) - 1u) * (size_t)(stride_h) + (size_t)(k_h)) *              \
                        (((size_t)(out_w) - 1u) * (size_t)(stride_w) + (size_t)(k_w)) *              \
                        ((((size_t)(in_c) + 31u) / 32u) * 32u)) +                                     \
-     SYQ_ALIGN64((size_t)(out_c) * 4u))
+     SYQ_ALIGN64((size_t)(out_c) * 4u) +                                                         \
+     SYQ_ALIGN64((size_t)(k_h) * (size_t)(k_w) * ((((size_t)(in_c) + 31u) / 32u) * 32u)))
 /* FullyConnected over `batch` rows: the same buffer as a 1x1 conv over a 1 x batch image. */
 #define SYQ_FC_SCRATCH_BYTES(batch, in_c, out_c) SYQ_CONV2D_SCRATCH_BYTES(1, batch, 1, 1, 1, 1, in_c, out_c)
 
@@ -93,8 +94,10 @@ int32_t syq_multiply_by_quantized_multiplier(int32_t x, int32_t multiplier, int3
 /* Reference: direct loops, bounds checks for padding, one add/subtract per weight. */
 int syq_conv2d_ref(const syq_conv_params *p, const syq_packed_weights *w, const int8_t *input,
                    int8_t *output);
-/* Optimized: zero-point padded copy of each image in scratch, output blocking, masked byte sums
- * (AVX2 when the CPU has it and SYQ_NO_SIMD is not defined, 64-bit SWAR otherwise). */
+/* Optimized: zero-point padded copy of each image in scratch, output blocking; AVX2 (when the CPU
+ * has it and SYQ_NO_SIMD is not defined): codes expanded per output channel into scratch and
+ * vpmaddubsw/vpmaddwd sums, or masked byte sums for narrow outputs; 64-bit SWAR otherwise.
+ * Scratch: padded image + out_c int32 + k_h*k_w*32*ceil(in_c/32) bytes (+64 for alignment). */
 size_t syq_conv2d_scratch_bytes(const syq_conv_params *p, const syq_packed_weights *w);
 int syq_conv2d_opt(const syq_conv_params *p, const syq_packed_weights *w, const int8_t *input,
                    int8_t *output, void *scratch, size_t scratch_bytes);

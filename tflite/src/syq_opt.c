@@ -1,6 +1,6 @@
-/* Optimized packed kernels: masked byte sums, output blocking, AVX2 with a portable fallback.
+/* Optimized packed kernels: AVX2 (vpmaddubsw on expanded codes) with a portable fallback.
  *
- * Trick: with u = x + 128 in 0..255 (uint8), a code c in {-1,0,+1} per channel and the packed
+ * Portable trick: with u = x + 128 in 0..255 (uint8), a code c in {-1,0,+1} per channel and the packed
  * sign plane S (bit = code -1) and non-zero plane Z, the byte  ((u AND Z) XOR S)  equals
  *   u        for code +1,   255 - u   for code -1,   0   for code 0.
  * Summing these bytes (SAD against zero on x86, 16-bit SWAR lanes elsewhere) gives
@@ -8,6 +8,16 @@
  * and sum_i c_i (x_i - zp) = raw - 255 * n_neg - (zp + 128) * (n_nonzero - 2 n_neg).
  * The correction depends on the weights only (the input is padded with zp), so it is computed once
  * per call and output channel.  No multiply per weight: one multiply per group m_g.
+ *
+ * AVX2 (portable path and its corrections unchanged), rows of >= 4 outputs: the codes of one output channel are expanded once per band of output
+ * rows into int8 {-1,0,+1} vectors (c = 2*S - Z with S, Z the 0/-1 byte masks; scratch, k_h*k_w*
+ * 32*nw bytes) and reused by every output position of the band: per 32 channels and position one
+ * load, one vpmaddubsw (u * c, pairs, |.| <= 510) and one 16-bit add; 16-bit lanes are flushed with
+ * vpmaddwd by m_g (pixel granularity: one multiply per group, per lane pair) or by 1 at most every
+ * 64 words.  This gives raw = sum_i c_i u_i and sum_i c_i (x_i - zp) = raw - (zp+128)(n_nonzero -
+ * 2 n_neg).  8 output positions per block (register blocking), 32-bit sums reduced with vphaddd,
+ * requantization vectorised over the 8 positions.  Narrow outputs (rows of < 4 positions, e.g.
+ * FullyConnected with batch < 4): the same sums with the codes expanded in registers.
  */
 #include "syq_internal.h"
 
@@ -55,7 +65,8 @@ size_t syq_conv2d_scratch_bytes(const syq_conv_params *p, const syq_packed_weigh
     hp = (size_t)(p->out_h - 1) * (size_t)p->stride_h + (size_t)w->k_h;
     wp = (size_t)(p->out_w - 1) * (size_t)p->stride_w + (size_t)w->k_w;
     ip = syq_words_per_pixel(w->in_c) * 32u;
-    return 64u + syq_align(hp * wp * ip) + syq_align((size_t)w->out_c * sizeof(int32_t));
+    return 64u + syq_align(hp * wp * ip) + syq_align((size_t)w->out_c * sizeof(int32_t)) +
+           syq_align((size_t)w->k_h * (size_t)w->k_w * ip);
 }
 
 /* zero-point padded, +128 shifted copy of one image; unused channel bytes are 0. */
@@ -81,14 +92,17 @@ static void syq_pad_image(const syq_ctx *c, const int8_t *img, uint8_t *u) {
     }
 }
 
-/* corr[o] = sum_pix m * (255 n_neg + (zp + 128)(n_nonzero - 2 n_neg)) - bias[o] */
+/* corr[o] = sum_pix m * (255 n_neg + (zp + 128)(n_nonzero - 2 n_neg)) - bias[o] for the masked byte
+ * sums (portable path); the AVX2 path (vpmaddubsw) drops the 255 n_neg term.  Computed modulo
+ * 2^32 (unsigned): the kernels' sums wrap the same way and the true accumulator fits int32 as in
+ * TFLite. */
 static void syq_corrections(const syq_ctx *c, int32_t *corr) {
     const syq_packed_weights *w = c->w;
     const int32_t kk = w->k_h * w->k_w, zc = c->p->input_zero_point + 128;
     int32_t o, pix;
     size_t j;
     for (o = 0; o < w->out_c; ++o) {
-        int32_t total = 0;
+        uint32_t total = 0;
         for (pix = 0; pix < kk; ++pix) {
             const uint32_t *sg = w->codes + ((size_t)o * kk + pix) * c->nw * w->bits;
             int32_t nneg = 0, nnz = 0;
@@ -97,9 +111,9 @@ static void syq_corrections(const syq_ctx *c, int32_t *corr) {
                 nnz += w->bits == 2 ? syq_popcount32(sg[c->nw + j]) : 0;
             }
             if (w->bits == 1) nnz = w->in_c;
-            total += (int32_t)w->mag[syq_mag_index(w, o, pix)] * (255 * nneg + zc * (nnz - 2 * nneg));
+            total += (uint32_t)w->mag[syq_mag_index(w, o, pix)] * (uint32_t)(255 * nneg + zc * (nnz - 2 * nneg));
         }
-        corr[o] = total - (c->p->bias ? c->p->bias[o] : 0);
+        corr[o] = (int32_t)(total - (uint32_t)(c->p->bias ? c->p->bias[o] : 0));
     }
 }
 
@@ -179,81 +193,245 @@ static inline SYQ_AVX2 __m256i syq_expand32(uint32_t m) {
     return _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel);
 }
 
-static inline SYQ_AVX2 int64_t syq_hsum64(__m256i v) {
-    __m128i s = _mm_add_epi64(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    return _mm_cvtsi128_si64(s) + _mm_extract_epi64(s, 1);
+static SYQ_AVX2 __attribute__((target("popcnt"))) int32_t syq_popcnt_hw(uint32_t v) {
+    return (int32_t)__builtin_popcount(v);
 }
 
-/* NP positions, ternary or not, pixel granularity or not: constants after inlining. */
+/* popcount of n consecutive words, 64 bits at a time */
+static SYQ_AVX2 __attribute__((target("popcnt"))) int32_t syq_popcnt_run(const uint32_t *v, size_t n) {
+    int32_t t = 0;
+    size_t j = 0;
+    for (; j + 2 <= n; j += 2) t += (int32_t)__builtin_popcountll((unsigned long long)v[j] |
+                                                                  ((unsigned long long)v[j + 1] << 32));
+    if (j < n) t += syq_popcnt_hw(v[j]);
+    return t;
+}
+
+/* corr[o] = sum_pix m * (zp + 128)(n_nonzero - 2 n_neg) - bias[o] (AVX2 path), hardware popcount */
+static SYQ_AVX2 __attribute__((target("popcnt"))) void syq_corrections_hw(const syq_ctx *c, int32_t *corr) {
+    const syq_packed_weights *w = c->w;
+    const int32_t kk = w->k_h * w->k_w, zc = c->p->input_zero_point + 128;
+    const size_t nw = c->nw, pw = nw * (size_t)w->bits;
+    int32_t o, pix;
+    for (o = 0; o < w->out_c; ++o) {
+        const uint32_t *sg = w->codes + (size_t)o * (size_t)kk * pw;
+        uint32_t total = 0;
+        if (w->granularity != SYQ_GRAN_PIXEL) { /* one magnitude: count over all pixels at once */
+            int32_t nneg = 0, nnz = w->in_c * kk;
+            if (w->bits == 1) {
+                nneg = syq_popcnt_run(sg, (size_t)kk * nw);
+            } else {
+                for (pix = 0; pix < kk; ++pix, sg += pw) {
+                    nneg += syq_popcnt_run(sg, nw);
+                    nnz += syq_popcnt_run(sg + nw, nw) - w->in_c;
+                }
+            }
+            total = (uint32_t)w->mag[syq_mag_index(w, o, 0)] * (uint32_t)(zc * (nnz - 2 * nneg));
+        } else {
+            for (pix = 0; pix < kk; ++pix, sg += pw) {
+                const int32_t nneg = syq_popcnt_run(sg, nw);
+                const int32_t nnz = w->bits == 2 ? syq_popcnt_run(sg + nw, nw) : w->in_c;
+                total += (uint32_t)w->mag[syq_mag_index(w, o, pix)] * (uint32_t)(zc * (nnz - 2 * nneg));
+            }
+        }
+        corr[o] = (int32_t)(total - (uint32_t)(c->p->bias ? c->p->bias[o] : 0));
+    }
+}
+
+#define SYQ_NPX 8 /* output positions per register block */
+
+/* codes of output channel o -> k_h*k_w*nw vectors of 32 int8 codes in {-1, 0, +1} */
+static SYQ_AVX2 void syq_expand_channel(const syq_ctx *c, int32_t o, __m256i *e) {
+    const syq_packed_weights *w = c->w;
+    const size_t n = (size_t)w->k_h * (size_t)w->k_w * c->nw, nw = c->nw;
+    const uint32_t *sg = w->codes + (size_t)o * n * (size_t)w->bits;
+    const __m256i one = _mm256_set1_epi8(1);
+    size_t pj, j;
+    if (w->bits == 1) {
+        for (j = 0; j < n; ++j) _mm256_store_si256(e + j, _mm256_or_si256(syq_expand32(sg[j]), one));
+        return;
+    }
+    for (pj = 0; pj < n; pj += nw, sg += 2 * nw)
+        for (j = 0; j < nw; ++j) {
+            const __m256i ms = syq_expand32(sg[j]), mz = syq_expand32(sg[nw + j]);
+            _mm256_store_si256(e + pj + j, _mm256_sub_epi8(_mm256_add_epi8(ms, ms), mz)); /* 2S - Z */
+        }
+}
+
+/* 8 accumulators of one output channel -> int8, exactly syq_requantize (gemmlowp double rounding)
+ * for multiplier >= 0 and -31 <= shift <= 0 (the caller falls back to the scalar code otherwise).
+ * The multiplier is positive, so SaturatingRoundingDoublingHighMul works on |x| with the nudge
+ * 2^30 - (x < 0) (ties toward zero for negative x, as the truncating division does). */
+static inline SYQ_AVX2 __m256i syq_requant8(__m256i acc, int32_t mult, int32_t shift, int32_t zp,
+                                            int32_t lo, int32_t hi) {
+    const __m256i m = _mm256_set1_epi64x((long long)(uint32_t)mult);
+    const __m256i ax = _mm256_abs_epi32(acc), neg = _mm256_srli_epi32(acc, 31);
+    const __m256i half = _mm256_set1_epi64x((long long)1 << 30);
+    const __m256i lo32 = _mm256_set1_epi64x(0xFFFFFFFFll);
+    __m256i pe = _mm256_mul_epu32(ax, m), po = _mm256_mul_epu32(_mm256_srli_epi64(ax, 32), m);
+    __m256i v, mask, rem, thr;
+    const __m128i cnt = _mm_cvtsi32_si128(-shift);
+    pe = _mm256_srli_epi64(_mm256_add_epi64(pe, _mm256_sub_epi64(half, _mm256_and_si256(neg, lo32))), 31);
+    po = _mm256_srli_epi64(_mm256_add_epi64(po, _mm256_sub_epi64(half, _mm256_srli_epi64(neg, 32))), 31);
+    v = _mm256_sign_epi32(_mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA), acc);
+    /* RoundingDivideByPOT(v, -shift) */
+    mask = _mm256_set1_epi32((int32_t)((-shift >= 31) ? 0x7FFFFFFFu : ((1u << -shift) - 1u)));
+    rem = _mm256_and_si256(v, mask);
+    thr = _mm256_add_epi32(_mm256_srli_epi32(mask, 1), _mm256_srli_epi32(v, 31));
+    v = _mm256_sub_epi32(_mm256_sra_epi32(v, cnt), _mm256_cmpgt_epi32(rem, thr));
+    v = _mm256_add_epi32(v, _mm256_set1_epi32(zp));
+    return _mm256_min_epi32(_mm256_max_epi32(v, _mm256_set1_epi32(lo)), _mm256_set1_epi32(hi));
+}
+
+/* lane q of the result = sum of the 8 int32 lanes of a[q], q < NP (other lanes 0) */
+static inline __attribute__((always_inline)) SYQ_AVX2 __m256i syq_reduce8(const __m256i *a, const int NP) {
+    const __m256i z = _mm256_setzero_si256();
+    const __m256i t0 = _mm256_hadd_epi32(a[0], NP > 1 ? a[1] : z);
+    const __m256i t1 = NP > 2 ? _mm256_hadd_epi32(a[2], NP > 3 ? a[3] : z) : z;
+    const __m256i t2 = NP > 4 ? _mm256_hadd_epi32(a[4], NP > 5 ? a[5] : z) : z;
+    const __m256i t3 = NP > 6 ? _mm256_hadd_epi32(a[6], NP > 7 ? a[7] : z) : z;
+    const __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = NP > 4 ? _mm256_hadd_epi32(t2, t3) : z;
+    return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+/* 32 codes as int8 {-1,0,+1} from the packed words (in registers) */
+static inline __attribute__((always_inline)) SYQ_AVX2 __m256i syq_code_vec(const uint32_t *sg, size_t j,
+                                                                          size_t nw, const int tern) {
+    const __m256i ms = syq_expand32(sg[j]);
+    if (!tern) return _mm256_or_si256(ms, _mm256_set1_epi8(1));
+    return _mm256_sub_epi8(_mm256_add_epi8(ms, ms), syq_expand32(sg[nw + j]));
+}
+
+/* NP positions (oy, ox0..ox0+NP-1) of output channel o; codes from the expanded vectors e, or
+ * (inreg) expanded in registers from the packed words.
+ * pixel granularity: 32-bit sums += vpmaddwd(vpmaddubsw(u, c), m_g) per word;
+ * otherwise 16-bit sums += vpmaddubsw(u, c), reduced every 64 words and at the end. */
 static inline __attribute__((always_inline)) SYQ_AVX2 void
-syq_block_avx2_t(const syq_ctx *c, size_t oy, size_t ox0, int8_t *out, const int NP,
-                 const int tern, const int pixel) {
+syq_block_exp_t(const syq_ctx *c, const __m256i *e, int32_t o, size_t oy, size_t ox0, int8_t *out,
+                const int NP, const int pixel, const int inreg, const int tern) {
     const syq_conv_params *p = c->p;
     const syq_packed_weights *w = c->w;
     const int32_t kk = w->k_h * w->k_w;
     const size_t sw = (size_t)p->stride_w * c->ip, nw = c->nw;
-    const uint8_t *base = c->u + (oy * (size_t)p->stride_h * c->wp + ox0 * (size_t)p->stride_w) * c->ip;
-    const __m256i zero = _mm256_setzero_si256();
-    int32_t o, pix;
+    const uint8_t *row = c->u + (oy * (size_t)p->stride_h * c->wp + ox0 * (size_t)p->stride_w) * c->ip;
+    const __m256i zero = _mm256_setzero_si256(), ones = _mm256_set1_epi16(1);
+    const uint8_t *mag = w->mag + (pixel ? (size_t)o * (size_t)kk : 0);
+    const size_t pw = nw * (tern ? 2u : 1u); /* packed words per kernel pixel (inreg) */
+    const uint32_t *sg = w->codes + (inreg ? (size_t)o * (size_t)kk * pw : 0);
+    __m256i acc[SYQ_NPX], sums = zero;
+    int32_t pix, kx = 0, cnt = 0;
     int q;
-    for (o = 0; o < w->out_c; ++o) {
-        __m256i tot[SYQ_BLOCK], acc[SYQ_BLOCK];
-        for (q = 0; q < NP; ++q) tot[q] = acc[q] = zero;
-        const uint32_t *sg = w->codes + (size_t)o * kk * nw * (tern ? 2u : 1u);
-        const uint8_t *row = base;
-        int32_t kx = 0;
-        for (pix = 0; pix < kk; ++pix, sg += nw * (tern ? 2u : 1u)) {
-            const uint8_t *xb = row + (size_t)kx * c->ip;
-            size_t j;
-            if (++kx == w->k_w) { kx = 0; row += c->wp * c->ip; }
+    for (q = 0; q < NP; ++q) acc[q] = zero;
+    for (pix = 0; pix < kk; ++pix, e += inreg ? 0 : nw, sg += inreg ? pw : 0) {
+        const uint8_t *xb = row + (size_t)kx * c->ip;
+        size_t j;
+        if (++kx == w->k_w) { kx = 0; row += c->wp * c->ip; }
+        if (pixel) {
+            const __m256i m = _mm256_set1_epi16((short)mag[pix]);
             for (j = 0; j < nw; ++j) {
-                const __m256i ms = syq_expand32(sg[j]);
-                const __m256i mz = tern ? syq_expand32(sg[nw + j]) : zero;
+                const __m256i cv = inreg ? syq_code_vec(sg, j, nw, tern) : _mm256_load_si256(e + j);
                 for (q = 0; q < NP; ++q) {
-                    __m256i v = _mm256_loadu_si256((const __m256i *)(const void *)(xb + q * sw + j * 32u));
-                    if (tern) v = _mm256_and_si256(v, mz);
-                    acc[q] = _mm256_add_epi64(acc[q], _mm256_sad_epu8(_mm256_xor_si256(v, ms), zero));
+                    const __m256i u = _mm256_loadu_si256((const __m256i *)(const void *)(xb + q * sw + j * 32u));
+                    acc[q] = _mm256_add_epi32(acc[q], _mm256_madd_epi16(_mm256_maddubs_epi16(u, cv), m));
                 }
             }
-            if (pixel) { /* one multiply per group (o, pixel) */
-                const __m256i m = _mm256_set1_epi64x((long long)w->mag[syq_mag_index(w, o, pix)]);
+        } else {
+            for (j = 0; j < nw; ++j) {
+                const __m256i cv = inreg ? syq_code_vec(sg, j, nw, tern) : _mm256_load_si256(e + j);
                 for (q = 0; q < NP; ++q) {
-                    tot[q] = _mm256_add_epi64(tot[q], _mm256_mul_epu32(acc[q], m));
-                    acc[q] = zero;
+                    const __m256i u = _mm256_loadu_si256((const __m256i *)(const void *)(xb + q * sw + j * 32u));
+                    acc[q] = _mm256_add_epi16(acc[q], _mm256_maddubs_epi16(u, cv));
+                }
+                if (++cnt == 64) { /* 64 * 510 <= 32767: reduce the 16-bit lanes */
+                    for (q = 0; q < NP; ++q) acc[q] = _mm256_madd_epi16(acc[q], ones);
+                    sums = _mm256_add_epi32(sums, syq_reduce8(acc, NP));
+                    for (q = 0; q < NP; ++q) acc[q] = zero;
+                    cnt = 0;
                 }
             }
         }
-        for (q = 0; q < NP; ++q) {
-            int64_t a = pixel ? syq_hsum64(tot[q])
-                              : (int64_t)w->mag[syq_mag_index(w, o, 0)] * syq_hsum64(acc[q]);
-            out[(size_t)q * w->out_c + o] = syq_requantize(p, o, (int32_t)(a - c->corr[o]));
+    }
+    if (!pixel)
+        for (q = 0; q < NP; ++q) acc[q] = _mm256_madd_epi16(acc[q], ones);
+    sums = _mm256_add_epi32(sums, syq_reduce8(acc, NP));
+    {
+        const int32_t mult = p->out_multiplier[o], shift = p->out_shift[o];
+        int32_t v[8];
+        if (!pixel) sums = _mm256_mullo_epi32(sums, _mm256_set1_epi32((int32_t)w->mag[syq_mag_index(w, o, 0)]));
+        sums = _mm256_sub_epi32(sums, _mm256_set1_epi32(c->corr[o])); /* modulo 2^32 */
+        if (mult >= 0 && shift <= 0 && shift >= -31) {
+            _mm256_storeu_si256((__m256i *)(void *)v,
+                                syq_requant8(sums, mult, shift, p->output_zero_point, p->act_min, p->act_max));
+            for (q = 0; q < NP; ++q) out[(size_t)q * w->out_c] = (int8_t)v[q];
+        } else {
+            _mm256_storeu_si256((__m256i *)(void *)v, sums);
+            for (q = 0; q < NP; ++q) out[(size_t)q * w->out_c] = syq_requantize(p, o, v[q]);
         }
     }
 }
 
-static SYQ_AVX2 void syq_block_avx2(const syq_ctx *c, size_t oy, size_t ox0, int np, int8_t *out) {
-    const int tern = c->w->bits == 2, pixel = c->w->granularity == SYQ_GRAN_PIXEL;
-    if (np == SYQ_BLOCK) {
-        if (tern) {
-            if (pixel) syq_block_avx2_t(c, oy, ox0, out, SYQ_BLOCK, 1, 1);
-            else syq_block_avx2_t(c, oy, ox0, out, SYQ_BLOCK, 1, 0);
-        } else {
-            if (pixel) syq_block_avx2_t(c, oy, ox0, out, SYQ_BLOCK, 0, 1);
-            else syq_block_avx2_t(c, oy, ox0, out, SYQ_BLOCK, 0, 0);
-        }
+static SYQ_AVX2 void syq_block_exp(const syq_ctx *c, const __m256i *e, int32_t o, size_t oy, size_t ox0,
+                                   int np, int8_t *out) {
+    const int pixel = c->w->granularity == SYQ_GRAN_PIXEL;
+    if (np == SYQ_NPX) {
+        if (pixel) syq_block_exp_t(c, e, o, oy, ox0, out, SYQ_NPX, 1, 0, 0);
+        else syq_block_exp_t(c, e, o, oy, ox0, out, SYQ_NPX, 0, 0, 0);
+    } else if (np >= 4) {
+        if (pixel) syq_block_exp_t(c, e, o, oy, ox0, out, 4, 1, 0, 0);
+        else syq_block_exp_t(c, e, o, oy, ox0, out, 4, 0, 0, 0);
+        if (np > 4) syq_block_exp(c, e, o, oy, ox0 + 4, np - 4, out + 4 * (size_t)c->w->out_c);
     } else {
         int q;
         for (q = 0; q < np; ++q) {
-            int8_t *o1 = out + (size_t)q * c->w->out_c;
-            if (tern) {
-                if (pixel) syq_block_avx2_t(c, oy, ox0 + q, o1, 1, 1, 1);
-                else syq_block_avx2_t(c, oy, ox0 + q, o1, 1, 1, 0);
-            } else {
-                if (pixel) syq_block_avx2_t(c, oy, ox0 + q, o1, 1, 0, 1);
-                else syq_block_avx2_t(c, oy, ox0 + q, o1, 1, 0, 0);
-            }
+            if (pixel) syq_block_exp_t(c, e, o, oy, ox0 + q, out + (size_t)q * c->w->out_c, 1, 1, 0, 0);
+            else syq_block_exp_t(c, e, o, oy, ox0 + q, out + (size_t)q * c->w->out_c, 1, 0, 0, 0);
         }
     }
+}
+
+/* One image: bands of output rows whose padded input rows fit ~32 KB; per band and output channel
+ * the codes are expanded once (scratch) and used by every position of the band. */
+static SYQ_AVX2 void syq_image_exp(const syq_ctx *c, __m256i *e, int8_t *output) {
+    const syq_conv_params *p = c->p;
+    const syq_packed_weights *w = c->w;
+    const size_t row_bytes = c->wp * c->ip, oh = (size_t)p->out_h, ow = (size_t)p->out_w;
+    size_t band = 1, oy0, oy, ox;
+    int32_t o;
+    if (row_bytes * (size_t)w->k_h < 32768u)
+        band = (32768u / row_bytes - (size_t)w->k_h) / (size_t)p->stride_h + 1u;
+    for (oy0 = 0; oy0 < oh; oy0 += band) {
+        const size_t oy1 = oy0 + band < oh ? oy0 + band : oh;
+        for (o = 0; o < w->out_c; ++o) {
+            syq_expand_channel(c, o, e);
+            for (oy = oy0; oy < oy1; ++oy)
+                for (ox = 0; ox < ow; ox += SYQ_NPX) {
+                    const int np = ow - ox < SYQ_NPX ? (int)(ow - ox) : SYQ_NPX;
+                    syq_block_exp(c, e, o, oy, ox, np, output + (oy * ow + ox) * (size_t)w->out_c + o);
+                }
+        }
+    }
+}
+
+/* Narrow outputs (rows of < 4 positions, e.g. FullyConnected with batch < 4): codes expanded in
+ * registers (vpbroadcastd from memory, vpshufb, vpcmpeqb) and used once per position. */
+static SYQ_AVX2 void syq_image_narrow(const syq_ctx *c, int8_t *output) {
+    const syq_packed_weights *w = c->w;
+    const int pixel = w->granularity == SYQ_GRAN_PIXEL, tern = w->bits == 2;
+    const size_t oh = (size_t)c->p->out_h, ow = (size_t)c->p->out_w;
+    size_t oy, ox;
+    int32_t o;
+    for (oy = 0; oy < oh; ++oy)
+        for (o = 0; o < w->out_c; ++o)
+            for (ox = 0; ox < ow; ++ox) {
+                int8_t *out = output + (oy * ow + ox) * (size_t)w->out_c + o;
+                if (tern) {
+                    if (pixel) syq_block_exp_t(c, 0, o, oy, ox, out, 1, 1, 1, 1);
+                    else syq_block_exp_t(c, 0, o, oy, ox, out, 1, 0, 1, 1);
+                } else {
+                    if (pixel) syq_block_exp_t(c, 0, o, oy, ox, out, 1, 1, 1, 0);
+                    else syq_block_exp_t(c, 0, o, oy, ox, out, 1, 0, 1, 0);
+                }
+            }
 }
 #endif
 
@@ -280,8 +458,23 @@ int syq_conv2d_opt(const syq_conv_params *p, const syq_packed_weights *w, const 
     corr = (int32_t *)(void *)(base + syq_align(c.hp * c.wp * c.ip));
     c.u = base;
     c.corr = corr;
-    syq_corrections(&c, corr);
     simd = syq_simd_level();
+#if SYQ_HAVE_AVX2
+    if (simd == 2) {
+        /* expanded-code path for rows of >= 4 outputs, masked byte sums otherwise (FC, batch 1) */
+        __m256i *e = (__m256i *)(void *)((uint8_t *)corr + syq_align((size_t)w->out_c * sizeof(int32_t)));
+        syq_corrections_hw(&c, corr);
+        for (n = 0; n < p->batch; ++n) {
+            int8_t *img_out = output + (size_t)n * p->out_h * p->out_w * w->out_c;
+            syq_pad_image(&c, input + (size_t)n * p->in_h * p->in_w * w->in_c, base);
+            if (p->out_w >= 4) syq_image_exp(&c, e, img_out);
+            else syq_image_narrow(&c, img_out);
+        }
+        return SYQ_OK;
+    }
+#endif
+    (void)simd;
+    syq_corrections(&c, corr);
     for (n = 0; n < p->batch; ++n) {
         syq_pad_image(&c, input + (size_t)n * p->in_h * p->in_w * w->in_c, base);
         for (oy = 0; oy < (size_t)p->out_h; ++oy) {
@@ -289,10 +482,6 @@ int syq_conv2d_opt(const syq_conv_params *p, const syq_packed_weights *w, const 
                 const size_t left = (size_t)p->out_w - ox;
                 const int np = left < SYQ_BLOCK ? (int)left : SYQ_BLOCK;
                 int8_t *out = output + (((size_t)n * p->out_h + oy) * p->out_w + ox) * w->out_c;
-#if SYQ_HAVE_AVX2
-                if (simd == 2) { syq_block_avx2(&c, oy, ox, np, out); continue; }
-#endif
-                (void)simd;
                 syq_block_portable(&c, oy, ox, np, out);
             }
         }

@@ -50,8 +50,13 @@ static void naive_conv(const syq_conv_params *p, const int8_t *wq, int32_t oc, i
 
 static void one_case(int t) {
     const int32_t bits = rint_in(1, 2), gran = rint_in(0, 2);
-    const int32_t kh = rint_in(1, 3), kw = rint_in(1, 3), ic = rint_in(1, 80), oc = rint_in(1, 20);
-    const int32_t ih = rint_in(1, 9), iw = rint_in(1, 11), sh = rint_in(1, 2), sw = rint_in(1, 3);
+    /* every 16th case: > 64 words per output channel (16-bit lane flushes of the AVX2 path) */
+    const int big = t % 16 == 15;
+    const int32_t kh = rint_in(1, 3), kw = rint_in(1, 3), ic = big ? rint_in(2048, 2300) : rint_in(1, 80);
+    const int32_t oc = big ? rint_in(1, 3) : rint_in(1, 20);
+    const int wide = big || t % 8 == 5; /* rows of >= 8 outputs: vectorised requantization */
+    const int32_t ih = big ? rint_in(1, 3) : rint_in(1, 9), iw = wide ? rint_in(8, 12) : rint_in(1, 11);
+    const int32_t sh = rint_in(1, 2), sw = wide ? 1 : rint_in(1, 3);
     const int same = ih >= kh && iw >= kw ? (int)rint_in(0, 1) : 1;
     syq_conv_params p;
     syq_packed_weights w;
@@ -87,15 +92,19 @@ static void one_case(int t) {
     packed = malloc(npk * sizeof *packed); mag = malloc((size_t)nm);
     bias = malloc(oc * sizeof *bias); mult = malloc(oc * sizeof *mult); shift = malloc(oc * sizeof *shift);
     for (i = 0; i < nwts; ++i) codes[i] = (int8_t)(bits == 1 ? (rnd() & 1 ? 1 : -1) : rint_in(-1, 1));
+    if (big && t % 32 == 31) /* worst case for 16-bit lanes: every product 255 * (+1) */
+        for (i = 0; i < nwts; ++i) codes[i] = 1;
     for (k = 0; k < nm; ++k) mag[k] = (uint8_t)rint_in(0, 127);
     for (i = 0; i < nwts; ++i) {
         int32_t oo = (int32_t)(i / ((size_t)kh * kw * ic)), pix = (int32_t)((i / ic) % ((size_t)kh * kw));
         int32_t mi = gran == SYQ_GRAN_LAYER ? 0 : gran == SYQ_GRAN_CHANNEL ? oo : oo * kh * kw + pix;
         wq[i] = (int8_t)(mag[mi] * codes[i]);
     }
-    for (i = 0; i < nin; ++i) in[i] = (int8_t)rint_in(-128, 127);
+    for (i = 0; i < nin; ++i) in[i] = (int8_t)(big && t % 32 == 31 ? 127 : rint_in(-128, 127));
     for (o = 0; o < oc; ++o) {
-        double real = (double)rint_in(1, 1000) / (double)rint_in(20000, 20000000);
+        /* mostly < 1 (right shifts); 1 layer in 8 with multipliers > 1 (left shifts) */
+        double real = (double)rint_in(1, 1000) / (double)(t % 8 == 3 ? rint_in(300, 5000) : rint_in(20000, 20000000));
+        if (t % 8 == 5) real = 1.0 / (double)(1 << rint_in(1, 12)); /* multiplier 2^30: rounding ties */
         bias[o] = rint_in(-20000, 20000);
         syq_quantize_multiplier(real, &mult[o], &shift[o]);
     }
