@@ -1,6 +1,8 @@
 """Read the weight tensors of a TFLite flatbuffer (what was really stored, not what we meant)."""
 
 import dataclasses
+import functools
+import struct
 
 import numpy as np
 from tensorflow.lite.python import schema_py_generated as schema
@@ -38,6 +40,22 @@ class WeightTensor:
     position: int = 1  # which input of the op this weight is
 
 
+def _reader(fn):
+    """Readers of untrusted files: any inconsistency (an index out of range, a missing table, data of
+    the wrong size) becomes a ValueError naming the problem, never another exception."""
+
+    @functools.wraps(fn)
+    def read(buffer, *args, **kwargs):
+        try:
+            return fn(buffer, *args, **kwargs)
+        except ValueError:
+            raise
+        except (IndexError, KeyError, TypeError, AttributeError, struct.error, OverflowError) as err:
+            raise ValueError(f"malformed TFLite flatbuffer ({fn.__name__}): {type(err).__name__}: {err}") from None
+
+    return read
+
+
 def _load(buffer):
     if not isinstance(buffer, (bytes, bytearray)) or len(buffer) < 8:
         raise ValueError("not a TFLite flatbuffer: fewer than 8 bytes")
@@ -49,6 +67,7 @@ def _load(buffer):
         raise ValueError(f"malformed TFLite flatbuffer: {err}") from None
 
 
+@_reader
 def op_names(buffer):
     """Builtin op names of the first subgraph, in execution order."""
     model = _load(buffer)
@@ -63,6 +82,7 @@ def _op_name(model, op):
     return _OP_NAMES.get(builtin, str(builtin))
 
 
+@_reader
 def weight_tensors(buffer):
     """Constant weight tensors of the ops in WEIGHT_OPS (one entry per weight input)."""
     model = _load(buffer)
@@ -116,6 +136,7 @@ def _weight_tensor(model, graph, op, name, position):
     )
 
 
+@_reader
 def bias_tensors(buffer):
     """{tensor index: int32 values} of the constant biases of weight ops."""
     model = _load(buffer)
