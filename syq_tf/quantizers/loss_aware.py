@@ -528,7 +528,9 @@ class LossAware(WeightQuantizer):
         self._reduce_axes = self.reduce_axes(input_shape)
         if self.curvature == "optimizer":
             shape = scale_shape(input_shape, self._reduce_axes)
-            first = tf.VariableAggregation.ONLY_FIRST_REPLICA
+            # Every replica computes the same scales from the same (mirrored) weights and curvature:
+            # each writes its own copy (no cross-replica merge, which tf.cond would not allow).
+            first = tf.VariableAggregation.NONE
             self.alpha = self.add_weight(
                 name="alpha", shape=shape, initializer="zeros", trainable=False, aggregation=first
             )
