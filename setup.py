@@ -30,6 +30,6 @@ setup(
     ],
     # tflite-micro: TFLite Micro's Python runtime (benchmarks/kernels.py compares with its int8
     # reference kernels); the exact nightly is pinned in constraints.txt.
-    extras_require={"test": ["pytest", "tflite-micro"]},
+    extras_require={"test": ["pytest", "hypothesis", "tflite-micro"]},
     ext_modules=[SYQ_KERNELS],
 )
