@@ -13,6 +13,7 @@ exp there: at most 1 LSB apart).  Unsupported ops raise :class:`UnsupportedOp` n
 """
 
 import numpy as np
+from syq_tf.export import flatbuffer as _flatbuffer
 from ai_edge_litert import schema_py_generated as schema
 
 _OPS = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
@@ -109,6 +110,7 @@ def _packed_layer(model, sub, idx, op):
         return None  # not a binary/ternary codebook
 
 
+@_flatbuffer._reader
 def packed_layers(model_bytes):
     """{op index: PackedLayer} for every int8 CONV_2D / FULLY_CONNECTED of the first subgraph
     whose weights are a binary or ternary codebook (layers with other int8 weights are left out)."""
@@ -193,12 +195,14 @@ class _Tensor:
 
 
 class TFLiteRunner:
+    # (the constructor parses an untrusted file: any inconsistency becomes a ValueError)
     """Execute an int8 TFLite flatbuffer op by op (first subgraph).
 
     impl: 'opt' (optimized packed kernels), 'ref' or 'portable' for the packed layers; other ops
     always use the numpy int8 reference.  ``packed=False`` runs codebook layers with the numpy
     int8 reference as well (for comparisons)."""
 
+    @_flatbuffer._reader
     def __init__(self, tflite_bytes, impl="opt", packed=True):
         from syq_tf import kernels as K
 
