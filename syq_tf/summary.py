@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from syq_tf.models import layer_kernels
+from syq_tf.models import _flat_layers, layer_kernels
 
 
 @dataclasses.dataclass
@@ -94,7 +94,7 @@ def _macs(layer, kernels):
 def summarize(model):
     """A :class:`LayerSummary` per layer that has weights."""
     rows = []
-    for layer in _layers(model):
+    for layer in _flat_layers(model):
         if not layer.weights:
             continue
         kernels = {k: (q, v) for k, (q, v) in layer_kernels(layer).items()}
@@ -132,14 +132,6 @@ def summarize(model):
             macs=sum(macs.values()), binary_macs=binary, ternary_macs=ternary,
         ))
     return rows
-
-
-def _layers(model):
-    for layer in model.layers:
-        if isinstance(layer, tf.keras.Model):
-            yield from _layers(layer)
-        else:
-            yield layer
 
 
 def summary(model, print_fn=print):
