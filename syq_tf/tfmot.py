@@ -123,8 +123,7 @@ class TfmotQuantizer(_tq.quantizers.Quantizer):
         for variable in getattr(getattr(layer, "layer", None), "trainable_weights", []):
             if not any(variable is v for v in layer._trainable_weights):
                 layer._trainable_weights.append(variable)
-        if self.role == "weight" or not isinstance(impl, ActivationQuantizer) or _needs_build(impl):
-            impl.build(tf.TensorShape(tensor_shape))
+        impl.build(tf.TensorShape(tensor_shape))
         # Variables a quantizer keeps outside its weights (LossAware's optimizer-binding flag) must be
         # reachable from the wrapper too: a SavedModel saves what its functions capture.
         for attr, value in list(vars(impl).items()):
@@ -169,10 +168,6 @@ class TfmotQuantizer(_tq.quantizers.Quantizer):
 
     def __ne__(self, other):
         return not self.__eq__(other)
-
-
-def _needs_build(quantizer):
-    return bool(type(quantizer).build is not tf.keras.layers.Layer.build)
 
 
 def _as_tfmot(quantizer, what):
@@ -252,11 +247,15 @@ class QuantizeConfig(_tq.QuantizeConfig):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
+        quantizers = dict(config)
         for key in ("weight_quantizer", "output_quantizer"):
-            if isinstance(config.get(key), dict) and "quantizer" in config[key]:
-                config[key] = TfmotQuantizer(**config[key])
-        return cls(**config)
+            if isinstance(quantizers.get(key), dict) and "quantizer" in quantizers[key]:
+                quantizers[key] = TfmotQuantizer(**quantizers[key])
+        # The saved form is the built quantizers, whatever the subclass's own constructor arguments
+        # were (SYQConfig(bits=...), ...): restore them through the generic constructor.
+        restored = cls.__new__(cls)
+        QuantizeConfig.__init__(restored, **quantizers)
+        return restored
 
     def __eq__(self, other):
         return type(self) is type(other) and self.get_config() == other.get_config()
@@ -274,11 +273,8 @@ def _output(activation_bits):
 class SYQConfig(QuantizeConfig):
     """SYQ kernel (``bits``, ``granularity``, ``eta``), optional DoReFa output of ``activation_bits``."""
 
-    def __init__(self, bits=2, granularity="layer", eta=0.05, activation_bits=None, **kwargs):
-        if kwargs:
-            super().__init__(**kwargs)
-        else:
-            super().__init__(SYQ(bits, granularity, eta), _output(activation_bits))
+    def __init__(self, bits=2, granularity="layer", eta=0.05, activation_bits=None):
+        super().__init__(SYQ(bits, granularity, eta), _output(activation_bits))
 
 
 @_register
@@ -286,24 +282,18 @@ class UniQConfig(QuantizeConfig):
     """UniQ kernel (``bits``, ``granularity``), optional UniQActivation output of ``activation_bits``
     (calibrate it with :func:`syq_tf.calibrate`)."""
 
-    def __init__(self, bits=4, granularity="channel", activation_bits=None, **kwargs):
-        if kwargs:
-            super().__init__(**kwargs)
-        else:
-            out = None if activation_bits is None else UniQActivation(activation_bits)
-            super().__init__(UniQ(bits, granularity), out)
+    def __init__(self, bits=4, granularity="channel", activation_bits=None):
+        out = None if activation_bits is None else UniQActivation(activation_bits)
+        super().__init__(UniQ(bits, granularity), out)
 
 
 @_register
 class LeastSquaresConfig(QuantizeConfig):
     """Least-squares kernel (``mode``), optional least-squares activation output (``activation_mode``)."""
 
-    def __init__(self, mode="ls1", granularity="channel", activation_mode=None, **kwargs):
-        if kwargs:
-            super().__init__(**kwargs)
-        else:
-            out = None if activation_mode is None else LeastSquaresActivation(activation_mode)
-            super().__init__(LeastSquares(mode, granularity), out)
+    def __init__(self, mode="ls1", granularity="channel", activation_mode=None):
+        out = None if activation_mode is None else LeastSquaresActivation(activation_mode)
+        super().__init__(LeastSquares(mode, granularity), out)
 
 
 @_register
@@ -311,22 +301,16 @@ class LossAwareConfig(QuantizeConfig):
     """Loss-aware kernel (``mode``, ``bits``; train with :class:`syq_tf.LossAwareAdam`), optional
     DoReFa output of ``activation_bits``."""
 
-    def __init__(self, mode="binary", bits=None, granularity="layer", activation_bits=None, **kwargs):
-        if kwargs:
-            super().__init__(**kwargs)
-        else:
-            super().__init__(LossAware(mode, bits=bits, granularity=granularity), _output(activation_bits))
+    def __init__(self, mode="binary", bits=None, granularity="layer", activation_bits=None):
+        super().__init__(LossAware(mode, bits=bits, granularity=granularity), _output(activation_bits))
 
 
 @_register
 class ActivationConfig(QuantizeConfig):
     """Only the layer's output, quantized by ``quantizer`` (DoReFaActivation, UniQActivation, ...)."""
 
-    def __init__(self, quantizer=None, **kwargs):
-        if kwargs:
-            super().__init__(**kwargs)
-        else:
-            super().__init__(None, quantizer)
+    def __init__(self, quantizer=None):
+        super().__init__(None, quantizer)
 
 
 def custom_objects():
@@ -557,7 +541,7 @@ def wrapper_kernels(layer):
         attr = weight.name.split("/")[-1].split(":")[0]
         impl = quantizer.impl if isinstance(quantizer, TfmotQuantizer) else None
         out[attr] = (impl, weight)
-    if not out and isinstance(config, QuantizeConfig) is False:
+    if not out and not isinstance(config, QuantizeConfig):
         attr = _kernel_attr(layer.layer)
         if attr is not None and hasattr(layer.layer, attr) and isinstance(getattr(layer.layer, attr), tf.Variable):
             out[attr] = (None, getattr(layer.layer, attr))
