@@ -41,6 +41,16 @@ class WeightQuantizer(lq.quantizers.Quantizer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
+    def _check_shape(self, shape):
+        """A quantizer with per-kernel state is built for one kernel shape (``_kernel_shape``)."""
+        if not self._kernel_shape.is_compatible_with(shape):
+            kind = type(self).__name__
+            raise ValueError(
+                f"{kind} quantizer '{self.name}' was built for a kernel of shape {self._kernel_shape} "
+                f"and now got {tf.TensorShape(shape)}: each layer needs its own quantizer instance "
+                f"(pass a new {kind}(...) per layer, or let syq_tf.quantize copy it)."
+            )
+
 
 class LearnedScaleQuantizer(WeightQuantizer):
     """A weight quantizer with one trainable scale per subgroup (SYQ's alpha, UniQ's delta).
@@ -91,15 +101,6 @@ class LearnedScaleQuantizer(WeightQuantizer):
         self._check_shape(kernel.shape)
         self._scale.assign(self.initial_scale(kernel))
         self._scale_initialized.assign(True)
-
-    def _check_shape(self, shape):
-        if not self._kernel_shape.is_compatible_with(shape):
-            kind = type(self).__name__
-            raise ValueError(
-                f"{kind} quantizer '{self.name}' was built for a kernel of shape {self._kernel_shape} "
-                f"and now got {tf.TensorShape(shape)}: each layer needs its own quantizer instance "
-                f"(pass a new {kind}(...) per layer, or let syq_tf.quantize copy it)."
-            )
 
     def scale_for(self, w):
         """The scale tensor to quantize ``w`` with, initialising it from ``w`` on first use."""

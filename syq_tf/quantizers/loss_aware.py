@@ -553,14 +553,6 @@ class LossAware(WeightQuantizer):
             self._track_trackable(bound, name="loss_aware_bound")
         super().build(input_shape)
 
-    def _check_shape(self, shape):
-        if not self._kernel_shape.is_compatible_with(shape):
-            raise ValueError(
-                f"LossAware quantizer '{self.name}' was built for a kernel of shape {self._kernel_shape} "
-                f"and now got {tf.TensorShape(shape)}: each layer needs its own quantizer instance "
-                "(pass a new LossAware(...) per layer, or let syq_tf.quantize copy it)."
-            )
-
     # -- the projection ---------------------------------------------------------------------------
 
     def project(self, w, d=None, previous=None):
@@ -655,10 +647,6 @@ class LossAware(WeightQuantizer):
             "LossAware(..., curvature='constant') for the unweighted (d = 1) projection."
         )
         return _straight_through(w, q, (self._bound, message))
-
-    def codebook(self):
-        """The stored scales as numpy arrays (curvature='optimizer' only)."""
-        return tuple(s.numpy() for s in self._scales())
 
     def get_config(self):
         return {
