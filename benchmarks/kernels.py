@@ -31,6 +31,7 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from syq_tf import kernels as K
+from syq_tf.export.litert import convert as convert_int8
 
 LAYERS = [
     ("demo conv2 28x28x32->32 3x3", "conv", (28, 28, 32), 32),
@@ -52,16 +53,8 @@ def convert(kind, in_shape, out_c, bits, rng):
     layer.kernel.assign((codes * alpha).astype(np.float32))
     layer.bias.assign(rng.normal(0, 0.2, size=out_c).astype(np.float32))
 
-    def rep():
-        for _ in range(8):
-            yield [rng.uniform(0, 1, size=(1,) + in_shape).astype(np.float32)]
-
-    c = tf.lite.TFLiteConverter.from_keras_model(model)
-    c.optimizations = [tf.lite.Optimize.DEFAULT]
-    c.representative_dataset = rep
-    c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    c.inference_input_type = c.inference_output_type = tf.int8
-    return c.convert()
+    # the project's own full-integer int8 conversion (int8 in and out), on 8 random examples
+    return convert_int8(model, rng.uniform(0, 1, size=(8,) + tuple(in_shape)))
 
 
 def litert_runner(fb, x, resolver):

@@ -17,6 +17,7 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from syq_tf import kernels as K
+from syq_tf.export.litert import convert as convert_int8
 
 RESOLVERS = (OpResolverType.BUILTIN_REF, OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
 
@@ -46,17 +47,8 @@ def _convert(kind, in_shape, out_c, rng, k=3, stride=(1, 1), padding="same", bit
     if bias:
         layer.bias.assign(rng.normal(0, 0.5, size=out_c).astype(np.float32))
 
-    def rep():
-        for _ in range(16):
-            yield [rng.uniform(lo, hi, size=(1,) + tuple(in_shape)).astype(np.float32)]
-
-    conv = tf.lite.TFLiteConverter.from_keras_model(model)
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = rep
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    conv.inference_input_type = tf.int8
-    conv.inference_output_type = tf.int8
-    return conv.convert()
+    # the project's own full-integer int8 conversion (int8 in and out), on 16 random examples
+    return convert_int8(model, rng.uniform(lo, hi, size=(16,) + tuple(in_shape)))
 
 
 def _litert(fb, x, resolver):

@@ -19,6 +19,7 @@ import syq_tf
 from conftest import separable_data
 from syq_tf import kernels as K
 from syq_tf.quantizers import SYQ, DoReFa
+from syq_tf.export.litert import convert as convert_int8
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -109,16 +110,8 @@ def test_runner_matches_litert_builtin_ref(case):
 
 
 def _convert_plain(model, shape, rng):
-    def rep():
-        for _ in range(16):
-            yield [rng.uniform(-1, 1, size=(1,) + shape).astype(np.float32)]
-
-    c = tf.lite.TFLiteConverter.from_keras_model(model)
-    c.optimizations = [tf.lite.Optimize.DEFAULT]
-    c.representative_dataset = rep
-    c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    c.inference_input_type = c.inference_output_type = tf.int8
-    return c.convert()
+    # the project's own full-integer int8 conversion (int8 in and out), on 16 random examples
+    return convert_int8(model, rng.uniform(-1, 1, size=(16,) + tuple(shape)))
 
 
 def test_runner_other_ops_and_unsupported_error():
