@@ -1,6 +1,6 @@
 """Training step time of every quantizer relative to the same float CNN, measured side by side.
 
-The demo CNN (examples/fashion_mnist_syq.py) with SYQ, UniQ, least-squares and loss-aware
+The demo CNN (syq_tf.recipes.build_cnn, as in examples/fashion_mnist_syq.py) with SYQ, UniQ, least-squares and loss-aware
 quantizers; the least-squares activations (a sort per sample per layer for ls2/lsT) and the
 loss-aware projection (inside LossAwareAdam's step, a sort per kernel for exact LAT) are the ones to
 watch.
@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import re
-import sys
 import time
 
 import syq_tf  # first: Keras 2
@@ -24,10 +23,8 @@ import syq_tf  # first: Keras 2
 import numpy as np
 import tensorflow as tf
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-from fashion_mnist_syq import build_cnn, compile_model  # noqa: E402
-
 from syq_tf.data import load_fashion_mnist  # noqa: E402
+from syq_tf.recipes import build_cnn, compile_model  # noqa: E402
 
 CONFIGS = (
     [("float", None)]
