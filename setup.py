@@ -26,10 +26,15 @@ setup(
         "tensorflow-datasets",
         "absl-py",
         "tensorboard",  # tf.summary's writer (syq_tf.callbacks.QuantizerLogger)
+        "matplotlib",  # syq_tf.plots (codebook histograms, training curves, benchmark plot)
         "numpy<2",
     ],
     # tflite-micro: TFLite Micro's Python runtime (benchmarks/kernels.py compares with its int8
     # reference kernels); the exact nightly is pinned in constraints.txt.
+    # bench: QKeras, the optional peer of benchmarks/accuracy.py. Its own requirements pull in
+    # keras-tuner and scikit-learn, which only its AutoQKeras part uses, so the README installs it
+    # with --no-deps plus the one it imports (networkx); pyparsing comes with matplotlib.
     extras_require={"test": ["pytest", "hypothesis", "tflite-micro"]},
+    entry_points={"console_scripts": ["syq-tf=syq_tf.cli:run"]},
     ext_modules=[SYQ_KERNELS],
 )
