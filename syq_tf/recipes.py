@@ -71,20 +71,23 @@ def build_cnn(bits=None, granularity="pixel", act_bits=8, eta=0.05, method="syq"
     ``bits=None`` builds the float model (ReLU activations). Otherwise the first conv and the last
     dense keep float weights (the papers' recipe) and the other layers get the method's weight and
     input quantizers (see :func:`quantizer_factories`), or ``quantizers=(conv, dense, input)``
-    factories given by the caller (any larq-compatible quantizers, e.g. the benchmark's peers).
+    factories given by the caller (any larq-compatible quantizers, e.g. the benchmark's peers; an
+    input factory of None keeps float activations with ReLU).
     ``widths`` = (conv1, conv2, conv3, conv4, dense) channels; the demo uses 32-32-64-64-128."""
     if len(widths) != 5 or any(int(w) < 1 for w in widths):
         raise ValueError(f"build_cnn: widths={widths!r} must be five positive channel counts")
     quantized = bits is not None or quantizers is not None
+    input_q = None
     if quantizers is not None:
         conv_q, dense_q, input_q = quantizers
     elif quantized:
         conv_q, dense_q, input_q = quantizer_factories(method, bits, granularity, act_bits, eta, **method_options)
 
     def act():
-        # Float model: ReLU. Quantized model: the next layer's input quantizer clips (DoReFa to
-        # [0, 1], UniQ to [0, (2^b - 1) delta]; least-squares activations are sign-like).
-        return [] if quantized else [tf.keras.layers.ReLU()]
+        # Float model, or quantized weights with float activations (no input quantizer): ReLU.
+        # Otherwise the next layer's input quantizer clips (DoReFa to [0, 1], UniQ to
+        # [0, (2^b - 1) delta]; least-squares activations are sign-like).
+        return [] if quantized and input_q is not None else [tf.keras.layers.ReLU()]
 
     def make(factory):
         return factory() if factory is not None else None

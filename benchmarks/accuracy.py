@@ -1,0 +1,524 @@
+"""Accuracy, training cost and size of every method against larq, tfmot and QKeras, side by side.
+
+One architecture family (syq_tf.recipes.build_cnn: four 3x3 convs + dense, first conv and last dense
+in float as in the papers), one data pipeline (Fashion-MNIST from the Debian package, a fixed
+training subset, the full 10k test set), one optimizer budget for every row:
+
+    float pre-training (shared by all rows of a seed)  ->  ``--epochs`` epochs of quantized
+    fine-tuning, every learned scale initialised from the float weights (the float row trains the
+    same number of extra epochs in float).
+
+Rows: float; peers (larq ste_sign W1A1, magnitude_aware_sign W1, SteTern W2, DoReFa W2A2, tfmot
+default 8-bit QAT, QKeras binary / ternary / quantized_bits(2, alpha="auto") weights with
+quantized_relu(8) activations, in larq layers); ours (SYQ W1/W2 x layer/row/pixel/channel at A8 and
+A2, UniQ W1A1/W2A2/W4A4, least-squares 1-bit weights with ls1/lsT/gf2/ls2 activations, LAB/LAT/LAQ
+weights only). "A32" means float activations (ReLU).
+
+Each row: test accuracy (mean and std over seeds), training seconds per epoch (median step time
+after the first steps, which trace the graph, x steps per epoch), bytes at the stored bit width (syq_tf.summary: kernel bits
+x weights / 8 plus float32 for scales, BatchNorm and float layers) and, for seed 0, the size of
+the int8 TFLite file syq_tf.export.to_tflite writes (where the exporter supports the row).
+
+Every finished (row, seed) is cached as JSON under ``--out/<profile>/`` and not recomputed; the float
+pre-training of a seed is cached too, so an interrupted run resumes. ``--shard i/n`` splits the rows
+between processes (``--threads`` sets TensorFlow's threads per process). ``--report`` only
+rebuilds BENCHMARKS.md and the Pareto plot from the cache.
+
+    .venv/bin/python benchmarks/accuracy.py --quick            # < 20 min on 2 cores, a subset
+    .venv/bin/python benchmarks/accuracy.py                    # the full table, 3 seeds
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+
+import syq_tf  # first: selects Keras 2 before TensorFlow loads
+
+import larq as lq
+import numpy as np
+import tensorflow as tf
+
+from syq_tf import quantizers as Q
+from syq_tf.data import load_fashion_mnist
+from syq_tf.recipes import build_cnn, compile_model, transfer_float_weights
+from syq_tf.summary import summarize
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+PROFILES = {
+    # widths: conv1..conv4, dense. The demo CNN is 32-32-64-64-128; the benchmark halves it so that
+    # ~40 rows x 3 seeds fit in a few hours on 2 cores.
+    "full": dict(seeds=(0, 1, 2), train_limit=8000, float_epochs=2, epochs=2, batch_size=128,
+                 widths=(16, 16, 32, 32, 64), lr_float=1e-3, lr=5e-4),
+    "quick": dict(seeds=(0,), train_limit=5000, float_epochs=1, epochs=1, batch_size=128,
+                  widths=(16, 16, 32, 32, 64), lr_float=1e-3, lr=5e-4),
+}
+QUICK_ROWS = ("float", "larq ste_sign W1A1", "larq SteTern W2A32", "tfmot 8-bit QAT W8A8", "SYQ W2A8 pixel",
+              "SYQ W1A8 channel", "UniQ W2A2", "LS ls1 W1 A-ls1", "LAB W1A32")
+
+
+# ------------------------------------------------------------------------------------------------
+# Rows: name -> (family, weight bits, activation bits, builder). A builder returns
+# (quantizer factories for build_cnn or "tfmot", compile method).
+
+def _ours():
+    rows = {}
+    for abits in (8, 2):
+        for wbits in (2, 1):
+            for g in ("layer", "row", "pixel", "channel"):
+                rows[f"SYQ W{wbits}A{abits} {g}"] = (
+                    "ours", wbits, abits,
+                    lambda w=wbits, a=abits, g=g: ((lambda: Q.SYQ(w, g), lambda: Q.SYQ(w, "layer"),
+                                                    lambda: Q.DoReFa(a)), None))
+    for wbits, abits in ((1, 1), (2, 2), (4, 4)):
+        rows[f"UniQ W{wbits}A{abits}"] = (
+            "ours", wbits, abits,
+            lambda w=wbits, a=abits: ((lambda: Q.UniQ(w, "channel"), lambda: Q.UniQ(w, "channel"),
+                                       lambda: Q.UniQActivation(a)), None))
+    for act in ("ls1", "lsT", "gf2", "ls2"):
+        abits = {"ls1": 1, "lsT": 2, "gf2": 2, "ls2": 2}[act]
+        rows[f"LS ls1 W1 A-{act}"] = (
+            "ours", 1, abits,
+            lambda act=act: ((lambda: Q.LeastSquares("ls1"), lambda: Q.LeastSquares("ls1"),
+                              lambda: Q.LeastSquaresActivation(act)), None))
+    for name, mode, bits in (("LAB W1A32", "binary", 1), ("LAT W2A32", "ternary", 2), ("LAQ W3A32", "linear", 3)):
+        extra = {"bits": bits} if mode == "linear" else {}
+        rows[name] = ("ours", bits, 32,
+                      lambda mode=mode, extra=extra: ((lambda: Q.LossAware(mode, **extra),
+                                                       lambda: Q.LossAware(mode, **extra), None), "la"))
+    return rows
+
+
+def _peers():
+    rows = {
+        "larq ste_sign W1A1": ("peer", 1, 1, lambda: ((lq.quantizers.SteSign, lq.quantizers.SteSign,
+                                                       lq.quantizers.SteSign), None)),
+        "larq magnitude_aware_sign W1A32": ("peer", 1, 32, lambda: ((lq.quantizers.MagnitudeAwareSign,
+                                                                    lq.quantizers.MagnitudeAwareSign, None), None)),
+        "larq SteTern W2A32": ("peer", 2, 32, lambda: ((lq.quantizers.SteTern, lq.quantizers.SteTern, None), None)),
+        "larq DoReFa W2A2": ("peer", 2, 2, lambda: ((lambda: lq.quantizers.DoReFa(2, mode="weights"),
+                                                     lambda: lq.quantizers.DoReFa(2, mode="weights"),
+                                                     lambda: lq.quantizers.DoReFa(2, mode="activations")), None)),
+        "tfmot 8-bit QAT W8A8": ("peer", 8, 8, lambda: ("tfmot", None)),
+    }
+
+    def qkeras(kernel):
+        def build():
+            import qkeras  # noqa: PLC0415  (optional benchmark dependency)
+
+            return ((lambda: kernel(qkeras)), (lambda: kernel(qkeras)),
+                    (lambda: qkeras.quantized_relu(8))), None
+        return build
+
+    rows["QKeras binary W1A8"] = ("peer", 1, 8, qkeras(lambda qk: qk.binary(alpha=1)))
+    rows["QKeras ternary W2A8"] = ("peer", 2, 8, qkeras(lambda qk: qk.ternary(alpha="auto")))
+    rows["QKeras quantized_bits(2, auto) W2A8"] = ("peer", 2, 8, qkeras(lambda qk: qk.quantized_bits(2, 0, 1, alpha="auto")))
+    return rows
+
+
+def all_rows():
+    rows = {"float": ("float", 32, 32, None)}
+    rows.update(_peers())
+    rows.update(_ours())
+    return rows
+
+
+def qkeras_available():
+    try:
+        import qkeras  # noqa: F401,PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+def _tfmot_default_8bit(float_model):
+    """tfmot's default 8-bit QAT of the float model (weights copied). tfmot's default scheme folds
+    BatchNorm only after a conv; the BatchNorms that follow a max-pool here get tfmot's own
+    output-only 8-bit config instead of being refused."""
+    import tensorflow_model_optimization as tfmot  # noqa: PLC0415
+    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (  # noqa: PLC0415
+        default_8bit_quantize_configs as registry,
+    )
+
+    qk = tfmot.quantization.keras
+    previous = {}
+    for a, b in zip(float_model.layers, float_model.layers[1:]):
+        previous[b.name] = a
+
+    def annotate(layer):
+        clone = layer.__class__.from_config(layer.get_config())
+        if isinstance(layer, tf.keras.layers.BatchNormalization) and not isinstance(
+                previous.get(layer.name), tf.keras.layers.Conv2D):
+            return qk.quantize_annotate_layer(clone, registry.Default8BitOutputQuantizeConfig())
+        return qk.quantize_annotate_layer(clone)
+
+    annotated = tf.keras.models.clone_model(float_model, clone_function=annotate)
+    annotated.set_weights(float_model.get_weights())
+    with qk.quantize_scope({"Default8BitOutputQuantizeConfig": registry.Default8BitOutputQuantizeConfig}):
+        return qk.quantize_apply(annotated)
+
+
+# ------------------------------------------------------------------------------------------------
+
+def slug(name):
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
+
+
+def _write_json(path, data):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+class StepTimer(tf.keras.callbacks.Callback):
+    """Wall time of every training step after the first ``warmup`` (which trace the graph); the
+    steady epoch time is the median step x steps per epoch (robust to the shared machine's spikes)."""
+
+    def __init__(self, warmup=3):
+        super().__init__()
+        self.warmup = warmup
+
+    def on_train_begin(self, logs=None):
+        self.steps, self.seen, self.per_epoch = [], 0, 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        if self.seen > self.warmup:
+            self.steps.append(time.perf_counter() - self._t)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.per_epoch = max(self.per_epoch, self.seen // (epoch + 1))
+
+    def seconds_per_epoch(self):
+        return float(np.median(self.steps)) * self.per_epoch if self.steps else float("nan")
+
+
+class Runner:
+    def __init__(self, profile, out, export=True):
+        self.name = profile
+        self.p = PROFILES[profile]
+        self.dir = os.path.join(out, profile)
+        os.makedirs(self.dir, exist_ok=True)
+        x, y = load_fashion_mnist("train")
+        self.x_train, self.y_train = x[: self.p["train_limit"]], y[: self.p["train_limit"]]
+        self.x_test, self.y_test = load_fashion_mnist("test")
+        self.export = export
+
+    def dataset(self, seed):
+        ds = tf.data.Dataset.from_tensor_slices((self.x_train, self.y_train))
+        ds = ds.shuffle(len(self.x_train), seed=seed, reshuffle_each_iteration=True)
+        return ds.batch(self.p["batch_size"]).prefetch(tf.data.AUTOTUNE)
+
+    # float pre-training, shared by every row of a seed (cached; a lock file keeps two shards from
+    # training the same one)
+    def pretrained(self, seed):
+        path = os.path.join(self.dir, f"float_pretrain_s{seed}.weights.h5")
+        lock = path + ".lock"
+        while not os.path.exists(path):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                time.sleep(5)
+                continue
+            try:
+                os.close(fd)
+                tf.keras.backend.clear_session()
+                tf.keras.utils.set_random_seed(seed)
+                model = build_cnn(None, widths=self.p["widths"])
+                compile_model(model, self.p["lr_float"])
+                print(f"[accuracy] float pre-training, seed {seed}: {self.p['float_epochs']} epoch(s)", flush=True)
+                model.fit(self.dataset(seed), epochs=self.p["float_epochs"], verbose=0)
+                tmp = path + f".tmp-{os.getpid()}.weights.h5"
+                model.save_weights(tmp)
+                os.replace(tmp, path)
+            finally:
+                os.remove(lock)
+        tf.keras.backend.clear_session()
+        tf.keras.utils.set_random_seed(seed)
+        model = build_cnn(None, widths=self.p["widths"])
+        model.load_weights(path)
+        return model
+
+    def run(self, row_name, row, seed):
+        path = os.path.join(self.dir, f"{slug(row_name)}_s{seed}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        family, wbits, abits, builder = row
+        float_model = self.pretrained(seed)
+        tf.keras.utils.set_random_seed(seed + 1000)
+        train = self.dataset(seed)
+        method = None
+        if family == "float":
+            model = float_model
+            compile_model(model, self.p["lr"])
+        else:
+            factories, method = builder()
+            if factories == "tfmot":
+                model = _tfmot_default_8bit(float_model)
+            else:
+                model = build_cnn(widths=self.p["widths"], quantizers=factories)
+                model.set_weights(transfer_float_weights(model, float_model))
+                syq_tf.reinitialize_scales(model)
+                syq_tf.calibrate(model, train, batches=20)  # UniQ activation steps; no-op otherwise
+            compile_model(model, self.p["lr"], method)
+        timer = StepTimer()
+        t0 = time.perf_counter()
+        history = model.fit(train, epochs=self.p["epochs"], verbose=0, callbacks=[timer])
+        train_seconds = time.perf_counter() - t0
+        loss, accuracy = model.evaluate(self.x_test, self.y_test, batch_size=500, verbose=0)
+        summary = summarize(model)
+        result = {
+            "row": row_name, "family": family, "weight_bits": wbits, "activation_bits": abits, "seed": seed,
+            "test_accuracy": float(accuracy), "test_loss": float(loss),
+            "train_seconds": train_seconds, "median_step_seconds": float(np.median(timer.steps)),
+            "seconds_per_epoch": timer.seconds_per_epoch(),
+            "final_train_loss": float(history.history["loss"][-1]),
+            "bytes_at_bit_width": float(sum(r.bytes for r in summary)),
+            "params": int(sum(r.params for r in summary)),
+            "profile": self.name, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.p.items()},
+        }
+        if self.export and seed == min(self.p["seeds"]):
+            result.update(self._export(model))
+        _write_json(path, result)
+        tf.keras.backend.clear_session()
+        return result
+
+    def _export(self, model):
+        try:
+            exported = syq_tf.export.to_tflite(model, representative_data=self.x_train[:200],
+                                               verify_data=self.x_test[:1000], verify_labels=self.y_test[:1000])
+        except Exception as e:  # a row the exporter does not support: record why
+            return {"tflite_bytes": None, "export_error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+        v = exported.verification or {}
+        return {"tflite_bytes": exported.model_bytes, "tflite_agreement": v.get("top1_agreement"),
+                "tflite_accuracy_1k": v.get("runtime_accuracy")}
+
+
+# ------------------------------------------------------------------------------------------------
+# Report: BENCHMARKS.md and the Pareto plot
+
+def _versions():
+    import importlib.metadata as md  # noqa: PLC0415
+
+    out = {}
+    for pkg in ("tensorflow", "tf-keras", "larq", "tensorflow-model-optimization", "QKeras", "ai-edge-litert", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _cpu():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def aggregate(profile_dir, rows):
+    table = []
+    for name, (family, wbits, abits, _) in rows.items():
+        results = []
+        for f in sorted(os.listdir(profile_dir)):
+            if f.startswith(slug(name) + "_s") and f.endswith(".json") and re.fullmatch(
+                    re.escape(slug(name)) + r"_s\d+\.json", f):
+                with open(os.path.join(profile_dir, f)) as fh:
+                    results.append(json.load(fh))
+        if not results:
+            continue
+        acc = np.array([r["test_accuracy"] for r in results])
+        first = min(results, key=lambda r: r["seed"])
+        table.append({
+            "row": name, "family": family, "weight_bits": wbits, "activation_bits": abits, "seeds": len(results),
+            "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+            "seconds_per_epoch": float(np.mean([r["seconds_per_epoch"] for r in results])),
+            "bytes_at_bit_width": first["bytes_at_bit_width"], "tflite_bytes": first.get("tflite_bytes"),
+            "tflite_agreement": first.get("tflite_agreement"), "export_error": first.get("export_error"),
+        })
+    return table
+
+
+def _bits_label(row):
+    return f"W{row['weight_bits']}A{row['activation_bits']}"
+
+
+def goals(table):
+    """The issue's goals checked against the table: SYQ near float, ours >= best peer at the same
+    bits, epoch time within 1.5x of float."""
+    by = {r["row"]: r for r in table}
+    lines = []
+    flt = by.get("float")
+    if flt:
+        for name, margin in (("SYQ W2A8", 0.5), ("SYQ W1A8", 1.5)):
+            cands = [r for r in table if r["row"].startswith(name + " ")]
+            if cands:
+                best = max(cands, key=lambda r: r["accuracy_mean"])
+                gap = 100 * (flt["accuracy_mean"] - best["accuracy_mean"])
+                lines.append(f"- {name} (best granularity: {best['row']}) is {gap:+.2f} points below float "
+                             f"(goal: within {margin}): **{'met' if gap <= margin else 'missed'}**")
+        slow = [r for r in table if r["family"] != "float" and r["seconds_per_epoch"] > 1.5 * flt["seconds_per_epoch"]]
+        lines.append("- Epoch time within 1.5x of float: " + (
+            "**met by every row**" if not slow else "**missed** by " + ", ".join(
+                f"{r['row']} ({r['seconds_per_epoch'] / flt['seconds_per_epoch']:.2f}x)" for r in slow)))
+    peers = [r for r in table if r["family"] == "peer"]
+    for r in [r for r in table if r["family"] == "ours"]:
+        same = [p for p in peers if p["weight_bits"] == r["weight_bits"] and p["activation_bits"] == r["activation_bits"]]
+        if not same:
+            continue
+        best = max(same, key=lambda p: p["accuracy_mean"])
+        diff = 100 * (r["accuracy_mean"] - best["accuracy_mean"])
+        lines.append(f"- {r['row']} vs best peer at {_bits_label(r)} ({best['row']}): {diff:+.2f} points: "
+                     f"**{'at or above' if diff >= 0 else 'below'}**")
+    return lines
+
+
+def plot(table, path):
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(10, 6.5), dpi=100)
+    colors = {"float": "black", "peer": "tab:orange", "ours": "tab:blue"}
+    for r in table:
+        ax.errorbar(r["bytes_at_bit_width"] / 1024, 100 * r["accuracy_mean"], yerr=100 * r["accuracy_std"],
+                    fmt="o", color=colors[r["family"]], ms=4, capsize=2)
+        ax.annotate(r["row"], (r["bytes_at_bit_width"] / 1024, 100 * r["accuracy_mean"]), fontsize=6,
+                    xytext=(3, 2), textcoords="offset points")
+    points = sorted((r["bytes_at_bit_width"] / 1024, 100 * r["accuracy_mean"]) for r in table)
+    front, best = [], -1.0
+    for x, y in points:
+        if y > best:
+            front.append((x, y))
+            best = y
+    if front:
+        ax.step(*zip(*front), where="post", color="gray", lw=0.8, ls="--", label="Pareto front")
+    for fam, c in colors.items():
+        ax.plot([], [], "o", color=c, label={"float": "float", "peer": "larq / tfmot / QKeras", "ours": "syq_tf"}[fam])
+    ax.set_xscale("log")
+    ax.set_xlabel("model KiB at stored bit widths (syq_tf.summary)")
+    ax.set_ylabel("Fashion-MNIST test accuracy (%)")
+    ax.set_title("Accuracy vs size (mean ± std over seeds)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(out, profile, rows, command):
+    pdir = os.path.join(out, profile)
+    table = aggregate(pdir, rows)
+    _write_json(os.path.join(pdir, "table.json"), table)
+    png = os.path.join(HERE, f"accuracy_{profile}.png")
+    if table:
+        plot(table, png)
+    p = PROFILES[profile]
+    lines = [
+        "# Benchmarks: accuracy, training cost and size (generated by benchmarks/accuracy.py; do not edit)",
+        "",
+        f"Profile `{profile}`: Fashion-MNIST (Debian `dataset-fashion-mnist`), first {p['train_limit']} training "
+        f"images, full 10,000-image test set; CNN widths {'-'.join(map(str, p['widths']))} "
+        f"(syq_tf.recipes.build_cnn, first conv and last dense float); float pre-training "
+        f"{p['float_epochs']} epoch(s) (Adam {p['lr_float']}), then {p['epochs']} epoch(s) for every row "
+        f"(Adam {p['lr']}; LossAwareAdam for LAB/LAT/LAQ; the float row continues in float); batch {p['batch_size']}; "
+        f"seeds {', '.join(map(str, p['seeds']))}.",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {_cpu()}, {os.cpu_count()} CPUs, {platform.platform()}. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in _versions().items()) + ".",
+        "",
+        "Bytes: `syq_tf.summary` at the stored bit widths (kernel bits x weights / 8, float32 for scales, "
+        "BatchNorm and float layers). TFLite: the int8 file of `syq_tf.export.to_tflite` (seed 0) and its "
+        "top-1 agreement with Keras on 1,000 test images; '-' where the exporter does not take the row.",
+        "Seconds per epoch: median training step (after 3 tracing steps) x steps per epoch, on this shared machine (other jobs ran "
+        "at the same time: compare with care; benchmarks/step_time.py measures step-time ratios side by side).",
+        "",
+        "| row | bits | accuracy % (mean ± std) | seeds | s / epoch | vs float | KiB at bit width | TFLite bytes | TFLite agreement |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    flt = next((r for r in table if r["row"] == "float"), None)
+    for r in table:
+        ratio = f"{r['seconds_per_epoch'] / flt['seconds_per_epoch']:.2f}x" if flt else "-"
+        tfl = str(r["tflite_bytes"]) if r["tflite_bytes"] else "-"
+        agr = f"{r['tflite_agreement']:.3f}" if r.get("tflite_agreement") is not None else "-"
+        lines.append(f"| {r['row']} | {_bits_label(r)} | {100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f} "
+                     f"| {r['seeds']} | {r['seconds_per_epoch']:.1f} | {ratio} | {r['bytes_at_bit_width'] / 1024:.1f} "
+                     f"| {tfl} | {agr} |")
+    missing = [name for name in rows if name not in {r["row"] for r in table}]
+    if missing:
+        lines += ["", "Not run in this profile: " + ", ".join(missing) + "."]
+    errors = [r for r in table if r.get("export_error")]
+    if errors:
+        lines += ["", "Export not supported: " + "; ".join(f"{r['row']}: {r['export_error']}" for r in errors)]
+    lines += ["", "## Goals", ""] + (goals(table) or ["(no rows yet)"])
+    lines += ["", f"![accuracy vs size](accuracy_{profile}.png)", ""]
+    md = os.path.join(HERE, "BENCHMARKS.md" if profile == "full" else f"BENCHMARKS_{profile}.md")
+    with open(md, "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines[12:]))
+    print(f"[accuracy] wrote {md} and {png}")
+    return md
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one seed, fewer images and epochs, a subset of rows")
+    ap.add_argument("--rows", default=None, help="regular expression: run only the matching rows")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the profile's)")
+    ap.add_argument("--shard", default="0/1", help="i/n: run every n-th row starting at i (parallel processes)")
+    ap.add_argument("--threads", type=int, default=0, help="TensorFlow intra/inter-op threads (0: default)")
+    ap.add_argument("--no-export", action="store_true", help="skip the TFLite export of seed 0")
+    ap.add_argument("--report", action="store_true", help="only rebuild BENCHMARKS.md and the plot from the cache")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "accuracy"))
+    args = ap.parse_args(argv)
+    profile = "quick" if args.quick else "full"
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    rows = all_rows()
+    if args.quick:
+        rows = {k: v for k, v in rows.items() if k in QUICK_ROWS}
+    if not qkeras_available():
+        skipped = [k for k in rows if k.startswith("QKeras")]
+        if skipped:
+            print("[accuracy] QKeras is not installed: skipping " + ", ".join(skipped)
+                  + " (pip install --no-deps -c constraints.txt QKeras networkx)", flush=True)
+        rows = {k: v for k, v in rows.items() if not k.startswith("QKeras")}
+    if args.rows:
+        rows = {k: v for k, v in rows.items() if re.search(args.rows, k) or k == "float"}
+    command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if not args.report:
+        runner = Runner(profile, args.out, export=not args.no_export)
+        if args.seeds:
+            runner.p = dict(runner.p, seeds=tuple(int(s) for s in args.seeds.split(",")))
+        i, n = (int(v) for v in args.shard.split("/"))
+        names = list(rows)[i::n]
+        for seed in runner.p["seeds"]:
+            for name in names:
+                t0 = time.time()
+                r = runner.run(name, rows[name], seed)
+                print(f"[accuracy] {name:<36} seed {seed}: accuracy {r['test_accuracy']:.4f}, "
+                      f"{r['seconds_per_epoch']:.1f} s/epoch, {r['bytes_at_bit_width'] / 1024:.1f} KiB "
+                      f"({time.time() - t0:.0f} s)", flush=True)
+    write_report(args.out, profile, all_rows() if not args.quick else rows, command.strip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
