@@ -132,6 +132,24 @@ def test_fully_connected_bit_exact_vs_litert(case):
     _check(fb, "fc", case["bits"], (3, case["in_c"]), rng)
 
 
+@pytest.mark.parametrize("bits,in_c,out_c", [(1, 3136, 128), (2, 2113, 37)], ids=["b1-demo-fc1", "b2-2113to37"])
+def test_fully_connected_batch1_large_vs_litert_and_runner(bits, in_c, out_c):
+    """Batch 1 (the AVX2 1x1 kernel: blocks of 8 channels, > 64 words per 16-bit flush, odd word
+    count, overlapping last block) on the demo's fc1 shape and an odd one; make_runner's cached
+    input address follows in-place changes and new arrays."""
+    rng = np.random.default_rng(in_c + bits)
+    fb = _convert("fc", (in_c,), out_c, rng, bits=bits, gran="layer", act="relu", lo=-1.0, hi=1.5)
+    layer = _check(fb, "fc", bits, (1, in_c), rng)
+    x = rng.integers(-128, 128, size=(1, in_c)).astype(np.int8)
+    for impl in ("opt", "portable", "ref"):
+        run = layer.make_runner(x.shape, impl=impl)
+        for _ in range(3):
+            np.testing.assert_array_equal(run(x), _litert(fb, x, OpResolverType.BUILTIN_REF))
+            x[:] = rng.integers(-128, 128, size=x.shape)  # same array, new values
+        y = rng.integers(-128, 128, size=(1, in_c)).astype(np.int8)  # another array
+        np.testing.assert_array_equal(run(y), _litert(fb, y, OpResolverType.BUILTIN_REF))
+
+
 @pytest.mark.parametrize("bits", [1, 2])
 def test_pack_unpack_round_trip_and_sizes(bits):
     rng = np.random.default_rng(bits)

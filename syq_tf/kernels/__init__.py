@@ -294,22 +294,42 @@ class PackedLayer:
         return out
 
     def make_runner(self, input_shape, impl="opt"):
-        """A zero-allocation closure for repeated calls on inputs of one shape (benchmarks)."""
+        """A zero-allocation closure for repeated calls on inputs of one shape (benchmarks).
+
+        Output and scratch buffers are allocated once and their addresses taken once; the input's
+        address is taken per call, except when the same array object comes again (the runner keeps
+        a reference to it, so numpy cannot move its data: ``resize`` refuses referenced arrays).
+        The closure returns its own output buffer (overwritten by the next call)."""
         x0 = np.zeros(input_shape, np.int8)
         p, w, out_shape = self._structs(x0)
         out = np.empty(out_shape, np.int8)
         L = lib()
         conv = self.kind == "conv"
         pr, wr = ctypes.byref(p), ctypes.byref(w)
+        out_p = out.ctypes.data
+        last = [None, 0]  # last input array and its data address
+
+        def addr(x):
+            if x is not last[0]:
+                last[0], last[1] = x, x.ctypes.data
+            return last[1]
+
         if impl == "ref":
             fn = L.syq_conv2d_ref if conv else L.syq_fully_connected_ref
+            keep = (p, w, out, self)
 
             def run(x):
-                check(fn(pr, wr, x.ctypes.data, out.ctypes.data), "ref")
+                _ = keep
+                rc = fn(pr, wr, addr(x), out_p)
+                if rc:
+                    check(rc, "ref")
                 return out
             return run
+        if impl not in ("opt", "portable"):
+            raise ValueError(f"impl must be 'opt', 'ref' or 'portable', got {impl!r}")
         nbytes = (L.syq_conv2d_scratch_bytes if conv else L.syq_fully_connected_scratch_bytes)(pr, wr)
         scratch = np.empty(nbytes, np.uint8)
+        scratch_p = scratch.ctypes.data
         fn = L.syq_conv2d_opt if conv else L.syq_fully_connected_opt
         keep = (p, w, scratch, out, self)
 
@@ -317,11 +337,12 @@ class PackedLayer:
             _ = keep
             if impl == "portable":
                 with _portable():
-                    check(fn(pr, wr, x.ctypes.data, out.ctypes.data, scratch.ctypes.data, nbytes), "portable")
+                    rc = fn(pr, wr, addr(x), out_p, scratch_p, nbytes)
             else:
-                check(fn(pr, wr, x.ctypes.data, out.ctypes.data, scratch.ctypes.data, nbytes), "opt")
+                rc = fn(pr, wr, addr(x), out_p, scratch_p, nbytes)
+            if rc:
+                check(rc, impl)
             return out
         return run
-
 
 from syq_tf.kernels.runner import TFLiteRunner, UnsupportedOp, packed_layers, run_tflite  # noqa: E402

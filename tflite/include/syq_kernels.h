@@ -96,7 +96,8 @@ int syq_conv2d_ref(const syq_conv_params *p, const syq_packed_weights *w, const 
                    int8_t *output);
 /* Optimized: zero-point padded copy of each image in scratch, output blocking; AVX2 (when the CPU
  * has it and SYQ_NO_SIMD is not defined): codes expanded per output channel into scratch and
- * vpmaddubsw/vpmaddwd sums, or masked byte sums for narrow outputs; 64-bit SWAR otherwise.
+ * vpmaddubsw/vpmaddwd sums, or (narrow outputs, e.g. FullyConnected batch < 4) codes expanded in
+ * registers, 8 output channels per pass for 1x1 kernels; 64-bit SWAR otherwise.
  * Scratch: padded image + out_c int32 + k_h*k_w*32*ceil(in_c/32) bytes (+64 for alignment). */
 size_t syq_conv2d_scratch_bytes(const syq_conv_params *p, const syq_packed_weights *w);
 int syq_conv2d_opt(const syq_conv_params *p, const syq_packed_weights *w, const int8_t *input,

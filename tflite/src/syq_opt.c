@@ -17,7 +17,8 @@
  * 64 words.  This gives raw = sum_i c_i u_i and sum_i c_i (x_i - zp) = raw - (zp+128)(n_nonzero -
  * 2 n_neg).  8 output positions per block (register blocking), 32-bit sums reduced with vphaddd,
  * requantization vectorised over the 8 positions.  Narrow outputs (rows of < 4 positions, e.g.
- * FullyConnected with batch < 4): the same sums with the codes expanded in registers.
+ * FullyConnected with batch < 4): 1x1 kernels by syq_image_fc (8 output channels per pass over the
+ * input, see there), others the same sums with the codes expanded in registers.
  */
 #include "syq_internal.h"
 
@@ -433,6 +434,234 @@ static SYQ_AVX2 void syq_image_narrow(const syq_ctx *c, int8_t *output) {
                 }
             }
 }
+
+/* ---- 1x1 kernels on narrow outputs (FullyConnected, batch < 4) ------------------------------
+ * One input position against SYQ_FC_R output channels at a time; the codes are expanded in registers
+ * and each 32-byte load of the input is used by the SYQ_FC_R channels.  Expansion of one packed word
+ * W: vpbroadcastd + vpsllvd by (0, 1, ..., 7) puts bit 8b + 7 - k of W into the top bit of byte
+ * 4k + b, so the input u = x + 128 is stored once per position in that byte order (syq_fc_input) and
+ * vpcmpgtb(0, .) gives the 0/-1 byte mask.  Binary: A = sum vpmaddubsw(u, S) = -sum_{c=-1} u, so
+ * sum_i c_i u_i = U + 2A with U = sum_i u_i; ternary: A = sum vpmaddubsw(u, vpblendvb(Z mask, 1, S))
+ * = -sum_i c_i u_i (vpblendvb reads the top bit of the shifted sign word directly).  Two words per
+ * step, 16-bit lanes flushed with vpmaddwd every 64 words (64 * 510 <= 32767) into one vector of
+ * SYQ_FC_R 32-bit sums.  The weight-only term (zp + 128) * sum_i c_i comes from 64-bit popcounts of
+ * the same words (integer ports, in the shadow of the vector work: no pass over all codes per call);
+ * requantization is vectorised over the SYQ_FC_R channels (per-lane multiplier and shift). */
+#define SYQ_FC_R 8
+
+/* syq_requant8 with per-lane multiplier (>= 0) and shift (-31..0) */
+static inline SYQ_AVX2 __m256i syq_requant8v(__m256i acc, __m256i mult, __m256i shift, int32_t zp,
+                                             int32_t lo, int32_t hi) {
+    const __m256i ax = _mm256_abs_epi32(acc), neg = _mm256_srli_epi32(acc, 31);
+    const __m256i half = _mm256_set1_epi64x((long long)1 << 30);
+    const __m256i lo32 = _mm256_set1_epi64x(0xFFFFFFFFll);
+    const __m256i rs = _mm256_sub_epi32(_mm256_setzero_si256(), shift); /* 0..31 */
+    const __m256i one = _mm256_set1_epi32(1);
+    __m256i pe = _mm256_mul_epu32(ax, mult);
+    __m256i po = _mm256_mul_epu32(_mm256_srli_epi64(ax, 32), _mm256_srli_epi64(mult, 32));
+    __m256i v, mask, rem, thr;
+    pe = _mm256_srli_epi64(_mm256_add_epi64(pe, _mm256_sub_epi64(half, _mm256_and_si256(neg, lo32))), 31);
+    po = _mm256_srli_epi64(_mm256_add_epi64(po, _mm256_sub_epi64(half, _mm256_srli_epi64(neg, 32))), 31);
+    v = _mm256_sign_epi32(_mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA), acc);
+    /* RoundingDivideByPOT(v, rs): mask 2^rs - 1 (rs = 31: 0x7FFFFFFF) */
+    mask = _mm256_sub_epi32(_mm256_sllv_epi32(one, rs), one);
+    rem = _mm256_and_si256(v, mask);
+    thr = _mm256_add_epi32(_mm256_srli_epi32(mask, 1), _mm256_srli_epi32(v, 31));
+    v = _mm256_sub_epi32(_mm256_srav_epi32(v, rs), _mm256_cmpgt_epi32(rem, thr));
+    v = _mm256_add_epi32(v, _mm256_set1_epi32(zp));
+    return _mm256_min_epi32(_mm256_max_epi32(v, _mm256_set1_epi32(lo)), _mm256_set1_epi32(hi));
+}
+
+/* 32 int8 inputs -> u = x + 128 in the expansion's byte order (byte 4k + b <- input 8b + 7 - k) */
+static inline SYQ_AVX2 __m256i syq_fc_perm(__m256i x) {
+    const __m256i sel = _mm256_setr_epi8(7, 15, 6, 14, 5, 13, 4, 12, 3, 11, 2, 10, 1, 9, 0, 8,
+                                         7, 15, 6, 14, 5, 13, 4, 12, 3, 11, 2, 10, 1, 9, 0, 8);
+    const __m256i t = _mm256_shuffle_epi8(_mm256_xor_si256(x, _mm256_set1_epi8((char)0x80)), sel);
+    const __m256i s = _mm256_permute4x64_epi64(t, 0x4E); /* 128-bit halves swapped */
+    return _mm256_permute2x128_si256(_mm256_unpacklo_epi16(t, s), _mm256_unpackhi_epi16(t, s), 0x20);
+}
+
+/* in_c int8 inputs -> ip bytes of permuted u (0 past in_c); returns U = sum of u */
+static SYQ_AVX2 int32_t syq_fc_input(const int8_t *x, int32_t in_c, size_t nw, uint8_t *u) {
+    __m256i t = _mm256_setzero_si256();
+    size_t j, full = (size_t)in_c / 32u;
+    for (j = 0; j < nw; ++j) {
+        __m256i v;
+        if (j < full) {
+            v = _mm256_loadu_si256((const __m256i *)(const void *)(x + 32u * j));
+        } else { /* tail: -128 (u = 0) past in_c */
+            int8_t tmp[32];
+            int32_t i;
+            for (i = 0; i < 32; ++i) tmp[i] = (int32_t)(32u * j) + i < in_c ? x[32u * j + (size_t)i] : (int8_t)-128;
+            v = _mm256_loadu_si256((const __m256i *)(const void *)tmp);
+        }
+        v = syq_fc_perm(v);
+        _mm256_store_si256((__m256i *)(void *)(u + 32u * j), v);
+        t = _mm256_add_epi64(t, _mm256_sad_epu8(v, _mm256_setzero_si256()));
+    }
+    {
+        const __m128i h = _mm_add_epi64(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+        return (int32_t)(_mm_cvtsi128_si64(h) + _mm_extract_epi64(h, 1));
+    }
+}
+
+/* top bit of byte 4k + b = bit 8b + 7 - k of the word */
+static inline __attribute__((always_inline)) SYQ_AVX2 __m256i syq_fc_bits(const uint32_t *wp, __m256i sh) {
+    return _mm256_sllv_epi32(_mm256_set1_epi32((int)*wp), sh);
+}
+
+/* words j (and j + 1 if two) of one code row sg (sg[nw..]: ternary non-zero plane) against the
+ * inputs u0 (u1): *acc += vpmaddubsw(u, mask), *pc += popcount (n_neg binary, n_pos - n_neg
+ * ternary). */
+static inline __attribute__((always_inline)) SYQ_AVX2 __attribute__((target("popcnt"))) void
+syq_fc_row(const uint32_t *sg, size_t nw, __m256i u0, __m256i u1, __m256i *acc, int64_t *pc,
+           const int tern, const int two) {
+    const __m256i zero = _mm256_setzero_si256(), one8 = _mm256_set1_epi8(1);
+    const __m256i sh = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    unsigned long long qs = sg[0];
+    if (two) __builtin_memcpy(&qs, sg, 8);
+    if (tern) { /* -c = Z ? (S ? +1 : -1) : 0 = blendv(Z mask, 1, S) */
+        unsigned long long qz = sg[nw];
+        __m256i a;
+        if (two) __builtin_memcpy(&qz, sg + nw, 8);
+        *pc += (int64_t)__builtin_popcountll(qz) - 2 * (int64_t)__builtin_popcountll(qs);
+        a = _mm256_maddubs_epi16(u0, _mm256_blendv_epi8(_mm256_cmpgt_epi8(zero, syq_fc_bits(sg + nw, sh)), one8,
+                                                        syq_fc_bits(sg, sh)));
+        if (two)
+            a = _mm256_add_epi16(a, _mm256_maddubs_epi16(u1, _mm256_blendv_epi8(
+                                        _mm256_cmpgt_epi8(zero, syq_fc_bits(sg + nw + 1, sh)), one8, syq_fc_bits(sg + 1, sh))));
+        *acc = _mm256_add_epi16(*acc, a);
+    } else { /* vpmaddubsw(u, S mask) = -(u_a + u_b) over code -1 */
+        __m256i a = _mm256_maddubs_epi16(u0, _mm256_cmpgt_epi8(zero, syq_fc_bits(sg, sh)));
+        *pc += (int64_t)__builtin_popcountll(qs);
+        if (two) a = _mm256_add_epi16(a, _mm256_maddubs_epi16(u1, _mm256_cmpgt_epi8(zero, syq_fc_bits(sg + 1, sh))));
+        *acc = _mm256_add_epi16(*acc, a);
+    }
+}
+
+/* syq_fc_row for R rows of base, pw words apart (unrolled: accumulators stay in registers) */
+static inline __attribute__((always_inline)) SYQ_AVX2 void
+syq_fc_step(const uint32_t *base, size_t pw, size_t nw, size_t j, __m256i u0, __m256i u1, __m256i *acc,
+            int64_t *pc, const int R, const int tern, const int two) {
+    syq_fc_row(base + j, nw, u0, u1, &acc[0], &pc[0], tern, two);
+    if (R > 1) {
+        syq_fc_row(base + pw + j, nw, u0, u1, &acc[1], &pc[1], tern, two);
+        syq_fc_row(base + 2 * pw + j, nw, u0, u1, &acc[2], &pc[2], tern, two);
+        syq_fc_row(base + 3 * pw + j, nw, u0, u1, &acc[3], &pc[3], tern, two);
+    }
+    if (R > 4) {
+        syq_fc_row(base + 4 * pw + j, nw, u0, u1, &acc[4], &pc[4], tern, two);
+        syq_fc_row(base + 5 * pw + j, nw, u0, u1, &acc[5], &pc[5], tern, two);
+        syq_fc_row(base + 6 * pw + j, nw, u0, u1, &acc[6], &pc[6], tern, two);
+        syq_fc_row(base + 7 * pw + j, nw, u0, u1, &acc[7], &pc[7], tern, two);
+    }
+}
+
+/* R channels o0..o0+R-1 (consecutive code rows) at one input position u (permuted, sum U).
+ * The codes' popcounts run on the integer ports in the shadow of the vector work. */
+static inline __attribute__((always_inline)) SYQ_AVX2 __attribute__((target("popcnt"))) void
+syq_fc_block_t(const syq_ctx *c, const uint8_t *u, int32_t U, int32_t o0, int8_t *out, const int R,
+               const int tern) {
+    const syq_conv_params *p = c->p;
+    const syq_packed_weights *w = c->w;
+    const size_t nw = c->nw, pw = nw * (tern ? 2u : 1u);
+    const int32_t zc = p->input_zero_point + 128;
+    const __m256i zero = _mm256_setzero_si256(), ones16 = _mm256_set1_epi16(1);
+    const uint32_t *base = w->codes + (size_t)o0 * pw;
+    __m256i acc[SYQ_FC_R], sums = zero;
+    int64_t pc[SYQ_FC_R];
+    int32_t cnt[SYQ_FC_R], mag[SYQ_FC_R], bias[SYQ_FC_R], mult[SYQ_FC_R], shift[SYQ_FC_R];
+    int32_t r, vec_ok = 1;
+    size_t j0, j;
+    for (r = 0; r < R; ++r) {
+        acc[r] = zero;
+        pc[r] = 0;
+    }
+    for (j0 = 0; j0 < nw; j0 += 64) { /* 64 words: |16-bit lane| <= 64 * 510 */
+        const size_t j1 = j0 + 64 < nw ? j0 + 64 : nw;
+        for (j = j0; j + 2 <= j1; j += 2)
+            syq_fc_step(base, pw, nw, j, _mm256_load_si256((const __m256i *)(const void *)(u + 32u * j)),
+                        _mm256_load_si256((const __m256i *)(const void *)(u + 32u * j + 32u)), acc, pc, R, tern, 1);
+        if (j < j1)
+            syq_fc_step(base, pw, nw, j, _mm256_load_si256((const __m256i *)(const void *)(u + 32u * j)), zero,
+                        acc, pc, R, tern, 0);
+        for (r = 0; r < R; ++r) acc[r] = _mm256_madd_epi16(acc[r], ones16);
+        sums = _mm256_add_epi32(sums, syq_reduce8(acc, R));
+        for (r = 0; r < R; ++r) acc[r] = zero;
+    }
+    for (r = 0; r < SYQ_FC_R; ++r) {
+        const int32_t o = o0 + (r < R ? r : 0);
+        cnt[r] = tern ? (int32_t)pc[r < R ? r : 0] : w->in_c - 2 * (int32_t)pc[r < R ? r : 0]; /* sum of codes */
+        mag[r] = (int32_t)w->mag[syq_mag_index(w, o, 0)];
+        bias[r] = p->bias ? p->bias[o] : 0;
+        mult[r] = p->out_multiplier[o];
+        shift[r] = p->out_shift[o];
+        if (mult[r] < 0 || shift[r] > 0 || shift[r] < -31) vec_ok = 0;
+    }
+    {
+        const __m256i vcnt = _mm256_loadu_si256((const __m256i *)(const void *)cnt);
+        const __m256i vmag = _mm256_loadu_si256((const __m256i *)(const void *)mag);
+        const __m256i vbias = _mm256_loadu_si256((const __m256i *)(const void *)bias);
+        /* sum_i c_i u_i: binary U + 2A, ternary -A */
+        __m256i s = tern ? _mm256_sub_epi32(zero, sums) : _mm256_add_epi32(_mm256_set1_epi32(U), _mm256_add_epi32(sums, sums));
+        int32_t v[SYQ_FC_R];
+        s = _mm256_sub_epi32(s, _mm256_mullo_epi32(vcnt, _mm256_set1_epi32(zc))); /* sum c (x - zp) */
+        s = _mm256_add_epi32(_mm256_mullo_epi32(s, vmag), vbias);                  /* modulo 2^32 */
+        if (vec_ok) {
+            _mm256_storeu_si256((__m256i *)(void *)v,
+                                syq_requant8v(s, _mm256_loadu_si256((const __m256i *)(const void *)mult),
+                                              _mm256_loadu_si256((const __m256i *)(const void *)shift),
+                                              p->output_zero_point, p->act_min, p->act_max));
+            for (r = 0; r < R; ++r) out[r] = (int8_t)v[r];
+        } else {
+            _mm256_storeu_si256((__m256i *)(void *)v, s);
+            for (r = 0; r < R; ++r) out[r] = syq_requantize(p, o0 + r, v[r]);
+        }
+    }
+}
+
+static SYQ_AVX2 void syq_fc_bin8(const syq_ctx *c, const uint8_t *u, int32_t U, int32_t o0, int8_t *out) {
+    syq_fc_block_t(c, u, U, o0, out, SYQ_FC_R, 0);
+}
+static SYQ_AVX2 void syq_fc_tern8(const syq_ctx *c, const uint8_t *u, int32_t U, int32_t o0, int8_t *out) {
+    syq_fc_block_t(c, u, U, o0, out, SYQ_FC_R, 1);
+}
+static SYQ_AVX2 void syq_fc_bin1(const syq_ctx *c, const uint8_t *u, int32_t U, int32_t o0, int8_t *out) {
+    syq_fc_block_t(c, u, U, o0, out, 1, 0);
+}
+static SYQ_AVX2 void syq_fc_tern1(const syq_ctx *c, const uint8_t *u, int32_t U, int32_t o0, int8_t *out) {
+    syq_fc_block_t(c, u, U, o0, out, 1, 1);
+}
+
+/* 1x1 kernel (no padding), rows of < 4 outputs (FullyConnected with batch < 4): per output position
+ * the permuted input in scratch, then blocks of SYQ_FC_R channels (the last block overlaps the one
+ * before it when out_c is no multiple of SYQ_FC_R; single channels when out_c < SYQ_FC_R). */
+static SYQ_AVX2 void syq_image_fc(const syq_ctx *c, const int8_t *img, uint8_t *u, int8_t *output) {
+    const syq_conv_params *p = c->p;
+    const syq_packed_weights *w = c->w;
+    const size_t oh = (size_t)p->out_h, ow = (size_t)p->out_w;
+    const int tern = w->bits == 2;
+    size_t oy, ox;
+    int32_t o;
+    for (oy = 0; oy < oh; ++oy)
+        for (ox = 0; ox < ow; ++ox) {
+            const int8_t *x = img + ((oy * (size_t)p->stride_h) * (size_t)p->in_w + ox * (size_t)p->stride_w) * (size_t)w->in_c;
+            int8_t *out = output + (oy * ow + ox) * (size_t)w->out_c;
+            const int32_t U = syq_fc_input(x, w->in_c, c->nw, u);
+            if (w->out_c < SYQ_FC_R) {
+                for (o = 0; o < w->out_c; ++o) {
+                    if (tern) syq_fc_tern1(c, u, U, o, out + o);
+                    else syq_fc_bin1(c, u, U, o, out + o);
+                }
+                continue;
+            }
+            for (o = 0; o < w->out_c; o += SYQ_FC_R) {
+                const int32_t o0 = o + SYQ_FC_R <= w->out_c ? o : w->out_c - SYQ_FC_R;
+                if (tern) syq_fc_tern8(c, u, U, o0, out + o0);
+                else syq_fc_bin8(c, u, U, o0, out + o0);
+            }
+        }
+}
 #endif
 
 int syq_conv2d_opt(const syq_conv_params *p, const syq_packed_weights *w, const int8_t *input,
@@ -461,12 +690,18 @@ int syq_conv2d_opt(const syq_conv_params *p, const syq_packed_weights *w, const 
     simd = syq_simd_level();
 #if SYQ_HAVE_AVX2
     if (simd == 2) {
-        /* expanded-code path for rows of >= 4 outputs, masked byte sums otherwise (FC, batch 1) */
+        /* expanded-code path for rows of >= 4 outputs, codes expanded in registers otherwise */
         __m256i *e = (__m256i *)(void *)((uint8_t *)corr + syq_align((size_t)w->out_c * sizeof(int32_t)));
-        syq_corrections_hw(&c, corr);
+        const int fc = p->out_w < 4 && w->k_h == 1 && w->k_w == 1; /* 1x1, narrow: syq_image_fc */
+        if (!fc) syq_corrections_hw(&c, corr);
         for (n = 0; n < p->batch; ++n) {
+            const int8_t *img = input + (size_t)n * p->in_h * p->in_w * w->in_c;
             int8_t *img_out = output + (size_t)n * p->out_h * p->out_w * w->out_c;
-            syq_pad_image(&c, input + (size_t)n * p->in_h * p->in_w * w->in_c, base);
+            if (fc) {
+                syq_image_fc(&c, img, base, img_out);
+                continue;
+            }
+            syq_pad_image(&c, img, base);
             if (p->out_w >= 4) syq_image_exp(&c, e, img_out);
             else syq_image_narrow(&c, img_out);
         }

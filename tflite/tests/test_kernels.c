@@ -154,6 +154,72 @@ static void one_case(int t) {
     free(o_opt); free(o_port); free(packed); free(mag); free(bias); free(mult); free(shift);
 }
 
+/* FullyConnected layers (the 1x1 narrow-output AVX2 kernel: blocks of 8 channels, overlapping last
+ * block, single channels below 8, odd/even word counts, > 64 words per flush, left shifts) */
+static void fc_case(int t) {
+    const int32_t bits = rint_in(1, 2), gran = rint_in(0, 2);
+    const int big = t % 4 == 3, extreme = t % 16 == 15;
+    const int32_t ic = big ? rint_in(2040, 2600) : rint_in(1, 400), oc = rint_in(1, 40), batch = rint_in(1, 5);
+    syq_conv_params p;
+    syq_packed_weights w;
+    size_t nwts = (size_t)oc * ic, nin = (size_t)batch * ic, nout = (size_t)batch * oc, i, fb;
+    int32_t o, nm = (int32_t)syq_mag_count(gran, oc, 1, 1);
+    int8_t *codes = malloc(nwts), *wq = malloc(nwts), *in = malloc(nin);
+    int8_t *o_naive = malloc(nout), *o_ref = malloc(nout), *o_opt = malloc(nout), *o_port = malloc(nout);
+    uint32_t *packed = malloc(syq_packed_words(bits, oc, 1, 1, ic) * sizeof *packed);
+    uint8_t *mag = malloc((size_t)nm);
+    int32_t *bias = malloc(oc * sizeof *bias), *mult = malloc(oc * sizeof *mult), *shift = malloc(oc * sizeof *shift);
+    void *fs;
+    memset(&p, 0, sizeof p);
+    p.batch = batch; p.in_h = p.in_w = p.out_h = p.out_w = 1; p.stride_h = p.stride_w = 1;
+    p.input_zero_point = rint_in(-128, 127);
+    p.output_zero_point = rint_in(-128, 127);
+    p.act_min = rint_in(0, 1) ? -128 : p.output_zero_point;
+    p.act_max = 127;
+    for (i = 0; i < nwts; ++i) codes[i] = (int8_t)(bits == 1 ? (rnd() & 1 ? 1 : -1) : rint_in(-1, 1));
+    for (i = 0; i < nin; ++i) in[i] = (int8_t)rint_in(-128, 127);
+    if (extreme) { /* 16-bit lanes at their limit: |u| = 255 against one code everywhere */
+        const int8_t code = (int8_t)(t % 32 == 31 ? -1 : 1), x = (int8_t)(code < 0 ? 127 : -128);
+        for (i = 0; i < nwts; ++i) codes[i] = code;
+        for (i = 0; i < nin; ++i) in[i] = (code < 0) == (t % 64 == 63) ? x : (int8_t)(code < 0 ? -128 : 127);
+    }
+    for (o = 0; o < nm; ++o) mag[o] = (uint8_t)rint_in(0, 127);
+    for (i = 0; i < nwts; ++i) {
+        int32_t oo = (int32_t)(i / (size_t)ic);
+        wq[i] = (int8_t)(mag[gran == SYQ_GRAN_LAYER ? 0 : oo] * codes[i]);
+    }
+    for (o = 0; o < oc; ++o) {
+        double real = (double)rint_in(1, 1000) / (double)(t % 8 == 3 ? rint_in(300, 5000) : rint_in(20000, 20000000));
+        if (t % 8 == 5) real = 1.0 / (double)(1 << rint_in(1, 12));
+        if (t % 8 == 6 && o % 3 == 1) real = (double)rint_in(1, 8); /* some channels with left shifts */
+        bias[o] = rint_in(-20000, 20000);
+        syq_quantize_multiplier(real, &mult[o], &shift[o]);
+    }
+    p.bias = rint_in(0, 3) ? bias : NULL;
+    p.out_multiplier = mult; p.out_shift = shift;
+    CHECK(syq_pack(codes, bits, oc, 1, 1, ic, packed) == SYQ_OK, "fc pack case %d", t);
+    w.bits = bits; w.granularity = gran; w.out_c = oc; w.k_h = w.k_w = 1; w.in_c = ic;
+    w.codes = packed; w.mag = mag;
+    {
+        syq_conv_params c1 = p;
+        c1.batch = 1; c1.in_w = c1.out_w = batch;
+        naive_conv(&c1, wq, oc, 1, 1, ic, in, o_naive);
+    }
+    CHECK(syq_fully_connected_ref(&p, &w, in, o_ref) == SYQ_OK, "fc ref rc case %d", t);
+    CHECK(memcmp(o_ref, o_naive, nout) == 0, "fc ref vs naive case %d", t);
+    fb = syq_fully_connected_scratch_bytes(&p, &w);
+    fs = malloc(fb);
+    CHECK(syq_fully_connected_opt(&p, &w, in, o_opt, fs, fb) == SYQ_OK, "fc opt rc case %d", t);
+    CHECK(memcmp(o_ref, o_opt, nout) == 0, "fc opt (simd %d) vs ref case %d (bits %d gran %d ic %d oc %d batch %d)",
+          syq_simd_level(), t, bits, gran, ic, oc, batch);
+    syq_force_portable(1);
+    CHECK(syq_fully_connected_opt(&p, &w, in, o_port, fs, fb) == SYQ_OK, "fc portable rc case %d", t);
+    CHECK(memcmp(o_ref, o_port, nout) == 0, "fc portable vs ref case %d", t);
+    syq_force_portable(0);
+    free(fs); free(codes); free(wq); free(in); free(o_naive); free(o_ref); free(o_opt); free(o_port);
+    free(packed); free(mag); free(bias); free(mult); free(shift);
+}
+
 static void misc(void) {
     int32_t m, s;
     int8_t bad = 0;
@@ -178,7 +244,8 @@ int main(int argc, char **argv) {
     int t, n = argc > 1 ? atoi(argv[1]) : 300;
     misc();
     for (t = 0; t < n; ++t) one_case(t);
-    printf("syq_kernels C test: %d random layers, simd level %d: %s\n", n, syq_simd_level(),
+    for (t = 0; t < n / 2; ++t) fc_case(t);
+    printf("syq_kernels C test: %d random layers + %d FC layers, simd level %d: %s\n", n, n / 2, syq_simd_level(),
            failures ? "FAILED" : "ok");
     printf("%d passed, %d failed\n", failures ? 0 : 1, failures ? 1 : 0);
     return failures ? 1 : 0;
