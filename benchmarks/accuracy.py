@@ -184,21 +184,23 @@ class StepTimer(tf.keras.callbacks.Callback):
         self.warmup = warmup
 
     def on_train_begin(self, logs=None):
-        self.steps, self.seen, self.per_epoch = [], 0, 0
+        self.steps, self.all_steps, self.seen, self.per_epoch = [], [], 0, 0
 
     def on_train_batch_begin(self, batch, logs=None):
         self._t = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
         self.seen += 1
+        self.all_steps.append(time.perf_counter() - self._t)
         if self.seen > self.warmup:
-            self.steps.append(time.perf_counter() - self._t)
+            self.steps.append(self.all_steps[-1])
 
     def on_epoch_end(self, epoch, logs=None):
         self.per_epoch = max(self.per_epoch, self.seen // (epoch + 1))
 
     def seconds_per_epoch(self):
-        return float(np.median(self.steps)) * self.per_epoch if self.steps else float("nan")
+        steps = self.steps or self.all_steps  # a run shorter than the warm-up: all steps
+        return float(np.median(steps)) * self.per_epoch if steps else float("nan")
 
 
 class Runner:
@@ -279,7 +281,7 @@ class Runner:
         result = {
             "row": row_name, "family": family, "weight_bits": wbits, "activation_bits": abits, "seed": seed,
             "test_accuracy": float(accuracy), "test_loss": float(loss),
-            "train_seconds": train_seconds, "median_step_seconds": float(np.median(timer.steps)),
+            "train_seconds": train_seconds, "median_step_seconds": float(np.median(timer.steps or timer.all_steps)),
             "seconds_per_epoch": timer.seconds_per_epoch(),
             "final_train_loss": float(history.history["loss"][-1]),
             "bytes_at_bit_width": float(sum(r.bytes for r in summary)),
