@@ -17,6 +17,8 @@ from syq_tf.models import _flat_layers, layer_kernels
 
 @dataclasses.dataclass
 class LayerSummary:
+    """One row of :func:`summary`: what a layer stores (bits, scales, bytes) and computes (MACs)."""
+
     layer: str
     type: str
     method: str  # "float" for unquantized kernels, "-" for layers without a kernel

@@ -385,12 +385,16 @@ def parse_scheme(name):
 
 @dataclasses.dataclass
 class Unsupported:
+    """A layer :func:`quantize_model` cannot quantize under the scheme, and why."""
+
     layer: str
     type: str
     why: str
 
 
 class UnsupportedLayersError(ValueError):
+    """Raised by :func:`quantize_model` (``on_unsupported="raise"``) naming every unsupported layer."""
+
     def __init__(self, unsupported):
         self.unsupported = list(unsupported)
         lines = "; ".join(f"'{u.layer}' ({u.type}): {u.why}" for u in self.unsupported)
@@ -421,6 +425,7 @@ class SchemeRegistry(_tq.default_8bit.Default8BitQuantizeRegistry):
         self.eight_bit = frozenset(eight_bit)
 
     def supports(self, layer):
+        """Layers with a kernel, activation layers and tfmot's layout-transformed ones."""
         return _weighted(layer) or isinstance(layer, _ACTIVATION_LAYERS + _TRANSFORMED) or super().supports(layer)
 
     def get_quantize_config(self, layer):
@@ -530,6 +535,7 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
 
 
 def is_wrapper(layer):
+    """True for a tfmot ``QuantizeWrapper`` (what ``quantize_apply`` puts around each layer)."""
     return isinstance(layer, _tq.QuantizeWrapper)
 
 

@@ -97,6 +97,7 @@ class SYQ(LearnedScaleQuantizer):
 
     @property
     def ternary(self):
+        """True for 2 bits: codebook {-alpha, 0, +alpha} (1 bit: {-alpha, +alpha})."""
         return self.bits == 2
 
     def reduce_axes(self, kernel_shape):

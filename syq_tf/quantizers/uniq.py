@@ -96,11 +96,14 @@ def gaussian_optimal_step(bits, rectified=False):
 
 @tf.autograph.experimental.do_not_convert
 def weight_step_constant(bits):
+    """k_b of the weight step delta = k_b * std(W): the MSE-optimal uniform step for N(0, 1) data at
+    ``bits`` (the paper's table where it has the value, else :func:`gaussian_optimal_step`)."""
     return K_WEIGHT.get(bits) or gaussian_optimal_step(bits)
 
 
 @tf.autograph.experimental.do_not_convert
 def activation_step_constant(bits):
+    """k_b of the activation step: the MSE-optimal step for rectified N(0, 1) data (ReLU inputs)."""
     return K_ACTIVATION.get(bits) or gaussian_optimal_step(bits, rectified=True)
 
 
