@@ -20,6 +20,31 @@ WEIGHT_OPS = {
     "FULLY_CONNECTED": (1,),
     "UNIDIRECTIONAL_SEQUENCE_LSTM": (1, 2, 3, 4, 5, 6, 7, 8),
 }
+# Ops whose LiteRT kernels take packed INT4 filters with int8 inputs, and the op version that
+# announces it (TFLite's op versioning: int8 input with int4 filter).
+INT4_OP_VERSIONS = {"CONV_2D": 7, "DEPTHWISE_CONV_2D": 7, "FULLY_CONNECTED": 10}
+
+
+def pack_int4(values):
+    """INT4 tensor data as TFLite stores it: values in [-8, 7], row-major, two per byte, the first
+    of each pair in the low nibble; an odd count leaves the last high nibble 0."""
+    v = np.asarray(values).ravel().astype(np.int64)
+    if v.size and (v.min() < -8 or v.max() > 7):
+        raise ValueError(f"pack_int4: values {int(v.min())}..{int(v.max())} do not fit int4 [-8, 7]")
+    nibbles = (v & 0xF).astype(np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def unpack_int4(data, count):
+    """Inverse of :func:`pack_int4`: ``count`` int8 values in [-8, 7]."""
+    raw = np.frombuffer(bytes(data), np.uint8)
+    if raw.size != (count + 1) // 2:
+        raise ValueError(f"INT4 data of {raw.size} bytes cannot hold {count} values (needs {(count + 1) // 2})")
+    nibbles = np.empty(raw.size * 2, np.uint8)
+    nibbles[0::2], nibbles[1::2] = raw & 0xF, raw >> 4
+    return ((nibbles[:count].astype(np.int8) << 4) >> 4).astype(np.int8)  # sign-extend the nibble
 
 
 @dataclasses.dataclass
@@ -28,7 +53,7 @@ class WeightTensor:
     name: str
     dtype: str
     shape: tuple
-    values: np.ndarray  # stored values (int8 for a full-integer model)
+    values: np.ndarray  # stored values (int8 for a full-integer model; INT4 decoded to int8)
     scales: np.ndarray  # per-tensor (1 value) or per-channel
     zero_points: np.ndarray
     quantized_dimension: int
@@ -38,6 +63,7 @@ class WeightTensor:
     bias_index: int = -1  # the op's bias tensor, -1 if none (or for multi-weight ops)
     op_index: int = -1  # position of the op in the first subgraph
     position: int = 1  # which input of the op this weight is
+    stored_bytes: int = 0  # bytes of the tensor's data in the flatbuffer (INT4: two values a byte)
 
 
 def _reader(fn):
@@ -109,9 +135,16 @@ def _weight_tensor(model, graph, op, name, position):
     if data is None:  # not a constant (weights computed at run time)
         return None
     dtype = _TYPES.get(tensor.type, str(tensor.type))
-    if dtype not in _NUMPY:
+    raw = bytes(bytearray(data))
+    if dtype == "INT4":
+        try:
+            values = unpack_int4(raw, int(np.prod(tensor.shape))).reshape(tuple(tensor.shape))
+        except ValueError as err:
+            raise ValueError(f"weight tensor {tensor.name.decode(errors='replace')!r}: {err}") from None
+    elif dtype not in _NUMPY:
         raise ValueError(f"weight tensor {tensor.name!r} has unsupported type {dtype}")
-    values = np.frombuffer(bytes(bytearray(data)), _NUMPY[dtype]).reshape(tuple(tensor.shape))
+    else:
+        values = np.frombuffer(raw, _NUMPY[dtype]).reshape(tuple(tensor.shape))
     act = graph.tensors[op.inputs[0]].quantization
     act_scale = float(act.scale[0]) if act is not None and act.scale is not None and len(act.scale) else float("nan")
     act_zero = int(act.zeroPoint[0]) if act is not None and act.zeroPoint is not None and len(act.zeroPoint) else 0
@@ -133,6 +166,7 @@ def _weight_tensor(model, graph, op, name, position):
         tensor_index=index,
         bias_index=int(op.inputs[2]) if single and len(op.inputs) > 2 else -1,
         position=position,
+        stored_bytes=len(raw),
     )
 
 
@@ -152,13 +186,15 @@ def bias_tensors(buffer):
     return out
 
 
-def rewrite_weights(buffer, updates):
+def rewrite_weights(buffer, updates, int4=()):
     """A copy of the flatbuffer with new int8 weights and per-channel scales for some weight
     tensors, and their int32 biases re-expressed in the new scales.
 
     ``updates``: ``{tensor_index: (int8 values, float32 scales, int32 bias or None)}``. New data
     goes into new buffers (the converter may share buffers between identical constants); a weight
-    or bias tensor used by more than one op is refused.
+    or bias tensor used by more than one op is refused. Tensors listed in ``int4`` (values in
+    [-8, 7], ops of INT4_OP_VERSIONS) are stored as packed TFLite INT4 (:func:`pack_int4`) and
+    their op code's version raised to the INT4 one.
     """
     import flatbuffers  # the runtime of the generated schema; installed with tensorflow
 
@@ -200,7 +236,16 @@ def rewrite_weights(buffer, updates):
                 if users.get(t, 0) > 1:
                     raise ValueError(f"tensor {graph.tensors[t].name!r} is shared by several ops; not rewritten")
             weight = graph.tensors[index]
-            store(weight, values.astype(np.int8))
+            if index in int4:
+                name = _op_name(model, op)
+                if name not in INT4_OP_VERSIONS:
+                    raise ValueError(f"tensor {weight.name!r}: op {name} takes no INT4 weights")
+                weight.type = schema.TensorType.INT4
+                store(weight, np.frombuffer(pack_int4(values), np.uint8))
+                code = model.operatorCodes[op.opcodeIndex]
+                code.version = max(int(code.version), INT4_OP_VERSIONS[name])
+            else:
+                store(weight, values.astype(np.int8))
             weight.quantization.scale = [float(s) for s in scales]
             weight.quantization.zeroPoint = [0] * len(scales)
             if bias is not None:

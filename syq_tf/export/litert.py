@@ -9,6 +9,7 @@ flatbuffer back and checks what was stored against the Keras codebook.
 """
 
 import dataclasses
+import math
 
 import numpy as np
 import tensorflow as tf
@@ -441,8 +442,21 @@ def exact_codebooks(model, buffer):
     return flatbuffer.rewrite_weights(buffer, updates), names
 
 
+SCALE_BYTES = 4  # one float32 per scale, in the theoretical minimum and in stored bytes
+
+
 @dataclasses.dataclass
 class LayerReport:
+    """What one kernel became in the flatbuffer, against the least it could take.
+
+    ``bits`` is the codebook's ``ceil(log2(levels))`` (the quantizer's ``bits`` where it has one:
+    SYQ, UniQ, LossAware, LeastSquares; else from ``keras_levels``; 8 for float kernels),
+    ``scales`` the float scales the codebook needs (the quantizer's scale variables -- SYQ alpha,
+    UniQ delta, LossAware alpha(s) -- else one per stored TFLite scale), and
+    ``min_bytes = ceil(bits * weights / 8) + 4 * scales`` (float32 scales). ``stored_bytes`` is the
+    tensor data as stored (``weight_bytes``; LUT indices and tables for target 'tflm') plus 4 bytes
+    per float32 TFLite scale; zero points and flatbuffer metadata are not counted."""
+
     layer: str
     op: str
     quantizer: str
@@ -450,8 +464,33 @@ class LayerReport:
     stored_levels: int  # distinct int8 values per channel in the flatbuffer
     max_rel_alpha_error: float  # largest relative error of a stored codebook level
     exact: bool
-    weight_bytes: int
+    weight_bytes: int  # the weight tensor's data (int8: one byte a weight, INT4: two weights a byte)
     note: str = ""
+    storage: str = ""  # stored tensor type: int8, int4 (packed), float32, lut (target 'tflm')
+    bits: int = 0
+    weights: int = 0
+    scales: int = 0
+    stored_bytes: int = 0
+    min_bytes: int = 0
+
+
+def minimum_bytes(bits, weights, scales):
+    """The theoretical minimum of a codebook kernel: bits x weights packed, plus float32 scales."""
+    return math.ceil(bits * weights / 8) + SCALE_BYTES * scales
+
+
+def _codebook_bits(quantizer, keras_levels):
+    bits = getattr(quantizer, "bits", None)
+    if isinstance(bits, (int, np.integer)) and not isinstance(bits, bool) and bits > 0:
+        return int(bits)
+    return max(1, math.ceil(math.log2(max(int(keras_levels), 1))))
+
+
+def _codebook_scales(quantizer, stored_scales):
+    """Float scales of a quantizer's codebook: its float variables (SYQ alpha, UniQ delta, ...),
+    else (closed-form or fixed codebooks) one per stored TFLite scale."""
+    sizes = [int(np.prod(v.shape)) for v in getattr(quantizer, "weights", []) if v.dtype.is_floating]
+    return sum(sizes) if sizes else int(stored_scales)
 
 
 def _kernel_label(match):
@@ -461,8 +500,9 @@ def _kernel_label(match):
     return match.layer.name
 
 
-def layer_reports(model, buffer, rescaled=()):
-    """One :class:`LayerReport` per kernel (the gates of a fused LSTM kernel are summed up)."""
+def layer_reports(model, buffer, rescaled=(), int4=()):
+    """One :class:`LayerReport` per kernel (the gates of a fused LSTM kernel are summed up);
+    ``int4``: labels of kernels rewritten to INT4 (for the note)."""
     groups = {}
     for match in kernel_matches(model, buffer):
         groups.setdefault(_kernel_label(match), []).append(match)
@@ -474,17 +514,26 @@ def layer_reports(model, buffer, rescaled=()):
                                        "weight tensor not found in the flatbuffer"))
             continue
         err, zeros_ok, levels, keras_levels, nbytes, dtypes = 0.0, True, 0, 0, 0, set()
+        weights, stored_scales = 0, 0
         for m in matches:
             e, z, lv, klv = codebook_check(m.expected(), m.tensor)
             err, zeros_ok = max(err, e), zeros_ok and z
             levels, keras_levels = max(levels, lv), max(keras_levels, klv)
-            nbytes += int(m.tensor.values.nbytes)
+            nbytes += int(m.tensor.stored_bytes or m.tensor.values.nbytes)
+            weights += int(m.tensor.values.size)
+            stored_scales += int(m.tensor.scales.size)
             dtypes.add(m.tensor.dtype)
         op = matches[0].tensor.op
+        storage = "/".join(sorted(dtypes)).lower()
+        stored = nbytes + SCALE_BYTES * stored_scales
         if quantizer is None:
+            bits = 32 if dtypes == {"FLOAT32"} else 8
             reports.append(LayerReport(label, op, "float", keras_levels, levels, float("nan"), False, nbytes,
-                                       f"float weights, stored as ordinary {'/'.join(sorted(dtypes)).lower()}"))
+                                       f"float weights, stored as ordinary {storage}", storage, bits,
+                                       weights, stored_scales, stored, stored))
             continue
+        bits = _codebook_bits(quantizer, keras_levels)
+        scales = _codebook_scales(quantizer, stored_scales)
         exact = zeros_ok and err <= 1e-5
         note = ""
         tensor = matches[0].tensor
@@ -492,14 +541,108 @@ def layer_reports(model, buffer, rescaled=()):
             note = (f"int8 {'per-channel' if tensor.scales.size > 1 else 'per-tensor'} scales "
                     f"cannot hold this codebook exactly: stored levels off by up to {err:.2%}"
                     + ("" if zeros_ok else "; zero weights were not kept at zero"))
+        elif label in int4:
+            note = ("codebook stored exactly as packed INT4 integer multiples of its unit step (scales"
+                    + (" and int32 bias" if tensor.bias_index >= 0 else "") + " re-expressed)")
         elif label in rescaled:
             note = ("codebook stored exactly as integer multiples of its unit step (int8 scales"
                     + (" and int32 bias" if tensor.bias_index >= 0 else "") + " re-expressed)")
         elif "FLOAT32" in dtypes:
             note = "stored as float32 (the converter keeps small tensors in float), so exact"
         reports.append(LayerReport(label, op, _describe(quantizer), keras_levels, levels, err, exact,
-                                   nbytes, note))
+                                   nbytes, note, storage, bits, weights, scales, stored,
+                                   minimum_bytes(bits, weights, scales)))
     return reports
+
+
+def low_bit_totals(reports):
+    """Stored bytes vs the theoretical minimum, summed over the quantized (non-float) kernels."""
+    low = [r for r in reports if r.quantizer != "float" and r.weights]
+    stored = sum(r.stored_bytes for r in low)
+    minimum = sum(r.min_bytes for r in low)
+    return {"layers": len(low), "weights": sum(r.weights for r in low), "stored_bytes": stored,
+            "min_bytes": minimum, "stored_over_min": (stored / minimum) if minimum else None}
+
+
+# ---- packed INT4 weights ---------------------------------------------------------------------
+
+INT4_MAX = 7  # symmetric: the stored values stay in [-7, 7] (zero point 0), like int8's [-127, 127]
+
+
+def int4_update(tensor, bias):
+    """(values in [-7, 7], float32 scales, int32 bias or None) re-expressing an int8 weight
+    tensor exactly, or a string saying why it cannot be.
+
+    Per quantization group, the stored int8 values are integer multiples k*g of their greatest
+    common divisor g; if every |k| <= 7, they are stored as k*m (m = 7 // max|k|) with scale
+    scale*g/m, so value x scale is unchanged (the codebook stays exact), and the int32 bias is
+    re-expressed in the new scale (rounded to the nearest integer)."""
+    stored_groups, axis = _groups(tensor.values.astype(np.int64), tensor)
+    new_groups, scales, ratios = [], [], []
+    for c, stored in enumerate(stored_groups):
+        scale = float(tensor.scales[c])
+        nonzero = np.abs(stored[stored != 0])
+        if nonzero.size == 0:
+            new_groups.append(stored)
+            scales.append(scale)
+            ratios.append(1.0)
+            continue
+        g = int(np.gcd.reduce(nonzero))
+        k = stored // g
+        top = int(np.abs(k).max())
+        if top > INT4_MAX:
+            levels = np.unique(stored).size
+            return (f"channel {c}: {levels} int8 levels that are not integer multiples k of one step "
+                    f"with |k| <= {INT4_MAX} (largest |k| {top})")
+        m = INT4_MAX // top
+        new_groups.append(k * m)
+        scales.append(scale * g / m)
+        ratios.append(m / g)
+    if axis is None:
+        values = new_groups[0].reshape(tensor.values.shape)
+    else:
+        values = np.stack([g.reshape(np.take(tensor.values, 0, axis=axis).shape) for g in new_groups], axis=axis)
+    new_bias = None
+    if bias is not None:
+        r = np.asarray(ratios if len(ratios) > 1 else ratios[0])
+        new_bias = np.clip(np.round(bias.astype(np.float64) * r), -(2**31), 2**31 - 1)
+    return values.astype(np.int8), np.asarray(scales, np.float32), new_bias
+
+
+def int4_weights(model, buffer):
+    """Rewrite the int8 weight tensors of quantized CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED
+    layers whose codebook fits INT4 (:func:`int4_update`) as packed INT4.
+
+    Returns (INT4 flatbuffer, its int8 twin -- the same integers and scales stored as int8, which
+    LiteRT must compute bit-identically --, labels rewritten, {label: why not} for the rest)."""
+    biases = flatbuffer.bias_tensors(buffer)
+    updates, labels, skipped = {}, [], {}
+    for match in kernel_matches(model, buffer):
+        tensor, label = match.tensor, _kernel_label(match)
+        if match.quantizer is None or tensor is None:
+            continue
+        if tensor.op not in flatbuffer.INT4_OP_VERSIONS:
+            skipped[label] = f"{tensor.op} takes no INT4 weights in LiteRT"
+            continue
+        if tensor.dtype != "INT8":
+            skipped[label] = f"stored as {tensor.dtype.lower()}, not int8"
+            continue
+        if not np.isfinite(tensor.input_scale):
+            skipped[label] = "float input (dynamic-range model): LiteRT's INT4 filters need int8 inputs"
+            continue
+        if tensor.zero_points.size and np.any(tensor.zero_points != 0):
+            skipped[label] = "non-zero weight zero points"
+            continue
+        update = int4_update(tensor, biases.get(tensor.bias_index))
+        if isinstance(update, str):
+            skipped[label] = update
+            continue
+        updates[tensor.tensor_index] = update
+        labels.append(label)
+    if not updates:
+        return buffer, buffer, [], skipped
+    return (flatbuffer.rewrite_weights(buffer, updates, int4=set(updates)),
+            flatbuffer.rewrite_weights(buffer, updates), labels, skipped)
 
 
 def activation_notes(model):

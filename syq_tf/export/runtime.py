@@ -47,6 +47,36 @@ def litert_predict(buffer, x, batch_size=256):
     return np.concatenate(results)
 
 
+KERNELS = ("xnnpack", "builtin", "ref")
+
+
+def litert_interpreter(buffer, kernels="xnnpack", num_threads=1):
+    """A LiteRT interpreter: ``kernels`` 'xnnpack' (the default XNNPACK CPU delegate where it
+    takes the ops, builtin kernels elsewhere), 'builtin' (optimized builtin kernels, no delegate)
+    or 'ref' (reference kernels)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType  # noqa: PLC0415
+
+    resolvers = {"xnnpack": OpResolverType.AUTO, "builtin": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+                 "ref": OpResolverType.BUILTIN_REF}
+    if kernels not in resolvers:
+        raise ValueError(f"litert_interpreter: kernels={kernels!r}; allowed: {KERNELS}")
+    return Interpreter(model_content=bytes(buffer), num_threads=num_threads,
+                       experimental_op_resolver_type=resolvers[kernels])
+
+
+def litert_int8_outputs(buffer, x_int8, kernels="xnnpack"):
+    """Raw int8 outputs, one row per example, of a model with int8 input run on a batch."""
+    interpreter = litert_interpreter(buffer, kernels)
+    inp = interpreter.get_input_details()[0]
+    x_int8 = np.asarray(x_int8, np.int8)
+    interpreter.resize_tensor_input(inp["index"], list(x_int8.shape))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp["index"], x_int8)
+    interpreter.invoke()
+    y = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    return y.reshape(len(x_int8), -1)
+
+
 def agreement(keras_outputs, runtime_outputs, labels=None):
     """Top-1 agreement between two models' outputs, and each one's accuracy if labels are given."""
     k = np.argmax(keras_outputs, axis=-1)

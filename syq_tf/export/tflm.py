@@ -446,6 +446,23 @@ def compress(model, buffer):
     return out, reports
 
 
+def lut_layer_reports(layers, compression):
+    """The LayerReports with stored bytes of the LUT-compressed kernels: packed indices plus the
+    ancillary tensor (header and value tables) plus the float32 scales still stored."""
+    lut = {}
+    for r in compression:
+        if r.compressed:
+            lut[r.layer] = lut.get(r.layer, 0) + r.index_bytes + r.table_bytes
+    out = []
+    for r in layers:
+        if r.layer in lut:
+            scale_bytes = r.stored_bytes - r.weight_bytes  # 4 bytes per float32 TFLite scale
+            r = dataclasses.replace(r, storage="lut", weight_bytes=lut[r.layer],
+                                    stored_bytes=lut[r.layer] + scale_bytes)
+        out.append(r)
+    return out
+
+
 def finish(model, base, representative_data, verify_data=None, verify_labels=None):
     """Turn the int8 ExportResult of target 'litert' into the TFLM one: compress, measure the
     arena, check the compressed model decodes bit-identically in TFLM, verify if asked."""
@@ -466,6 +483,7 @@ def finish(model, base, representative_data, verify_data=None, verify_labels=Non
     arena_plain = arena_used(int8_model, probe_q[0]) if compressed != int8_model else arena
     if arena is None:
         notes.append("TFLM arena size could not be read from the runtime's allocation report")
+    base.layers = lut_layer_reports(base.layers, reports)
     result = TflmExportResult(base, compressed, int8_model, reports, arena, arena_plain,
                               ops_of(compressed), notes)
     if verify_data is not None:

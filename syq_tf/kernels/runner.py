@@ -45,6 +45,10 @@ def _const(model, t):
     if data is None or len(data) == 0:
         return None
     shape = [] if t.shape is None else list(t.shape)
+    if t.type == schema.TensorType.INT4:  # packed INT4 weights: decoded to the int8 values they hold
+        return _flatbuffer.unpack_int4(np.asarray(data, np.uint8).tobytes(), int(np.prod(shape))).reshape(shape)
+    if t.type not in _DTYPES:
+        raise UnsupportedOp(f"constant tensor {t.name!r} has TFLite type {t.type}, which run_tflite cannot read")
     return np.frombuffer(np.asarray(data, np.uint8).tobytes(), _DTYPES[t.type]).reshape(shape)
 
 
@@ -63,7 +67,7 @@ def _layer_params(model, sub, op):
     name = _op_name(model, op)
     x_t, w_t = sub.tensors[op.inputs[0]], sub.tensors[op.inputs[1]]
     y_t = sub.tensors[op.outputs[0]]
-    if x_t.type != schema.TensorType.INT8 or w_t.type != schema.TensorType.INT8:
+    if x_t.type != schema.TensorType.INT8 or w_t.type not in (schema.TensorType.INT8, schema.TensorType.INT4):
         return None
     w = _const(model, w_t)
     if w is None:
@@ -186,7 +190,8 @@ class _Tensor:
     def __init__(self, t):
         self.name = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
         self.type = t.type
-        self.dtype = _DTYPES.get(t.type)
+        # INT4 weights are decoded to int8 when read (_const): the same arithmetic as int8 weights
+        self.dtype = np.int8 if t.type == schema.TensorType.INT4 else _DTYPES.get(t.type)
         self.shape = [] if t.shape is None else [int(d) for d in t.shape]
         s, z = _qparams(t)
         self.scale, self.zp = s, z

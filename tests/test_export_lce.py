@@ -1,0 +1,217 @@
+"""to_tflite(..., target="lce"): binary layers as bit-packed LceBconv2d, run with LCE's interpreter."""
+
+import json
+import os
+
+import larq as lq
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import syq_tf
+from syq_tf.export import TARGETS, lce, to_tflite
+
+Q = syq_tf.quantizers
+
+
+# ---- packing ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("c_in", [1, 31, 32, 33, 40, 64, 70])
+def test_pack_unpack_round_trip_with_channel_padding(c_in):
+    rng = np.random.default_rng(c_in)
+    kernel = rng.choice([-1.0, 1.0], size=(3, 2, c_in, 40)) * rng.uniform(0.1, 2.0, 40)
+    words = lce.pack_signs(kernel)
+    n_words = -(-c_in // 32)
+    assert words.dtype == np.dtype("<i4") and words.shape == (40, 3, 2, n_words)
+    np.testing.assert_array_equal(lce.unpack_signs(words, c_in), np.sign(kernel))
+    # bit i of word w is input channel 32 w + i, set for -1; bits past c_in are zero
+    bits = np.unpackbits(words.view(np.uint8).reshape(40, 3, 2, n_words, 4), axis=-1, bitorder="little")
+    bits = bits.reshape(40, 3, 2, n_words * 32)
+    assert not bits[..., c_in:].any()
+    np.testing.assert_array_equal(bits[..., :c_in], np.transpose(kernel < 0, (3, 0, 1, 2)))
+
+
+def test_pack_refuses_zeros_and_unpack_refuses_set_padding_bits():
+    with pytest.raises(ValueError, match="zero"):
+        lce.pack_signs(np.zeros((1, 1, 4, 2)))
+    words = lce.pack_signs(np.ones((1, 1, 33, 2)))
+    words[0, 0, 0, 1] = 2  # channel 33 (past c_in)
+    with pytest.raises(ValueError, match="padding bits"):
+        lce.unpack_signs(words, 33)
+
+
+# ---- a small model exported once ----------------------------------------------------------------
+
+
+def _model():
+    inp = tf.keras.Input((8, 8, 3))
+    h = tf.keras.layers.Conv2D(32, 3, padding="same", use_bias=False, name="conv0")(inp)  # float
+    h = tf.keras.layers.BatchNormalization(name="bn0")(h)
+    h = lq.layers.QuantConv2D(40, 3, padding="same", use_bias=False, name="bin_same",
+                              kernel_quantizer=Q.SYQ(1, "channel"), input_quantizer="ste_sign")(h)
+    h = tf.keras.layers.BatchNormalization(name="bn1")(h)
+    # per-sample ls1 activations: the LceBconv2d output is multiplied by v (its multiplier stays alpha)
+    h = lq.layers.QuantConv2D(36, 3, padding="valid", name="bin_valid", kernel_quantizer=Q.UniQ(1, "channel"),
+                              input_quantizer=Q.LeastSquaresActivation("ls1"))(h)
+    h = tf.keras.layers.BatchNormalization(name="bn2")(h)
+    # {0, 1} activations: negated kernel, +1 padding, per-channel bias
+    h = lq.layers.QuantConv2D(33, 3, padding="same", strides=2, name="bin_step",
+                              kernel_quantizer=Q.LeastSquares("ls1"), input_quantizer=Q.DoReFa(1))(h)
+    h = tf.keras.layers.BatchNormalization(name="bn3")(h)
+    h = lq.layers.QuantConv2D(16, 3, padding="same", name="pixel", kernel_quantizer=Q.SYQ(1, "pixel"),
+                              input_quantizer="ste_sign")(h)
+    h = tf.keras.layers.BatchNormalization(name="bn4")(h)
+    h = tf.keras.layers.GlobalAveragePooling2D()(h)
+    out = lq.layers.QuantDense(10, name="fc", kernel_quantizer=Q.SYQ(2, "layer"), input_quantizer=Q.DoReFa(8))(h)
+    model = tf.keras.Model(inp, out)
+    rng = np.random.default_rng(5)
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            c = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 2, c), rng.normal(0, 0.3, c), rng.normal(0, 0.3, c),
+                               rng.uniform(0.5, 2, c)])
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported():
+    tf.keras.utils.set_random_seed(7)
+    model = _model()
+    x = np.random.default_rng(0).uniform(0, 1, (200, 8, 8, 3)).astype(np.float32)
+    result = to_tflite(model, x[:8], target="lce", verify_data=x)
+    return model, x, result
+
+
+def _report(result, name):
+    return next(r for r in result.layers if r.layer == name)
+
+
+def _keras_kernel(model, name):
+    quantizer, variable = syq_tf.models.layer_kernels(model.get_layer(name))["kernel"]
+    return np.asarray(quantizer(tf.convert_to_tensor(variable)))
+
+
+def test_lce_is_a_target_and_packs_the_binary_layers(exported):
+    _, _, result = exported
+    assert "lce" in TARGETS and result.target == "lce"
+    assert [r.layer for r in result.layers if r.packed] == ["bin_same", "bin_valid", "bin_step"]
+    ops = result.ops
+    assert "LceBconv2d" in ops and "LceQuantize" in ops
+    assert len(lce.bconv_ops(result.flatbuffer)) == 3
+    for name in ("bin_same", "bin_valid", "bin_step"):
+        r = _report(result, name)
+        assert r.exact and r.op == "LceBconv2d" and r.bits == 1 and r.stored_levels == 2 and r.keras_levels == 2
+
+
+def test_packed_filters_decode_to_the_keras_codebook(exported):
+    model, _, result = exported
+    bconvs = lce.bconv_ops(result.flatbuffer)
+    # bin_valid: nothing folded into its multiplier (a per-sample MUL follows): signs x multiplier is the
+    # Keras ±alpha kernel bit for bit; 36 input channels -> 2 words with 28 zero padding bits
+    q = _keras_kernel(model, "bin_valid")
+    op = bconvs[1]
+    assert op.filter.shape == (36, 3, 3, 2) and op.options["channels_in"] == 40
+    decoded = lce.unpack_signs(op.filter, 40) * op.multiplier.reshape(1, 1, 1, -1)
+    np.testing.assert_array_equal(decoded, q)
+    assert set(np.unique(np.abs(q) / np.abs(q).max(axis=(0, 1, 2)))) == {1.0}
+    # bin_same: signs exact; multiplier = alpha x the folded BatchNorm scale
+    q = _keras_kernel(model, "bin_same")
+    np.testing.assert_array_equal(lce.unpack_signs(bconvs[0].filter, 32), np.sign(q))
+    bn = model.get_layer("bn1")
+    folded = np.abs(q[0, 0, 0]) * bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
+    np.testing.assert_allclose(bconvs[0].multiplier, folded, rtol=1e-5)
+    # bin_step ({0, 1} inputs): the negated kernel's signs; its output sign is fused (thresholds)
+    q = _keras_kernel(model, "bin_step")
+    np.testing.assert_array_equal(lce.unpack_signs(bconvs[2].filter, 36), -np.sign(q))
+    assert bconvs[2].options["pad_values"] == 1 and bconvs[2].options["stride_height"] == 2
+    assert bconvs[0].options["pad_values"] == 0
+
+
+def test_lce_interpreter_matches_keras(exported):
+    model, x, result = exported
+    v = result.verification
+    assert v["data"] == "verify_data" and v["examples"] == 200
+    assert v["top1_agreement"] >= 0.99
+    assert v["max_abs_diff"] < 1e-4
+    ours = lce.lce_predict(result.flatbuffer, x[:20])
+    np.testing.assert_allclose(ours, model.predict(x[:20], verbose=0), atol=1e-4)
+
+
+def test_unpackable_layers_are_reported_with_the_reason(exported):
+    _, _, result = exported
+    pixel, fc = _report(result, "pixel"), _report(result, "fc")
+    assert not pixel.packed and pixel.op == "CONV_2D" and "granularity 'pixel'" in pixel.note
+    assert "kept float32" in pixel.note and pixel.exact  # float32 holds the codebook (x folded BN)
+    assert pixel.storage == "float32" and pixel.bits == 1 and pixel.scales == 9  # one alpha per pixel
+    assert pixel.weight_bytes == 4 * pixel.weights and pixel.min_bytes == -(-pixel.weights // 8) + 4 * 9
+    assert not fc.packed and fc.op == "FULLY_CONNECTED" and "Dense" in fc.note
+    assert any("'pixel'" in n for n in result.notes) and any("'fc'" in n for n in result.notes)
+    text = result.table()
+    assert "LceBconv2d" in text and "granularity 'pixel'" in text and "top1_agreement" in text
+
+
+def test_bytes_stored_vs_theoretical_minimum(exported):
+    _, _, result = exported
+    same = _report(result, "bin_same")  # 32 input channels: one word per pixel, no padding
+    assert same.weights == 3 * 3 * 32 * 40
+    assert same.weight_bytes == same.weights // 8 == 1440
+    assert same.scales == 40 and same.scale_bytes == 4 * 40 and same.min_bytes == 1440 + 4 * 40
+    assert same.stored_bytes == same.min_bytes
+    step = _report(result, "bin_step")  # 36 input channels padded to 64 bits
+    assert step.weight_bytes == 33 * 3 * 3 * 2 * 4
+    assert "padded to 64 bits" in step.note
+    totals = result.totals()
+    assert totals["packed_weight_bytes"] == 1440 + 36 * 9 * 8 + 33 * 9 * 8
+
+
+def test_save_writes_model_and_report(exported, tmp_path):
+    _, _, result = exported
+    path = str(tmp_path / "out" / "model.tflite")
+    result.save(path)
+    with open(path, "rb") as f:
+        assert f.read() == result.flatbuffer
+    with open(path + ".json") as f:
+        report = json.load(f)
+    assert report["target"] == "lce" and report["lce"]["packed_layers"] == ["bin_same", "bin_valid", "bin_step"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["model.tflite", "model.tflite.json"]
+
+
+def test_failed_save_leaves_no_partial_file(exported, tmp_path):
+    _, _, result = exported
+    path = str(tmp_path / "model.tflite")
+    os.mkdir(path + ".json")  # the report cannot be written
+    with pytest.raises(OSError):
+        result.save(path)
+    assert os.listdir(tmp_path) == ["model.tflite.json"]
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+
+def test_model_with_nothing_to_pack_is_refused_naming_the_layers(tmp_path):
+    inp = tf.keras.Input((8, 8, 4))
+    h = lq.layers.QuantConv2D(8, 3, padding="same", name="tern", kernel_quantizer=Q.SYQ(2, "channel"),
+                              input_quantizer="ste_sign")(inp)
+    h = lq.layers.QuantConv2D(8, 3, padding="same", name="pix", kernel_quantizer=Q.SYQ(1, "pixel"),
+                              input_quantizer="ste_sign")(h)
+    h = lq.layers.QuantConv2D(8, 3, padding="same", name="eightbit", kernel_quantizer=Q.SYQ(1, "channel"),
+                              input_quantizer=Q.DoReFa(8))(h)
+    out = tf.keras.layers.Dense(3, name="head")(tf.keras.layers.Flatten()(h))
+    model = tf.keras.Model(inp, out)
+    x = np.random.default_rng(1).normal(size=(4, 8, 8, 4)).astype(np.float32)
+    with pytest.raises(ValueError) as err:
+        to_tflite(model, x, target="lce")
+    msg = str(err.value)
+    assert "no layer can be bit-packed" in msg
+    assert "'tern'" in msg and "zero weights" in msg
+    assert "'pix'" in msg and "granularity 'pixel'" in msg
+    assert "'eightbit'" in msg and "DoReFa(8)" in msg
+    assert "'head'" in msg and "Dense" in msg
+
+
+def test_recurrent_model_is_refused():
+    inp = tf.keras.Input((5, 3))
+    model = tf.keras.Model(inp, tf.keras.layers.LSTM(4, name="rnn")(inp))
+    with pytest.raises(ValueError, match="'rnn'"):
+        to_tflite(model, np.zeros((2, 5, 3), np.float32), target="lce")
