@@ -18,6 +18,7 @@ from syq_tf import tfmot  # noqa: E402
 from syq_tf.tfmot import quantize_model  # noqa: E402
 from syq_tf.summary import summary  # noqa: E402
 from syq_tf.callbacks import CheckFinite, QuantizerLogger  # noqa: E402
+from syq_tf.plots import plot_codebooks, plot_training  # noqa: E402  (matplotlib loads on first plot)
 
 __version__ = "0.1.0"
 
@@ -37,4 +38,6 @@ __all__ = [
     "summary",
     "QuantizerLogger",
     "CheckFinite",
+    "plot_codebooks",
+    "plot_training",
 ]

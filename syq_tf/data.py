@@ -138,3 +138,49 @@ def load_text_corpus(root=LINUX_HEADERS, pattern="*.h", split=(0.9, 0.05, 0.05))
     a = int(round(split[0] * ids.size))
     b = a + int(round(split[1] * ids.size))
     return TextCorpus(bytes(present.tolist()), ids[:a], ids[a:b], ids[b:], len(paths), root)
+
+
+# ------------------------------------------------------------------------------------------------
+# A small synthetic image-classification task (tests, ``syq-tf train --dataset synthetic``).
+
+
+def synthetic_images(n, seed=0, shape=(28, 28, 1), classes=10, noise=0.1):
+    """``n`` deterministic synthetic images (float32 ``[n, *shape]`` in [0, 1]) and labels (int64).
+
+    The rule, fixed for a given ``shape`` and ``classes`` (``seed`` only draws the examples):
+    every class has its own pattern of two Gaussian blobs (centres, widths and per-channel
+    brightness drawn once from a fixed generator); an image of class k is its pattern jittered by
+    up to 1.5 pixels in each direction, scaled by a random contrast in [0.7, 1], plus Gaussian
+    noise of standard deviation ``noise``, clipped to [0, 1]. A small CNN learns it in an epoch or
+    two; the same ``(n, seed, shape, classes)`` always gives the same arrays."""
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"synthetic_images: n={n!r} must be >= 1")
+    if len(shape) != 3 or any(int(d) < 1 for d in shape):
+        raise ValueError(f"synthetic_images: shape={shape!r} must be (height, width, channels)")
+    if int(classes) < 2:
+        raise ValueError(f"synthetic_images: classes={classes!r} must be >= 2")
+    h, w, c = (int(d) for d in shape)
+    classes = int(classes)
+    rule = np.random.default_rng([20240611, h, w, c, classes])  # the rule: independent of seed
+    blobs = 2
+    centres = rule.uniform(0.2, 0.8, (classes, blobs, 2)) * np.array([h - 1, w - 1])
+    widths = rule.uniform(0.08, 0.16, (classes, blobs)) * min(h, w) + 0.5
+    brightness = rule.uniform(0.5, 1.0, (classes, blobs, c))
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    jitter = rng.uniform(-1.5, 1.5, (n, 2))
+    contrast = rng.uniform(0.7, 1.0, n)
+    rows = np.arange(h, dtype=np.float64)[None, :, None]
+    cols = np.arange(w, dtype=np.float64)[None, None, :]
+    x = np.zeros((n, h, w, c), np.float64)
+    for b in range(blobs):
+        cy = (centres[y, b, 0] + jitter[:, 0])[:, None, None]
+        cx = (centres[y, b, 1] + jitter[:, 1])[:, None, None]
+        s = widths[y, b][:, None, None]
+        blob = np.exp(-((rows - cy) ** 2 + (cols - cx) ** 2) / (2 * s * s))
+        x += blob[..., None] * brightness[y, b][:, None, None, :]
+    x *= contrast[:, None, None, None]
+    x += rng.normal(0.0, noise, x.shape)
+    return np.clip(x, 0.0, 1.0).astype(np.float32), y.astype(np.int64)

@@ -79,3 +79,32 @@ def test_text_corpus_errors_name_the_problem(tmp_path):
         load_text_corpus(str(tmp_path))
     with pytest.raises(ValueError, match="three positive fractions"):
         load_text_corpus(str(tmp_path), split=(0.5, 0.5))
+
+
+def test_synthetic_images_are_deterministic_and_learnable():
+    x, y = data.synthetic_images(600, seed=0)
+    assert x.shape == (600, 28, 28, 1) and x.dtype == np.float32 and y.dtype == np.int64
+    assert 0.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.05
+    assert set(np.unique(y)) == set(range(10))
+    x2, y2 = data.synthetic_images(600, seed=0)
+    np.testing.assert_array_equal(x, x2)
+    np.testing.assert_array_equal(y, y2)
+    xs, ys = data.synthetic_images(400, seed=1)
+    assert not np.array_equal(xs[:10], x[:10])
+    # the rule does not depend on the seed: class means of seed 0 classify seed 1 (nearest mean)
+    means = np.stack([x[y == k].mean(axis=0) for k in range(10)])
+    distances = ((xs[:, None] - means[None]) ** 2).reshape(len(xs), 10, -1).sum(axis=-1)
+    assert np.mean(distances.argmin(axis=1) == ys) > 0.9
+    # while an unrelated labelling of the same images is not learnable this way (chance ~0.1)
+    assert np.mean(distances.argmin(axis=1) == np.roll(ys, 1)) < 0.3
+
+
+def test_synthetic_images_other_shapes_and_errors():
+    x, y = data.synthetic_images(30, seed=3, shape=(6, 5, 2), classes=3)
+    assert x.shape == (30, 6, 5, 2) and y.min() >= 0 and y.max() <= 2
+    with pytest.raises(ValueError, match="n=0 must be >= 1"):
+        data.synthetic_images(0)
+    with pytest.raises(ValueError, match="must be \\(height, width, channels\\)"):
+        data.synthetic_images(4, shape=(28, 28))
+    with pytest.raises(ValueError, match="classes=1 must be >= 2"):
+        data.synthetic_images(4, classes=1)
