@@ -5,8 +5,10 @@ picks the Keras behind ``tf.keras`` from ``TF_USE_LEGACY_KERAS`` the first time 
 resolved, so syq_tf sets that variable itself and refuses to run on top of Keras 3.
 """
 
+import contextlib
 import os
 import sys
+import tempfile
 
 _FIX = (
     "Import syq_tf before TensorFlow or Keras (put `import syq_tf` first), or set the environment "
@@ -44,3 +46,35 @@ def ensure_keras2():
             f"tf.keras resolves to {keras_module or 'Keras 3'}, not tf_keras (Keras 2): it was "
             "resolved before syq_tf was imported. " + _FIX
         )
+
+
+def _is_command_line():
+    return os.path.basename(sys.argv[0] if sys.argv else "") == "syq-tf"
+
+
+@contextlib.contextmanager
+def quiet_native_startup(enabled=None):
+    """Hold back what TensorFlow's C++ start-up writes straight to file descriptor 2 while it loads
+    (absl's "All log messages before absl::InitializeLog() ..." and the CUDA probe lines, which
+    TF_CPP_MIN_LOG_LEVEL does not silence), so the ``syq-tf`` command's errors stay one line. Only
+    for the command (``enabled=None``: when the program is ``syq-tf``); if the import fails, what
+    was held back is written out before the error propagates."""
+    if enabled is None:
+        enabled = _is_command_line()
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            os.write(2, held.read())
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)

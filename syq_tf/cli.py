@@ -366,6 +366,11 @@ def run(argv=None):
     parsed = prepare(argv[1:])
     if isinstance(parsed, int):
         sys.exit(parsed)
+    from syq_tf._bootstrap import quiet_native_startup  # noqa: PLC0415
+    import tensorflow as tf  # noqa: PLC0415
+
+    with quiet_native_startup(enabled=True):  # the CUDA probe's lines when TensorFlow first starts
+        tf.config.list_physical_devices()
 
     def parse(args):
         flags.FLAGS(args[:1], known_only=True)
