@@ -139,11 +139,14 @@ def summarize(model):
 def summary(model, print_fn=print):
     """Print (with ``print_fn``) and return the per-layer table of :func:`summarize`, with totals."""
     rows = summarize(model)
-    head = (f"{'layer':<16}{'type':<18}{'method':<26}{'bits':>5}{'granularity':>12}{'scales':>8}"
+    wl = max([16] + [len(r.layer) + 2 for r in rows])
+    wt = max([18] + [len(r.type) + 2 for r in rows])
+    wm = max([26] + [len(r.method) + 2 for r in rows])
+    head = (f"{'layer':<{wl}}{'type':<{wt}}{'method':<{wm}}{'bits':>5}{'granularity':>12}{'scales':>8}"
             f"{'params':>10}{'bytes':>11}{'MACs':>12}{'binary':>12}{'ternary':>12}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.layer:<16}{r.type:<18}{r.method:<26}{r.bits:>5}{r.granularity:>12}{r.scales:>8}"
+        lines.append(f"{r.layer:<{wl}}{r.type:<{wt}}{r.method:<{wm}}{r.bits:>5}{r.granularity:>12}{r.scales:>8}"
                      f"{r.params:>10}{r.bytes:>11.1f}{r.macs:>12}{r.binary_macs:>12}{r.ternary_macs:>12}")
     total_bytes = sum(r.bytes for r in rows)
     float_bytes = 4 * sum(r.params for r in rows)
