@@ -10,5 +10,8 @@ setup:
 demo: setup
 	$(PY) examples/fashion_mnist_syq.py $(ARGS)
 
+# Two pytest workers (CI has 2 cores); a file's tests stay on one worker (module fixtures run once).
+# WORKERS=0 runs in one process.
+WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile tests $(ARGS)

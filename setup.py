@@ -34,7 +34,7 @@ setup(
     # bench: QKeras, the optional peer of benchmarks/accuracy.py. Its own requirements pull in
     # keras-tuner and scikit-learn, which only its AutoQKeras part uses, so the README installs it
     # with --no-deps plus the one it imports (networkx); pyparsing comes with matplotlib.
-    extras_require={"test": ["pytest", "hypothesis", "tflite-micro"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "tflite-micro"]},
     entry_points={"console_scripts": ["syq-tf=syq_tf.cli:run"]},
     ext_modules=[SYQ_KERNELS],
 )
