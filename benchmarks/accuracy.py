@@ -438,35 +438,55 @@ def goals(table):
     return lines
 
 
+def pareto_front(table):
+    """Rows no other row beats on both size (smaller) and accuracy (higher), by size."""
+    front, best = [], -1.0
+    for r in sorted(table, key=lambda r: (r["bytes_at_bit_width"], -r["accuracy_mean"])):
+        if r["accuracy_mean"] > best:
+            front.append(r)
+            best = r["accuracy_mean"]
+    return front
+
+
 def plot(table, path):
+    """Left: accuracy vs KiB at the stored bit widths (log x), the Pareto front labelled. Right:
+    every row's accuracy (mean ± std over seeds), sorted, coloured by family."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    fig, ax = plt.subplots(figsize=(10, 6.5), dpi=100)
     colors = {"float": "black", "peer": "tab:orange", "ours": "tab:blue"}
+    names = {"float": "float", "peer": "larq / tfmot / QKeras", "ours": "syq_tf"}
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(15, 0.24 * len(table) + 3), dpi=100,
+                                 gridspec_kw={"width_ratios": [1, 1.1]})
     for r in table:
         ax.errorbar(r["bytes_at_bit_width"] / 1024, 100 * r["accuracy_mean"], yerr=100 * r["accuracy_std"],
-                    fmt="o", color=colors[r["family"]], ms=4, capsize=2)
-        ax.annotate(r["row"], (r["bytes_at_bit_width"] / 1024, 100 * r["accuracy_mean"]), fontsize=6,
-                    xytext=(3, 2), textcoords="offset points")
-    points = sorted((r["bytes_at_bit_width"] / 1024, 100 * r["accuracy_mean"]) for r in table)
-    front, best = [], -1.0
-    for x, y in points:
-        if y > best:
-            front.append((x, y))
-            best = y
-    if front:
-        ax.step(*zip(*front), where="post", color="gray", lw=0.8, ls="--", label="Pareto front")
+                    fmt="o", color=colors[r["family"]], ms=4, capsize=2, alpha=0.8)
+    front = pareto_front(table)
+    ax.step([r["bytes_at_bit_width"] / 1024 for r in front], [100 * r["accuracy_mean"] for r in front],
+            where="post", color="gray", lw=0.8, ls="--", label="Pareto front")
+    for i, r in enumerate(front):
+        ax.annotate(r["row"], (r["bytes_at_bit_width"] / 1024, 100 * r["accuracy_mean"]), fontsize=7,
+                    xytext=(4, -10 if i % 2 else 4), textcoords="offset points")
     for fam, c in colors.items():
-        ax.plot([], [], "o", color=c, label={"float": "float", "peer": "larq / tfmot / QKeras", "ours": "syq_tf"}[fam])
+        ax.plot([], [], "o", color=c, label=names[fam])
     ax.set_xscale("log")
     ax.set_xlabel("model KiB at stored bit widths (syq_tf.summary)")
     ax.set_ylabel("Fashion-MNIST test accuracy (%)")
     ax.set_title("Accuracy vs size (mean ± std over seeds)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
+    rows = sorted(table, key=lambda r: r["accuracy_mean"])
+    y = np.arange(len(rows))
+    bx.barh(y, [100 * r["accuracy_mean"] for r in rows], xerr=[100 * r["accuracy_std"] for r in rows],
+            color=[colors[r["family"]] for r in rows], alpha=0.85, capsize=2)
+    bx.set_yticks(y, [f"{r['row']}" for r in rows], fontsize=7)
+    low = min(100 * r["accuracy_mean"] for r in rows)
+    bx.set_xlim(max(0.0, low - 5), 100 * max(r["accuracy_mean"] for r in rows) + 2)
+    bx.set_xlabel("test accuracy (%)")
+    bx.set_title("Every row")
+    bx.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
