@@ -1,6 +1,6 @@
 """Deployment benchmark: the demo CNN at W1 and W2 exported for every target, measured in one run.
 
-Models (``build_cnn`` of examples/fashion_mnist_syq.py, SYQ channel granularity, DoReFa
+Models (``build_cnn`` of syq_tf.recipes, the demo's CNN, SYQ channel granularity, DoReFa
 activations): W1A8 and W2A8 (binary / ternary weights), and, when ``"lce"`` is a target, a W1A1
 variant (DoReFa(1) inputs of the binary layers, which LCE's LceBconv2d needs and which the int8
 targets export too). A short training on a subset of Fashion-MNIST (``syq_tf.data``, by default
@@ -29,7 +29,6 @@ Writes benchmarks/results/deploy.json.
 """
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import platform
@@ -51,10 +50,10 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("fashion_mnist_syq", ROOT / "examples" / "fashion_mnist_syq.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The recipe (the demo's CNN and its float -> quantized fine-tuning)."""
+    from syq_tf import recipes  # noqa: PLC0415
+
+    return recipes
 
 
 def train_models(ex, args):
@@ -69,13 +68,7 @@ def train_models(ex, args):
     for name, bits, act_bits in variants:
         t0 = time.time()
         model = ex.build_cnn(bits, "channel", act_bits)
-        if hasattr(ex, "finetune_from_float"):  # the recipe (syq_tf.recipes, re-exported by the example)
-            ex.finetune_from_float(model, float_model, train, args.quant_epochs, verbose=0)
-        else:
-            model.set_weights(ex._float_weights_for(model, float_model))
-            syq_tf.reinitialize_scales(model)
-            ex.compile_model(model, 5e-4)
-            model.fit(train, epochs=args.quant_epochs, verbose=0)
+        ex.finetune_from_float(model, float_model, train, args.quant_epochs, verbose=0)
         models[name] = model
         print(f"  trained {name} in {time.time() - t0:.0f} s", flush=True)
     return models
