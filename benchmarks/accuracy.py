@@ -179,6 +179,23 @@ def _write_json(path, data):
     os.replace(tmp, path)
 
 
+def build_row(row, float_model, profile, calibration_data, calibration_batches):
+    """A quantized row's model from the float model, compiled: its quantizers (or tfmot's 8-bit
+    QAT), the float weights copied, every scale initialised from them, activation steps calibrated
+    (UniQ; a no-op for the others)."""
+    _, _, _, builder = row
+    factories, method = builder()
+    if factories == "tfmot":
+        model = _tfmot_default_8bit(float_model)
+    else:
+        model = build_cnn(widths=profile["widths"], quantizers=factories)
+        model.set_weights(transfer_float_weights(model, float_model))
+        syq_tf.reinitialize_scales(model)
+        syq_tf.calibrate(model, calibration_data, batches=calibration_batches)
+    compile_model(model, profile["lr"], method)
+    return model
+
+
 class StepTimer(tf.keras.callbacks.Callback):
     """Wall time of every training step after the first ``warmup`` (which trace the graph); the
     steady epoch time is the median step x steps per epoch (robust to the shared machine's spikes)."""
@@ -262,20 +279,11 @@ class Runner:
         float_model = self.pretrained(seed)
         tf.keras.utils.set_random_seed(seed + 1000)
         train = self.dataset(seed)
-        method = None
         if family == "float":
             model = float_model
             compile_model(model, self.p["lr"])
         else:
-            factories, method = builder()
-            if factories == "tfmot":
-                model = _tfmot_default_8bit(float_model)
-            else:
-                model = build_cnn(widths=self.p["widths"], quantizers=factories)
-                model.set_weights(transfer_float_weights(model, float_model))
-                syq_tf.reinitialize_scales(model)
-                syq_tf.calibrate(model, train, batches=20)  # UniQ activation steps; no-op otherwise
-            compile_model(model, self.p["lr"], method)
+            model = build_row(row, float_model, self.p, train, calibration_batches=20)
         timer = StepTimer()
         t0 = time.perf_counter()
         history = model.fit(train, epochs=self.p["epochs"], verbose=0, callbacks=[timer])
@@ -320,21 +328,13 @@ def step_times(runner, rows, rounds=6, steps=8):
     x, y = runner.x_train[: runner.p["batch_size"]], runner.y_train[: runner.p["batch_size"]]
     float_model = runner.pretrained(min(runner.p["seeds"]))
     models = {}
-    for name, (family, _, _, builder) in rows.items():
-        if family == "float":
+    for name, row in rows.items():
+        if row[0] == "float":
             model = build_cnn(None, widths=runner.p["widths"])
             model.set_weights(float_model.get_weights())
-            method = None
+            compile_model(model, runner.p["lr"])
         else:
-            factories, method = builder()
-            if factories == "tfmot":
-                model = _tfmot_default_8bit(float_model)
-            else:
-                model = build_cnn(widths=runner.p["widths"], quantizers=factories)
-                model.set_weights(transfer_float_weights(model, float_model))
-                syq_tf.reinitialize_scales(model)
-                syq_tf.calibrate(model, x, batches=1)
-        compile_model(model, runner.p["lr"], method)
+            model = build_row(row, float_model, runner.p, x, calibration_batches=1)
         for _ in range(3):  # trace and warm up
             model.train_on_batch(x, y)
         models[name] = model

@@ -286,18 +286,9 @@ def tflm_predict_int8(buffer, x_int8, arena_size=None):
 
 def litert_ref_predict_int8(buffer, x_int8):
     """Raw int8 outputs of LiteRT's reference kernels (OpResolverType.BUILTIN_REF)."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType  # noqa: PLC0415
+    from syq_tf.export.runtime import litert_int8_outputs  # noqa: PLC0415
 
-    interpreter = Interpreter(model_content=bytes(buffer), num_threads=1,
-                              experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
-    inp = interpreter.get_input_details()[0]
-    x_int8 = np.asarray(x_int8, np.int8)
-    interpreter.resize_tensor_input(inp["index"], list(x_int8.shape))
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(inp["index"], x_int8)
-    interpreter.invoke()
-    y = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-    return y.reshape(len(x_int8), -1)
+    return litert_int8_outputs(buffer, x_int8, kernels="ref")
 
 
 def _arena_for(buffer):
