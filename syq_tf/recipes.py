@@ -182,8 +182,10 @@ def transfer_float_weights(model, float_model):
 def _is_quantizer(module):
     if isinstance(module, (Q.WeightQuantizer, Q.ActivationQuantizer)):
         return True
-    # other Keras-layer quantizers (larq, peers) with variables of their own, e.g. learned scales
-    return isinstance(module, tf.keras.layers.Layer) and type(module).__module__.startswith(("larq.", "qkeras."))
+    # other quantizers (larq's, QKeras's) with variables of their own; not their *layers*
+    # (larq.layers.QuantConv2D): those hold the kernels that must come from the float model
+    return isinstance(module, tf.keras.layers.Layer) and type(module).__module__.startswith(
+        ("larq.quantizers", "qkeras.quantizers"))
 
 
 def finetune_from_float(model, float_model, train, epochs, lr=5e-4, method=None, callbacks=(), verbose=1,
