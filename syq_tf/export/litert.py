@@ -409,15 +409,22 @@ def exact_integer_update(expected, tensor, bias):
         new_groups.append(sign * k * m)
         scales.append(new_scale)
         ratios.append(scale / new_scale)
+    values, new_bias = _regrouped(tensor, axis, new_groups, bias, ratios)
+    return values, np.asarray(scales, np.float32), new_bias
+
+
+def _regrouped(tensor, axis, groups, bias, ratios):
+    """The per-channel groups (of :func:`_groups`) back in the tensor's shape as int8, and the
+    int32 bias rescaled by each channel's ratio old scale / new scale (None without a bias)."""
     if axis is None:
-        values = new_groups[0].reshape(tensor.values.shape)
+        values = groups[0].reshape(tensor.values.shape)
     else:
-        values = np.stack([g.reshape(np.take(tensor.values, 0, axis=axis).shape) for g in new_groups], axis=axis)
+        values = np.stack([g.reshape(np.take(tensor.values, 0, axis=axis).shape) for g in groups], axis=axis)
     new_bias = None
     if bias is not None:
-        new_bias = np.round(bias.astype(np.float64) * np.asarray(ratios if len(ratios) > 1 else ratios[0]))
-        new_bias = np.clip(new_bias, -(2**31), 2**31 - 1)
-    return values.astype(np.int8), np.asarray(scales, np.float32), new_bias
+        r = np.asarray(ratios if len(ratios) > 1 else ratios[0])
+        new_bias = np.clip(np.round(bias.astype(np.float64) * r), -(2**31), 2**31 - 1)
+    return values.astype(np.int8), new_bias
 
 
 def exact_codebooks(model, buffer):
@@ -598,15 +605,8 @@ def int4_update(tensor, bias):
         new_groups.append(k * m)
         scales.append(scale * g / m)
         ratios.append(m / g)
-    if axis is None:
-        values = new_groups[0].reshape(tensor.values.shape)
-    else:
-        values = np.stack([g.reshape(np.take(tensor.values, 0, axis=axis).shape) for g in new_groups], axis=axis)
-    new_bias = None
-    if bias is not None:
-        r = np.asarray(ratios if len(ratios) > 1 else ratios[0])
-        new_bias = np.clip(np.round(bias.astype(np.float64) * r), -(2**31), 2**31 - 1)
-    return values.astype(np.int8), np.asarray(scales, np.float32), new_bias
+    values, new_bias = _regrouped(tensor, axis, new_groups, bias, ratios)
+    return values, np.asarray(scales, np.float32), new_bias
 
 
 def int4_weights(model, buffer):
