@@ -16,7 +16,8 @@ weights only). "A32" means float activations (ReLU).
 
 Each row: test accuracy (mean and std over seeds), training seconds per epoch (median step time
 after the first steps, which trace the graph, x steps per epoch), bytes at the stored bit width (syq_tf.summary: kernel bits
-x weights / 8 plus float32 for scales, BatchNorm and float layers) and, for seed 0, the size of
+x weights / 8 plus float32 for scales, BatchNorm and float layers) and, for the lowest seed run with
+export on (seed 0 normally), the size of
 the int8 TFLite file syq_tf.export.to_tflite writes (where the exporter supports the row).
 
 Every finished (row, seed) is cached as JSON under ``--out/<profile>/`` and not recomputed; the float
@@ -394,14 +395,24 @@ def aggregate(profile_dir, rows):
             continue
         acc = np.array([r["test_accuracy"] for r in results])
         first = min(results, key=lambda r: r["seed"])
+        # the export ran for the lowest seed of the run that had it on (seed 0 normally; a resumed
+        # table may have exported a later seed)
+        exported = [r for r in results if "tflite_bytes" in r]
+        exp = min(exported, key=lambda r: r["seed"]) if exported else {}
         table.append({
             "row": name, "family": family, "weight_bits": wbits, "activation_bits": abits, "seeds": len(results),
             "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
             "seconds_per_epoch": float(np.mean([r["seconds_per_epoch"] for r in results])),
-            "bytes_at_bit_width": first["bytes_at_bit_width"], "tflite_bytes": first.get("tflite_bytes"),
-            "tflite_agreement": first.get("tflite_agreement"), "export_error": first.get("export_error"),
+            "bytes_at_bit_width": first["bytes_at_bit_width"], "tflite_bytes": exp.get("tflite_bytes"),
+            "tflite_agreement": exp.get("tflite_agreement"), "export_error": exp.get("export_error"),
+            "export_seed": exp.get("seed"),
         })
     return table
+
+
+def _export_seeds(table):
+    seeds = sorted({r["export_seed"] for r in table if r.get("export_seed") is not None})
+    return ("seed " + ", ".join(map(str, seeds))) if seeds else "not exported in this run"
 
 
 def _bits_label(row):
@@ -530,7 +541,7 @@ def write_report(out, profile, rows, command):
         + ", ".join(f"{k} {v}" for k, v in _versions().items()) + ".",
         "",
         "Bytes: `syq_tf.summary` at the stored bit widths (kernel bits x weights / 8, float32 for scales, "
-        "BatchNorm and float layers). TFLite: the int8 file of `syq_tf.export.to_tflite` (seed 0) and its "
+        "BatchNorm and float layers). TFLite: the int8 file of `syq_tf.export.to_tflite` (" + _export_seeds(table) + ") and its "
         "top-1 agreement with Keras on 1,000 test images; '-' where the exporter does not take the row.",
         "Seconds per epoch: median training step (after 3 tracing steps) x steps per epoch of the row's own run; "
         "the rows ran at different moments of a shared machine (other jobs at the same time), so these are "
@@ -594,7 +605,7 @@ def main(argv=None):
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the profile's)")
     ap.add_argument("--shard", default="0/1", help="i/n: run every n-th row starting at i (parallel processes)")
     ap.add_argument("--threads", type=int, default=0, help="TensorFlow intra/inter-op threads (0: default)")
-    ap.add_argument("--no-export", action="store_true", help="skip the TFLite export of seed 0")
+    ap.add_argument("--no-export", action="store_true", help="skip the TFLite export (done for the lowest seed of the run)")
     ap.add_argument("--report", action="store_true", help="only rebuild BENCHMARKS.md and the plot from the cache")
     ap.add_argument("--step-time", action="store_true",
                     help="measure every row's training step time side by side (interleaved rounds) instead "
