@@ -8,9 +8,10 @@ one float epoch on 8000 images, then one quantized epoch per model): this benchm
 memory and latency; its accuracies are not the models' best.
 
 Per model and target -- litert int8, litert int4 (``weights="int4"``), tflm (LUT-compressed), lce
--- it records the model bytes, the low-bit weight bytes stored against the theoretical minimum
-``sum(ceil(bits x weights / 8) + 4 x scales)`` (the export report's ``low_bit_totals``; for lce
-its packed layers), the TFLite Micro tensor arena, and per runtime the single-thread latency of
+(the layers it cannot pack stored int8, the default, and float32) -- it records the model bytes,
+the low-bit weight bytes stored against the theoretical minimum ``sum(ceil(bits x weights / 8) +
+4 x scales)`` (the export report's ``low_bit_totals``; for lce every quantized layer, and the
+packed ones on their own), the TFLite Micro tensor arena, and per runtime the single-thread latency of
 one image and the top-1 agreement with Keras on test images:
 
 * LiteRT (ai-edge-litert) with its default XNNPACK delegate and with the builtin kernels
@@ -76,9 +77,9 @@ def train_models(ex, args):
 
 def low_bit(result):
     """(stored bytes, minimum bytes) of the low-bit weights, from the export report."""
-    if result.target == "lce":
-        t = result.totals()
-        return t["packed_stored_bytes"], t["packed_min_bytes"]
+    if result.target == "lce":  # packed layers and the quantized layers LCE cannot pack (int8 / float32)
+        quantized = [r for r in result.layers if r.quantizer != "float"]
+        return sum(r.stored_bytes for r in quantized), sum(r.min_bytes for r in quantized)
     t = result.low_bit_totals()
     return t["stored_bytes"], t["min_bytes"]
 
@@ -201,7 +202,7 @@ def main():
         exports = []
         targets = [("litert", "int8"), ("litert", "int4"), ("tflm", "int8")]
         if name == "W1A1":
-            targets = [("lce", "int8")] + targets
+            targets = [("lce", "int8"), ("lce", "float32")] + targets
         for target, weights in targets:
             t0 = time.time()
             try:
@@ -216,11 +217,16 @@ def main():
         x_row_q = None
         for target, weights, result in exports:
             stored, minimum = low_bit(result)
-            label = target if target != "litert" else f"litert {weights}"
+            label = target if target == "tflm" else f"{target} {weights}"
             base = {"model": name, "target": label, "model_bytes": result.model_bytes,
                     "low_bit_stored_bytes": stored, "low_bit_min_bytes": minimum,
                     "stored_over_min": round(stored / minimum, 4) if minimum else None,
                     "arena_bytes": getattr(result, "arena_bytes", None), "keras_accuracy": keras_acc}
+            if target == "lce":
+                t = result.totals()
+                base.update({"packed_layers": t["packed_layers"], "packed_stored_bytes": t["packed_stored_bytes"],
+                             "packed_min_bytes": t["packed_min_bytes"], "int8_layers": t["int8_layers"],
+                             "float32_layers": t["float32_layers"]})
             if target == "lce":
                 kinds = {"lce interpreter": lce_run(result.flatbuffer, xv[:1])}
             else:

@@ -204,6 +204,9 @@ class Export(Command):
         d.float("min_agreement", 0.0, "fail (exit 1) when the runtime agrees with Keras on fewer than this "
                 "fraction of the verification examples", lower_bound=0, upper_bound=1)
         d.boolean("require_exact", False, "fail when a quantized layer's codebook cannot be stored exactly")
+        d.enum("weights", "int8", ["int8", "int4", "float32"],
+               "weight storage: int8; int4 (target litert: packed INT4 where exact); float32 (target lce: "
+               "layers LCE cannot bit-pack keep float32 kernels)")
         d.integer("seed", 0, "seed of the synthetic examples")
         d.string("out", None, "the .tflite to write (default: <model without extension>_<target>.tflite; "
                  "a directory: <dir>/model_<target>.tflite)")
@@ -211,6 +214,10 @@ class Export(Command):
     def validate(self, fv):
         if not fv.model:
             raise CliError("--model is required (the saved model to export, e.g. out/syq-tf-train/model.h5)",
+                           USAGE_ERROR)
+        allowed = {"int4": "litert", "float32": "lce"}.get(fv.weights)
+        if allowed is not None and fv.target != allowed:
+            raise CliError(f"--weights={fv.weights} is for --target={allowed} (got --target={fv.target})",
                            USAGE_ERROR)
 
     def run(self, fv, extra):
@@ -574,7 +581,7 @@ def _export(fv):
     elif os.path.isdir(out) or out.endswith(os.sep):
         out = os.path.join(out, f"model_{fv.target}.tflite")
     result = syq_tf.export.to_tflite(model, x_rep, target=fv.target, verify_data=x_ver, verify_labels=y_ver,
-                                     require_exact=fv.require_exact)
+                                     require_exact=fv.require_exact, weights=fv.weights)
     path = result.save(out)
     print(result.table())
     stem = os.path.splitext(path)[0]

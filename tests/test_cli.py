@@ -151,6 +151,10 @@ def test_help_of_every_command_lists_its_flags(capsys):
     (["export"], "syq-tf export", "--model is required"),
     (["export", "--model", "m.h5", "--target", "nope"], "syq-tf export",
      "flag --target=nope: value should be one of <litert|tflm"),
+    (["export", "--model", "m.h5", "--weights", "float32"], "syq-tf export",
+     "--weights=float32 is for --target=lce (got --target=litert)"),
+    (["export", "--model", "m.h5", "--target", "tflm", "--weights", "int4"], "syq-tf export",
+     "--weights=int4 is for --target=litert (got --target=tflm)"),
     (["inspect"], "syq-tf inspect", "--model is required"),
 ])
 def test_usage_errors_are_one_line_exit_2(capsys, argv, where, message):

@@ -76,11 +76,21 @@ def _model():
 
 @pytest.fixture(scope="module")
 def exported():
+    """weights='float32': the layers LCE cannot pack keep float32 kernels (bit-exact outputs)."""
     tf.keras.utils.set_random_seed(7)
     model = _model()
     x = np.random.default_rng(0).uniform(0, 1, (200, 8, 8, 3)).astype(np.float32)
-    result = to_tflite(model, x[:8], target="lce", verify_data=x)
+    result = to_tflite(model, x[:8], target="lce", verify_data=x, weights="float32")
     return model, x, result
+
+
+@pytest.fixture(scope="module")
+def exported_int8(exported):
+    """The default: those layers store int8 weights (DEQUANTIZE to float when prepared)."""
+    model, x, _ = exported
+    with pytest.warns(UserWarning, match=r"\['pixel'\] round their codebooks") as caught:
+        result = to_tflite(model, x[:8], target="lce", verify_data=x)
+    return model, x, result, [str(w.message) for w in caught]
 
 
 def _report(result, name):
@@ -215,3 +225,137 @@ def test_recurrent_model_is_refused():
     model = tf.keras.Model(inp, tf.keras.layers.LSTM(4, name="rnn")(inp))
     with pytest.raises(ValueError, match="'rnn'"):
         to_tflite(model, np.zeros((2, 5, 3), np.float32), target="lce")
+
+
+# ---- int8 weights for the layers LCE cannot pack (the default) --------------------------------------
+
+
+def test_int8_codebook_exact_for_integer_codebooks_and_rounded_otherwise():
+    a = np.float32(0.37)
+    ternary = np.array([[-a, 0, a, a], [0.5, -0.5, 0, 0.5]], np.float32)  # rows = output channels
+    q, scales, exact = lce.int8_codebook(ternary, axis=0)
+    assert exact and q.dtype == np.int8
+    np.testing.assert_array_equal(q, [[-127, 0, 127, 127], [127, -127, 0, 127]])
+    np.testing.assert_allclose(q * scales[:, None], ternary, rtol=1e-6)
+    # odd multiples of delta/2 (UniQ 2 bit): unit delta/2, k in {±1, ±3}, m = 127 // 3 = 42
+    d = np.float32(0.2)
+    uniq = np.array([[-1.5 * d, -0.5 * d, 0.5 * d, 1.5 * d]], np.float32)
+    q, scales, exact = lce.int8_codebook(uniq, axis=0)
+    assert exact
+    np.testing.assert_array_equal(q, [[-126, -42, 42, 126]])
+    np.testing.assert_allclose(q[0] * scales[0], uniq[0], rtol=1e-6)
+    # depthwise layout: channels on the last axis; an all-zero channel gets scale 1 and zeros
+    dw = np.stack([ternary[0], np.zeros(4, np.float32)], axis=-1)[None]  # [1, 4, 2] -> channel axis 2
+    q, scales, exact = lce.int8_codebook(dw, axis=2)
+    assert exact and scales[1] == 1.0 and not q[..., 1].any()
+    # no integer form (unrelated magnitudes): scale max|w|/127, rounding error at most half a step
+    w = np.random.default_rng(3).normal(size=(3, 50)).astype(np.float32)
+    q, scales, exact = lce.int8_codebook(w, axis=0)
+    assert not exact
+    np.testing.assert_allclose(scales, np.abs(w).max(axis=1) / 127, rtol=1e-6)
+    assert np.all(np.abs(q * scales[:, None] - w) <= scales[:, None] / 2 + 1e-7)
+
+
+def test_unpackable_quantized_layers_store_int8_weights(exported_int8):
+    model, _, result, caught = exported_int8
+    assert result.weights == "int8"
+    fc, pixel, conv0 = _report(result, "fc"), _report(result, "pixel"), _report(result, "conv0")
+    # read back from the flatbuffer: constant INT8 tensors, DEQUANTIZE ops first in the graph
+    from syq_tf.export import flatbuffer
+    ops = flatbuffer.op_names(result.flatbuffer)
+    assert ops[:2] == ["DEQUANTIZE", "DEQUANTIZE"] and ops.count("DEQUANTIZE") == 2
+    stored = {t.op: t for t in flatbuffer.weight_tensors(result.flatbuffer) if t.dequantized}
+    assert sorted(stored) == ["CONV_2D", "FULLY_CONNECTED"]
+    t = stored["FULLY_CONNECTED"]
+    assert t.dtype == "INT8" and t.values.shape == (10, 16) and t.scales.size == 10
+    # fc: SYQ 2-bit layer codebook {-a, 0, a} -> {-127, 0, 127} in every channel, zeros kept
+    q = _keras_kernel(model, "fc").T
+    assert set(np.unique(t.values)) <= {-127, 0, 127}
+    np.testing.assert_array_equal(t.values == 0, q == 0)
+    np.testing.assert_array_equal(np.sign(t.values), np.sign(q))
+    assert fc.storage == "int8" and fc.exact and fc.stored_levels == 3
+    assert fc.weight_bytes == 160 and fc.scale_bytes == 40 and fc.stored_bytes == 200
+    assert "stored int8" in fc.note and "Dense" in fc.note
+    # pixel: 9 alphas per channel have no integer form: rounded, reported, warned
+    assert pixel.storage == "int8" and not pixel.exact and 0 < pixel.max_rel_alpha_error < 1 / 127
+    assert "int8 rounds this codebook" in pixel.note and pixel.weight_bytes == pixel.weights
+    assert any("'pixel'" in m and "weights='float32'" in m for m in caught)
+    # float layers stay float32
+    assert conv0.storage == "float32" and conv0.quantizer == "float"
+    assert result.totals()["int8_layers"] == ["pixel", "fc"]
+    assert result.totals()["float32_layers"] == ["conv0"]
+    assert "int8" in result.table()
+
+
+def test_int8_model_is_smaller_and_still_matches_keras(exported, exported_int8):
+    _, _, f32 = exported
+    _, _, int8, _ = exported_int8
+    saved = (_report(f32, "pixel").weight_bytes - _report(int8, "pixel").stored_bytes
+             + _report(f32, "fc").weight_bytes - _report(int8, "fc").stored_bytes)
+    assert saved == (4752 * 3 - 64) + (480 - 40)
+    # the float data is gone, not just shadowed: the file shrank by what the report says, less the
+    # new tensors, quantization tables and DEQUANTIZE ops (under 1 KiB)
+    assert saved - 1024 <= f32.model_bytes - int8.model_bytes <= saved
+    assert int8.verification["top1_agreement"] >= 0.99 and int8.verification["max_abs_diff"] < 0.05
+    # the packed layers are untouched by the int8 rewrite
+    for a, b in zip(lce.bconv_ops(f32.flatbuffer), lce.bconv_ops(int8.flatbuffer)):
+        np.testing.assert_array_equal(a.filter, b.filter)
+
+
+def test_int8_with_exact_codebooks_computes_like_keras():
+    tf.keras.utils.set_random_seed(3)
+    inp = tf.keras.Input((8, 8, 3))
+    h = tf.keras.layers.Conv2D(32, 3, padding="same", name="conv0")(inp)
+    h = lq.layers.QuantConv2D(32, 3, padding="same", use_bias=False, name="bin",
+                              kernel_quantizer=Q.SYQ(1, "channel"), input_quantizer="ste_sign")(h)
+    h = tf.keras.layers.BatchNormalization(name="bn")(h)
+    h = lq.layers.QuantConv2D(8, 3, padding="same", name="tern", kernel_quantizer=Q.SYQ(2, "channel"),
+                              input_quantizer=Q.DoReFa(8))(h)
+    h = tf.keras.layers.GlobalAveragePooling2D()(h)
+    out = lq.layers.QuantDense(10, name="fc", kernel_quantizer=Q.UniQ(2, "channel"))(h)
+    model = tf.keras.Model(inp, out)
+    bn = model.get_layer("bn")
+    bn.set_weights([np.full(32, 1.5), np.full(32, 0.1), np.zeros(32), np.full(32, 4.0)])
+    x = np.random.default_rng(2).uniform(0, 1, (64, 8, 8, 3)).astype(np.float32)
+    result = to_tflite(model, x[:8], target="lce", verify_data=x, require_exact=True)
+    assert [r.layer for r in result.layers if r.storage == "int8"] == ["tern", "fc"]
+    assert all(r.exact for r in result.layers if r.quantizer != "float")
+    assert result.verification["top1_agreement"] == 1.0
+    # exact int8 codebooks change nothing: the same outputs as the float32-kernel export, to float32
+    # rounding (both differ from Keras by the same DoReFa(8) rounding at a level boundary)
+    f32 = to_tflite(model, x[:8], target="lce", weights="float32")
+    np.testing.assert_allclose(lce.lce_predict(result.flatbuffer, x), lce.lce_predict(f32.flatbuffer, x),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_require_exact_names_the_rounded_int8_layer(exported):
+    model, x, _ = exported
+    with pytest.raises(ValueError, match=r"require_exact=True.*'pixel'") as err:
+        to_tflite(model, x[:8], target="lce", require_exact=True)
+    assert "'fc'" not in str(err.value)
+    to_tflite(model, x[:8], target="lce", require_exact=True, weights="float32", verify_data=x[:4])
+
+
+def test_weights_option_is_checked_per_target(exported):
+    model, x, _ = exported
+    with pytest.raises(ValueError, match="weights='int4' is for target 'litert'"):
+        to_tflite(model, x[:8], target="lce", weights="int4")
+    with pytest.raises(ValueError, match="weights='float32' is for target 'lce'"):
+        to_tflite(model, x[:8], target="litert", weights="float32")
+    with pytest.raises(ValueError, match="allowed"):
+        to_tflite(model, x[:8], target="lce", weights="int2")
+
+
+def test_dequantize_weights_refuses_bad_updates(exported, exported_int8):
+    from syq_tf.export import flatbuffer
+    _, _, result = exported
+    t = next(t for t in flatbuffer.weight_tensors(result.flatbuffer) if t.op == "FULLY_CONNECTED")
+    with pytest.raises(ValueError, match="int8 values of shape"):
+        flatbuffer.dequantize_weights(result.flatbuffer, {t.tensor_index: (np.zeros((3, 3), np.int8), [1.0], 0)})
+    with pytest.raises(ValueError, match="scales"):
+        flatbuffer.dequantize_weights(result.flatbuffer,
+                                      {t.tensor_index: (np.zeros(t.values.shape, np.int8), [1.0, 2.0], 0)})
+    _, _, int8, _ = exported_int8  # an INT8 tensor is not float weights to store
+    stored = next(t for t in flatbuffer.weight_tensors(int8.flatbuffer) if t.dequantized)
+    with pytest.raises(ValueError, match="not a constant float32 tensor"):
+        flatbuffer.dequantize_weights(int8.flatbuffer, {stored.tensor_index: (stored.values, stored.scales, 0)})

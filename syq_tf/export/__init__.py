@@ -36,7 +36,7 @@ class ExportResult:
     layers: list
     notes: list
     verification: dict = None
-    weights: str = "int8"  # storage of the low-bit weights: 'int8' or 'int4' (packed, target 'litert')
+    weights: str = "int8"  # storage of the low-bit weights: 'int8', 'int4' (target 'litert'), 'float32' ('lce')
 
     def __bytes__(self):
         return bytes(self.flatbuffer)
@@ -141,6 +141,9 @@ def to_tflite(model, representative_data, target="litert", verify_data=None, ver
         INT4 model itself is checked to compute bit-identically to its int8 twin (the same integers
         stored as int8) with LiteRT's builtin kernels. XNNPACK (LiteRT's default CPU delegate)
         runs INT4 FULLY_CONNECTED only; INT4 convolutions run with the builtin kernels.
+        Target ``lce``: ``"int8"`` (default) stores the weights of quantized layers LCE cannot
+        bit-pack as int8 (exact where the codebook has an integer form per channel) dequantized to
+        float at load, ``"float32"`` keeps them float32 (see :mod:`syq_tf.export.lce`).
 
     Codebooks that are integer multiples of a unit step per channel (UniQ up to 7 bits, binary and
     ternary ones) are stored exactly: where the converter's scale max|w|/127 misses their levels,
@@ -148,8 +151,12 @@ def to_tflite(model, representative_data, target="litert", verify_data=None, ver
     """
     if target not in TARGETS:
         raise ValueError(f"to_tflite: unknown target {target!r}; available here: {TARGETS}.")
-    if weights not in ("int8", "int4"):
-        raise ValueError(f"to_tflite: weights={weights!r}; allowed: 'int8' (default) or 'int4'.")
+    if weights not in ("int8", "int4", "float32"):
+        raise ValueError(f"to_tflite: weights={weights!r}; allowed: 'int8' (default), 'int4' (target "
+                         "'litert') or 'float32' (target 'lce').")
+    if weights == "float32" and target != "lce":
+        raise ValueError(f"to_tflite: weights='float32' is for target 'lce' (layers LCE cannot pack); target "
+                         f"{target!r} is full-integer int8.")
     if weights == "int4" and target != "litert":
         raise ValueError(f"to_tflite: weights='int4' is for target 'litert' (got target={target!r}, which "
                          "stores low-bit weights in its own packed form).")
@@ -158,7 +165,8 @@ def to_tflite(model, representative_data, target="litert", verify_data=None, ver
     if target == "lce":  # bit-packed LceBconv2d for binary layers, LCE's interpreter (lce.py)
         from syq_tf.export import lce as _lce  # noqa: PLC0415
 
-        return _lce.export(model, representative_data, verify_data, verify_labels, require_exact)
+        return _lce.export(model, representative_data, verify_data, verify_labels, require_exact,
+                           weights=weights)
     if target == "tflm":  # the same int8 model, then LUT-compressed for TFLite Micro (tflm.py)
         from syq_tf.export import tflm as _tflm  # noqa: PLC0415
 

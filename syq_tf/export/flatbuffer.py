@@ -64,6 +64,7 @@ class WeightTensor:
     op_index: int = -1  # position of the op in the first subgraph
     position: int = 1  # which input of the op this weight is
     stored_bytes: int = 0  # bytes of the tensor's data in the flatbuffer (INT4: two values a byte)
+    dequantized: bool = False  # a constant INT8 tensor turned into the op's float weight by DEQUANTIZE
 
 
 def _reader(fn):
@@ -113,6 +114,7 @@ def weight_tensors(buffer):
     """Constant weight tensors of the ops in WEIGHT_OPS (one entry per weight input)."""
     model = _load(buffer)
     graph = model.subgraphs[0]
+    dequantize = _dequantized_constants(model, graph)
     found = []
     for op_index, op in enumerate(graph.operators):
         name = _op_name(model, op)
@@ -121,15 +123,29 @@ def weight_tensors(buffer):
         for position in WEIGHT_OPS[name]:
             if position >= len(op.inputs) or op.inputs[position] < 0:
                 continue
-            weight = _weight_tensor(model, graph, op, name, position)
+            weight = _weight_tensor(model, graph, op, name, position, dequantize.get(int(op.inputs[position])))
             if weight is not None:
                 weight.op_index = op_index
                 found.append(weight)
     return found
 
 
-def _weight_tensor(model, graph, op, name, position):
+def _dequantized_constants(model, graph):
+    """{float tensor index: INT8 constant index} for DEQUANTIZE ops that turn a constant into a weight."""
+    out = {}
+    for op in graph.operators:
+        if _op_name(model, op) != "DEQUANTIZE" or len(op.inputs) != 1 or len(op.outputs) != 1:
+            continue
+        source = graph.tensors[int(op.inputs[0])]
+        if source.type == schema.TensorType.INT8 and model.buffers[source.buffer].data is not None:
+            out[int(op.outputs[0])] = int(op.inputs[0])
+    return out
+
+
+def _weight_tensor(model, graph, op, name, position, dequantized_from=None):
     index = int(op.inputs[position])
+    if dequantized_from is not None:  # int8 storage, DEQUANTIZE to the float weight at run time
+        index = dequantized_from
     tensor = graph.tensors[index]
     data = model.buffers[tensor.buffer].data
     if data is None:  # not a constant (weights computed at run time)
@@ -167,6 +183,7 @@ def _weight_tensor(model, graph, op, name, position):
         bias_index=int(op.inputs[2]) if single and len(op.inputs) > 2 else -1,
         position=position,
         stored_bytes=len(raw),
+        dequantized=dequantized_from is not None,
     )
 
 
@@ -254,6 +271,83 @@ def rewrite_weights(buffer, updates, int4=()):
                 store(b, bias.astype(np.int32))
                 b.quantization.scale = [float(np.float32(in_scale) * np.float32(s)) for s in scales]
                 b.quantization.zeroPoint = [0] * len(scales)
+    builder = flatbuffers.Builder(max(1024, len(buffer)))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+# TFLite op version of DEQUANTIZE with a per-channel (or per-tensor) INT8 input.
+DEQUANTIZE_INT8_VERSION = 5
+
+
+def dequantize_weights(buffer, updates):
+    """A copy of a float flatbuffer in which some float weight tensors are stored as int8: for each
+    ``{tensor_index: (int8 values, float32 scales, quantized dimension)}`` a constant INT8 tensor
+    (symmetric, zero points 0, one scale per channel along the dimension) is added, and a DEQUANTIZE
+    op placed first in the graph writes the float weight from it (TFLite evaluates a DEQUANTIZE of a
+    constant once, when the interpreter prepares). The op that used the float weight is unchanged,
+    so it computes in float with weights ``int8 x scale``; the float data is dropped."""
+    import flatbuffers  # noqa: PLC0415
+
+    model = _load(buffer)
+    graph = model.subgraphs[0]
+    buffer_users = {}
+    for sub in model.subgraphs:
+        for t in sub.tensors:
+            buffer_users[t.buffer] = buffer_users.get(t.buffer, 0) + 1
+    code_index = next((i for i, c in enumerate(model.operatorCodes)
+                       if max(c.builtinCode, c.deprecatedBuiltinCode) == schema.BuiltinOperator.DEQUANTIZE), None)
+    if code_index is None:
+        code = schema.OperatorCodeT()
+        code.builtinCode = schema.BuiltinOperator.DEQUANTIZE
+        code.deprecatedBuiltinCode = schema.BuiltinOperator.DEQUANTIZE
+        code.version = DEQUANTIZE_INT8_VERSION
+        model.operatorCodes.append(code)
+        code_index = len(model.operatorCodes) - 1
+    else:
+        code = model.operatorCodes[code_index]
+        code.version = max(int(code.version), DEQUANTIZE_INT8_VERSION)
+    if len(model.buffers) == 0 or model.buffers[0].data is not None:
+        raise ValueError("dequantize_weights: buffer 0 is not the empty buffer")
+    new_ops = []
+    for index, (values, scales, axis) in sorted(updates.items()):
+        weight = graph.tensors[index]
+        if weight.type != schema.TensorType.FLOAT32 or model.buffers[weight.buffer].data is None:
+            raise ValueError(f"dequantize_weights: tensor {weight.name!r} is not a constant float32 tensor")
+        values = np.asarray(values)
+        if values.dtype != np.int8 or tuple(values.shape) != tuple(weight.shape):
+            raise ValueError(f"dequantize_weights: tensor {weight.name!r}: int8 values of shape {values.shape} "
+                             f"for a tensor of shape {tuple(weight.shape)}")
+        scales = np.asarray(scales, np.float32).ravel()
+        if scales.size not in (1, values.shape[axis]) or not np.all(scales > 0):
+            raise ValueError(f"dequantize_weights: tensor {weight.name!r}: {scales.size} scales for "
+                             f"{values.shape[axis]} channels (all must be > 0)")
+        data = schema.BufferT()
+        data.data = np.frombuffer(np.ascontiguousarray(values).tobytes(), np.uint8)
+        model.buffers.append(data)
+        quant = schema.QuantizationParametersT()
+        quant.scale = [float(v) for v in scales]
+        quant.zeroPoint = [0] * scales.size
+        quant.quantizedDimension = int(axis) if scales.size > 1 else 0
+        stored = schema.TensorT()
+        stored.shape = list(weight.shape)
+        stored.type = schema.TensorType.INT8
+        stored.buffer = len(model.buffers) - 1
+        stored.name = bytes(weight.name) + b"/int8"
+        stored.quantization = quant
+        graph.tensors.append(stored)
+        buffer_users[weight.buffer] -= 1
+        if buffer_users[weight.buffer] == 0:  # nobody else reads the float data: drop it
+            model.buffers[weight.buffer].data = None
+        weight.buffer = 0  # now written by the DEQUANTIZE op
+        op = schema.OperatorT()
+        op.opcodeIndex = code_index
+        op.inputs = [len(graph.tensors) - 1]
+        op.outputs = [index]
+        op.builtinOptionsType = schema.BuiltinOptions.DequantizeOptions
+        op.builtinOptions = schema.DequantizeOptionsT()
+        new_ops.append(op)
+    graph.operators = new_ops + list(graph.operators)
     builder = flatbuffers.Builder(max(1024, len(buffer)))
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())

@@ -26,12 +26,21 @@ a plain Conv2D. Results are exact, not just close:
   ``pad_values=1``), ``conv(q, W) = h/2 sum(W_c) + conv_pad1(t, -h/2 W)``: a Bconv2d with the
   negated kernel and a per-channel bias.
 
-Layers LCE cannot pack (pixel / row scales, ternary or multi-bit kernels, Dense, depthwise,
-non-binary or float inputs) are reported with the reason and kept in float32: LCE's converter has
-no post-training int8 calibration (it only quantizes graphs that carry FakeQuant ranges on every
-tensor), so int8 for them would need ranges syq_tf does not compute for this target; their float32
-kernels hold the Keras codebook exactly. Stock LiteRT cannot run the LceQuantize / LceBconv2d
-custom ops; LCE's interpreter (``larq_compute_engine.testing.Interpreter``) can.
+Quantized layers LCE cannot pack (pixel / row scales, ternary or multi-bit kernels, Dense,
+depthwise, non-binary or float inputs) are reported with the reason and, with ``weights="int8"``
+(the default), their weights are stored as int8 -- symmetric, one scale per output channel -- and
+turned into the float weight by a DEQUANTIZE op that TFLite runs once when the interpreter is
+prepared; the op itself computes in float. A codebook whose levels are integer multiples k of one
+step per channel (binary, ternary, UniQ, 2-bit least squares, LAQ ...) is stored as k*m with scale
+step/m, m = 127 // max|k|: exact. Other codebooks (SYQ ``pixel`` / ``row`` scales: up to one
+magnitude per kernel pixel in a channel) are rounded to the nearest of 255 levels and reported
+inexact, with a warning naming the layer (``require_exact=True`` raises; ``weights="float32"``
+keeps them float32, which holds every codebook exactly). Activations stay float: LCE's converter
+has no post-training int8 calibration (it only quantizes graphs that carry FakeQuant ranges on
+every tensor), and int8-rounded inputs to a binary layer flip signs near zero, which compounds
+through a binary network. Layers without a quantizer stay float32. Stock LiteRT cannot run the
+LceQuantize / LceBconv2d custom ops; LCE's interpreter
+(``larq_compute_engine.testing.Interpreter``) can.
 """
 
 import dataclasses
@@ -46,6 +55,7 @@ import tensorflow as tf
 from syq_tf.export import ExportResult, flatbuffer
 from syq_tf.export.litert import (
     _QUANT_KEYS,
+    integer_unit,
     _describe,
     _find_layer,
     _is_quantized,
@@ -476,8 +486,9 @@ class LceLayerReport:
     min_bytes: int  # ceil(bits x weights / 8) + 4 x scales (float32 scales)
     pad_values: int = -1
     note: str = ""
-    storage: str = ""  # "packed 1-bit (LceBconv2d int32 words)" or "float32"
+    storage: str = ""  # "packed 1-bit (LceBconv2d int32 words)", "int8" (DEQUANTIZE) or "float32"
     scales: int = 0  # float scales the codebook needs (quantizer variables, else distinct magnitudes)
+    tensor_index: int = -1  # the stored weight tensor (not packed layers) in the flatbuffer
 
 
 def _codebook_bits(quantizer, kernel):
@@ -600,6 +611,21 @@ def _packed_report(model, plan, bconv):
         storage="packed 1-bit (LceBconv2d int32 words)", scales=n_scales)
 
 
+def _weight_axis(op):
+    return 3 if op == "DEPTHWISE_CONV_2D" else 0
+
+
+def _dequantized(tensor):
+    """The float weights an INT8 tensor stands for (values x per-channel scale)."""
+    values = tensor.values.astype(np.float64)
+    scales = tensor.scales.astype(np.float64)
+    if scales.size > 1:
+        shape = [1] * values.ndim
+        shape[tensor.quantized_dimension] = scales.size
+        scales = scales.reshape(shape)
+    return values * scales
+
+
 def _float_report(plan, tensors, used):
     layer = plan.layer
     kernels = layer_kernels(layer) if _is_quantized(layer) else {"kernel": (None, layer.kernel)}
@@ -608,24 +634,35 @@ def _float_report(plan, tensors, used):
     tensor = _match_tensor(layer, variable, tensors, used)
     in_q = getattr(layer, "input_quantizer", None)
     in_desc = "-" if in_q is None else type(in_q).__name__
-    kept = "kept float32 (LCE packs only binary Conv2D with binary inputs; LCE's converter has no "\
-           "post-training int8)"
     if tensor is None:
         return LceLayerReport(layer.name, "?", _describe(quantizer), in_desc, False, 32, 0, 0, float("nan"),
                               False, n, 0, 0, 0, 0, 0,
                               note=f"not packed: {plan.reason}; weight tensor not found in the flatbuffer")
     used.add(id(tensor))
     expected = _to_tflite_layout(_quantized_value(quantizer, variable), tensor.op, tensor.values.shape)
-    err, zeros_ok, levels, keras_levels = _float_tensor_check(expected, tensor)
+    int8 = tensor.dequantized
+    if int8:
+        check = dataclasses.replace(tensor, values=_dequantized(tensor))
+        kept = ("stored int8, one scale per output channel, dequantized to float when the interpreter "
+                "prepares (the op computes in float)")
+        scale_bytes = _FLOAT_BYTES * int(tensor.scales.size)
+    else:
+        check = tensor
+        kept = "kept float32"
+        scale_bytes = 0
+    err, zeros_ok, levels, keras_levels = _float_tensor_check(expected, check)
     exact = zeros_ok and err <= 1e-5 if quantizer is not None else False
-    folded = not np.array_equal(tensor.values.astype(np.float64), expected)
+    folded = not np.allclose(check.values.astype(np.float64), expected, rtol=1e-6, atol=0)
     note = f"not packed: {plan.reason}; {kept}"
     if quantizer is not None and folded and exact:
         note += ("; stored = Keras kernel x a per-channel factor the converter folded in (a BatchNorm "
                  "scale or the input quantizer's 1/n)")
-    nbytes = int(tensor.values.nbytes)
+    if quantizer is not None and int8 and not exact:
+        note += (f"; int8 rounds this codebook (max relative error of a level {err:.2g}): it has no "
+                 "integer form per channel (weights='float32' keeps it exact)")
+    nbytes = int(tensor.stored_bytes)
     if quantizer is None:
-        bits, scales, minimum = 32, 0, nbytes
+        bits, scales, minimum = 32, 0, nbytes + scale_bytes
     else:
         bits, scales = _codebook_bits(quantizer, expected), _codebook_scales(quantizer, expected)
         minimum = math.ceil(bits * n / 8) + _FLOAT_BYTES * scales
@@ -633,8 +670,57 @@ def _float_report(plan, tensors, used):
         layer=layer.name, op=tensor.op, quantizer=_describe(quantizer), input_quantizer=in_desc, packed=False,
         bits=bits, keras_levels=keras_levels, stored_levels=levels,
         max_rel_alpha_error=err if quantizer is not None else float("nan"), exact=exact, weights=n,
-        weight_bytes=nbytes, scale_bytes=0, bias_bytes=0, stored_bytes=nbytes, min_bytes=minimum, note=note,
-        storage=tensor.dtype.lower(), scales=scales)
+        weight_bytes=nbytes, scale_bytes=scale_bytes, bias_bytes=0, stored_bytes=nbytes + scale_bytes,
+        min_bytes=minimum, note=note, storage=tensor.dtype.lower(), scales=scales,
+        tensor_index=tensor.tensor_index)
+
+
+def int8_codebook(values, axis):
+    """Symmetric int8 per channel (along ``axis``) of float weights: ``(int8 values, float32 scales,
+    exact)``. Where a channel's levels are integer multiples k of one step u (|k| <= 127), it stores
+    k*m with scale u/m (m = 127 // max|k|), so int8 x scale gives the levels back to float32
+    rounding; otherwise scale max|w|/127 and rounding (``exact`` False)."""
+    values = np.asarray(values, np.float64)
+    moved = np.moveaxis(values, axis, 0)
+    out, scales, exact = np.zeros(moved.shape, np.int8), [], True
+    for c in range(moved.shape[0]):
+        w = moved[c]
+        top = float(np.max(np.abs(w)))
+        if top == 0:
+            scales.append(1.0)
+            continue
+        unit = integer_unit(w.ravel())
+        if unit is not None:
+            k = np.round(w / unit)
+            m = 127 // int(np.max(np.abs(k)))
+            q, scale = k * m, np.float32(unit / m)
+            back = q * np.float64(scale)
+            if np.max(np.abs(back - w) / top) > 1e-6:  # the unit was too coarse for float32: round
+                unit = None
+        if unit is None:
+            scale = np.float32(top / 127.0)
+            q = np.clip(np.round(w / np.float64(scale)), -127, 127)
+            exact = exact and np.array_equal(q * np.float64(scale), w)
+        out[c] = q.astype(np.int8)
+        scales.append(float(scale))
+    return np.moveaxis(out, 0, axis), np.asarray(scales, np.float32), exact
+
+
+def store_int8(buffer, reports):
+    """The flatbuffer with the float weights of the not-packed quantized layers stored as int8
+    (:func:`int8_codebook`, :func:`syq_tf.export.flatbuffer.dequantize_weights`)."""
+    tensors = {t.tensor_index: t for t in flatbuffer.weight_tensors(buffer)}
+    updates = {}
+    for r in reports:
+        if r.packed or r.quantizer == "float" or r.tensor_index not in tensors:
+            continue
+        tensor = tensors[r.tensor_index]
+        if tensor.dtype != "FLOAT32":
+            continue
+        axis = _weight_axis(tensor.op)
+        values, scales, _ = int8_codebook(tensor.values, axis)
+        updates[tensor.tensor_index] = (values, scales, axis)
+    return flatbuffer.dequantize_weights(buffer, updates) if updates else buffer
 
 
 def layer_reports(model, plans, buffer):
@@ -678,8 +764,8 @@ def lce_predict(buffer, x):
 class LceExportResult(ExportResult):
     """:class:`ExportResult` of target ``lce``; ``layers`` are :class:`LceLayerReport` rows."""
 
-    def __init__(self, buffer, layers, notes, ops, verification=None):
-        super().__init__(bytes(buffer), "lce", layers, notes, verification)
+    def __init__(self, buffer, layers, notes, ops, verification=None, weights="int8"):
+        super().__init__(bytes(buffer), "lce", layers, notes, verification, weights)
         self.ops = ops
 
     def totals(self):
@@ -692,11 +778,14 @@ class LceExportResult(ExportResult):
             "packed_stored_bytes": sum(r.stored_bytes for r in packed),
             "packed_min_bytes": sum(r.min_bytes for r in packed),
             "packed_bias_bytes": sum(r.bias_bytes for r in packed),
+            "int8_layers": [r.layer for r in self.layers if r.storage == "int8"],
+            "float32_layers": [r.layer for r in self.layers if not r.packed and r.storage == "float32"],
         }
 
     def to_dict(self):
         d = {
             "target": self.target,
+            "weights": self.weights,
             "model_bytes": self.model_bytes,
             "layers": [dataclasses.asdict(r) for r in self.layers],
             "notes": list(self.notes),
@@ -793,11 +882,15 @@ def check_model(model):
 
 
 def export(model, representative_data, verify_data=None, verify_labels=None, require_exact=False,
-           verify_samples=32):
+           verify_samples=32, weights="int8"):
     """The ``target="lce"`` export (see the module docstring). Raises ValueError naming every layer
     with a kernel and its reason when no layer can be packed (an LCE model with nothing bit-packed is
-    only a float model: use target 'litert'). Verifies with LCE's interpreter on ``verify_data``,
-    else on up to ``verify_samples`` representative examples."""
+    only a float model: use target 'litert'). ``weights``: how quantized layers that are not packed
+    store their weights, ``"int8"`` (default) or ``"float32"``. Verifies with LCE's interpreter on
+    ``verify_data``, else on up to ``verify_samples`` representative examples."""
+    if weights not in ("int8", "float32"):
+        raise ValueError(f"to_tflite(target='lce'): weights={weights!r}; allowed: 'int8' (default: quantized "
+                         "layers LCE cannot pack store int8 weights) or 'float32'.")
     check_model(model)
     plans = plan_layers(model)
     packable = [p for p in plans if p.packable]
@@ -817,6 +910,9 @@ def export(model, representative_data, verify_data=None, verify_labels=None, req
         except Exception as err:
             raise RuntimeError(f"to_tflite(target='lce'): LCE's converter failed: {err}") from err
     reports = layer_reports(model, plans, buffer)
+    if weights == "int8":
+        buffer = store_int8(buffer, reports)
+        reports = layer_reports(model, plans, buffer)  # read back from what was written
     notes = [f"layer '{r.layer}': {r.note}" for r in reports if not r.packed and r.quantizer != "float"]
     fallback = [str(w.message) for w in caught if "falling back" in str(w.message)]
     if fallback:
@@ -829,8 +925,13 @@ def export(model, representative_data, verify_data=None, verify_labels=None, req
     if require_exact and inexact:
         raise ValueError("to_tflite(target='lce', require_exact=True): these layers are not stored exactly: "
                          + "; ".join(f"'{r.layer}' ({r.quantizer}): {r.note}" for r in inexact))
+    rounded = [r.layer for r in inexact if r.storage == "int8"]
+    if rounded:
+        warnings.warn(f"to_tflite(target='lce'): the int8 weights of layers {rounded} round their codebooks "
+                      "(no integer form per output channel); pass weights='float32' to keep them exact",
+                      stacklevel=3)
     ops = sorted(set(flatbuffer.op_names(buffer)))
-    result = LceExportResult(buffer, reports, notes, ops)
+    result = LceExportResult(buffer, reports, notes, ops, weights=weights)
     if verify_data is not None:
         x, on = np.asarray(verify_data), "verify_data"
     else:
