@@ -155,7 +155,7 @@ def test_unpackable_layers_are_reported_with_the_reason(exported):
     assert "kept float32" in pixel.note and pixel.exact  # float32 holds the codebook (x folded BN)
     assert pixel.storage == "float32" and pixel.bits == 1 and pixel.scales == 9  # one alpha per pixel
     assert pixel.weight_bytes == 4 * pixel.weights and pixel.min_bytes == -(-pixel.weights // 8) + 4 * 9
-    assert not fc.packed and fc.op == "FULLY_CONNECTED" and "Dense" in fc.note
+    assert not fc.packed and fc.op == "FULLY_CONNECTED" and "zero weights" in fc.note  # ternary
     assert any("'pixel'" in n for n in result.notes) and any("'fc'" in n for n in result.notes)
     text = result.table()
     assert "LceBconv2d" in text and "granularity 'pixel'" in text and "top1_agreement" in text
@@ -217,7 +217,7 @@ def test_model_with_nothing_to_pack_is_refused_naming_the_layers(tmp_path):
     assert "'tern'" in msg and "zero weights" in msg
     assert "'pix'" in msg and "granularity 'pixel'" in msg
     assert "'eightbit'" in msg and "DoReFa(8)" in msg
-    assert "'head'" in msg and "Dense" in msg
+    assert "'head'" in msg and "float kernel" in msg
 
 
 def test_recurrent_model_is_refused():
@@ -275,7 +275,7 @@ def test_unpackable_quantized_layers_store_int8_weights(exported_int8):
     np.testing.assert_array_equal(np.sign(t.values), np.sign(q))
     assert fc.storage == "int8" and fc.exact and fc.stored_levels == 3
     assert fc.weight_bytes == 160 and fc.scale_bytes == 40 and fc.stored_bytes == 200
-    assert "stored int8" in fc.note and "Dense" in fc.note
+    assert "stored int8" in fc.note and "zero weights" in fc.note
     # pixel: 9 alphas per channel have no integer form: rounded, reported, warned
     assert pixel.storage == "int8" and not pixel.exact and 0 < pixel.max_rel_alpha_error < 1 / 127
     assert "int8 rounds this codebook" in pixel.note and pixel.weight_bytes == pixel.weights
@@ -359,3 +359,55 @@ def test_dequantize_weights_refuses_bad_updates(exported, exported_int8):
     stored = next(t for t in flatbuffer.weight_tensors(int8.flatbuffer) if t.dequantized)
     with pytest.raises(ValueError, match="not a constant float32 tensor"):
         flatbuffer.dequantize_weights(int8.flatbuffer, {stored.tensor_index: (stored.values, stored.scales, 0)})
+
+
+# ---- binary Dense layers: a 1x1 LceBconv2d --------------------------------------------------------
+
+
+def test_binary_dense_layers_become_1x1_bconvs():
+    """The demo CNN at W1A1 ({0, 1} DoReFa(1) inputs): conv2-4 and the flat fc1 are packed; fc1 as a
+    1x1 LceBconv2d on [batch, 1, 1, features]; outputs equal Keras'."""
+    from syq_tf.recipes import build_cnn
+    tf.keras.utils.set_random_seed(4)
+    model = build_cnn(1, "channel", 1, widths=(8, 8, 16, 16, 40))
+    x = np.random.default_rng(4).uniform(0, 1, (64, 28, 28, 1)).astype(np.float32)
+    result = to_tflite(model, x[:8], target="lce", verify_data=x)
+    assert [r.layer for r in result.layers if r.packed] == ["conv2", "conv3", "conv4", "fc1"]
+    fc1 = _report(result, "fc1")
+    features = model.get_layer("fc1").input_shape[-1]
+    assert fc1.op == "LceBconv2d" and fc1.exact and fc1.weights == features * 40
+    assert fc1.weight_bytes == 40 * 4 * -(-features // 32)  # 32 features per int32 word
+    bconv = lce.bconv_ops(result.flatbuffer)[3]
+    assert bconv.filter.shape == (40, 1, 1, -(-features // 32))
+    q = _keras_kernel(model, "fc1").reshape(1, 1, features, 40)
+    np.testing.assert_array_equal(lce.unpack_signs(bconv.filter, features), -np.sign(q))  # {0, 1}: negated
+    assert "FULLY_CONNECTED" in result.ops  # the float logits layer
+    assert result.verification["top1_agreement"] == 1.0 and result.verification["max_abs_diff"] < 1e-4
+
+
+def test_binary_dense_with_sign_inputs_and_non_flat_dense():
+    tf.keras.utils.set_random_seed(5)
+    inp = tf.keras.Input((6, 24))
+    # binary x binary sums are integer multiples of alpha and hit 0 exactly, where a float sum in
+    # another order can give a tiny ±value and flip the next sign: random biases keep clear of ties
+    seq = lq.layers.QuantDense(8, name="per_step", kernel_quantizer=Q.SYQ(1, "channel"),
+                               input_quantizer="ste_sign", bias_initializer="random_normal")(inp)  # rank 3: not packed
+    h = lq.layers.QuantConv2D(32, 3, padding="same", name="conv", kernel_quantizer=Q.SYQ(1, "channel"),
+                              input_quantizer="ste_sign", bias_initializer="random_normal",
+                              )(tf.keras.layers.Reshape((6, 8, 1))(seq))
+    h = tf.keras.layers.Flatten()(h)
+    out = lq.layers.QuantDense(12, name="flat", use_bias=True, kernel_quantizer=Q.UniQ(1, "channel"),
+                               input_quantizer="ste_sign", bias_initializer="glorot_uniform")(h)
+    model = tf.keras.Model(inp, out)
+    x = np.random.default_rng(5).normal(size=(32, 6, 24)).astype(np.float32)
+    result = to_tflite(model, x[:8], target="lce", verify_data=x)
+    assert [r.layer for r in result.layers if r.packed] == ["conv", "flat"]
+    per_step = _report(result, "per_step")
+    assert "rank-3 input" in per_step.note and per_step.storage == "int8" and per_step.exact
+    flat = _report(result, "flat")
+    bconv = lce.bconv_ops(result.flatbuffer)[1]
+    q = _keras_kernel(model, "flat")
+    np.testing.assert_array_equal(lce.unpack_signs(bconv.filter, q.shape[0]), np.sign(q).reshape(1, 1, *q.shape))
+    np.testing.assert_allclose(bconv.multiplier, np.abs(q[0]), rtol=1e-6)  # alpha per output, nothing folded
+    assert flat.exact and result.verification["top1_agreement"] == 1.0
+    np.testing.assert_allclose(lce.lce_predict(result.flatbuffer, x), model.predict(x, verbose=0), atol=1e-4)

@@ -1,9 +1,11 @@
 """larq-compute-engine export (``to_tflite(..., target="lce")``): binary layers as bit-packed
 ``LceBconv2d`` ops, run and verified with LCE's own interpreter.
 
-A Conv2D whose quantized kernel is ``±alpha_c`` per output channel (SYQ ``bits=1`` with
-granularity ``layer`` / ``channel``, UniQ ``bits=1``, least-squares ``ls1``, loss-aware
-``binary``, larq ``ste_sign`` ...) and whose input quantizer has two levels becomes an
+A Conv2D -- or a Dense on a flat ``[batch, features]`` input, exported as a 1x1 conv on
+``[batch, 1, 1, features]`` (LCE has no binary fully-connected op) -- whose quantized kernel is
+``±alpha_c`` per output channel (SYQ ``bits=1`` with granularity ``layer`` / ``channel``, UniQ
+``bits=1``, least-squares ``ls1``, loss-aware ``binary``, larq ``ste_sign`` ...) and whose input
+quantizer has two levels becomes an
 ``LceBconv2d``: the filter's signs bit-packed 32 input channels per int32 word (bit ``i`` of word
 ``w`` is input channel ``32 w + i``, set for -1, the last word zero-padded), ``alpha_c`` folded into
 the op's per-output-channel float multiplier.
@@ -26,8 +28,8 @@ a plain Conv2D. Results are exact, not just close:
   ``pad_values=1``), ``conv(q, W) = h/2 sum(W_c) + conv_pad1(t, -h/2 W)``: a Bconv2d with the
   negated kernel and a per-channel bias.
 
-Quantized layers LCE cannot pack (pixel / row scales, ternary or multi-bit kernels, Dense,
-depthwise, non-binary or float inputs) are reported with the reason and, with ``weights="int8"``
+Quantized layers LCE cannot pack (pixel / row scales, ternary or multi-bit kernels, Dense on
+rank > 2 inputs, depthwise, non-binary or float inputs) are reported with the reason and, with ``weights="int8"``
 (the default), their weights are stored as int8 -- symmetric, one scale per output channel -- and
 turned into the float weight by a DEQUANTIZE op that TFLite runs once when the interpreter is
 prepared; the op itself computes in float. A codebook whose levels are integer multiples k of one
@@ -187,9 +189,13 @@ def binary_input(layer):
 def binary_kernel(layer):
     """(signs ±1 [kh, kw, c_in, c_out], alpha [c_out], Keras kernel Q) if the layer is a Conv2D
     whose quantized kernel is ±alpha_c per output channel, else (None, None, reason)."""
-    if _plain_class(layer) is not tf.keras.layers.Conv2D:
+    dense = _plain_class(layer) is tf.keras.layers.Dense
+    if dense and len(layer.input_shape) != 2:
+        return None, None, (f"Dense layer on a rank-{len(layer.input_shape)} input: only a Dense on a flat "
+                            "[batch, features] input becomes a 1x1 LceBconv2d")
+    if not dense and _plain_class(layer) is not tf.keras.layers.Conv2D:
         kind = _plain_class(layer).__name__
-        return None, None, f"{kind} layer: LCE bit-packs Conv2D only (this layer stays float in LCE)"
+        return None, None, f"{kind} layer: LCE bit-packs Conv2D (and flat Dense as a 1x1 conv) only"
     config = layer.get_config()
     if config.get("groups", 1) != 1:
         return None, None, f"grouped convolution (groups={config['groups']}): LceBconv2d has no groups"
@@ -200,6 +206,8 @@ def binary_kernel(layer):
         return None, None, "float kernel (no kernel quantizer)"
     quantizer, variable = kernels["kernel"]
     q = np.asarray(_quantized_value(quantizer, variable), np.float32)
+    if dense:  # [in, out] -> the 1x1 conv kernel [1, 1, in, out]
+        q = q.reshape((1, 1) + q.shape)
     mags = np.abs(q).reshape(-1, q.shape[-1])
     zeros = int(np.count_nonzero(mags == 0))
     granularity = getattr(quantizer, "granularity", None)
@@ -329,6 +337,22 @@ class _LceBinaryConv2D(tf.keras.layers.Layer):
         return self.activation(y)
 
 
+class _LceBinaryDense(_LceBinaryConv2D):
+    """Inference form of a packable Dense layer on [batch, features]: a 1x1 binary conv on the input
+    reshaped to [batch, 1, 1, features] (LCE has no binary fully-connected op)."""
+
+    def __init__(self, units, form, bias, activation, **kwargs):
+        conv = dict(filters=units, kernel_size=(1, 1), strides=(1, 1), dilation_rate=(1, 1), padding="valid")
+        super().__init__(conv, form, 0, bias, activation, **kwargs)
+
+    def build(self, input_shape):
+        super().build((input_shape[0], 1, 1, input_shape[-1]))
+
+    def call(self, x):
+        y = super().call(tf.reshape(x, [-1, 1, 1, x.shape[-1]]))
+        return tf.reshape(y, [-1, self.conv.filters])
+
+
 class _FloatInputLayer(tf.keras.layers.Layer):
     """A non-packed quantized layer in float: its input quantizer's forward pass, then the plain
     layer holding the quantized kernel."""
@@ -381,8 +405,11 @@ def build_lce_model(model, plans):
             if plan.form.kind == "step":  # conv(q, W) = h/2 sum(W_c) + conv_pad1(t, -h/2 W)
                 extra = plan.form.scale / 2.0 * plan.keras_kernel.astype(np.float64).sum(axis=(0, 1, 2))
                 bias = extra if bias is None else bias + extra
-            new = _LceBinaryConv2D(config, plan.form, plan.pad_values, bias, config.get("activation"),
-                                   name=layer.name)
+            if "units" in config:  # flat Dense: a 1x1 conv
+                new = _LceBinaryDense(config["units"], plan.form, bias, config.get("activation"), name=layer.name)
+            else:
+                new = _LceBinaryConv2D(config, plan.form, plan.pad_values, bias, config.get("activation"),
+                                       name=layer.name)
             made[layer.name] = ("binary", plan)
             return new
         if _is_quantized(layer):
