@@ -143,7 +143,7 @@ def test_low_bit_dorefa_activations_are_exact_in_int8(data):
     # levels {0, 1/3, 2/3, 1}: an int8 tensor of scale 1/3 clipped at 1 by a MINIMUM op
     assert t.input_scale == pytest.approx(1 / 3, rel=1e-6) and t.input_zero_point == -128
     assert "MINIMUM" in flatbuffer.op_names(result.flatbuffer)
-    assert not result.notes
+    assert not result.notes  # (its zero bias was stored at the wrong scale: corrected silently)
     # LiteRT quantizes the input to DoReFa's 2-bit levels exactly as Keras does
     # (up to an input rounded across a level boundary by the int8 model input: rare)
     probe = x[:64]

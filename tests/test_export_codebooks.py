@@ -121,7 +121,8 @@ def test_low_bit_uniq_activations_are_exact_in_int8(data, act_bits):
              and t.values.shape[0] == 12)
     assert t.input_scale == pytest.approx(float(q.delta.numpy()), rel=1e-6) and t.input_zero_point == -128
     assert flatbuffer.op_names(result.flatbuffer).count("MINIMUM") == 2  # qconv and dw inputs
-    assert not result.notes
+    # nothing lost; the only notes may be biases the converter mis-scaled and the export re-expressed
+    assert all("re-expressed" in n for n in result.notes), result.notes
     # 1-bit: inputs near the threshold delta/2 flip when int8 re-rounds them (double rounding)
     assert result.verification["top1_agreement"] >= (0.95 if act_bits == 1 else 0.98), result.verification
 

@@ -181,6 +181,7 @@ def to_tflite(model, representative_data, target="litert", verify_data=None, ver
         buffer = convert_dynamic(build_inference_model(model, batch_size=1))
     else:
         buffer = convert(build_inference_model(model), representative_data, representative_samples)
+    buffer, bias_fixed = flatbuffer.consistent_biases(buffer)
     buffer, rescaled = exact_codebooks(model, buffer)
     int8_buffer, int4_twin, int4_labels, int4_skipped = buffer, None, [], {}
     if weights == "int4":
@@ -195,6 +196,8 @@ def to_tflite(model, representative_data, target="litert", verify_data=None, ver
             + "; ".join(f"'{r.layer}' ({r.quantizer}): {r.note}" for r in inexact)
         )
     notes = activation_notes(model)
+    notes += [f"bias {name!r}: the converter stored it at {factor:.4g}x the scale its op computes with "
+              "(input x weight scale); re-expressed" for name, factor in bias_fixed]
     notes += [f"layer '{r.layer}': {r.note}" for r in reports
               if r.note and r.quantizer != "float" and not r.exact]
     notes += [f"layer '{label}': kept int8 weights, not INT4 ({why})" for label, why in int4_skipped.items()]

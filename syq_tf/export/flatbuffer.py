@@ -351,3 +351,76 @@ def dequantize_weights(buffer, updates):
     builder = flatbuffers.Builder(max(1024, len(buffer)))
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
+
+
+@_reader
+def consistent_biases(buffer, rtol=1e-5):
+    """Make every int32 bias of an int8 CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED mean what the
+    kernels compute with: TFLite's int8 kernels add the int32 bias as if its scale were
+    ``input scale x weight scale`` (per channel) and ignore the bias tensor's own scale. The
+    converter can store a bias at the scale its input had before a later pass changed it (seen on
+    this stack: a FULLY_CONNECTED after MINIMUM + FakeQuant of a 2-bit activation grid, bias scale
+    1/85 of input x weight, so the layer added 85x its bias). Such a bias is re-expressed:
+    ``round(b x bias_scale / (input_scale x weight_scale))`` with the scale set to match.
+
+    Returns ``(flatbuffer, fixed)``, ``fixed`` a list of ``(tensor name, factor)`` of the non-zero
+    biases re-expressed, factor = old bias scale / (input scale x weight scale) (an all-zero bias
+    only gets its scale set); the flatbuffer is returned unchanged when no bias scale is off.
+    """
+    import flatbuffers  # noqa: PLC0415
+
+    model = _load(buffer)
+    graph = model.subgraphs[0]
+    fixed, rewritten = [], False
+    tensor_users = {}
+    for op in graph.operators:
+        for i in op.inputs:
+            tensor_users[int(i)] = tensor_users.get(int(i), 0) + 1
+    buffer_users = {}
+    for sub in model.subgraphs:
+        for t in sub.tensors:
+            buffer_users[t.buffer] = buffer_users.get(t.buffer, 0) + 1
+    for op in graph.operators:
+        if WEIGHT_OPS.get(_op_name(model, op)) != (1,) or len(op.inputs) < 3 or op.inputs[2] < 0:
+            continue
+        x, w, b = (graph.tensors[int(i)] for i in op.inputs[:3])
+        if b.type != schema.TensorType.INT32 or x.type != schema.TensorType.INT8:
+            continue
+        data = model.buffers[b.buffer].data
+        if data is None or b.quantization is None or b.quantization.scale is None:
+            continue
+        s_in = np.float64(x.quantization.scale[0])
+        s_w = np.asarray(w.quantization.scale, np.float64)
+        s_b = np.asarray(b.quantization.scale, np.float64)
+        values = np.frombuffer(bytes(bytearray(data)), np.int32).astype(np.float64)
+        expected = s_in * (s_w if s_w.size > 1 else np.full(values.size, s_w[0]))
+        s_b = s_b if s_b.size > 1 else np.full(values.size, s_b[0])
+        ratio = s_b / expected
+        if np.all(np.abs(ratio - 1.0) <= rtol):
+            continue
+        changed = bool(np.any(values))  # an all-zero bias only gets its scale corrected
+        if changed and tensor_users.get(int(op.inputs[2]), 0) > 1:
+            raise ValueError(f"bias {b.name.decode(errors='replace')!r} is used by several ops and stored at "
+                             "the wrong scale for one of them; cannot re-express it")
+        if changed:
+            new = np.clip(np.round(values * ratio), -(2**31), 2**31 - 1).astype(np.int32)
+            data = np.frombuffer(new.tobytes(), np.uint8)
+            if buffer_users.get(b.buffer, 0) > 1:  # shared constant: this tensor gets its own buffer
+                own = schema.BufferT()
+                own.data = data
+                model.buffers.append(own)
+                buffer_users[b.buffer] -= 1
+                b.buffer = len(model.buffers) - 1
+                buffer_users[b.buffer] = 1
+            else:
+                model.buffers[b.buffer].data = data
+        b.quantization.scale = [float(v) for v in expected.astype(np.float32)]
+        b.quantization.zeroPoint = [0] * values.size
+        rewritten = True
+        if changed:
+            fixed.append((b.name.decode(errors="replace"), float(np.median(ratio))))
+    if not rewritten:
+        return buffer, []
+    builder = flatbuffers.Builder(max(1024, len(buffer)))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output()), fixed
