@@ -203,6 +203,40 @@ def bias_tensors(buffer):
     return out
 
 
+def _use_counts(model):
+    """(op inputs per tensor index of the first subgraph, tensors per buffer over all subgraphs)."""
+    tensor_users, buffer_users = {}, {}
+    for op in model.subgraphs[0].operators:
+        for i in op.inputs:
+            tensor_users[int(i)] = tensor_users.get(int(i), 0) + 1
+    for sub in model.subgraphs:
+        for t in sub.tensors:
+            buffer_users[t.buffer] = buffer_users.get(t.buffer, 0) + 1
+    return tensor_users, buffer_users
+
+
+def _store(model, buffer_users, tensor, data):
+    """Put ``data`` (uint8) in the tensor's own buffer, or in a new one if the buffer is shared
+    (the converter shares buffers between identical constants)."""
+    if buffer_users.get(tensor.buffer, 0) == 1 and tensor.buffer > 0:
+        model.buffers[tensor.buffer].data = data
+        return
+    b = schema.BufferT()
+    b.data = data
+    model.buffers.append(b)
+    buffer_users[tensor.buffer] -= 1
+    tensor.buffer = len(model.buffers) - 1
+    buffer_users[tensor.buffer] = 1
+
+
+def _serialize(model, size_hint):
+    import flatbuffers  # noqa: PLC0415  (the runtime of the generated schema; installed with tensorflow)
+
+    builder = flatbuffers.Builder(max(1024, size_hint))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
 def rewrite_weights(buffer, updates, int4=()):
     """A copy of the flatbuffer with new int8 weights and per-channel scales for some weight
     tensors, and their int32 biases re-expressed in the new scales.
@@ -213,32 +247,12 @@ def rewrite_weights(buffer, updates, int4=()):
     [-8, 7], ops of INT4_OP_VERSIONS) are stored as packed TFLite INT4 (:func:`pack_int4`) and
     their op code's version raised to the INT4 one.
     """
-    import flatbuffers  # the runtime of the generated schema; installed with tensorflow
-
     model = _load(buffer)
     graph = model.subgraphs[0]
-    users = {}
-    for op in graph.operators:
-        for i in op.inputs:
-            users[int(i)] = users.get(int(i), 0) + 1
-
-    buffer_users = {}
-    for sub in model.subgraphs:
-        for t in sub.tensors:
-            buffer_users[t.buffer] = buffer_users.get(t.buffer, 0) + 1
+    users, buffer_users = _use_counts(model)
 
     def store(tensor, array):
-        """Put ``array`` in the tensor's own buffer, or a new one if the buffer is shared."""
-        data = np.frombuffer(np.ascontiguousarray(array).tobytes(), np.uint8)
-        if buffer_users.get(tensor.buffer, 0) == 1 and tensor.buffer > 0:
-            model.buffers[tensor.buffer].data = data
-            return
-        b = schema.BufferT()
-        b.data = data
-        model.buffers.append(b)
-        buffer_users[tensor.buffer] -= 1
-        tensor.buffer = len(model.buffers) - 1
-        buffer_users[tensor.buffer] = 1
+        _store(model, buffer_users, tensor, np.frombuffer(np.ascontiguousarray(array).tobytes(), np.uint8))
 
     for op in graph.operators:
         positions = WEIGHT_OPS.get(_op_name(model, op), ())
@@ -271,9 +285,7 @@ def rewrite_weights(buffer, updates, int4=()):
                 store(b, bias.astype(np.int32))
                 b.quantization.scale = [float(np.float32(in_scale) * np.float32(s)) for s in scales]
                 b.quantization.zeroPoint = [0] * len(scales)
-    builder = flatbuffers.Builder(max(1024, len(buffer)))
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return _serialize(model, len(buffer))
 
 
 # TFLite op version of DEQUANTIZE with a per-channel (or per-tensor) INT8 input.
@@ -287,14 +299,9 @@ def dequantize_weights(buffer, updates):
     op placed first in the graph writes the float weight from it (TFLite evaluates a DEQUANTIZE of a
     constant once, when the interpreter prepares). The op that used the float weight is unchanged,
     so it computes in float with weights ``int8 x scale``; the float data is dropped."""
-    import flatbuffers  # noqa: PLC0415
-
     model = _load(buffer)
     graph = model.subgraphs[0]
-    buffer_users = {}
-    for sub in model.subgraphs:
-        for t in sub.tensors:
-            buffer_users[t.buffer] = buffer_users.get(t.buffer, 0) + 1
+    _, buffer_users = _use_counts(model)
     code_index = next((i for i, c in enumerate(model.operatorCodes)
                        if max(c.builtinCode, c.deprecatedBuiltinCode) == schema.BuiltinOperator.DEQUANTIZE), None)
     if code_index is None:
@@ -348,9 +355,7 @@ def dequantize_weights(buffer, updates):
         op.builtinOptions = schema.DequantizeOptionsT()
         new_ops.append(op)
     graph.operators = new_ops + list(graph.operators)
-    builder = flatbuffers.Builder(max(1024, len(buffer)))
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return _serialize(model, len(buffer))
 
 
 @_reader
@@ -367,19 +372,10 @@ def consistent_biases(buffer, rtol=1e-5):
     biases re-expressed, factor = old bias scale / (input scale x weight scale) (an all-zero bias
     only gets its scale set); the flatbuffer is returned unchanged when no bias scale is off.
     """
-    import flatbuffers  # noqa: PLC0415
-
     model = _load(buffer)
     graph = model.subgraphs[0]
     fixed, rewritten = [], False
-    tensor_users = {}
-    for op in graph.operators:
-        for i in op.inputs:
-            tensor_users[int(i)] = tensor_users.get(int(i), 0) + 1
-    buffer_users = {}
-    for sub in model.subgraphs:
-        for t in sub.tensors:
-            buffer_users[t.buffer] = buffer_users.get(t.buffer, 0) + 1
+    tensor_users, buffer_users = _use_counts(model)
     for op in graph.operators:
         if WEIGHT_OPS.get(_op_name(model, op)) != (1,) or len(op.inputs) < 3 or op.inputs[2] < 0:
             continue
@@ -404,16 +400,7 @@ def consistent_biases(buffer, rtol=1e-5):
                              "the wrong scale for one of them; cannot re-express it")
         if changed:
             new = np.clip(np.round(values * ratio), -(2**31), 2**31 - 1).astype(np.int32)
-            data = np.frombuffer(new.tobytes(), np.uint8)
-            if buffer_users.get(b.buffer, 0) > 1:  # shared constant: this tensor gets its own buffer
-                own = schema.BufferT()
-                own.data = data
-                model.buffers.append(own)
-                buffer_users[b.buffer] -= 1
-                b.buffer = len(model.buffers) - 1
-                buffer_users[b.buffer] = 1
-            else:
-                model.buffers[b.buffer].data = data
+            _store(model, buffer_users, b, np.frombuffer(new.tobytes(), np.uint8))
         b.quantization.scale = [float(v) for v in expected.astype(np.float32)]
         b.quantization.zeroPoint = [0] * values.size
         rewritten = True
@@ -421,6 +408,4 @@ def consistent_biases(buffer, rtol=1e-5):
             fixed.append((b.name.decode(errors="replace"), float(np.median(ratio))))
     if not rewritten:
         return buffer, []
-    builder = flatbuffers.Builder(max(1024, len(buffer)))
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output()), fixed
+    return _serialize(model, len(buffer)), fixed
