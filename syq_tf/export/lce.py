@@ -537,11 +537,16 @@ def _codebook_scales(quantizer, kernel):
     return int(np.unique(k[k != 0]).size)
 
 
+def _weight_axis(op):
+    """The output-channel axis of a stored weight tensor (TFLite layout)."""
+    return 3 if op == "DEPTHWISE_CONV_2D" else 0
+
+
 def _float_tensor_check(expected, tensor):
     """(max relative error, zeros kept, stored levels, keras levels) of a float weight tensor, per
     output channel up to one factor (a converter-folded BatchNorm scale)."""
     values = tensor.values.astype(np.float64)
-    axis = values.ndim - 1 if tensor.op == "DEPTHWISE_CONV_2D" else 0
+    axis = _weight_axis(tensor.op)
     worst, zeros_ok, levels, keras_levels = 0.0, True, 0, 0
     for c in range(values.shape[axis]):
         stored, keras = np.take(values, c, axis=axis).ravel(), np.take(expected, c, axis=axis).ravel()
@@ -636,10 +641,6 @@ def _packed_report(model, plan, bconv):
         stored_bytes=filt_bytes + scale_bytes, min_bytes=math.ceil(n / 8) + _FLOAT_BYTES * n_scales,
         pad_values=int(bconv.options.get("pad_values", -1)), note="; ".join(note),
         storage="packed 1-bit (LceBconv2d int32 words)", scales=n_scales)
-
-
-def _weight_axis(op):
-    return 3 if op == "DEPTHWISE_CONV_2D" else 0
 
 
 def _dequantized(tensor):
