@@ -394,18 +394,17 @@ def consistent_biases(buffer, rtol=1e-5):
         ratio = s_b / expected
         if np.all(np.abs(ratio - 1.0) <= rtol):
             continue
-        changed = bool(np.any(values))  # an all-zero bias only gets its scale corrected
-        if changed and tensor_users.get(int(op.inputs[2]), 0) > 1:
-            raise ValueError(f"bias {b.name.decode(errors='replace')!r} is used by several ops and stored at "
-                             "the wrong scale for one of them; cannot re-express it")
-        if changed:
+        if np.any(values):  # an all-zero bias only gets its scale corrected
+            name = b.name.decode(errors="replace")
+            if tensor_users.get(int(op.inputs[2]), 0) > 1:
+                raise ValueError(f"bias {name!r} is used by several ops and stored at the wrong scale for one "
+                                 "of them; cannot re-express it")
             new = np.clip(np.round(values * ratio), -(2**31), 2**31 - 1).astype(np.int32)
             _store(model, buffer_users, b, np.frombuffer(new.tobytes(), np.uint8))
+            fixed.append((name, float(np.median(ratio))))
         b.quantization.scale = [float(v) for v in expected.astype(np.float32)]
         b.quantization.zeroPoint = [0] * values.size
         rewritten = True
-        if changed:
-            fixed.append((b.name.decode(errors="replace"), float(np.median(ratio))))
     if not rewritten:
         return buffer, []
     return _serialize(model, len(buffer)), fixed
