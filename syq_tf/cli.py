@@ -192,7 +192,7 @@ class Export(Command):
         the runtime, accuracy on their labels)."""
 
     def define(self, d):
-        from syq_tf.export import TARGETS  # noqa: PLC0415  (targets known at run time)
+        from syq_tf.export import TARGETS, WEIGHTS  # noqa: PLC0415  (known at run time)
 
         d.string("model", None, "the saved Keras model (model.h5 of `syq-tf train`, or a SavedModel directory)")
         d.enum("target", TARGETS[0], list(TARGETS), "export target (syq_tf.export.TARGETS)")
@@ -204,7 +204,7 @@ class Export(Command):
         d.float("min_agreement", 0.0, "fail (exit 1) when the runtime agrees with Keras on fewer than this "
                 "fraction of the verification examples", lower_bound=0, upper_bound=1)
         d.boolean("require_exact", False, "fail when a quantized layer's codebook cannot be stored exactly")
-        d.enum("weights", "int8", ["int8", "int4", "float32"],
+        d.enum("weights", "int8", list(WEIGHTS),
                "weight storage: int8; int4 (target litert: packed INT4 where exact); float32 (target lce: "
                "layers LCE cannot bit-pack keep float32 kernels)")
         d.integer("seed", 0, "seed of the synthetic examples")
@@ -215,7 +215,9 @@ class Export(Command):
         if not fv.model:
             raise CliError("--model is required (the saved model to export, e.g. out/syq-tf-train/model.h5)",
                            USAGE_ERROR)
-        allowed = {"int4": "litert", "float32": "lce"}.get(fv.weights)
+        from syq_tf.export import WEIGHTS  # noqa: PLC0415
+
+        allowed = WEIGHTS[fv.weights]
         if allowed is not None and fv.target != allowed:
             raise CliError(f"--weights={fv.weights} is for --target={allowed} (got --target={fv.target})",
                            USAGE_ERROR)

@@ -27,6 +27,10 @@ from syq_tf.export.litert import (
 from syq_tf.export.runtime import agreement, litert_int8_outputs, litert_predict
 
 TARGETS = ("litert", "tflm", "lce")
+# weights= options of to_tflite -> the one target that takes it (None: every target)
+WEIGHTS = {"int8": None, "int4": "litert", "float32": "lce"}
+_WEIGHTS_WHY = {"int4": "LiteRT's INT4 filters; tflm and lce store low-bit weights in their own packed form.",
+                "float32": "float kernels for the layers LCE cannot pack; litert and tflm are full-integer int8."}
 
 
 @dataclasses.dataclass
@@ -151,15 +155,13 @@ def to_tflite(model, representative_data, target="litert", verify_data=None, ver
     """
     if target not in TARGETS:
         raise ValueError(f"to_tflite: unknown target {target!r}; available here: {TARGETS}.")
-    if weights not in ("int8", "int4", "float32"):
+    if weights not in WEIGHTS:
         raise ValueError(f"to_tflite: weights={weights!r}; allowed: 'int8' (default), 'int4' (target "
                          "'litert') or 'float32' (target 'lce').")
-    if weights == "float32" and target != "lce":
-        raise ValueError(f"to_tflite: weights='float32' is for target 'lce' (layers LCE cannot pack); target "
-                         f"{target!r} is full-integer int8.")
-    if weights == "int4" and target != "litert":
-        raise ValueError(f"to_tflite: weights='int4' is for target 'litert' (got target={target!r}, which "
-                         "stores low-bit weights in its own packed form).")
+    only = WEIGHTS[weights]
+    if only is not None and target != only:
+        raise ValueError(f"to_tflite: weights={weights!r} is for target {only!r} (got target={target!r}): "
+                         + _WEIGHTS_WHY[weights])
     from syq_tf import tfmot as _tfmot  # noqa: PLC0415
 
     if target == "lce":  # bit-packed LceBconv2d for binary layers, LCE's interpreter (lce.py)
@@ -251,4 +253,4 @@ def _int4_verification(buffer, twin, int8_buffer, x):
 
 
 __all__ = ["to_tflite", "ExportResult", "LayerReport", "build_inference_model", "litert_predict",
-           "flatbuffer", "TARGETS"]
+           "flatbuffer", "TARGETS", "WEIGHTS"]
