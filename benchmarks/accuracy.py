@@ -614,7 +614,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="one seed, fewer images and epochs, a subset of rows")
     ap.add_argument("--profile", default="full", choices=sorted(PROFILES),
                     help="full (default: 3 seeds, every row), lr2e-3 (the same at a 4x fine-tuning learning "
-                         "rate), quick (= --quick)")
+                         "rate), long (8 fine-tuning epochs; meant for --rows GAP_ROWS), quick (= --quick)")
     ap.add_argument("--rows", default=None, help="regular expression: run only the matching rows")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the profile's)")
     ap.add_argument("--shard", default="0/1", help="i/n: run every n-th row starting at i (parallel processes)")
@@ -641,8 +641,8 @@ def main(argv=None):
         rows = {k: v for k, v in rows.items() if not k.startswith("QKeras")}
     if args.rows:
         rows = {k: v for k, v in rows.items() if re.search(args.rows, k) or k == "float"}
-    command = {"full": "python benchmarks/accuracy.py", "quick": "python benchmarks/accuracy.py --quick"}.get(
-        profile, f"python benchmarks/accuracy.py --profile {profile}")
+    flags = {"full": "", "quick": "--quick", **{k: v[1] for k, v in STUDIES.items()}}[profile]
+    command = f"python benchmarks/accuracy.py {flags}".strip()
     if args.step_time:
         step_times(Runner(profile, args.out, export=False), rows)
     elif not args.report:

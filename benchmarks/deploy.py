@@ -42,6 +42,7 @@ import numpy as np
 import syq_tf  # noqa: F401  (first: selects Keras 2)
 import tensorflow as tf
 
+from syq_tf import recipes
 from syq_tf.data import fashion_mnist_dataset, load_fashion_mnist
 from syq_tf.export import TARGETS, to_tflite
 from syq_tf.export.runtime import litert_interpreter
@@ -50,17 +51,11 @@ from syq_tf.export import tflm as tflm_mod
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _example():
-    """The recipe (the demo's CNN and its float -> quantized fine-tuning)."""
-    from syq_tf import recipes  # noqa: PLC0415
-
-    return recipes
-
-
-def train_models(ex, args):
+def train_models(args):
+    """The demo's CNN in float, then fine-tuned to each variant (syq_tf.recipes)."""
     train = fashion_mnist_dataset("train", 128, limit=args.train_limit, shuffle_seed=0)
-    float_model = ex.build_cnn(None)
-    ex.compile_model(float_model, 1e-3)
+    float_model = recipes.build_cnn(None)
+    recipes.compile_model(float_model, 1e-3)
     float_model.fit(train, epochs=args.float_epochs, verbose=0)
     variants = [("W1A8", 1, 8), ("W2A8", 2, 8)]
     if "lce" in TARGETS:
@@ -68,8 +63,8 @@ def train_models(ex, args):
     models = {}
     for name, bits, act_bits in variants:
         t0 = time.time()
-        model = ex.build_cnn(bits, "channel", act_bits)
-        ex.finetune_from_float(model, float_model, train, args.quant_epochs, verbose=0)
+        model = recipes.build_cnn(bits, "channel", act_bits)
+        recipes.finetune_from_float(model, float_model, train, args.quant_epochs, verbose=0)
         models[name] = model
         print(f"  trained {name} in {time.time() - t0:.0f} s", flush=True)
     return models
@@ -183,7 +178,6 @@ def main():
         args.train_limit, args.verify, args.rounds = 2000, 200, 3
     started = time.time()
     tf.keras.utils.set_random_seed(0)
-    ex = _example()
     x_train, _ = load_fashion_mnist("train")
     x_test, y_test = load_fashion_mnist("test")
     rep = x_train[:200]
@@ -191,7 +185,7 @@ def main():
 
     print(f"== training (float {args.float_epochs} epoch(s), then 1 quantized epoch per model, "
           f"{args.train_limit} images)", flush=True)
-    models = train_models(ex, args)
+    models = train_models(args)
 
     print("== exports", flush=True)
     rows, runners, checks = [], {}, {}
