@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from syq_tf.export import flatbuffer
+from syq_tf.files import write_all
 from syq_tf.export.litert import (
     LayerReport,
     activation_notes,
@@ -69,8 +70,7 @@ class ExportResult:
         """Write ``path`` (.tflite) and the report next to it (``path`` + ``.json``); each file is
         written to a temporary name first and renamed, so a failure never leaves a partial file."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        _write_atomic(path, bytes(self.flatbuffer))
-        _write_atomic(path + ".json", json.dumps(self.to_dict(), indent=2).encode())
+        write_all([(path, bytes(self.flatbuffer)), (path + ".json", json.dumps(self.to_dict(), indent=2).encode())])
         return path
 
     def table(self):
@@ -105,17 +105,6 @@ class ExportResult:
 
     def __str__(self):
         return self.table()
-
-
-def _write_atomic(path, data):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def to_tflite(model, representative_data, target="litert", verify_data=None, verify_labels=None,

@@ -69,6 +69,7 @@ from syq_tf.export.litert import (
     _to_tflite_layout,
 )
 from syq_tf.export.runtime import agreement
+from syq_tf.files import write_all
 from syq_tf.models import layer_kernels
 
 BCONV_OP = "LceBconv2d"
@@ -829,7 +830,7 @@ class LceExportResult(ExportResult):
         path = os.fspath(path)
         report = json.dumps(self.to_dict(), indent=2).encode()
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        _write_all([(path, bytes(self.flatbuffer)), (path + ".json", report)])
+        write_all([(path, bytes(self.flatbuffer)), (path + ".json", report)])
         return path
 
     def table(self):
@@ -860,30 +861,6 @@ class LceExportResult(ExportResult):
             rows.append("verification (LCE interpreter vs Keras): " + ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.verification.items()))
         return "\n".join(rows)
-
-
-def _write_all(files):
-    """Write every (path, bytes) to a temporary name next to it, then rename them all; if anything
-    fails, the temporary files and any file already renamed are removed (no partial output)."""
-    tmps, done = [], []
-    try:
-        for path, data in files:
-            tmp = f"{path}.tmp-{os.getpid()}"
-            tmps.append(tmp)
-            with open(tmp, "wb") as f:
-                f.write(data)
-        for (path, _), tmp in zip(files, tmps):
-            os.replace(tmp, path)
-            done.append(path)
-    except BaseException:
-        for name in done:
-            if os.path.isfile(name):
-                os.remove(name)
-        raise
-    finally:
-        for tmp in tmps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
 # ---- export -----------------------------------------------------------------------------------------

@@ -25,9 +25,10 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from syq_tf.export import ExportResult, _write_atomic, flatbuffer
+from syq_tf.export import ExportResult, flatbuffer
 from syq_tf.export.litert import kernel_matches, _kernel_label
 from syq_tf.export.runtime import agreement
+from syq_tf.files import write_all
 
 MAX_INDEX_BITS = 7  # the DECODE LUT header's bit-width field (3 bits, 1..7)
 DCM_BYTES = 16  # DECODE common metadata at the head of every ancillary tensor
@@ -213,9 +214,8 @@ class TflmExportResult(ExportResult):
         header, source = self.c_source(os.path.basename(stem) + ".h", array_name)
         report = json.dumps(self.to_dict(), indent=2).encode()
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        for target, data in ((path, bytes(self.flatbuffer)), (path + ".json", report),
-                             (stem + ".h", header.encode()), (stem + ".cc", source.encode())):
-            _write_atomic(target, data)
+        write_all([(path, bytes(self.flatbuffer)), (path + ".json", report),
+                   (stem + ".h", header.encode()), (stem + ".cc", source.encode())])
         return path
 
 
