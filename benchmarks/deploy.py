@@ -7,7 +7,7 @@ targets export too). A short training on a subset of Fashion-MNIST (``syq_tf.dat
 one float epoch on 8000 images, then one quantized epoch per model): this benchmark measures size,
 memory and latency; its accuracies are not the models' best.
 
-Per model and target -- litert int8, litert int4 (``weights="int4"``), tflm (LUT-compressed), lce
+Per model and target -- litert int8, litert int4 and int2 (``weights="int4"`` / ``"int2"``), tflm (LUT-compressed), lce
 (the layers it cannot pack stored int8, the default, and float32) -- it records the model bytes,
 the low-bit weight bytes stored against the theoretical minimum ``sum(ceil(bits x weights / 8) +
 4 x scales)`` (the export report's ``low_bit_totals``; for lce every quantized layer, and the
@@ -15,7 +15,7 @@ packed ones on their own), the TFLite Micro tensor arena, and per runtime the si
 one image and the top-1 agreement with Keras on test images:
 
 * LiteRT (ai-edge-litert) with its default XNNPACK delegate and with the builtin kernels
-  (``num_threads=1``), on the int8 and on the int4 model;
+  (``num_threads=1``), on the int8, int4 and int2 models;
 * TFLite Micro (tflite-micro's Python runtime, the LUT-compressed model);
 * our packed kernels (``syq_tf.kernels.TFLiteRunner``) on the int8 model;
 * LCE's interpreter (x86: LCE's reference kernels, not its ARM-optimized ones).
@@ -46,6 +46,7 @@ from syq_tf import recipes
 from syq_tf.data import fashion_mnist_dataset, load_fashion_mnist
 from syq_tf.export import TARGETS, to_tflite
 from syq_tf.export.runtime import litert_interpreter
+from syq_tf.export import int8 as int8_stage
 from syq_tf.export import tflm as tflm_mod
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -106,8 +107,7 @@ def litert_run(buffer, kernels, x_row):
 
 
 def tflm_run(buffer, x_row):
-    runtime = tflm_mod._tflm()
-    it = runtime.Interpreter.from_bytes(bytes(buffer), arena_size=tflm_mod._arena_for(buffer))
+    it = tflm_mod.tflm_interpreter(buffer)
     it.set_input(x_row, 0)
 
     def run():
@@ -194,7 +194,7 @@ def main():
         keras_top1 = keras_out.argmax(-1)
         keras_acc = float(np.mean(keras_top1 == yv))
         exports = []
-        targets = [("litert", "int8"), ("litert", "int4"), ("tflm", "int8")]
+        targets = [("litert", "int8"), ("litert", "int4"), ("litert", "int2"), ("tflm", "int8")]
         if name == "W1A1":
             targets = [("lce", "int8"), ("lce", "float32")] + targets
         for target, weights in targets:
@@ -225,8 +225,7 @@ def main():
                 kinds = {"lce interpreter": lce_run(result.flatbuffer, xv[:1])}
             else:
                 if x_row_q is None:
-                    scale, zero = tflm_mod.input_quantization(result.flatbuffer)
-                    xq_all = tflm_mod._quantize_input(xv, scale, zero)
+                    xq_all = int8_stage.quantize_input(xv, *int8_stage.input_quantization(result.flatbuffer))
                     x_row_q = xq_all[:1]
                 if target == "tflm":
                     kinds = {"tflm": tflm_run(result.flatbuffer, x_row_q)}
@@ -243,9 +242,12 @@ def main():
                 rows.append({**base, "runtime": runtime, "key": key,
                              "top1_agreement": float(np.mean(top1 == keras_top1)),
                              "runtime_accuracy": float(np.mean(top1 == yv))})
-            if target == "litert" and weights == "int4":
-                checks[name] = {"int4 layers": [r.layer for r in result.layers if r.storage == "int4"],
-                                "notes": result.notes}
+            if target == "litert" and weights in ("int4", "int2"):
+                checks.setdefault(name, {})[weights] = {
+                    "layers": {r.layer: {"storage": r.storage, "stored_bytes": r.stored_bytes, "min_bytes": r.min_bytes,
+                                         "stored_over_min": round(r.stored_bytes / r.min_bytes, 4)}
+                               for r in result.layers if r.storage in ("int4", "int2")},
+                    "notes": result.notes}
 
     print(f"== latency: {len(runners)} runtimes, {args.rounds} rounds, interleaved", flush=True)
     latency = time_round_robin(runners, args.rounds, args.min_time)
@@ -276,7 +278,7 @@ def main():
         "minimum": "sum over quantized layers of ceil(bits x weights / 8) + 4 bytes per float32 scale",
         "latency": "median CPU time of the calling thread per single-image invoke, runtimes interleaved, num_threads=1",
         "rows": rows,
-        "int4": checks,
+        "packed": checks,
         "table": lines,
         "seconds": round(elapsed),
     }

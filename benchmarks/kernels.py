@@ -31,7 +31,7 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from syq_tf import kernels as K
-from syq_tf.export.litert import convert as convert_int8
+from syq_tf.export.convert import int8 as convert_int8
 
 LAYERS = [
     ("demo conv2 28x28x32->32 3x3", "conv", (28, 28, 32), 32),

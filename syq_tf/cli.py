@@ -192,10 +192,11 @@ class Export(Command):
         the runtime, accuracy on their labels)."""
 
     def define(self, d):
-        from syq_tf.export import TARGETS, WEIGHTS  # noqa: PLC0415  (known at run time)
+        from syq_tf.export import REGISTRY, TARGETS, WEIGHTS  # noqa: PLC0415  (known at run time)
 
         d.string("model", None, "the saved Keras model (model.h5 of `syq-tf train`, or a SavedModel directory)")
-        d.enum("target", TARGETS[0], list(TARGETS), "export target (syq_tf.export.TARGETS)")
+        d.enum("target", TARGETS[0], list(TARGETS), "export target (syq_tf.export.TARGETS): "
+               + "; ".join(f"{t.name}: {t.summary}" for t in REGISTRY.values()))
         d.enum("dataset", "fashion_mnist", list(DATASETS),
                "data for calibration and verification (synthetic: the rule of `train --dataset synthetic`, "
                "at the model's input shape)")
@@ -205,8 +206,8 @@ class Export(Command):
                 "fraction of the verification examples", lower_bound=0, upper_bound=1)
         d.boolean("require_exact", False, "fail when a quantized layer's codebook cannot be stored exactly")
         d.enum("weights", "int8", list(WEIGHTS),
-               "weight storage: int8; int4 (target litert: packed INT4 where exact); float32 (target lce: "
-               "layers LCE cannot bit-pack keep float32 kernels)")
+               "weight storage: int8; int4 / int2 (target litert: packed INT4 / INT2 where exact); float32 "
+               "(target lce: layers LCE cannot bit-pack keep float32 kernels)")
         d.integer("seed", 0, "seed of the synthetic examples")
         d.string("out", None, "the .tflite to write (default: <model without extension>_<target>.tflite; "
                  "a directory: <dir>/model_<target>.tflite)")
@@ -218,7 +219,7 @@ class Export(Command):
         from syq_tf.export import WEIGHTS  # noqa: PLC0415
 
         allowed = WEIGHTS[fv.weights]
-        if allowed is not None and fv.target != allowed:
+        if allowed is not None and fv.target != allowed:  # the table of syq_tf.export.targets
             raise CliError(f"--weights={fv.weights} is for --target={allowed} (got --target={fv.target})",
                            USAGE_ERROR)
 

@@ -14,6 +14,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from syq_tf.export.codebook import bits_for_levels
 from syq_tf.models import layer_kernels, _flat_layers
 from syq_tf.summary import _bits, _method
 
@@ -54,7 +55,7 @@ def kernel_codebook(quantizer, kernel):
         "levels": np.unique(q),
         "subgroups": int(groups.shape[0]),
         "levels_per_subgroup": per_subgroup,
-        "bits": max(1, math.ceil(math.log2(max(per_subgroup, 1)))),
+        "bits": bits_for_levels(per_subgroup),
     }
 
 

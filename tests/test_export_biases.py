@@ -8,7 +8,8 @@ import tensorflow as tf
 
 import syq_tf
 from syq_tf.export import flatbuffer, to_tflite
-from syq_tf.export.litert import build_inference_model, convert
+from syq_tf.export.convert import int8 as convert
+from syq_tf.export.inference import build as build_inference_model
 from syq_tf.export.runtime import litert_predict
 
 Q = syq_tf.quantizers

@@ -9,7 +9,7 @@ import tensorflow as tf
 import syq_tf
 from conftest import separable_data
 from syq_tf.export import flatbuffer
-from syq_tf.export.litert import integer_unit
+from syq_tf.export.codebook import integer_unit
 from syq_tf.quantizers import UniQ, UniQActivation
 
 

@@ -10,11 +10,30 @@ import tensorflow as tf
 
 import syq_tf
 from conftest import separable_data
-from syq_tf.export import flatbuffer
-from syq_tf.export.litert import INT4_MAX, int4_update, int4_weights
+from syq_tf.export import codebook, flatbuffer, litert
+from syq_tf.export import int8 as int8_stage
 from syq_tf.export.runtime import litert_int8_outputs
 from syq_tf.kernels import run_tflite
 from syq_tf.quantizers import SYQ, DoReFa, UniQ, UniQActivation
+
+INT4 = codebook.STORAGE["int4"]
+INT4_MAX = INT4.max_int
+
+
+def int4_update(tensor, bias):
+    return codebook.narrowed(tensor, bias, INT4)
+
+
+def int4_weights(model, buffer):
+    return litert.pack(model, buffer, [INT4])
+
+
+def pack_int4(values):
+    return codebook.pack_bits(values, 4)
+
+
+def unpack_int4(data, count):
+    return codebook.unpack_bits(data, 4, count)
 
 
 def syq_model(bits, granularity):
@@ -60,20 +79,20 @@ def ternary(data):
 @pytest.mark.parametrize("count", [1, 2, 7, 117, 256])
 def test_int4_pack_round_trip(count):
     v = np.random.default_rng(count).integers(-8, 8, count).astype(np.int8)
-    data = flatbuffer.pack_int4(v)
+    data = pack_int4(v)
     assert len(data) == (count + 1) // 2
-    np.testing.assert_array_equal(flatbuffer.unpack_int4(data, count), v)
+    np.testing.assert_array_equal(unpack_int4(data, count), v)
 
 
 def test_int4_nibble_order_is_litert_s():
     # LiteRT reads the first value of each pair from the low nibble (measured: the other order
     # gives wrong outputs), two's complement
-    assert flatbuffer.pack_int4([1, -1, 7]) == bytes([0xF1, 0x07])
-    np.testing.assert_array_equal(flatbuffer.unpack_int4(bytes([0x8F]), 2), [-1, -8])
+    assert pack_int4([1, -1, 7]) == bytes([0xF1, 0x07])
+    np.testing.assert_array_equal(unpack_int4(bytes([0x8F]), 2), [-1, -8])
     with pytest.raises(ValueError, match="do not fit int4"):
-        flatbuffer.pack_int4([8])
+        pack_int4([8])
     with pytest.raises(ValueError, match="cannot hold 5 values"):
-        flatbuffer.unpack_int4(b"\x00\x00", 5)
+        unpack_int4(b"\x00\x00", 5)
 
 
 def _tensor(values, scales):
@@ -139,7 +158,7 @@ def test_int4_outputs_equal_the_int8_twin_and_track_the_int8_export(ternary):
     buffer, twin, labels, _ = int4_weights(model, int8.flatbuffer)
     assert buffer == int4.flatbuffer and sorted(labels) == ["dw", "fc", "qconv"]
     x = separable_data(640, seed=11)[0][512:560]
-    xq = syq_tf.export._int4_probe(int4.flatbuffer, x)
+    xq = int8_stage.quantize_input(x, *int8_stage.input_quantization(int4.flatbuffer))
     ours = run_tflite(int4.flatbuffer, xq).reshape(len(x), -1)
     np.testing.assert_array_equal(ours, run_tflite(twin, xq).reshape(len(x), -1))
     assert np.abs(ours.astype(int) - litert_int8_outputs(int4.flatbuffer, xq, "builtin")).max() <= 1

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import syq_tf
-from syq_tf.export import TARGETS, lce, to_tflite
+from syq_tf.export import TARGETS, codebook, lce_format, to_tflite
 
 Q = syq_tf.quantizers
 
@@ -21,10 +21,10 @@ Q = syq_tf.quantizers
 def test_pack_unpack_round_trip_with_channel_padding(c_in):
     rng = np.random.default_rng(c_in)
     kernel = rng.choice([-1.0, 1.0], size=(3, 2, c_in, 40)) * rng.uniform(0.1, 2.0, 40)
-    words = lce.pack_signs(kernel)
+    words = lce_format.pack_signs(kernel)
     n_words = -(-c_in // 32)
     assert words.dtype == np.dtype("<i4") and words.shape == (40, 3, 2, n_words)
-    np.testing.assert_array_equal(lce.unpack_signs(words, c_in), np.sign(kernel))
+    np.testing.assert_array_equal(lce_format.unpack_signs(words, c_in), np.sign(kernel))
     # bit i of word w is input channel 32 w + i, set for -1; bits past c_in are zero
     bits = np.unpackbits(words.view(np.uint8).reshape(40, 3, 2, n_words, 4), axis=-1, bitorder="little")
     bits = bits.reshape(40, 3, 2, n_words * 32)
@@ -34,11 +34,11 @@ def test_pack_unpack_round_trip_with_channel_padding(c_in):
 
 def test_pack_refuses_zeros_and_unpack_refuses_set_padding_bits():
     with pytest.raises(ValueError, match="zero"):
-        lce.pack_signs(np.zeros((1, 1, 4, 2)))
-    words = lce.pack_signs(np.ones((1, 1, 33, 2)))
+        lce_format.pack_signs(np.zeros((1, 1, 4, 2)))
+    words = lce_format.pack_signs(np.ones((1, 1, 33, 2)))
     words[0, 0, 0, 1] = 2  # channel 33 (past c_in)
     with pytest.raises(ValueError, match="padding bits"):
-        lce.unpack_signs(words, 33)
+        lce_format.unpack_signs(words, 33)
 
 
 # ---- a small model exported once ----------------------------------------------------------------
@@ -108,7 +108,7 @@ def test_lce_is_a_target_and_packs_the_binary_layers(exported):
     assert [r.layer for r in result.layers if r.packed] == ["bin_same", "bin_valid", "bin_step"]
     ops = result.ops
     assert "LceBconv2d" in ops and "LceQuantize" in ops
-    assert len(lce.bconv_ops(result.flatbuffer)) == 3
+    assert len(lce_format.bconv_ops(result.flatbuffer)) == 3
     for name in ("bin_same", "bin_valid", "bin_step"):
         r = _report(result, name)
         assert r.exact and r.op == "LceBconv2d" and r.bits == 1 and r.stored_levels == 2 and r.keras_levels == 2
@@ -116,24 +116,24 @@ def test_lce_is_a_target_and_packs_the_binary_layers(exported):
 
 def test_packed_filters_decode_to_the_keras_codebook(exported):
     model, _, result = exported
-    bconvs = lce.bconv_ops(result.flatbuffer)
+    bconvs = lce_format.bconv_ops(result.flatbuffer)
     # bin_valid: nothing folded into its multiplier (a per-sample MUL follows): signs x multiplier is the
     # Keras ±alpha kernel bit for bit; 36 input channels -> 2 words with 28 zero padding bits
     q = _keras_kernel(model, "bin_valid")
     op = bconvs[1]
     assert op.filter.shape == (36, 3, 3, 2) and op.options["channels_in"] == 40
-    decoded = lce.unpack_signs(op.filter, 40) * op.multiplier.reshape(1, 1, 1, -1)
+    decoded = lce_format.unpack_signs(op.filter, 40) * op.multiplier.reshape(1, 1, 1, -1)
     np.testing.assert_array_equal(decoded, q)
     assert set(np.unique(np.abs(q) / np.abs(q).max(axis=(0, 1, 2)))) == {1.0}
     # bin_same: signs exact; multiplier = alpha x the folded BatchNorm scale
     q = _keras_kernel(model, "bin_same")
-    np.testing.assert_array_equal(lce.unpack_signs(bconvs[0].filter, 32), np.sign(q))
+    np.testing.assert_array_equal(lce_format.unpack_signs(bconvs[0].filter, 32), np.sign(q))
     bn = model.get_layer("bn1")
     folded = np.abs(q[0, 0, 0]) * bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
     np.testing.assert_allclose(bconvs[0].multiplier, folded, rtol=1e-5)
     # bin_step ({0, 1} inputs): the negated kernel's signs; its output sign is fused (thresholds)
     q = _keras_kernel(model, "bin_step")
-    np.testing.assert_array_equal(lce.unpack_signs(bconvs[2].filter, 36), -np.sign(q))
+    np.testing.assert_array_equal(lce_format.unpack_signs(bconvs[2].filter, 36), -np.sign(q))
     assert bconvs[2].options["pad_values"] == 1 and bconvs[2].options["stride_height"] == 2
     assert bconvs[0].options["pad_values"] == 0
 
@@ -144,7 +144,7 @@ def test_lce_interpreter_matches_keras(exported):
     assert v["data"] == "verify_data" and v["examples"] == 200
     assert v["top1_agreement"] >= 0.99
     assert v["max_abs_diff"] < 1e-4
-    ours = lce.lce_predict(result.flatbuffer, x[:20])
+    ours = lce_format.lce_predict(result.flatbuffer, x[:20])
     np.testing.assert_allclose(ours, model.predict(x[:20], verbose=0), atol=1e-4)
 
 
@@ -233,24 +233,24 @@ def test_recurrent_model_is_refused():
 def test_int8_codebook_exact_for_integer_codebooks_and_rounded_otherwise():
     a = np.float32(0.37)
     ternary = np.array([[-a, 0, a, a], [0.5, -0.5, 0, 0.5]], np.float32)  # rows = output channels
-    q, scales, exact = lce.int8_codebook(ternary, axis=0)
+    q, scales, exact = codebook.int8_from_float(ternary, axis=0)
     assert exact and q.dtype == np.int8
     np.testing.assert_array_equal(q, [[-127, 0, 127, 127], [127, -127, 0, 127]])
     np.testing.assert_allclose(q * scales[:, None], ternary, rtol=1e-6)
     # odd multiples of delta/2 (UniQ 2 bit): unit delta/2, k in {±1, ±3}, m = 127 // 3 = 42
     d = np.float32(0.2)
     uniq = np.array([[-1.5 * d, -0.5 * d, 0.5 * d, 1.5 * d]], np.float32)
-    q, scales, exact = lce.int8_codebook(uniq, axis=0)
+    q, scales, exact = codebook.int8_from_float(uniq, axis=0)
     assert exact
     np.testing.assert_array_equal(q, [[-126, -42, 42, 126]])
     np.testing.assert_allclose(q[0] * scales[0], uniq[0], rtol=1e-6)
     # depthwise layout: channels on the last axis; an all-zero channel gets scale 1 and zeros
     dw = np.stack([ternary[0], np.zeros(4, np.float32)], axis=-1)[None]  # [1, 4, 2] -> channel axis 2
-    q, scales, exact = lce.int8_codebook(dw, axis=2)
+    q, scales, exact = codebook.int8_from_float(dw, axis=2)
     assert exact and scales[1] == 1.0 and not q[..., 1].any()
     # no integer form (unrelated magnitudes): scale max|w|/127, rounding error at most half a step
     w = np.random.default_rng(3).normal(size=(3, 50)).astype(np.float32)
-    q, scales, exact = lce.int8_codebook(w, axis=0)
+    q, scales, exact = codebook.int8_from_float(w, axis=0)
     assert not exact
     np.testing.assert_allclose(scales, np.abs(w).max(axis=1) / 127, rtol=1e-6)
     assert np.all(np.abs(q * scales[:, None] - w) <= scales[:, None] / 2 + 1e-7)
@@ -298,7 +298,7 @@ def test_int8_model_is_smaller_and_still_matches_keras(exported, exported_int8):
     assert saved - 1024 <= f32.model_bytes - int8.model_bytes <= saved
     assert int8.verification["top1_agreement"] >= 0.99 and int8.verification["max_abs_diff"] < 0.05
     # the packed layers are untouched by the int8 rewrite
-    for a, b in zip(lce.bconv_ops(f32.flatbuffer), lce.bconv_ops(int8.flatbuffer)):
+    for a, b in zip(lce_format.bconv_ops(f32.flatbuffer), lce_format.bconv_ops(int8.flatbuffer)):
         np.testing.assert_array_equal(a.filter, b.filter)
 
 
@@ -324,7 +324,7 @@ def test_int8_with_exact_codebooks_computes_like_keras():
     # exact int8 codebooks change nothing: the same outputs as the float32-kernel export, to float32
     # rounding (both differ from Keras by the same DoReFa(8) rounding at a level boundary)
     f32 = to_tflite(model, x[:8], target="lce", weights="float32")
-    np.testing.assert_allclose(lce.lce_predict(result.flatbuffer, x), lce.lce_predict(f32.flatbuffer, x),
+    np.testing.assert_allclose(lce_format.lce_predict(result.flatbuffer, x), lce_format.lce_predict(f32.flatbuffer, x),
                                rtol=1e-5, atol=1e-6)
 
 
@@ -343,7 +343,7 @@ def test_weights_option_is_checked_per_target(exported):
     with pytest.raises(ValueError, match="weights='float32' is for target 'lce'"):
         to_tflite(model, x[:8], target="litert", weights="float32")
     with pytest.raises(ValueError, match="allowed"):
-        to_tflite(model, x[:8], target="lce", weights="int2")
+        to_tflite(model, x[:8], target="lce", weights="int3")  # int2 is a litert storage now
 
 
 def test_dequantize_weights_refuses_bad_updates(exported, exported_int8):
@@ -377,10 +377,10 @@ def test_binary_dense_layers_become_1x1_bconvs():
     features = model.get_layer("fc1").input_shape[-1]
     assert fc1.op == "LceBconv2d" and fc1.exact and fc1.weights == features * 40
     assert fc1.weight_bytes == 40 * 4 * -(-features // 32)  # 32 features per int32 word
-    bconv = lce.bconv_ops(result.flatbuffer)[3]
+    bconv = lce_format.bconv_ops(result.flatbuffer)[3]
     assert bconv.filter.shape == (40, 1, 1, -(-features // 32))
     q = _keras_kernel(model, "fc1").reshape(1, 1, features, 40)
-    np.testing.assert_array_equal(lce.unpack_signs(bconv.filter, features), -np.sign(q))  # {0, 1}: negated
+    np.testing.assert_array_equal(lce_format.unpack_signs(bconv.filter, features), -np.sign(q))  # {0, 1}: negated
     assert "FULLY_CONNECTED" in result.ops  # the float logits layer
     assert result.verification["top1_agreement"] == 1.0 and result.verification["max_abs_diff"] < 1e-4
 
@@ -405,9 +405,9 @@ def test_binary_dense_with_sign_inputs_and_non_flat_dense():
     per_step = _report(result, "per_step")
     assert "rank-3 input" in per_step.note and per_step.storage == "int8" and per_step.exact
     flat = _report(result, "flat")
-    bconv = lce.bconv_ops(result.flatbuffer)[1]
+    bconv = lce_format.bconv_ops(result.flatbuffer)[1]
     q = _keras_kernel(model, "flat")
-    np.testing.assert_array_equal(lce.unpack_signs(bconv.filter, q.shape[0]), np.sign(q).reshape(1, 1, *q.shape))
+    np.testing.assert_array_equal(lce_format.unpack_signs(bconv.filter, q.shape[0]), np.sign(q).reshape(1, 1, *q.shape))
     np.testing.assert_allclose(bconv.multiplier, np.abs(q[0]), rtol=1e-6)  # alpha per output, nothing folded
     assert flat.exact and result.verification["top1_agreement"] == 1.0
-    np.testing.assert_allclose(lce.lce_predict(result.flatbuffer, x), model.predict(x, verbose=0), atol=1e-4)
+    np.testing.assert_allclose(lce_format.lce_predict(result.flatbuffer, x), model.predict(x, verbose=0), atol=1e-4)

@@ -13,7 +13,9 @@ import tensorflow as tf
 
 import syq_tf
 from conftest import separable_data
-from syq_tf.export import tflm
+from syq_tf.export.codebook import bits_for_levels
+from syq_tf.export import int8 as int8_stage, tflm
+from syq_tf.export.runtime import litert_int8_outputs
 from syq_tf.quantizers import SYQ, DoReFa, UniQ, UniQActivation
 
 pytest.importorskip("tflite_micro")
@@ -78,7 +80,7 @@ def test_pack_unpack_round_trip(shape, axis, levels):
     codebook = np.sort(rng.choice(np.arange(-128, 128), levels, replace=False))
     w = codebook[rng.integers(0, levels, shape)].astype(np.int8)
     encoded, ancillary = tflm.pack(w, axis)
-    bits = tflm.index_bits(max(len(np.unique(c)) for c in (np.moveaxis(w, axis, 0) if axis is not None else [w])))
+    bits = bits_for_levels(max(len(np.unique(c)) for c in (np.moveaxis(w, axis, 0) if axis is not None else [w])))
     assert len(encoded) == -(-bits * w.size // 8)
     np.testing.assert_array_equal(tflm.unpack(encoded, ancillary, shape), w)
 
@@ -150,10 +152,10 @@ def test_ternary_tflm_outputs_are_bit_identical(ternary):
     assert v["top1_agreement"] >= 0.9, v
     # the same, computed here directly
     x = separable_data(640, seed=7)[0][512:576]
-    xq = tflm._quantize_input(x, *tflm.input_quantization(result.uncompressed))
+    xq = int8_stage.quantize_input(x, *int8_stage.input_quantization(result.uncompressed))
     a = tflm.tflm_predict_int8(result.flatbuffer, xq)
     np.testing.assert_array_equal(a, tflm.tflm_predict_int8(result.uncompressed, xq))
-    assert np.abs(a.astype(int) - tflm.litert_ref_predict_int8(result.uncompressed, xq)).max() <= 1
+    assert np.abs(a.astype(int) - litert_int8_outputs(result.uncompressed, xq, "ref")).max() <= 1
 
 
 def test_arena_is_measured_and_sufficient(ternary, tmp_path):

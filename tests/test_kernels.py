@@ -17,7 +17,7 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from syq_tf import kernels as K
-from syq_tf.export.litert import convert as convert_int8
+from syq_tf.export.convert import int8 as convert_int8
 
 RESOLVERS = (OpResolverType.BUILTIN_REF, OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
 

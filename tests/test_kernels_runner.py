@@ -19,7 +19,7 @@ import syq_tf
 from conftest import separable_data
 from syq_tf import kernels as K
 from syq_tf.quantizers import SYQ, DoReFa
-from syq_tf.export.litert import convert as convert_int8
+from syq_tf.export.convert import int8 as convert_int8
 
 
 @pytest.fixture(scope="module", autouse=True)

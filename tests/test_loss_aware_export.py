@@ -8,7 +8,7 @@ import tensorflow as tf
 import syq_tf
 from conftest import separable_data
 from syq_tf.export import flatbuffer
-from syq_tf.export.litert import kernel_matches
+from syq_tf.export.match import kernel_matches
 from syq_tf.quantizers import DoReFa, LossAware
 
 V, T, UNITS = 24, 10, 48

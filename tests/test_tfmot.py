@@ -12,7 +12,7 @@ import syq_tf
 from conftest import separable_data
 from syq_tf import tfmot as st
 from syq_tf.export import flatbuffer
-from syq_tf.export.litert import kernel_matches
+from syq_tf.export.match import kernel_matches
 from syq_tf.quantizers import SYQ, DoReFaActivation, LeastSquares, LossAware, UniQ
 
 tq = tfmot.quantization.keras

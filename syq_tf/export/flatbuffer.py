@@ -7,6 +7,8 @@ import struct
 import numpy as np
 from tensorflow.lite.python import schema_py_generated as schema
 
+from syq_tf.export.codebook import SUB_BYTE, pack_bits, unpack_bits
+
 _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 _TYPES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
 _NUMPY = {"INT8": np.int8, "INT32": np.int32, "FLOAT32": np.float32, "UINT8": np.uint8,
@@ -20,40 +22,13 @@ WEIGHT_OPS = {
     "FULLY_CONNECTED": (1,),
     "UNIDIRECTIONAL_SEQUENCE_LSTM": (1, 2, 3, 4, 5, 6, 7, 8),
 }
-# Ops whose LiteRT kernels take packed INT4 filters with int8 inputs, and the op version that
-# announces it (TFLite's op versioning: int8 input with int4 filter).
-INT4_OP_VERSIONS = {"CONV_2D": 7, "DEPTHWISE_CONV_2D": 7, "FULLY_CONNECTED": 10}
-
-
-def pack_int4(values):
-    """INT4 tensor data as TFLite stores it: values in [-8, 7], row-major, two per byte, the first
-    of each pair in the low nibble; an odd count leaves the last high nibble 0."""
-    v = np.asarray(values).ravel().astype(np.int64)
-    if v.size and (v.min() < -8 or v.max() > 7):
-        raise ValueError(f"pack_int4: values {int(v.min())}..{int(v.max())} do not fit int4 [-8, 7]")
-    nibbles = (v & 0xF).astype(np.uint8)
-    if nibbles.size % 2:
-        nibbles = np.append(nibbles, np.uint8(0))
-    return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
-
-
-def unpack_int4(data, count):
-    """Inverse of :func:`pack_int4`: ``count`` int8 values in [-8, 7]."""
-    raw = np.frombuffer(bytes(data), np.uint8)
-    if raw.size != (count + 1) // 2:
-        raise ValueError(f"INT4 data of {raw.size} bytes cannot hold {count} values (needs {(count + 1) // 2})")
-    nibbles = np.empty(raw.size * 2, np.uint8)
-    nibbles[0::2], nibbles[1::2] = raw & 0xF, raw >> 4
-    return ((nibbles[:count].astype(np.int8) << 4) >> 4).astype(np.int8)  # sign-extend the nibble
-
-
 @dataclasses.dataclass
 class WeightTensor:
     op: str
     name: str
     dtype: str
     shape: tuple
-    values: np.ndarray  # stored values (int8 for a full-integer model; INT4 decoded to int8)
+    values: np.ndarray  # stored values (int8 for a full-integer model; INT4 / INT2 decoded to int8)
     scales: np.ndarray  # per-tensor (1 value) or per-channel
     zero_points: np.ndarray
     quantized_dimension: int
@@ -63,7 +38,7 @@ class WeightTensor:
     bias_index: int = -1  # the op's bias tensor, -1 if none (or for multi-weight ops)
     op_index: int = -1  # position of the op in the first subgraph
     position: int = 1  # which input of the op this weight is
-    stored_bytes: int = 0  # bytes of the tensor's data in the flatbuffer (INT4: two values a byte)
+    stored_bytes: int = 0  # bytes of the tensor's data in the flatbuffer (INT4: two values a byte, INT2: four)
     dequantized: bool = False  # a constant INT8 tensor turned into the op's float weight by DEQUANTIZE
 
 
@@ -94,11 +69,31 @@ def _load(buffer):
         raise ValueError(f"malformed TFLite flatbuffer: {err}") from None
 
 
+def read(buffer):
+    """The object tree (``schema.ModelT``) of an untrusted flatbuffer; ValueError if malformed."""
+    return _load(buffer)
+
+
+def op_name(model, op):
+    """Builtin (or custom) op name of an operator of a model read by :func:`read`."""
+    return _op_name(model, op)
+
+
 @_reader
 def op_names(buffer):
     """Builtin op names of the first subgraph, in execution order."""
     model = _load(buffer)
     return [_op_name(model, op) for op in model.subgraphs[0].operators]
+
+
+@_reader
+def io_quantization(buffer, which="input"):
+    """(scale, zero point) of the first subgraph's first ``which`` ("input" / "output") tensor."""
+    model = _load(buffer)
+    graph = model.subgraphs[0]
+    index = (graph.inputs if which == "input" else graph.outputs)[0]
+    q = graph.tensors[index].quantization
+    return float(q.scale[0]), int(q.zeroPoint[0])
 
 
 def _op_name(model, op):
@@ -152,9 +147,9 @@ def _weight_tensor(model, graph, op, name, position, dequantized_from=None):
         return None
     dtype = _TYPES.get(tensor.type, str(tensor.type))
     raw = bytes(bytearray(data))
-    if dtype == "INT4":
+    if dtype in SUB_BYTE:
         try:
-            values = unpack_int4(raw, int(np.prod(tensor.shape))).reshape(tuple(tensor.shape))
+            values = unpack_bits(raw, SUB_BYTE[dtype].bits, int(np.prod(tensor.shape))).reshape(tuple(tensor.shape))
         except ValueError as err:
             raise ValueError(f"weight tensor {tensor.name.decode(errors='replace')!r}: {err}") from None
     elif dtype not in _NUMPY:
@@ -237,16 +232,18 @@ def _serialize(model, size_hint):
     return bytes(builder.Output())
 
 
-def rewrite_weights(buffer, updates, int4=()):
-    """A copy of the flatbuffer with new int8 weights and per-channel scales for some weight
+def rewrite_weights(buffer, updates, packed=None):
+    """A copy of the flatbuffer with new integer weights and per-channel scales for some weight
     tensors, and their int32 biases re-expressed in the new scales.
 
     ``updates``: ``{tensor_index: (int8 values, float32 scales, int32 bias or None)}``. New data
     goes into new buffers (the converter may share buffers between identical constants); a weight
-    or bias tensor used by more than one op is refused. Tensors listed in ``int4`` (values in
-    [-8, 7], ops of INT4_OP_VERSIONS) are stored as packed TFLite INT4 (:func:`pack_int4`) and
-    their op code's version raised to the INT4 one.
+    or bias tensor used by more than one op is refused. ``packed``: ``{tensor_index:
+    StorageForm}`` (:data:`syq_tf.export.codebook.STORAGE`) for tensors stored in a sub-byte type
+    (INT4, INT2: :func:`~syq_tf.export.codebook.pack_bits`), their op code's version raised to the
+    one that announces it; the others are stored as int8.
     """
+    packed = packed or {}
     model = _load(buffer)
     graph = model.subgraphs[0]
     users, buffer_users = _use_counts(model)
@@ -267,14 +264,15 @@ def rewrite_weights(buffer, updates, int4=()):
                 if users.get(t, 0) > 1:
                     raise ValueError(f"tensor {graph.tensors[t].name!r} is shared by several ops; not rewritten")
             weight = graph.tensors[index]
-            if index in int4:
+            form = packed.get(index)
+            if form is not None:
                 name = _op_name(model, op)
-                if name not in INT4_OP_VERSIONS:
-                    raise ValueError(f"tensor {weight.name!r}: op {name} takes no INT4 weights")
-                weight.type = schema.TensorType.INT4
-                store(weight, np.frombuffer(pack_int4(values), np.uint8))
+                if not form.takes(name):
+                    raise ValueError(f"tensor {weight.name!r}: op {name} takes no {form.tflite_type} weights")
+                weight.type = getattr(schema.TensorType, form.tflite_type)
+                store(weight, np.frombuffer(pack_bits(values, form.bits), np.uint8))
                 code = model.operatorCodes[op.opcodeIndex]
-                code.version = max(int(code.version), INT4_OP_VERSIONS[name])
+                code.version = max(int(code.version), form.op_version(name))
             else:
                 store(weight, values.astype(np.int8))
             weight.quantization.scale = [float(s) for s in scales]

@@ -77,6 +77,11 @@ def litert_int8_outputs(buffer, x_int8, kernels="xnnpack"):
     return y.reshape(len(x_int8), -1)
 
 
+def keras_outputs(model, x, batch_size=256):
+    """The Keras model's outputs on ``x``, one row per example."""
+    return model.predict(x, batch_size=batch_size, verbose=0)
+
+
 def agreement(keras_outputs, runtime_outputs, labels=None):
     """Top-1 agreement between two models' outputs, and each one's accuracy if labels are given."""
     k = np.argmax(keras_outputs, axis=-1)

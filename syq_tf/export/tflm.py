@@ -15,7 +15,6 @@ runs both models with the TFLite Micro interpreter.
 """
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -25,10 +24,10 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from syq_tf.export import ExportResult, flatbuffer
-from syq_tf.export.litert import kernel_matches, _kernel_label
-from syq_tf.export.runtime import agreement
-from syq_tf.files import write_all
+from syq_tf.export import codebook, flatbuffer, int8
+from syq_tf.export.match import kernel_matches
+from syq_tf.export.report import ExportResult
+from syq_tf.export.runtime import agreement, keras_outputs, litert_int8_outputs
 
 MAX_INDEX_BITS = 7  # the DECODE LUT header's bit-width field (3 bits, 1..7)
 DCM_BYTES = 16  # DECODE common metadata at the head of every ancillary tensor
@@ -38,11 +37,6 @@ _HOST_ARENA = 8 << 20  # generous: the TFLM Python runtime crashes (not raises) 
 
 
 # ---- the LUT format in numpy (independent of TFLM's Python code) --------------------------------
-
-
-def index_bits(levels):
-    """Bits per index for a codebook of ``levels`` values (at least 1)."""
-    return max(1, math.ceil(math.log2(max(int(levels), 1))))
 
 
 def pack_indices(indices, bits):
@@ -97,9 +91,9 @@ def pack(values, axis, bits=None):
     values = np.asarray(values, np.int8)
     tables, indices = lut_encode(values, axis)
     stride = max(len(t) for t in tables)
-    bits = index_bits(stride) if bits is None else bits
+    bits = codebook.bits_for_levels(stride) if bits is None else bits
     if not 1 <= bits <= MAX_INDEX_BITS:
-        raise ValueError(f"pack: {stride} levels need {index_bits(stride)} bits; the TFLM LUT holds 1..7")
+        raise ValueError(f"pack: {stride} levels need {codebook.bits_for_levels(stride)} bits; the TFLM LUT holds 1..7")
     header = bytearray(DCM_BYTES)
     header[1] = 1  # DCM version (byte 0: decode type 0 = LUT)
     header[4] = 1  # LUT version
@@ -205,18 +199,20 @@ class TflmExportResult(ExportResult):
                          "resolver.AddCustom(\"TFLM_DECODE\", tflite::micro::Register_DECODE()).")
         return lines
 
-    def save(self, path, array_name="g_model"):
-        """Write ``path`` (.tflite), its report (``path`` + ``.json``) and the C array (``path``
-        without extension + ``.h`` / ``.cc``). Everything is generated before anything is written,
-        and each file goes to a temporary name first: a failure never leaves a partial file."""
-        path = os.fspath(path)
+    array_name = "g_model"
+
+    def files(self, path):
+        """The model, its report, and the C array (``path`` without extension + ``.h`` / ``.cc``,
+        array :attr:`array_name`)."""
         stem = os.path.splitext(path)[0]
-        header, source = self.c_source(os.path.basename(stem) + ".h", array_name)
-        report = json.dumps(self.to_dict(), indent=2).encode()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        write_all([(path, bytes(self.flatbuffer)), (path + ".json", report),
-                   (stem + ".h", header.encode()), (stem + ".cc", source.encode())])
-        return path
+        header, source = self.c_source(os.path.basename(stem) + ".h", self.array_name)
+        return super().files(path) + [(stem + ".h", header.encode()), (stem + ".cc", source.encode())]
+
+    def save(self, path, array_name="g_model"):
+        """Write ``path`` (.tflite), its report (``path`` + ``.json``) and the C array ``array_name``
+        (``path`` without extension + ``.h`` / ``.cc``), atomically (:meth:`ExportResult.save`)."""
+        self.array_name = array_name
+        return super().save(path)
 
 
 _C_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -253,42 +249,20 @@ def _tflm():
     return runtime
 
 
-def _quantize_input(x, scale, zero):
-    return np.clip(np.floor(np.asarray(x, np.float32) / scale + 0.5) + zero, -128, 127).astype(np.int8)
-
-
-def input_quantization(buffer):
-    """(scale, zero point) of the model's int8 input."""
-    model = flatbuffer._load(buffer)
-    graph = model.subgraphs[0]
-    q = graph.tensors[graph.inputs[0]].quantization
-    return float(q.scale[0]), int(q.zeroPoint[0])
-
-
-def output_quantization(buffer):
-    model = flatbuffer._load(buffer)
-    graph = model.subgraphs[0]
-    q = graph.tensors[graph.outputs[0]].quantization
-    return float(q.scale[0]), int(q.zeroPoint[0])
+def tflm_interpreter(buffer, arena_size=None):
+    """TFLite Micro's (Python) interpreter for ``buffer``, with a generous host arena."""
+    return _tflm().Interpreter.from_bytes(bytes(buffer), arena_size=arena_size or _arena_for(buffer))
 
 
 def tflm_predict_int8(buffer, x_int8, arena_size=None):
     """Raw int8 outputs of the TFLite Micro interpreter, one example per invoke."""
-    runtime = _tflm()
-    interpreter = runtime.Interpreter.from_bytes(bytes(buffer), arena_size=arena_size or _arena_for(buffer))
+    interpreter = tflm_interpreter(buffer, arena_size)
     out = []
     for row in np.asarray(x_int8, np.int8):
         interpreter.set_input(row[None], 0)
         interpreter.invoke()
         out.append(np.array(interpreter.get_output(0)).reshape(-1))
     return np.stack(out)
-
-
-def litert_ref_predict_int8(buffer, x_int8):
-    """Raw int8 outputs of LiteRT's reference kernels (OpResolverType.BUILTIN_REF)."""
-    from syq_tf.export.runtime import litert_int8_outputs  # noqa: PLC0415
-
-    return litert_int8_outputs(buffer, x_int8, kernels="ref")
 
 
 def _arena_for(buffer):
@@ -298,8 +272,7 @@ def _arena_for(buffer):
 def arena_used(buffer, x_int8_row):
     """Tensor-arena bytes the TFLM runtime allocated for ``buffer`` (RecordingMicroAllocator's
     'Arena allocation total', printed by the interpreter to stderr after one invoke), or None."""
-    runtime = _tflm()
-    interpreter = runtime.Interpreter.from_bytes(bytes(buffer), arena_size=_arena_for(buffer))
+    interpreter = tflm_interpreter(buffer)
     interpreter.set_input(np.asarray(x_int8_row, np.int8)[None], 0)
     interpreter.invoke()
     text = _capture_fd2(interpreter.print_allocations)
@@ -326,7 +299,16 @@ def _capture_fd2(fn):
 # ---- export -------------------------------------------------------------------------------------
 
 
-def check_model(model):
+def export(model, options):
+    """The ``target="tflm"`` export: the int8 model of target ``litert`` (:mod:`syq_tf.export.int8`),
+    then LUT-compressed, measured and checked in TFLite Micro (:func:`finish`)."""
+    _check_model(model)
+    base = int8.build(model, options)
+    result = int8.result(model, base.buffer, options, base.rescaled, base.notes)
+    return finish(model, result, options.representative_data, options.verify_data, options.verify_labels)
+
+
+def _check_model(model):
     """Refuse what TFLite Micro cannot run before converting."""
     recurrent = [layer.name for layer in model.layers if isinstance(layer, tf.keras.layers.RNN)]
     if recurrent:
@@ -347,11 +329,11 @@ def _plan(model, buffer):
         axis = int(t.quantized_dimension) if t.scales.size > 1 else None
         tables, _ = lut_encode(t.values, axis)
         levels = max(len(tab) for tab in tables)
-        bits = index_bits(levels)
+        bits = codebook.bits_for_levels(levels)
         n = int(t.values.size)
         minimum = math.ceil(bits * n / 8) + sum(len(tab) for tab in tables)
         report = CompressionReport(
-            layer=_kernel_label(match), op=t.op, tensor=t.name, shape=tuple(int(s) for s in t.values.shape),
+            layer=match.label, op=t.op, tensor=t.name, shape=tuple(int(s) for s in t.values.shape),
             axis=-1 if axis is None else axis, channels=len(tables), levels=levels, bits=bits,
             weights=n, int8_bytes=n, index_bytes=0, table_bytes=0, stored_bytes=n,
             minimum_bytes=minimum, compressed=False)
@@ -374,7 +356,7 @@ def _plan(model, buffer):
 
 def _decode_pairs(buffer):
     """{tensor name: (encoded bytes, ancillary bytes, shape)} for every DECODE output."""
-    model = flatbuffer._load(buffer)
+    model = flatbuffer.read(buffer)
     graph = model.subgraphs[0]
     pairs = {}
 
@@ -383,7 +365,7 @@ def _decode_pairs(buffer):
         return b"" if d is None else bytes(bytearray(d))
 
     for op in graph.operators:
-        if flatbuffer._op_name(model, op) != DECODE_OP:
+        if flatbuffer.op_name(model, op) != DECODE_OP:
             continue
         for k, out in enumerate(op.outputs):
             enc, anc = int(op.inputs[2 * k]), int(op.inputs[2 * k + 1])
@@ -457,13 +439,9 @@ def lut_layer_reports(layers, compression):
 def finish(model, base, representative_data, verify_data=None, verify_labels=None):
     """Turn the int8 ExportResult of target 'litert' into the TFLM one: compress, measure the
     arena, check the compressed model decodes bit-identically in TFLM, verify if asked."""
-    from syq_tf.export.litert import _samples  # noqa: PLC0415
-
     int8_model = bytes(base.flatbuffer)
     compressed, reports = compress(model, int8_model)
-    scale, zero = input_quantization(int8_model)
-    probe = np.concatenate(_samples(representative_data, 8))
-    probe_q = _quantize_input(probe, scale, zero)
+    probe_q = int8.probe(int8_model, representative_data)
     if any(r.compressed for r in reports):
         a, b = tflm_predict_int8(compressed, probe_q), tflm_predict_int8(int8_model, probe_q)
         if not np.array_equal(a, b):
@@ -486,13 +464,12 @@ def verify(model, result, x, labels=None):
     """TFLM (compressed) vs TFLM (uncompressed) vs LiteRT BUILTIN_REF on the int8 outputs, and
     TFLM vs Keras top-1 agreement."""
     x = np.asarray(x, np.float32)
-    scale, zero = input_quantization(result.uncompressed)
-    xq = _quantize_input(x, scale, zero)
+    xq = int8.quantize_input(x, *int8.input_quantization(result.uncompressed))
     tflm_c = tflm_predict_int8(result.flatbuffer, xq)
     tflm_u = tflm_predict_int8(result.uncompressed, xq) if result.flatbuffer != result.uncompressed else tflm_c
-    ref = litert_ref_predict_int8(result.uncompressed, xq)
-    out_scale, out_zero = output_quantization(result.uncompressed)
-    keras_out = model.predict(x, batch_size=256, verbose=0)
+    ref = litert_int8_outputs(result.uncompressed, xq, kernels="ref")
+    out_scale, out_zero = int8.output_quantization(result.uncompressed)
+    keras_out = keras_outputs(model, x)
     report = agreement(keras_out.reshape(len(x), -1),
                        (tflm_c.astype(np.float32) - out_zero) * out_scale, labels)
     report["tflm_compressed_equals_uncompressed"] = bool(np.array_equal(tflm_c, tflm_u))

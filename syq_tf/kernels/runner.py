@@ -14,6 +14,7 @@ exp there: at most 1 LSB apart).  Unsupported ops raise :class:`UnsupportedOp` n
 
 import numpy as np
 from syq_tf.export import flatbuffer as _flatbuffer
+from syq_tf.export.codebook import unpack_bits
 from ai_edge_litert import schema_py_generated as schema
 
 _OPS = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
@@ -46,7 +47,7 @@ def _const(model, t):
         return None
     shape = [] if t.shape is None else list(t.shape)
     if t.type == schema.TensorType.INT4:  # packed INT4 weights: decoded to the int8 values they hold
-        return _flatbuffer.unpack_int4(np.asarray(data, np.uint8).tobytes(), int(np.prod(shape))).reshape(shape)
+        return unpack_bits(np.asarray(data, np.uint8).tobytes(), 4, int(np.prod(shape))).reshape(shape)
     if t.type not in _DTYPES:
         raise UnsupportedOp(f"constant tensor {t.name!r} has TFLite type {t.type}, which run_tflite cannot read")
     return np.frombuffer(np.asarray(data, np.uint8).tobytes(), _DTYPES[t.type]).reshape(shape)

@@ -137,6 +137,28 @@ class ActivationQuantizer(lq.quantizers.Quantizer):
         """(min, max) int8 range for quantizers without an exact grid (an approximation)."""
         raise NotImplementedError(f"{type(self).__name__} has no int8 export range")
 
+    def int8_form(self):
+        """``(low, high, top)`` of this quantizer's int8 TFLite stand-in (:func:`int8_fake_quant`).
+        With a grid of ``n`` levels of ``step`` the int8 range is ``[0, 255 step]``, so the int8
+        scale is the step and TFLite itself rounds to the quantizer's levels; ``top = (n - 1) step``
+        clips at the highest level (None for 256 levels), the int8 floor at 0 clips below. Without a
+        grid: :meth:`export_range` and no clip (an approximation)."""
+        grid = self.export_grid()
+        if grid is None:
+            return (*self.export_range(), None)
+        step, levels = grid
+        return 0.0, 255.0 * step, ((levels - 1) * step if levels < 256 else None)
+
+
+def int8_fake_quant(x, low, high, top=None):
+    """The int8 stand-in of an activation quantizer (:meth:`ActivationQuantizer.int8_form`): a clip
+    at ``top`` (a MINIMUM op) and a FakeQuant on ``[low, high]`` the converter turns into the int8
+    scale and zero point of the tensor."""
+    if top is not None:
+        x = tf.minimum(x, float(top))
+    return tf.quantization.fake_quant_with_min_max_args(x, min=float(low), max=float(high), num_bits=8,
+                                                        narrow_range=False)
+
 
 def subgroup_reduce_axes(granularity, kernel_shape, depthwise=False, owner="quantizer"):
     """Axes of the kernel that one scale is shared over, for a given granularity.

@@ -1,0 +1,197 @@
+"""The inference form: a plain Keras model that computes what a trained quantized model computes,
+in the shape TFLite's converters understand. One builder serves every model kind and target.
+
+Converting the training graph as it is fails at run time (quantizer ops and scale variables give
+int8 convolutions with non-zero weight zero points, METHODS.md §5). So each quantized layer (a
+syq_tf or larq layer) becomes its plain Keras layer holding the *quantized* kernel, behind a stand-in
+for its input quantizer -- by default the int8 FakeQuant of the quantizer's grid
+(:meth:`~syq_tf.quantizers.ActivationQuantizer.int8_form`), which the converter turns into the
+tensor's int8 scale and zero point; a target may pass its own stand-ins (``stand_in``, as target
+``lce`` does for the layers it bit-packs). A tfmot QAT model (``quantize_model``) keeps tfmot's
+wrappers and ranges; its syq_tf quantizers switch to their export form (the kernel holds the
+quantized values, activation quantizers become the same int8 FakeQuant).
+
+Every stand-in takes its values from the trained layer through ``transfer(old_layer)``.
+"""
+
+import tensorflow as tf
+
+from syq_tf.layers import QuantizedLayerMixin
+from syq_tf.models import layer_kernels
+from syq_tf.quantizers._common import ActivationQuantizer, int8_fake_quant
+from syq_tf.tfmot import QuantizeConfig, is_wrapper, quantize_scope, wrapper_kernels
+
+# Config keys of larq / syq_tf layers that the plain Keras layer does not take.
+QUANT_KEYS = ("kernel_quantizer", "input_quantizer", "recurrent_quantizer", "depthwise_quantizer",
+              "pointwise_quantizer", "metrics")
+
+
+def is_quantized(layer):
+    """True for a syq_tf quantized layer or a larq layer with a kernel or input quantizer."""
+    if isinstance(layer, QuantizedLayerMixin):
+        return True
+    return any(q is not None for q, _ in layer_kernels(layer).values()) or (
+        getattr(layer, "input_quantizer", None) is not None
+    )
+
+
+def plain_class(layer):
+    """The stock Keras class behind a syq_tf / larq quantized layer."""
+    for cls in type(layer).__mro__:
+        if issubclass(cls, QuantizedLayerMixin) or cls.__module__.startswith("larq"):
+            continue
+        return cls
+    raise TypeError(f"layer '{layer.name}': cannot find the plain Keras class of {type(layer).__name__}")
+
+
+def quantized_value(quantizer, variable):
+    """The kernel as the layer computes with it (the quantizer's output; the variable if None)."""
+    if quantizer is None:
+        return variable.numpy()
+    return tf.convert_to_tensor(quantizer(tf.convert_to_tensor(variable))).numpy()
+
+
+def leaf(name):
+    return name.split("/")[-1]
+
+
+def find_layer(model, name):
+    try:
+        return model.get_layer(name)
+    except ValueError:
+        return None
+
+
+def plain_copy(layer, owner="to_tflite"):
+    """A fresh plain Keras layer with the quantized layer's config (quantizer keys dropped); padding
+    with ``pad_values`` other than 0 has no int8 / float TFLite form and is refused."""
+    config = {k: v for k, v in layer.get_config().items() if k not in QUANT_KEYS}
+    pad = config.pop("pad_values", 0.0)
+    if pad not in (0, 0.0):
+        raise ValueError(f"{owner}: layer '{layer.name}': pad_values={pad} has no TFLite form here; use "
+                         "pad_values=0.")
+    config["name"] = f"{layer.name}_float"
+    return plain_class(layer).from_config(config)
+
+
+def int8_input(layer):
+    """The int8 stand-in of a layer's input quantizer (None without one)."""
+    quantizer = getattr(layer, "input_quantizer", None)
+    if quantizer is None:
+        return None
+    if not isinstance(quantizer, ActivationQuantizer):
+        raise ValueError(
+            f"layer '{layer.name}': input quantizer {type(quantizer).__name__} has no int8 TFLite "
+            "form in target 'litert'; use a syq_tf activation quantizer (e.g. DoReFa) or no input "
+            "quantizer."
+        )
+    return Int8Input(*quantizer.int8_form(), name="input_range")
+
+
+class Int8Input(tf.keras.layers.Layer):
+    """Inference stand-in for an activation quantizer: its int8 range and clip
+    (:func:`~syq_tf.quantizers._common.int8_fake_quant`)."""
+
+    def __init__(self, low, high, top=None, **kwargs):
+        super().__init__(**kwargs)
+        self.low, self.high = float(low), float(high)
+        self.top = None if top is None else float(top)
+
+    def call(self, inputs):
+        return int8_fake_quant(inputs, self.low, self.high, self.top)
+
+
+class QuantizedStandIn(tf.keras.layers.Layer):
+    """A plain Keras layer (holding the quantized kernel) behind an optional input stand-in."""
+
+    def __init__(self, inner, input_stand_in=None, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = inner
+        self.input_stand_in = input_stand_in
+
+    def call(self, inputs):
+        if self.input_stand_in is not None:
+            inputs = self.input_stand_in(inputs)
+        return self.inner(inputs)
+
+    def transfer(self, old):
+        """The trained layer's weights, with every kernel replaced by its quantized value."""
+        values = {leaf(v.name): v.numpy() for v in old.weights}
+        for quantizer, variable in layer_kernels(old).values():
+            values[leaf(variable.name)] = quantized_value(quantizer, variable)
+        for variable in self.inner.weights:
+            variable.assign(values[leaf(variable.name)])
+
+
+def int8_stand_in(layer):
+    """The default stand-in of a quantized layer: plain layer + int8 input range."""
+    return QuantizedStandIn(plain_copy(layer), int8_input(layer), name=layer.name)
+
+
+def build(model, *, batch_size=None, stand_in=None):
+    """The inference form of ``model`` (see the module docstring).
+
+    batch_size: fix the batch dimension of the inputs (the fused recurrent ops need it).
+    stand_in: ``layer -> Layer or None`` for quantized layers (None: :func:`int8_stand_in`); the
+        layer it returns gets its values through ``transfer(old_layer)``.
+    """
+    if any(is_wrapper(layer) for layer in model.layers):
+        return _tfmot_form(model)
+    made = set()
+
+    def clone(layer):
+        if not is_quantized(layer):
+            return layer.__class__.from_config(layer.get_config())
+        new = (stand_in(layer) if stand_in is not None else None) or int8_stand_in(layer)
+        made.add(layer.name)
+        return new
+
+    inputs = None
+    if batch_size is not None:
+        inputs = [tf.keras.Input(batch_shape=(batch_size, *t.shape[1:]), dtype=t.dtype) for t in model.inputs]
+        inputs = inputs[0] if len(inputs) == 1 else inputs
+    inference = tf.keras.models.clone_model(model, input_tensors=inputs, clone_function=clone)
+    for new in inference.layers:
+        old = find_layer(model, new.name)
+        if old is None or not old.weights:
+            continue
+        if new.name in made:
+            new.transfer(old)
+        else:
+            new.set_weights(old.get_weights())
+    return inference
+
+
+def _tfmot_form(model):
+    """A copy of a tfmot model quantized with syq_tf configs, ready for TFLite conversion: every
+    syq_tf weight quantizer's kernel holds its quantized values and only marks their int8 range;
+    activation quantizers become int8 fake-quants on their grid; tfmot's own quantizers unchanged."""
+    with quantize_scope():
+        def clone(layer):
+            config = layer.get_config()
+            if is_wrapper(layer) and isinstance(layer.quantize_config, QuantizeConfig):
+                qc = config["quantize_config"]["config"]
+                for key in ("weight_quantizer", "output_quantizer"):
+                    if qc.get(key) is not None:
+                        qc[key] = {**qc[key], "export": True}
+            return layer.__class__.from_config(config)
+
+        exported = tf.keras.models.clone_model(model, clone_function=clone)
+    for old, new in zip(model.layers, exported.layers):
+        quantized = {}
+        if is_wrapper(old) and isinstance(old.quantize_config, QuantizeConfig):
+            for impl, variable in wrapper_kernels(old).values():
+                if impl is not None:
+                    quantized[id(variable)] = tf.convert_to_tensor(impl(tf.convert_to_tensor(variable))).numpy()
+        # variable names differ in their scopes between the two builds; leaves are unique per layer
+        by_leaf = {leaf(v.name): quantized.get(id(v), v.numpy()) for v in old.weights}
+        leaves = [leaf(v.name) for v in new.weights]
+        if len(by_leaf) != len(old.weights) or sorted(by_leaf) != sorted(leaves):
+            raise ValueError(f"export_form: layer {old.name!r}: weights of the copy do not match the "
+                             f"model's: {sorted(by_leaf)} vs {sorted(leaves)}.")
+        for variable, name in zip(new.weights, leaves):
+            variable.assign(by_leaf[name])
+        if is_wrapper(new) and isinstance(new.quantize_config, QuantizeConfig):
+            for quantizer in new.quantize_config.quantizers():
+                quantizer.ready = True
+    return exported

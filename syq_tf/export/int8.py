@@ -1,0 +1,117 @@
+"""The full-integer int8 model the int8 targets (``litert``, ``tflm``) start from: inference form ->
+TFLite conversion -> biases made consistent -> codebooks re-expressed exactly where int8 can hold
+them. Then the report of what was stored (:func:`result`)."""
+
+import dataclasses
+
+import numpy as np
+
+from syq_tf.export import codebook, convert, flatbuffer, inference
+from syq_tf.export.match import kernel_matches
+from syq_tf.export.report import ExportResult, layer_reports
+from syq_tf.quantizers._common import ActivationQuantizer
+from syq_tf.tfmot import is_wrapper, quantize_scope
+
+
+@dataclasses.dataclass
+class Int8Model:
+    buffer: bytes
+    rescaled: list  # labels of kernels whose int8 codebook was re-expressed
+    notes: list
+
+
+def build(model, options):
+    """Convert ``model`` (syq_tf / larq layers, or a tfmot QAT model) to the int8 flatbuffer with
+    exact codebooks. Models with LSTM layers get int8 weights and float activations (dynamic range:
+    TFLite's full-integer fused LSTM gives wrong outputs on this stack), batch size 1."""
+    if any(is_wrapper(layer) for layer in model.layers):
+        # tfmot QAT model: its fake-quant ranges are kept; syq_tf kernels become their quantized
+        # constants with their int8 range, syq_tf activation quantizers int8 grids.
+        with quantize_scope():
+            buffer = convert.int8(inference.build(model), options.representative_data, options.representative_samples)
+    elif convert.recurrent_layers(model):
+        buffer = convert.dynamic_range(inference.build(model, batch_size=1))
+    else:
+        buffer = convert.int8(inference.build(model), options.representative_data, options.representative_samples)
+    buffer, bias_fixed = flatbuffer.consistent_biases(buffer)
+    buffer, rescaled = exact_codebooks(model, buffer)
+    notes = activation_notes(model)
+    notes += [f"bias {name!r}: the converter stored it at {factor:.4g}x the scale its op computes with "
+              "(input x weight scale); re-expressed" for name, factor in bias_fixed]
+    return Int8Model(buffer, rescaled, notes)
+
+
+def exact_codebooks(model, buffer):
+    """Rewrite the int8 weights of quantized layers whose codebook the converter's scale rounded,
+    when an exact integer form exists (:func:`syq_tf.export.codebook.exact_int8`). Returns the new
+    flatbuffer and the rewritten kernel labels."""
+    updates, names = {}, []
+    biases = flatbuffer.bias_tensors(buffer)
+    for match in kernel_matches(model, buffer):
+        tensor = match.tensor
+        if match.quantizer is None or tensor is None or tensor.dtype != "INT8":
+            continue
+        expected = match.expected()
+        err, zeros_ok, _, _ = codebook.compare(expected, tensor.values, codebook.quantization_axis(tensor))
+        if codebook.is_exact(err, zeros_ok):
+            continue
+        update = codebook.exact_int8(expected, tensor, biases.get(tensor.bias_index))
+        if update is not None:
+            updates[tensor.tensor_index] = update
+            names.append(match.label)
+    if not updates:
+        return buffer, []
+    return flatbuffer.rewrite_weights(buffer, updates), names
+
+
+def activation_notes(model):
+    notes = []
+    for layer in model.layers:
+        quantizer = getattr(layer, "input_quantizer", None)
+        if isinstance(quantizer, ActivationQuantizer) and quantizer.export_grid() is None:
+            low, high = quantizer.export_range()
+            notes.append(
+                f"layer '{layer.name}': {type(quantizer).__name__} levels are not a fixed uniform grid, "
+                f"which int8 TFLite cannot compute; its input is stored as int8 on [{low:g}, {high:g}] "
+                "without the quantizer's levels."
+            )
+    return notes
+
+
+def result(model, buffer, options, rescaled=(), notes=(), packed=None, skipped=None):
+    """The :class:`ExportResult` of an int8 (or partly sub-byte) flatbuffer, read back and checked
+    against the Keras codebooks; raises with ``require_exact`` when one is not stored exactly.
+    ``packed``: ``{label: StorageForm}`` of sub-byte kernels, ``skipped``: ``{label: why}`` of
+    kernels kept int8 although a narrower storage was asked for."""
+    reports = layer_reports(model, buffer, rescaled, packed)
+    inexact = [r for r in reports if r.quantizer != "float" and not r.exact]
+    if options.require_exact and inexact:
+        raise ValueError(
+            f"to_tflite(target={options.target!r}, require_exact=True): these layers' codebooks cannot be "
+            "stored exactly in int8: "
+            + "; ".join(f"'{r.layer}' ({r.quantizer}): {r.note}" for r in inexact)
+        )
+    notes = list(notes)
+    notes += [f"layer '{r.layer}': {r.note}" for r in reports if r.note and r.quantizer != "float" and not r.exact]
+    notes += [f"layer '{label}': {why}" for label, why in (skipped or {}).items()]
+    return ExportResult(buffer, options.target, reports, notes, weights=options.weights)
+
+
+def input_quantization(buffer):
+    """(scale, zero point) of the model's int8 input."""
+    return flatbuffer.io_quantization(buffer, "input")
+
+
+def output_quantization(buffer):
+    """(scale, zero point) of the model's int8 output."""
+    return flatbuffer.io_quantization(buffer, "output")
+
+
+def quantize_input(x, scale, zero):
+    """Float inputs as the model's int8 input (round half up, as LiteRT's quantize)."""
+    return np.clip(np.floor(np.asarray(x, np.float32) / scale + 0.5) + zero, -128, 127).astype(np.int8)
+
+
+def probe(buffer, data, count=8):
+    """Up to ``count`` examples of ``data`` quantized as the model's int8 input."""
+    return quantize_input(np.concatenate(convert.samples(data, count)), *input_quantization(buffer))

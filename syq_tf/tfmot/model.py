@@ -1,0 +1,107 @@
+"""``quantize_model``: a whole float Keras model quantized with tfmot and a syq_tf scheme."""
+
+import dataclasses
+
+import tensorflow as tf
+
+from syq_tf.tfmot.adapter import tq
+from syq_tf.tfmot.configs import ActivationConfig, QuantizeConfig, quantize_scope
+from syq_tf.tfmot.schemes import SchemeRegistry, SyqQuantizeScheme, has_kernel, parse_scheme
+from syq_tf.tfmot.wrappers import is_wrapper
+
+@dataclasses.dataclass
+class Unsupported:
+    """A layer :func:`quantize_model` cannot quantize under the scheme, and why."""
+
+    layer: str
+    type: str
+    why: str
+
+
+class UnsupportedLayersError(ValueError):
+    """Raised by :func:`quantize_model` (``on_unsupported="raise"``) naming every unsupported layer."""
+
+    def __init__(self, unsupported):
+        self.unsupported = list(unsupported)
+        lines = "; ".join(f"'{u.layer}' ({u.type}): {u.why}" for u in self.unsupported)
+        super().__init__(
+            f"quantize_model: {len(self.unsupported)} layer(s) cannot be quantized: {lines}. Pass "
+            "on_unsupported='keep_float' to leave them in float, or keep_float=[names]."
+        )
+
+
+
+def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="error", return_report=False):
+    """Quantize a float Sequential or functional Keras model with tfmot and a syq_tf scheme.
+
+    - Weighted layers (Conv1D/Conv2D/DepthwiseConv2D/Dense) between the first and the last get the
+      scheme's weight quantizer (SYQ per channel, UniQ per channel, ls1/ls2, LAB/LAT/LAQ); the first
+      and last weighted layers get tfmot's default 8-bit configs, as the papers keep them (8-bit
+      UniQ per channel where tfmot has none, e.g. Conv1D).
+    - Activations: ``a8`` uses tfmot's default 8-bit output quantization everywhere; below 8 bits the
+      outputs of ReLU/Activation layers get the scheme's activation quantizer (DoReFa, or UniQ's for
+      uniq: calibrate with :func:`syq_tf.calibrate`), other layers tfmot's default.
+    - BatchNormalization and every other layer are handled by tfmot's default 8-bit layout
+      transforms and registry (:class:`SyqQuantizeScheme`).
+    - ``keep_float``: names of layers to leave in float. Layers neither tfmot's registry nor syq_tf
+      supports raise :class:`UnsupportedLayersError` (names, types, why) unless
+      ``on_unsupported="keep_float"``, which leaves them in float.
+
+    Returns the quantized (``QuantizeWrapperV2``) model, or ``(model, report)`` with
+    ``return_report=True``; report: {"scheme", "low_bit", "low_bit_activations", "eight_bit",
+    "float", "unsupported"}.
+    """
+    if on_unsupported not in ("error", "keep_float"):
+        raise ValueError(f"quantize_model: on_unsupported={on_unsupported!r}; allowed: 'error', 'keep_float'.")
+    if not isinstance(model, tf.keras.Model) or not (
+            isinstance(model, tf.keras.Sequential) or getattr(model, "_is_graph_network", False)):
+        raise ValueError(
+            "quantize_model: expects a tf.keras Sequential or functional model (subclassed models have no "
+            "layer graph tfmot can rewrite)."
+        )
+    spec = parse_scheme(scheme)
+    names = {layer.name for layer in model.layers}
+    missing = sorted(set(keep_float) - names)
+    if missing:
+        raise ValueError(f"quantize_model: keep_float names layers the model does not have: {missing}.")
+    weighted = [layer for layer in model.layers if has_kernel(layer) and layer.name not in keep_float]
+    first_last = {weighted[0].name, weighted[-1].name} if weighted else set()
+    registry = SchemeRegistry(spec, first_last)
+    quantized_names, unsupported = set(), []
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.InputLayer) or layer.name in keep_float:
+            continue
+        if registry.supports(layer):
+            quantized_names.add(layer.name)
+            continue
+        why = ("tfmot's default 8-bit registry does not support it and syq_tf has no config for it "
+               "(syq_tf quantizes Conv1D, Conv2D, DepthwiseConv2D and Dense kernels)")
+        unsupported.append(Unsupported(layer.name, type(layer).__name__, why))
+    if unsupported and on_unsupported == "error":
+        raise UnsupportedLayersError(unsupported)
+
+    def annotate(layer):
+        copy = layer.__class__.from_config(layer.get_config())
+        return tq.quantize_annotate_layer(copy) if layer.name in quantized_names else copy
+
+    with quantize_scope():
+        annotated = tf.keras.models.clone_model(model, clone_function=annotate)
+        annotated.set_weights(model.get_weights())
+        quantized = tq.quantize_apply(annotated, scheme=SyqQuantizeScheme(spec.name, sorted(first_last)))
+    if not return_report:
+        return quantized
+    configs = {layer.layer.name: layer.quantize_config for layer in quantized.layers if is_wrapper(layer)}
+
+    def low_bit(config):
+        return isinstance(config, QuantizeConfig) and config.weight_quantizer is not None and \
+            config.weight_quantizer.quantizer.precision < 8
+
+    report = {
+        "scheme": spec.name,
+        "low_bit": sorted(n for n, c in configs.items() if low_bit(c)),
+        "low_bit_activations": sorted(n for n, c in configs.items() if isinstance(c, ActivationConfig)),
+        "eight_bit": sorted(n for n, c in configs.items() if not low_bit(c) and not isinstance(c, ActivationConfig)),
+        "float": sorted(set(keep_float) | {u.layer for u in unsupported}),
+        "unsupported": [dataclasses.asdict(u) for u in unsupported],
+    }
+    return quantized, report
