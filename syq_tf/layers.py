@@ -12,7 +12,7 @@ from syq_tf.optimizers import mark_quantized
 from syq_tf.quantizers._common import ActivationQuantizer, WeightQuantizer
 
 # Stock Keras layers with one kernel, and the attribute that holds it.
-_KERNEL_ATTR = {
+KERNEL_ATTR = {
     tf.keras.layers.DepthwiseConv2D: "depthwise_kernel",
     tf.keras.layers.Conv1D: "kernel",
     tf.keras.layers.Conv2D: "kernel",
@@ -31,7 +31,7 @@ _UNSUPPORTED = (
     tf.keras.layers.SeparableConv1D,
     tf.keras.layers.SeparableConv2D,
 )
-SUPPORTED_LAYERS = tuple(cls.__name__ for cls in _KERNEL_ATTR)
+SUPPORTED_LAYERS = tuple(cls.__name__ for cls in KERNEL_ATTR)
 
 
 def _kernel_attr_for(cls, what):
@@ -41,7 +41,7 @@ def _kernel_attr_for(cls, what):
                 f"syq_tf.quantize: {what} is a {bad.__name__}, which is not supported yet; "
                 f"supported layer types: {', '.join(SUPPORTED_LAYERS)}."
             )
-    for base, attr in _KERNEL_ATTR.items():
+    for base, attr in KERNEL_ATTR.items():
         if issubclass(cls, base):
             return attr, base
     raise TypeError(
@@ -212,7 +212,7 @@ def _quantized_class(base):
     if issubclass(base, QuantizedLayerMixin):
         return base
     attr, stock = _kernel_attr_for(base, f"layer class {base.__name__}")
-    name = f"Quantized{base.__name__}" if base in _KERNEL_ATTR else base.__name__
+    name = f"Quantized{base.__name__}" if base in KERNEL_ATTR else base.__name__
     recurrent = issubclass(base, tf.keras.layers.RNN)
     kernels = (("kernel_quantizer", attr),)
     if recurrent:
@@ -224,7 +224,7 @@ def _quantized_class(base):
             "_syq_kernel_attr": attr,
             "_syq_kernels": kernels,
             "_syq_depthwise": issubclass(base, tf.keras.layers.DepthwiseConv2D),
-            "__module__": base.__module__ if base not in _KERNEL_ATTR else __name__,
+            "__module__": base.__module__ if base not in KERNEL_ATTR else __name__,
             "__qualname__": name,
             "__doc__": f"{base.__name__} with SYQ-style kernel and input quantizers.",
         },

@@ -167,6 +167,33 @@ def test_errors(data):
         syq_tf.export.to_tflite(tf.keras.Model(inp, out), x[:4])
 
 
+def test_option_errors_name_the_argument(data):
+    x, y = data
+    model = small_model(2, "layer")
+    model(x[:1])
+    export = syq_tf.export.to_tflite
+    with pytest.raises(ValueError, match="representative_data is None; give a few hundred input examples"):
+        export(model, None)
+    with pytest.raises(ValueError, match=r"representative_data has examples of shape \(8, 8\); model .* takes "
+                                         r"\(8, 8, 1\)"):
+        export(model, x[:4, ..., 0])
+    with pytest.raises(ValueError, match=r"verify_data has examples of shape \(4, 4, 1\)"):
+        export(model, x[:4], verify_data=x[:4, :4, :4])
+    bad = x[:4].copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="representative_data has 1 NaN or infinite values of 256"):
+        export(model, bad)
+    with pytest.raises(ValueError, match="verify_labels has 3 entries for 4 verify_data examples"):
+        export(model, x[:4], verify_data=x[:4], verify_labels=y[:3])
+    with pytest.raises(ValueError, match="representative_samples=0; expected a whole number >= 1"):
+        export(model, x[:4], representative_samples=0)
+    unbuilt = tf.keras.Sequential([tf.keras.layers.Dense(2)], name="unbuilt")
+    with pytest.raises(ValueError, match="model 'unbuilt' is not built .*tf.keras.Input"):
+        export(unbuilt, x[:4])
+    # numpy integers are whole numbers too
+    assert export(model, x[:4], representative_samples=np.int64(4)).model_bytes > 0
+
+
 @pytest.mark.parametrize("blob,match", [
     (b"", "fewer than 8 bytes"),
     (b"\x00" * 16, "file identifier is not 'TFL3'"),

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from syq_tf.layers import QuantizedLayerMixin
 from syq_tf.models import layer_kernels
-from syq_tf.quantizers._common import ActivationQuantizer, int8_fake_quant
+from syq_tf.quantizers import ActivationQuantizer, int8_fake_quant
 from syq_tf.tfmot import QuantizeConfig, is_wrapper, quantize_scope, wrapper_kernels
 
 # Config keys of larq / syq_tf layers that the plain Keras layer does not take.

@@ -9,7 +9,7 @@ import numpy as np
 from syq_tf.export import codebook, convert, flatbuffer, inference
 from syq_tf.export.match import kernel_matches
 from syq_tf.export.report import ExportResult, layer_reports
-from syq_tf.quantizers._common import ActivationQuantizer
+from syq_tf.quantizers import ActivationQuantizer
 from syq_tf.tfmot import is_wrapper, quantize_scope
 
 

@@ -1,6 +1,6 @@
 """Quantizers, each a larq ``Quantizer`` (a Keras layer) usable as kernel/input quantizer."""
 
-from syq_tf.quantizers._common import ActivationQuantizer, WeightQuantizer
+from syq_tf.quantizers._common import ActivationQuantizer, WeightQuantizer, int8_fake_quant
 from syq_tf.quantizers.activations import DoReFa, DoReFaActivation, dorefa_quantize
 from syq_tf.quantizers.least_squares import (
     LeastSquares,
@@ -37,4 +37,5 @@ __all__ = [
     "dorefa_quantize",
     "WeightQuantizer",
     "ActivationQuantizer",
+    "int8_fake_quant",
 ]

@@ -5,26 +5,22 @@ import inspect
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
-from syq_tf.layers import deserialize_quantizer
+from syq_tf.layers import KERNEL_ATTR, deserialize_quantizer
 from syq_tf.optimizers import mark_quantized
-from syq_tf.quantizers import ActivationQuantizer, LossAware, WeightQuantizer
-from syq_tf.quantizers._common import int8_fake_quant
+from syq_tf.quantizers import ActivationQuantizer, LossAware, WeightQuantizer, int8_fake_quant
 
 tq = tfmot.quantization.keras
 
-# layer class -> attribute of the kernel a weight quantizer takes over
-_KERNEL_ATTRS = (
-    (tf.keras.layers.DepthwiseConv2D, "depthwise_kernel"),
-    (tf.keras.layers.Conv2D, "kernel"),
-    (tf.keras.layers.Conv1D, "kernel"),
-    (tf.keras.layers.Dense, "kernel"),
-)
+# The layer kinds a QuantizeConfig quantizes the kernel of (their attributes: syq_tf.layers.KERNEL_ATTR).
+KERNEL_LAYERS = (tf.keras.layers.DepthwiseConv2D, tf.keras.layers.Conv2D, tf.keras.layers.Conv1D,
+                 tf.keras.layers.Dense)
 
 
 def kernel_attr(layer):
-    for cls, attr in _KERNEL_ATTRS:
+    """The attribute of the kernel a weight quantizer takes over, None for other layers."""
+    for cls in KERNEL_LAYERS:
         if isinstance(layer, cls):
-            return attr
+            return KERNEL_ATTR[cls]
     return None
 
 
