@@ -11,8 +11,9 @@ from syq_tf.export.codebook import SUB_BYTE, pack_bits, unpack_bits
 
 _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 _TYPES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
-_NUMPY = {"INT8": np.int8, "INT32": np.int32, "FLOAT32": np.float32, "UINT8": np.uint8,
-          "INT16": np.int16, "INT64": np.int64}
+NUMPY_TYPES = {"INT8": np.int8, "INT32": np.int32, "FLOAT32": np.float32, "UINT8": np.uint8,
+               "INT16": np.int16, "INT64": np.int64}
+_NUMPY = NUMPY_TYPES
 # op -> input positions of its constant weight tensors. The fused LSTM has eight: input_to_{input,
 # forget, cell, output}_weights (1-4) and recurrent_to_{input, forget, cell, output}_weights (5-8),
 # each [units, in] -- Keras' kernel [in, 4 units] split per gate (gate order i, f, c, o) and transposed.
@@ -93,7 +94,18 @@ def io_quantization(buffer, which="input"):
     graph = model.subgraphs[0]
     index = (graph.inputs if which == "input" else graph.outputs)[0]
     q = graph.tensors[index].quantization
+    if q is None or q.scale is None or not len(q.scale):
+        raise ValueError(f"the model's {which} tensor is not quantized (type {io_type(buffer, which)})")
     return float(q.scale[0]), int(q.zeroPoint[0])
+
+
+@_reader
+def io_type(buffer, which="input"):
+    """TFLite type name ("INT8", "INT32", "FLOAT32", ...) of the first ``which`` tensor."""
+    model = _load(buffer)
+    graph = model.subgraphs[0]
+    index = (graph.inputs if which == "input" else graph.outputs)[0]
+    return _TYPES.get(graph.tensors[index].type, str(graph.tensors[index].type))
 
 
 def _op_name(model, op):

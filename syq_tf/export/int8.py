@@ -112,6 +112,15 @@ def quantize_input(x, scale, zero):
     return np.clip(np.floor(np.asarray(x, np.float32) / scale + 0.5) + zero, -128, 127).astype(np.int8)
 
 
+def model_input(buffer, x):
+    """Examples as the model takes them: quantized for an int8 input, else (integer inputs such as
+    token ids, which the converter keeps) cast to the input's type."""
+    kind = flatbuffer.io_type(buffer, "input")
+    if kind == "INT8":
+        return quantize_input(x, *input_quantization(buffer))
+    return np.asarray(x).astype(flatbuffer.NUMPY_TYPES.get(kind, np.float32))
+
+
 def probe(buffer, data, count=8):
-    """Up to ``count`` examples of ``data`` quantized as the model's int8 input."""
-    return quantize_input(np.concatenate(convert.samples(data, count)), *input_quantization(buffer))
+    """Up to ``count`` examples of ``data`` as the model takes them (:func:`model_input`)."""
+    return model_input(buffer, np.concatenate(convert.samples(data, count)))

@@ -93,7 +93,7 @@ def _check_twin(buffer, twin, options):
 
 def _packed_verification(weights, buffer, twin, int8_buffer, x):
     """The packed model vs its int8 twin (builtin kernels and XNNPACK) and vs the int8 export."""
-    xq = int8.quantize_input(x, *int8.input_quantization(buffer))
+    xq = int8.model_input(buffer, x)
     out = {}
     for kernels in ("builtin", "xnnpack"):
         a = litert_int8_outputs(buffer, xq, kernels)

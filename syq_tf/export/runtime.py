@@ -68,7 +68,7 @@ def litert_int8_outputs(buffer, x_int8, kernels="xnnpack"):
     """Raw int8 outputs, one row per example, of a model with int8 input run on a batch."""
     interpreter = litert_interpreter(buffer, kernels)
     inp = interpreter.get_input_details()[0]
-    x_int8 = np.asarray(x_int8, np.int8)
+    x_int8 = np.asarray(x_int8).astype(inp["dtype"])
     interpreter.resize_tensor_input(inp["index"], list(x_int8.shape))
     interpreter.allocate_tensors()
     interpreter.set_tensor(inp["index"], x_int8)

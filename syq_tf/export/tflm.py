@@ -258,7 +258,7 @@ def tflm_predict_int8(buffer, x_int8, arena_size=None):
     """Raw int8 outputs of the TFLite Micro interpreter, one example per invoke."""
     interpreter = tflm_interpreter(buffer, arena_size)
     out = []
-    for row in np.asarray(x_int8, np.int8):
+    for row in np.asarray(x_int8):
         interpreter.set_input(row[None], 0)
         interpreter.invoke()
         out.append(np.array(interpreter.get_output(0)).reshape(-1))
@@ -273,7 +273,7 @@ def arena_used(buffer, x_int8_row):
     """Tensor-arena bytes the TFLM runtime allocated for ``buffer`` (RecordingMicroAllocator's
     'Arena allocation total', printed by the interpreter to stderr after one invoke), or None."""
     interpreter = tflm_interpreter(buffer)
-    interpreter.set_input(np.asarray(x_int8_row, np.int8)[None], 0)
+    interpreter.set_input(np.asarray(x_int8_row)[None], 0)
     interpreter.invoke()
     text = _capture_fd2(interpreter.print_allocations)
     found = re.search(r"Arena allocation total (\d+) bytes", text)
@@ -463,8 +463,9 @@ def finish(model, base, representative_data, verify_data=None, verify_labels=Non
 def verify(model, result, x, labels=None):
     """TFLM (compressed) vs TFLM (uncompressed) vs LiteRT BUILTIN_REF on the int8 outputs, and
     TFLM vs Keras top-1 agreement."""
-    x = np.asarray(x, np.float32)
-    xq = int8.quantize_input(x, *int8.input_quantization(result.uncompressed))
+    x = np.asarray(x)
+    x = x.astype(np.float32) if x.dtype.kind == "f" else x
+    xq = int8.model_input(result.uncompressed, x)
     tflm_c = tflm_predict_int8(result.flatbuffer, xq)
     tflm_u = tflm_predict_int8(result.uncompressed, xq) if result.flatbuffer != result.uncompressed else tflm_c
     ref = litert_int8_outputs(result.uncompressed, xq, kernels="ref")
