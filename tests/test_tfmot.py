@@ -165,6 +165,34 @@ def test_unsupported_layers_are_reported_or_kept_float_on_request():
         st.quantize_model(model, "foo")
 
 
+def test_weightless_preprocessing_layers_pass_through_and_export():
+    # EfficientNet's stem: Rescaling and Normalization (adapted statistics, no trainable weights)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (96, 8, 8, 3)).astype(np.float32)
+    y = (x[..., 0].mean((1, 2)) > x[..., 1].mean((1, 2))).astype(np.int32)
+    norm = tf.keras.layers.Normalization(name="norm")
+    norm.adapt(x / 255.0)
+    inp = tf.keras.Input((8, 8, 3))
+    h = tf.keras.layers.Rescaling(1 / 255.0, name="rescale")(inp)
+    h = norm(h)
+    h = tf.keras.layers.Conv2D(8, 3, name="c0")(h)
+    h = tf.keras.layers.ReLU(name="r0")(h)
+    h = tf.keras.layers.Conv2D(8, 3, name="c1")(h)
+    h = tf.keras.layers.ReLU(name="r1")(h)
+    h = tf.keras.layers.GlobalAveragePooling2D(name="gap")(h)
+    model = tf.keras.Model(inp, tf.keras.layers.Dense(2, name="head")(h))
+    quantized, report = st.quantize_model(model, "syq-w2a8", return_report=True)  # no flags needed
+    assert report["passed_through"] == ["norm", "rescale"] and report["unsupported"] == []
+    # c1 -> ReLU directly: tfmot alone would give c1 a no-op config (a float kernel); ours keeps it low-bit
+    assert {"norm", "rescale"} <= set(report["float"]) and report["low_bit"] == ["c1"]
+    assert not st.is_wrapper(quantized.get_layer("norm")) and not st.is_wrapper(quantized.get_layer("rescale"))
+    quantized.compile("adam", tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    quantized.fit(x, y, epochs=1, batch_size=32, verbose=0)
+    result = syq_tf.export.to_tflite(quantized, x[:32], verify_data=x[32:])
+    assert next(r for r in result.layers if r.layer == "quant_c1").exact
+    assert result.verification["top1_agreement"] >= 0.95, result.verification
+
+
 @pytest.mark.parametrize("weight,out", [(SYQ(2, "channel"), DoReFaActivation(4)),
                                         (LeastSquares("ls2"), None),
                                         (LossAware("linear", bits=3, curvature="constant"), DoReFaActivation(8))])

@@ -43,13 +43,15 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
       uniq: calibrate with :func:`syq_tf.calibrate`), other layers tfmot's default.
     - BatchNormalization and every other layer are handled by tfmot's default 8-bit layout
       transforms and registry (:class:`SyqQuantizeScheme`).
-    - ``keep_float``: names of layers to leave in float. Layers neither tfmot's registry nor syq_tf
-      supports raise :class:`UnsupportedLayersError` (names, types, why) unless
+    - Layers without trainable weights that neither supports (preprocessing such as Rescaling and
+      Normalization) pass through in float: nothing to quantize, nothing to lose.
+    - ``keep_float``: names of layers to leave in float. Layers with weights neither tfmot's
+      registry nor syq_tf supports raise :class:`UnsupportedLayersError` (names, types, why) unless
       ``on_unsupported="keep_float"``, which leaves them in float.
 
     Returns the quantized (``QuantizeWrapperV2``) model, or ``(model, report)`` with
     ``return_report=True``; report: {"scheme", "low_bit", "low_bit_activations", "eight_bit",
-    "float", "unsupported"}.
+    "float", "passed_through", "unsupported"}.
     """
     if on_unsupported not in ("error", "keep_float"):
         raise ValueError(f"quantize_model: on_unsupported={on_unsupported!r}; allowed: 'error', 'keep_float'.")
@@ -67,12 +69,15 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
     weighted = [layer for layer in model.layers if has_kernel(layer) and layer.name not in keep_float]
     first_last = {weighted[0].name, weighted[-1].name} if weighted else set()
     registry = SchemeRegistry(spec, first_last)
-    quantized_names, unsupported = set(), []
+    quantized_names, unsupported, passed = set(), [], []
     for layer in model.layers:
         if isinstance(layer, tf.keras.layers.InputLayer) or layer.name in keep_float:
             continue
         if registry.supports(layer):
             quantized_names.add(layer.name)
+            continue
+        if not layer.trainable_weights:  # preprocessing (Rescaling, Normalization, ...): nothing to lose
+            passed.append(layer.name)
             continue
         why = ("tfmot's default 8-bit registry does not support it and syq_tf has no config for it "
                "(syq_tf quantizes Conv1D, Conv2D, DepthwiseConv2D and Dense kernels)")
@@ -101,7 +106,8 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
         "low_bit": sorted(n for n, c in configs.items() if low_bit(c)),
         "low_bit_activations": sorted(n for n, c in configs.items() if isinstance(c, ActivationConfig)),
         "eight_bit": sorted(n for n, c in configs.items() if not low_bit(c) and not isinstance(c, ActivationConfig)),
-        "float": sorted(set(keep_float) | {u.layer for u in unsupported}),
+        "float": sorted(set(keep_float) | {u.layer for u in unsupported} | set(passed)),
+        "passed_through": sorted(passed),
         "unsupported": [dataclasses.asdict(u) for u in unsupported],
     }
     return quantized, report

@@ -103,8 +103,29 @@ class SchemeRegistry(tq.default_8bit.Default8BitQuantizeRegistry):
         return super().get_quantize_config(layer)
 
 
+class LayoutTransform(tq.default_8bit.Default8BitQuantizeLayoutTransform):
+    """tfmot's default 8-bit layout transforms, except that a low-bit kernel layer directly followed
+    by a ReLU keeps its weight quantizer. tfmot gives such a layer a no-op config (no fake-quant
+    between the layer and its ReLU), which would leave the kernel float while the scheme says low
+    bit; the scheme's weight-only config puts no fake-quant on the output either."""
+
+    def __init__(self, eight_bit=()):
+        super().__init__()
+        self.eight_bit = frozenset(eight_bit)
+
+    def apply(self, model, layer_quantize_map):
+        transformed, quantize_map = super().apply(model, layer_quantize_map)
+        for layer in transformed.layers:
+            config = quantize_map.get(layer.name, {}).get("quantize_config")
+            if isinstance(config, default_configs.NoOpQuantizeConfig) and has_kernel(layer) \
+                    and layer.name not in self.eight_bit:
+                quantize_map[layer.name]["quantize_config"] = None  # the registry's weight-only config
+        return transformed, quantize_map
+
+
 class SyqQuantizeScheme(tq.QuantizeScheme):
-    """A tfmot ``QuantizeScheme``: tfmot's default 8-bit layout transforms (BatchNorm handling) and
+    """A tfmot ``QuantizeScheme``: tfmot's default 8-bit layout transforms (BatchNorm handling,
+    :class:`LayoutTransform`) and
     :class:`SchemeRegistry` for ``scheme`` (a name such as "syq-w2a8"), for
     ``quantize_apply(annotated_model, scheme=SyqQuantizeScheme("syq-w2a8"))``."""
 
@@ -113,7 +134,7 @@ class SyqQuantizeScheme(tq.QuantizeScheme):
         self.eight_bit = tuple(eight_bit)
 
     def get_layout_transformer(self):
-        return tq.default_8bit.Default8BitQuantizeLayoutTransform()
+        return LayoutTransform(self.eight_bit)
 
     def get_quantize_registry(self):
         return SchemeRegistry(self.spec, self.eight_bit)
