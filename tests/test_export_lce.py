@@ -411,3 +411,30 @@ def test_binary_dense_with_sign_inputs_and_non_flat_dense():
     np.testing.assert_allclose(bconv.multiplier, np.abs(q[0]), rtol=1e-6)  # alpha per output, nothing folded
     assert flat.exact and result.verification["top1_agreement"] == 1.0
     np.testing.assert_allclose(lce_format.lce_predict(result.flatbuffer, x), model.predict(x, verbose=0), atol=1e-4)
+
+
+def test_quicknet_style_block_with_a_float_larq_depthwise_exports():
+    # larq-zoo's QuickNet transition blocks use QuantDepthwiseConv2D without quantizers (a float
+    # layer of larq's class): it is kept float, the binary conv after it is packed
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 16, 16, 3)).astype(np.float32)
+    y = (x[..., 0].mean((1, 2)) > 0).astype(np.int32)
+    inp = tf.keras.Input((16, 16, 3))
+    h = tf.keras.layers.Conv2D(32, 3, padding="same", name="stem")(inp)
+    h = tf.keras.layers.BatchNormalization()(h)
+    h = lq.layers.QuantDepthwiseConv2D(3, strides=2, padding="same", use_bias=False, name="transition_dw")(h)
+    h = tf.keras.layers.BatchNormalization()(h)
+    r = lq.layers.QuantConv2D(32, 3, padding="same", input_quantizer="ste_sign", kernel_quantizer="ste_sign",
+                              kernel_constraint="weight_clip", use_bias=False, name="bconv")(h)
+    r = tf.keras.layers.BatchNormalization()(r)
+    h = tf.keras.layers.Add()([h, r])
+    h = tf.keras.layers.GlobalAveragePooling2D()(h)
+    model = tf.keras.Model(inp, tf.keras.layers.Dense(2)(h))
+    model.compile("adam", tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=1, verbose=0)
+    result = to_tflite(model, x[:32], target="lce", verify_data=x[:64])
+    layers = {r.layer: r for r in result.layers}
+    assert layers["bconv"].packed and layers["bconv"].exact
+    assert not layers["transition_dw"].packed and layers["transition_dw"].storage == "float32"
+    assert "DepthwiseConv2D layer" in layers["transition_dw"].note
+    assert result.verification["top1_agreement"] >= 0.99, result.verification

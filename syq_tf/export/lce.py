@@ -176,7 +176,7 @@ def _packed_report(model, plan, bconv):
 
 def _float_report(plan, tensors, used):
     layer = plan.layer
-    kernels = layer_kernels(layer) if inference.is_quantized(layer) else {"kernel": (None, layer.kernel)}
+    kernels = layer_kernels(layer) or {"kernel": (None, layer.kernel)}  # larq layers without quantizers too
     quantizer, variable = kernels.get("kernel", next(iter(kernels.values())))
     n = int(np.prod(variable.shape))
     tensor = match_tensor(layer, variable, tensors, used)
