@@ -13,6 +13,9 @@ from syq_tf.quantizers._common import ActivationQuantizer, WeightQuantizer
 
 # Stock Keras layers with one kernel, and the attribute that holds it.
 KERNEL_ATTR = {
+    # SeparableConv2D: ``kernel_quantizer`` takes the pointwise kernel, ``depthwise_quantizer`` the
+    # depthwise one (QuantizedSeparableMixin).
+    tf.keras.layers.SeparableConv2D: "pointwise_kernel",
     tf.keras.layers.DepthwiseConv2D: "depthwise_kernel",
     tf.keras.layers.Conv1D: "kernel",
     tf.keras.layers.Conv2D: "kernel",
@@ -29,7 +32,6 @@ _UNSUPPORTED = (
     tf.keras.layers.Conv2DTranspose,
     tf.keras.layers.Conv3DTranspose,
     tf.keras.layers.SeparableConv1D,
-    tf.keras.layers.SeparableConv2D,
 )
 SUPPORTED_LAYERS = tuple(cls.__name__ for cls in KERNEL_ATTR)
 
@@ -50,7 +52,7 @@ def _kernel_attr_for(cls, what):
     )
 
 
-_WEIGHT_ROLES = ("kernel_quantizer", "recurrent_quantizer")
+_WEIGHT_ROLES = ("kernel_quantizer", "recurrent_quantizer", "depthwise_quantizer")
 
 
 def _copy_quantizer(quantizer, role, layer_name, **overrides):
@@ -214,12 +216,16 @@ def _quantized_class(base):
     attr, stock = _kernel_attr_for(base, f"layer class {base.__name__}")
     name = f"Quantized{base.__name__}" if base in KERNEL_ATTR else base.__name__
     recurrent = issubclass(base, tf.keras.layers.RNN)
+    separable = issubclass(base, tf.keras.layers.SeparableConv2D)
     kernels = (("kernel_quantizer", attr),)
     if recurrent:
         kernels += (("recurrent_quantizer", "cell.recurrent_kernel"),)
+    if separable:
+        kernels = (("depthwise_quantizer", "depthwise_kernel"),) + kernels
+    mixin = QuantizedRNNMixin if recurrent else QuantizedSeparableMixin if separable else QuantizedLayerMixin
     cls = type(
         name,
-        (QuantizedRNNMixin if recurrent else QuantizedLayerMixin, base),
+        (mixin, base),
         {
             "_syq_kernel_attr": attr,
             "_syq_kernels": kernels,
@@ -265,7 +271,35 @@ class QuantizedRNNMixin(QuantizedLayerMixin):
         return super().from_config(config)
 
 
+class QuantizedSeparableMixin(QuantizedLayerMixin):
+    """Quantizes a SeparableConv2D's pointwise kernel (``kernel_quantizer``) and its depthwise kernel
+    (``depthwise_quantizer``; by default a copy of ``kernel_quantizer`` marked ``depthwise=True``,
+    so ``channel`` granularity keeps one scale per depthwise channel)."""
+
+    def __init__(self, *args, depthwise_quantizer=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        source = (
+            depthwise_quantizer
+            or self._syq_defaults.get("depthwise_quantizer")
+            or self._syq_defaults.get("kernel_quantizer")
+            or self.kernel_quantizer
+        )
+        extra = {"depthwise": True} if _has_depthwise_arg(source) else {}
+        self.depthwise_quantizer = _copy_quantizer(source, "depthwise_quantizer", self.name, **extra)
+
+    def get_config(self):
+        return {**super().get_config(), "depthwise_quantizer": _serialize(self.depthwise_quantizer)}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("depthwise_quantizer"), dict):
+            config["depthwise_quantizer"] = deserialize_quantizer(config["depthwise_quantizer"])
+        return super().from_config(config)
+
+
 QuantizedConv1D = _quantized_class(tf.keras.layers.Conv1D)
+QuantizedSeparableConv2D = _quantized_class(tf.keras.layers.SeparableConv2D)
 QuantizedConv2D = _quantized_class(tf.keras.layers.Conv2D)
 QuantizedConv3D = _quantized_class(tf.keras.layers.Conv3D)
 QuantizedDepthwiseConv2D = _quantized_class(tf.keras.layers.DepthwiseConv2D)
@@ -275,7 +309,8 @@ QuantizedGRU = _quantized_class(tf.keras.layers.GRU)
 QuantizedSimpleRNN = _quantized_class(tf.keras.layers.SimpleRNN)
 
 
-def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None, recurrent_quantizer=None):
+def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None, recurrent_quantizer=None,
+             depthwise_quantizer=None):
     """Quantize a Keras layer class, a subclass (as a decorator) or a layer instance.
 
     - ``quantize(tf.keras.layers.Conv2D, kernel_quantizer=q, input_quantizer=a)`` returns a class
@@ -285,12 +320,15 @@ def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None, recurr
       (and the same weights, if the layer was built).
     - Recurrent layers (LSTM, GRU, SimpleRNN): ``kernel_quantizer`` quantizes the input kernel and
       ``recurrent_quantizer`` (default: a copy of ``kernel_quantizer``) the recurrent kernel.
+    - SeparableConv2D: ``kernel_quantizer`` quantizes the pointwise kernel and
+      ``depthwise_quantizer`` (default: a copy of ``kernel_quantizer``) the depthwise kernel, each
+      with its own granularity.
 
     Quantizers with scales are copied per layer, so one ``SYQ(...)`` can configure many layers.
     """
     if target is None:
         return lambda t: quantize(t, kernel_quantizer=kernel_quantizer, input_quantizer=input_quantizer,
-                                  recurrent_quantizer=recurrent_quantizer)
+                                  recurrent_quantizer=recurrent_quantizer, depthwise_quantizer=depthwise_quantizer)
     if kernel_quantizer is None and input_quantizer is None:
         raise ValueError("syq_tf.quantize: give a kernel_quantizer, an input_quantizer or both.")
     cls = target if isinstance(target, type) else type(target)
@@ -301,7 +339,16 @@ def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None, recurr
             f"syq_tf.quantize: recurrent_quantizer is for recurrent layers (LSTM, GRU, SimpleRNN); "
             f"{cls.__name__} has no recurrent kernel."
         )
+    if depthwise_quantizer is not None and not (
+        isinstance(cls, type) and issubclass(cls, tf.keras.layers.SeparableConv2D)
+    ):
+        raise ValueError(
+            f"syq_tf.quantize: depthwise_quantizer is for SeparableConv2D (its depthwise kernel); "
+            f"{cls.__name__} has one kernel: use kernel_quantizer."
+        )
     extra = {} if recurrent_quantizer is None else {"recurrent_quantizer": recurrent_quantizer}
+    if depthwise_quantizer is not None:
+        extra["depthwise_quantizer"] = depthwise_quantizer
     if isinstance(target, type):
         if not issubclass(target, tf.keras.layers.Layer):
             raise TypeError(f"syq_tf.quantize: {target!r} is not a tf.keras layer class.")
@@ -311,6 +358,7 @@ def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None, recurr
         _copy_quantizer(kernel_quantizer, "kernel_quantizer", target.__name__)
         _copy_quantizer(input_quantizer, "input_quantizer", target.__name__)
         _copy_quantizer(recurrent_quantizer, "recurrent_quantizer", target.__name__)
+        _copy_quantizer(depthwise_quantizer, "depthwise_quantizer", target.__name__)
         defaults = {"kernel_quantizer": kernel_quantizer, "input_quantizer": input_quantizer, **extra}
         return type(
             quantized.__name__,

@@ -13,12 +13,16 @@ from syq_tf.models import layer_kernels
 SINGLE_WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 
 
-def match_tensor(layer, kernel, tensors, used):
+def match_tensor(layer, kernel, tensors, used, attr=None):
     """The stored weight tensor of a Keras kernel: by layer name in the tensor name, else (when the
-    converter renamed it, e.g. after folding a BatchNorm) the next unused one of the same size.
-    Weight ops are stored in execution order, which follows the model's layer order."""
+    converter renamed it, e.g. after folding a BatchNorm) the next unused one of the same size, of
+    an op that can hold it (a ``depthwise_kernel`` only a DEPTHWISE_CONV_2D, other kernels only the
+    other ops). Weight ops are stored in execution order, which follows the model's layer order."""
     size = int(np.prod(kernel.shape))
-    free = [t for t in tensors if id(t) not in used and t.values.size == size]
+    attr = attr or leaf(kernel.name).split(":")[0]
+    depthwise = attr == "depthwise_kernel"
+    free = [t for t in tensors if id(t) not in used and t.values.size == size
+            and (t.op == "DEPTHWISE_CONV_2D") == depthwise]
     for t in free:
         if f"/{layer.name}/" in f"/{t.name}/":
             return t
@@ -34,6 +38,7 @@ class KernelMatch:
     variable: object  # the float kernel variable
     tensor: object  # flatbuffer.WeightTensor, or None if not found
     part: int = None  # LSTM gate (0..3: i, f, c, o), None for single-tensor kernels
+    several: bool = False  # the layer has more than one kernel (RNN, SeparableConv2D)
 
     def expected(self):
         """The Keras quantized kernel (this part of it) in the stored tensor's layout."""
@@ -43,7 +48,7 @@ class KernelMatch:
     @property
     def label(self):
         """Report name of the kernel: the layer's name, plus the kernel's for layers with several."""
-        if isinstance(self.layer, tf.keras.layers.RNN):
+        if self.several or isinstance(self.layer, tf.keras.layers.RNN):
             return f"{self.layer.name}/{leaf(self.variable.name).split(':')[0]}"
         return self.layer.name
 
@@ -82,9 +87,9 @@ def kernel_matches(model, buffer):
             kernels = {"kernel": (None, layer.kernel)}
         else:
             kernels = {}
-        for quantizer, variable in kernels.values():
-            tensor = match_tensor(layer, variable, single, used)
+        for attr, (quantizer, variable) in kernels.items():
+            tensor = match_tensor(layer, variable, single, used, attr)
             if tensor is not None:
                 used.add(id(tensor))
-            out.append(KernelMatch(layer, quantizer, variable, tensor))
+            out.append(KernelMatch(layer, quantizer, variable, tensor, several=len(kernels) > 1))
     return out

@@ -6,7 +6,14 @@ import tensorflow as tf
 
 from syq_tf.tfmot.adapter import tq
 from syq_tf.tfmot.configs import ActivationConfig, QuantizeConfig, quantize_scope
-from syq_tf.tfmot.schemes import SchemeRegistry, SyqQuantizeScheme, has_kernel, parse_scheme
+from syq_tf.tfmot.schemes import (
+    SPLIT,
+    SchemeRegistry,
+    SyqQuantizeScheme,
+    has_kernel,
+    parse_scheme,
+    separable_parts,
+)
 from syq_tf.tfmot.wrappers import is_wrapper
 
 @dataclasses.dataclass
@@ -66,8 +73,11 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
     missing = sorted(set(keep_float) - names)
     if missing:
         raise ValueError(f"quantize_model: keep_float names layers the model does not have: {missing}.")
-    weighted = [layer for layer in model.layers if has_kernel(layer) and layer.name not in keep_float]
-    first_last = {weighted[0].name, weighted[-1].name} if weighted else set()
+    weighted = [layer for layer in model.layers
+                if (has_kernel(layer) or isinstance(layer, SPLIT)) and layer.name not in keep_float]
+    first_last = set()
+    for layer in weighted[:1] + weighted[-1:]:
+        first_last.update(separable_parts(layer.name) if isinstance(layer, SPLIT) else (layer.name,))
     registry = SchemeRegistry(spec, first_last)
     quantized_names, unsupported, passed = set(), [], []
     for layer in model.layers:

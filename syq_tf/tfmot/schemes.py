@@ -8,6 +8,12 @@ import tensorflow as tf
 from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
     default_8bit_quantize_configs as default_configs,  # (its output-only config is not public)
 )
+from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+    default_8bit_transforms as default_transforms,  # (the layout transforms are not public)
+)
+from tensorflow_model_optimization.python.core.quantization.keras.graph_transformations import (
+    model_transformer,
+)
 
 from syq_tf.quantizers import SYQ, DoReFaActivation, LeastSquares, LossAware, UniQ, UniQActivation
 from syq_tf.tfmot.adapter import kernel_attr, tq
@@ -68,6 +74,8 @@ def parse_scheme(name):
 ACTIVATION_LAYERS = (tf.keras.layers.ReLU, tf.keras.layers.Activation)
 # Not in tfmot's registry, but handled by the default scheme's layout transforms.
 TRANSFORMED = (tf.keras.layers.BatchNormalization,)
+# Split by the layout transform into kernel layers the registry quantizes (NamedSeparableConvQuantize).
+SPLIT = (tf.keras.layers.SeparableConv2D,)
 
 
 def has_kernel(layer):
@@ -87,7 +95,8 @@ class SchemeRegistry(tq.default_8bit.Default8BitQuantizeRegistry):
 
     def supports(self, layer):
         """Layers with a kernel, activation layers and tfmot's layout-transformed ones."""
-        return has_kernel(layer) or isinstance(layer, ACTIVATION_LAYERS + TRANSFORMED) or super().supports(layer)
+        return has_kernel(layer) or isinstance(layer, ACTIVATION_LAYERS + TRANSFORMED + SPLIT) or \
+            super().supports(layer)
 
     def get_quantize_config(self, layer):
         if has_kernel(layer):
@@ -103,18 +112,64 @@ class SchemeRegistry(tq.default_8bit.Default8BitQuantizeRegistry):
         return super().get_quantize_config(layer)
 
 
+def separable_parts(name):
+    """Names of the DepthwiseConv2D and the 1x1 Conv2D a SeparableConv2D ``name`` becomes."""
+    return f"{name}_depthwise", f"{name}_pointwise"
+
+
+class NamedSeparableConvQuantize(default_transforms.SeparableConvQuantize):
+    """tfmot's SeparableConv2D -> DepthwiseConv2D + 1x1 Conv2D split, with the parts named after the
+    layer (:func:`separable_parts`) instead of Keras' generated names, so reports and the first /
+    last layer rule can name them."""
+
+    def replacement(self, match_layer):
+        node = super().replacement(match_layer)
+        if node is match_layer:
+            return node
+        depthwise, pointwise = separable_parts(match_layer.layer["config"]["name"])
+        for part, name in ((node.input_layers[0], depthwise), (node, pointwise)):
+            part.layer["name"] = part.layer["config"]["name"] = name
+        return node
+
+
 class LayoutTransform(tq.default_8bit.Default8BitQuantizeLayoutTransform):
-    """tfmot's default 8-bit layout transforms, except that a low-bit kernel layer directly followed
-    by a ReLU keeps its weight quantizer. tfmot gives such a layer a no-op config (no fake-quant
-    between the layer and its ReLU), which would leave the kernel float while the scheme says low
-    bit; the scheme's weight-only config puts no fake-quant on the output either."""
+    """tfmot's default 8-bit layout transforms, with two changes:
+
+    - a SeparableConv2D is split into parts named after it (:class:`NamedSeparableConvQuantize`);
+    - a low-bit kernel layer directly followed by a ReLU keeps its weight quantizer. tfmot gives
+      such a layer a no-op config (no fake-quant between the layer and its ReLU), which would leave
+      the kernel float while the scheme says low bit; the scheme's weight-only config puts no
+      fake-quant on the output either."""
+
+    TRANSFORMS = (
+        default_transforms.InputLayerQuantize,
+        default_transforms.SeparableConv1DQuantize,
+        NamedSeparableConvQuantize,
+        default_transforms.Conv2DReshapeBatchNormReLUQuantize,
+        default_transforms.Conv2DReshapeBatchNormActivationQuantize,
+        default_transforms.Conv2DBatchNormReLUQuantize,
+        default_transforms.Conv2DBatchNormActivationQuantize,
+        default_transforms.Conv2DReshapeBatchNormQuantize,
+        default_transforms.Conv2DBatchNormQuantize,
+        default_transforms.ConcatTransform6Inputs,
+        default_transforms.ConcatTransform5Inputs,
+        default_transforms.ConcatTransform4Inputs,
+        default_transforms.ConcatTransform3Inputs,
+        default_transforms.ConcatTransform,
+        default_transforms.DenseBatchNormQuantize,
+        default_transforms.DenseBatchNormReLUQuantize,
+        default_transforms.DenseBatchNormActivationQuantize,
+        default_transforms.LayerReLUQuantize,
+        default_transforms.LayerReluActivationQuantize,
+    )
 
     def __init__(self, eight_bit=()):
         super().__init__()
         self.eight_bit = frozenset(eight_bit)
 
     def apply(self, model, layer_quantize_map):
-        transformed, quantize_map = super().apply(model, layer_quantize_map)
+        transformed, quantize_map = model_transformer.ModelTransformer(
+            model, [t() for t in self.TRANSFORMS], set(layer_quantize_map), layer_quantize_map).transform()
         for layer in transformed.layers:
             config = quantize_map.get(layer.name, {}).get("quantize_config")
             if isinstance(config, default_configs.NoOpQuantizeConfig) and has_kernel(layer) \
