@@ -1,7 +1,8 @@
 """`syq-tf train` runs that are interrupted, resumed, run twice at once or run into an old --out.
 
-- An interrupted run (an exception after an epoch's checkpoint) resumed with ``--resume`` reaches
-  bit-identical weights, and the same per-epoch history, as an uninterrupted run.
+- An interrupted run (an exception after an epoch's checkpoint, or SIGKILL after the checkpoint
+  between the phases) resumed with ``--resume`` reaches bit-identical weights, and the same
+  per-epoch history, as an uninterrupted run.
 - Two runs into one --out: the second fails at once naming the first's PID; SIGTERM ends the first
   cleanly (exit 143, no temporary file left, the lock released).
 - Files of an earlier run that this run does not write are removed and listed in metrics.json.
@@ -51,7 +52,6 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize("method, phase, epoch", [
     ("syq", "float", 1),  # after the first float epoch
-    ("syq", "quantized", 0),  # between the phases (float done, no quantized epoch yet)
     ("uniq", "quantized", 1),  # after the first quantized epoch: optimizer, scales and steps restored
 ])
 def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch, capsys, reference, method,
@@ -78,6 +78,34 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatc
     assert metrics["history"] == expected["history"]  # every epoch's loss and accuracy, bit for bit
     assert metrics["resumed"] is True and metrics["test_accuracy"] == expected["test_accuracy"]
     assert not (out / cli.CHECKPOINT).exists() and not _leftovers(out)
+
+
+def test_a_run_killed_with_sigkill_in_the_quantized_phase_resumes_to_the_same_weights(tmp_path, reference):
+    out = tmp_path / "killed"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": REPO}
+    run = subprocess.Popen([sys.executable, "-m", "syq_tf.cli", "train", *TINY, "--method", "syq",
+                            "--float_epochs", "2", "--epochs", "2", "--out", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # until the checkpoint taken between the phases appears
+            assert run.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
+            try:
+                with np.load(out / cli.CHECKPOINT) as data:
+                    if json.loads(data["state"].tobytes())["phase"] == "quantized":
+                        break
+            except (OSError, KeyError, ValueError):
+                pass
+            time.sleep(0.02)
+        time.sleep(0.3)  # somewhere in the calibration or the first quantized epoch
+    finally:
+        run.kill()
+        run.wait()
+    assert not (out / "model.keras").exists()
+    assert cli.main(["train", "--resume", "--verbose", "0", "--out", str(out)]) == 0
+    for a, b in zip(_weights(out / "model.keras"), _weights(reference["syq"] / "model.keras"), strict=True):
+        assert np.array_equal(a, b)
+    assert not _leftovers(out)
 
 
 def test_resume_refuses_other_flags_and_a_missing_checkpoint(tmp_path, capsys, monkeypatch):
