@@ -132,3 +132,16 @@ print(type(m.get_layer("conv").kernel_quantizer).__name__, m.get_layer("conv").k
     assert result.stdout.split() == ["SYQ", "0.1"]
     with pytest.raises(ValueError, match=r"must end with one of \('.keras', '.h5'\)"):
         syq_tf.save_model(model, tmp_path / "model.tf")
+
+
+def test_safe_mode_accepts_tfmot_models_in_h5(tmp_path):
+    import syq_tf.tfmot as st  # noqa: PLC0415
+    from test_tfmot import resnet_like  # noqa: PLC0415
+
+    model = st.quantize_model(resnet_like(), "syq-w2a8")
+    path = syq_tf.save_model(model, tmp_path / "tfmot.h5")
+    assert syq_tf.saving.check_model_file(path) == "h5"
+    with st.quantize_scope():
+        loaded = syq_tf.load_model(path)
+    x = np.random.default_rng(0).uniform(0, 1, (2, 8, 8, 1)).astype(np.float32)
+    np.testing.assert_array_equal(loaded(x), model(x))
