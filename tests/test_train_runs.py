@@ -123,6 +123,11 @@ def test_resume_refuses_other_flags_and_a_missing_checkpoint(tmp_path, capsys, m
     assert capsys.readouterr().err.strip() == (
         "syq-tf train: error: --resume: flags differ from the interrupted run's: --seed=6 (checkpoint: 5); leave "
         "them out (or start a new run without --resume)")
+    saved = (out / cli.CHECKPOINT).read_bytes()
+    (out / cli.CHECKPOINT).write_bytes(saved[: len(saved) // 2])  # damaged outside syq-tf
+    assert cli.main(["train", "--resume", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"syq-tf train: error: {out / cli.CHECKPOINT}: cannot read the checkpoint: ") and "\n" not in err
     empty = tmp_path / "empty"
     assert cli.main(["train", "--resume", "--out", str(empty)]) == 1
     assert capsys.readouterr().err.strip() == (
