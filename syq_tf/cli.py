@@ -509,7 +509,9 @@ def _prepare_out(out):
 
 def epoch_order(seed, phase, epoch, n):
     """The example order of one epoch: a permutation of ``n`` that depends only on (seed, phase,
-    epoch), so that a resumed run sees the same batches as an uninterrupted one."""
+    epoch), so that a resumed run sees the same batches as an uninterrupted one. Training draws no
+    other random numbers (the demo CNN has no dropout; weights are initialised before the first
+    epoch and, on --resume, overwritten from the checkpoint), so the checkpoint needs no RNG state."""
     seed = int(seed)
     return np.random.default_rng([seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, phase, int(epoch)]).permutation(n)
 
@@ -537,18 +539,18 @@ def _check_finite_data(x, what):
                        "would give a model of NaN weights")
 
 
-def _variables_state(model, prefix):
+def _variables_state(model):
     """Arrays and (name, shape) list of the model's variables and its optimizer's."""
     arrays, names = {}, []
     groups = (("w", model.weights), ("o", model.optimizer.variables if model.optimizer is not None else []))
     for tag, variables in groups:
         for i, v in enumerate(variables):
-            arrays[f"{prefix}{tag}{i}"] = v.numpy()
+            arrays[f"{tag}{i}"] = v.numpy()
             names.append([tag, v.name, list(v.shape)])
     return arrays, names
 
 
-def _restore_variables(model, arrays, names, prefix, path):
+def _restore_variables(model, arrays, names, path):
     model.optimizer.build(model.trainable_variables)
     groups = {"w": list(model.weights), "o": list(model.optimizer.variables)}
     expected = [[tag, v.name, list(v.shape)] for tag in ("w", "o") for v in groups[tag]]
@@ -557,7 +559,7 @@ def _restore_variables(model, arrays, names, prefix, path):
                        f"({len(names)} saved, {len(expected)} in the model); was it written by another version?")
     for tag, variables in groups.items():
         for i, v in enumerate(variables):
-            v.assign(arrays[f"{prefix}{tag}{i}"])
+            v.assign(arrays[f"{tag}{i}"])
 
 
 def _write_checkpoint(path, state, arrays):
@@ -683,7 +685,7 @@ def _train_locked(fv, out):
             state["phase"], state["epoch"] = self.phase, epoch + 1
             state["seconds"][self.phase] = self.spent + time.time() - self.t0
             state["seconds"]["total_before"] = before + time.time() - started
-            saved, state["variables"] = _variables_state(self.model, "")
+            saved, state["variables"] = _variables_state(self.model)
             _write_checkpoint(checkpoint_path, state, saved)
 
     def callbacks(phase):
@@ -701,7 +703,7 @@ def _train_locked(fv, out):
                   verbose=fv.verbose, callbacks=[*callbacks(phase), *extra, Checkpoint(phase, time.time())])
 
     def restore(model):
-        _restore_variables(model, arrays, state["variables"], "", checkpoint_path)
+        _restore_variables(model, arrays, state["variables"], checkpoint_path)
 
     float_model = recipes.build_cnn(None, widths=widths, input_shape=shape, classes=classes)
     recipes.compile_model(float_model, fv.float_lr)
@@ -723,8 +725,9 @@ def _train_locked(fv, out):
         if in_float:
             # the float phase's checkpoint: a run interrupted before the first quantized epoch ends
             # resumes here (the float weights are saved with phase 'quantized', epoch 0)
-            saved, state["variables"] = _variables_state(float_model, "")
+            saved, state["variables"] = _variables_state(float_model)
             state["phase"], state["epoch"] = "quantized", 0
+            state["seconds"]["total_before"] = before + time.time() - started
             _write_checkpoint(checkpoint_path, state, saved)
         elif state["epoch"] == 0:
             restore(float_model)
