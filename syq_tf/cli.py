@@ -186,7 +186,7 @@ class Train(Command):
             value = fv[name].value
             if not (math.isfinite(value) and value > 0):
                 raise CliError(f"--{name}={value}: the learning rate must be a finite number > 0", USAGE_ERROR)
-        if fv.method != "float":
+        if fv.method != "float" and not fv.resume:  # --resume: the checkpoint's (validated) flags apply
             from syq_tf import recipes  # noqa: PLC0415
 
             try:

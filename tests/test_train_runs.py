@@ -123,6 +123,11 @@ def test_resume_refuses_other_flags_and_a_missing_checkpoint(tmp_path, capsys, m
     assert capsys.readouterr().err.strip() == (
         "syq-tf train: error: --resume: flags differ from the interrupted run's: --seed=6 (checkpoint: 5); leave "
         "them out (or start a new run without --resume)")
+    # the flags are checked against the checkpoint's (method float), not the defaults' (SYQ takes 1 or 2 bits)
+    assert cli.main(["train", "--resume", "--bits", "4", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().endswith("flags differ from the interrupted run's: --bits=4 "
+                                                    "(checkpoint: 2); leave them out (or start a new run without "
+                                                    "--resume)")
     saved = (out / cli.CHECKPOINT).read_bytes()
     (out / cli.CHECKPOINT).write_bytes(saved[: len(saved) // 2])  # damaged outside syq-tf
     assert cli.main(["train", "--resume", "--out", str(out)]) == 1
