@@ -8,6 +8,11 @@ refuses (:class:`syq_tf.errors.UnsafeModelError`) a file that would run code whe
 - an object whose ``module`` or package-qualified ``registered_name`` lies outside Keras
   (``keras``, ``tf_keras``, ``tensorflow``), syq_tf, larq and tfmot (``tensorflow_model_optimization``):
   Keras imports such modules by name;
+- a ``TFOpLambda`` / ``SlicingOpLambda`` layer (a TensorFlow function called in a functional
+  model, stored by name) naming a function that touches files, runs Python or reaches raw ops:
+  ``tf.io.*``, ``tf.raw_ops.*``, ``tf.py_function``, ``tf.numpy_function``, ``tf.print``,
+  ``tf.summary.*``, ``tf.compat.*``, ... (:data:`UNSAFE_TF_FUNCTIONS`; ``tf.math.add`` and the
+  like are fine);
 - in a SavedModel directory, graph ops that call back into Python or write files (``PyFunc``,
   ``EagerPyFunc``, ``WriteFile``).
 
@@ -34,6 +39,11 @@ from syq_tf.errors import UnsafeModelError
 ALLOWED_PACKAGES = ("keras", "tf_keras", "tensorflow", "syq_tf", "larq", "tensorflow_model_optimization")
 FORMATS = (".keras", ".h5")
 UNSAFE_OPS = ("PyFunc", "PyFuncStateless", "EagerPyFunc", "WriteFile")
+# first component of a TFOpLambda's tf function name: file I/O, Python callbacks, raw ops, state
+UNSAFE_TF_FUNCTIONS = ("io", "raw_ops", "py_function", "numpy_function", "print", "summary", "compat", "saved_model",
+                       "train", "data", "lite", "load_library", "load_op_library", "experimental", "distribute",
+                       "config", "autograph", "sysconfig", "function", "Module", "Variable", "keras", "estimator")
+_TF_OP_LAYERS = ("TFOpLambda", "SlicingOpLambda")
 OPT_IN = "--unsafe on the syq-tf command line, safe_mode=False in syq_tf.saving.load_model"
 MAX_CONFIG_BYTES = 64 << 20  # a model's JSON configuration larger than this is refused (a zip bomb)
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -79,6 +89,11 @@ def unsafe_reason(config):
         if cls == "Lambda":
             found.append((*where, "is a Lambda layer: its function is Python code stored in the file"))
             return
+        if cls in _TF_OP_LAYERS and isinstance(inner, dict):
+            function = str(inner.get("function", ""))
+            if function.split(".")[0] in UNSAFE_TF_FUNCTIONS or not function.replace(".", "").replace("_", "").isalnum():
+                found.append((*where, f"calls tf.{function}, which can read or write files or run Python"))
+                return
         if cls == "__lambda__":
             found.append((*where, "holds a serialized Python lambda"))
             return

@@ -145,3 +145,25 @@ def test_safe_mode_accepts_tfmot_models_in_h5(tmp_path):
         loaded = syq_tf.load_model(path)
     x = np.random.default_rng(0).uniform(0, 1, (2, 8, 8, 1)).astype(np.float32)
     np.testing.assert_array_equal(loaded(x), model(x))
+
+
+def test_tf_functions_touching_files_or_python_are_refused(tmp_path):
+    inp = tf.keras.Input((3,))
+    out = tf.reshape(tf.math.add(tf.keras.layers.Dense(2, name="fc")(inp), 1.0), (-1, 2))
+    good = syq_tf.save_model(tf.keras.Model(inp, out), tmp_path / "ops.keras")
+    assert syq_tf.load_model(good).layers[2].name == "tf.math.add"  # plain tf functions load
+
+    def to_write_file(layer):
+        layer["config"]["function"] = "io.write_file"
+
+    bad = tmp_path / "io.keras"
+    with zipfile.ZipFile(good) as z:
+        parts = {name: z.read(name) for name in z.namelist()}
+    config = json.loads(parts["config.json"])
+    to_write_file(next(layer for layer in config["config"]["layers"] if layer["class_name"] == "TFOpLambda"))
+    with zipfile.ZipFile(bad, "w") as z:
+        for name, data in {**parts, "config.json": json.dumps(config).encode()}.items():
+            z.writestr(name, data)
+    with pytest.raises(UnsafeModelError, match=r"layer 'tf.math.add' \(TFOpLambda\) calls tf.io.write_file, which "
+                                               r"can read or write files or run Python"):
+        syq_tf.load_model(bad)
