@@ -21,6 +21,8 @@ with _quiet_native_startup():  # only for the syq-tf command: its errors stay on
     from syq_tf.summary import summary  # noqa: E402
     from syq_tf.callbacks import CheckFinite, QuantizerLogger  # noqa: E402
     from syq_tf.plots import plot_codebooks, plot_training  # noqa: E402  (matplotlib loads on first plot)
+    from syq_tf import saving  # noqa: E402
+    from syq_tf.saving import load_model, save_model  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -42,4 +44,7 @@ __all__ = [
     "CheckFinite",
     "plot_codebooks",
     "plot_training",
+    "saving",
+    "load_model",
+    "save_model",
 ]

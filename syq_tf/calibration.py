@@ -13,6 +13,8 @@ While calibrating, each activation quantizer passes its input through in float a
 its step becomes ``k+_b`` times the largest value seen.
 """
 
+import numbers
+
 import numpy as np
 import tensorflow as tf
 
@@ -57,7 +59,7 @@ def calibrate(model, data, batches=100, batch_size=128, recalibrate=True, batch_
     :class:`Calibrate` callback does, so resuming training keeps the learned steps).
     Weight steps initialise themselves on the first forward pass. Returns ``{quantizer name: step}``.
     """
-    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+    if isinstance(batches, (bool, np.bool_)) or not isinstance(batches, numbers.Integral) or batches < 1:
         raise ValueError(f"syq_tf.calibrate: batches={batches!r} must be a positive integer.")
     quantizers = calibratable_quantizers(model)
     if not recalibrate:
@@ -68,6 +70,9 @@ def calibrate(model, data, batches=100, batch_size=128, recalibrate=True, batch_
     saved = None
     try:
         for x in _batches(data, batches, batch_size):
+            if x.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(x))):
+                raise ValueError(f"syq_tf.calibrate: calibration batch {seen} holds NaN or Inf values; the "
+                                 "activation steps would be NaN (check the data)")
             if saved is None:
                 for q in quantizers:
                     q.start_calibration()

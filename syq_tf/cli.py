@@ -1,8 +1,8 @@
 """``syq-tf``: the command line (absl flags; installed by ``pip install -e .``).
 
     syq-tf train   --dataset synthetic --method syq --bits 2 --out runs/syq
-    syq-tf export  --model runs/syq/model.h5 --target tflm --dataset synthetic
-    syq-tf inspect --model runs/syq/model.h5          (or a .tflite)
+    syq-tf export  --model runs/syq/model.keras --target tflm --dataset synthetic
+    syq-tf inspect --model runs/syq/model.keras       (or a .tflite)
     syq-tf bench   [--rows REGEX] [-- extra benchmark arguments]
 
 Each command has its own flags (``syq-tf <command> --help``). Errors print one line,
@@ -18,7 +18,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,13 @@ SYNTHETIC_TEST = 2000  # default images of its test split
 SYNTHETIC_TEST_SEED = 1_000_003  # test split seed offset: never the training examples' seed
 USAGE_ERROR, RUNTIME_ERROR = 2, 1
 DECODE_OP = "TFLM_DECODE"  # syq_tf.export.tflm: LUT-compressed weights
+MODEL_FILE = "model.keras"  # what `train` writes (older versions wrote model.h5: still read)
+CHECKPOINT = "checkpoint.npz"  # `train`'s end-of-epoch checkpoint (removed when the run ends)
+TRAIN_OUTPUTS = (MODEL_FILE, "model.h5", "metrics.json", "training.png", "codebooks.png")  # stale-file candidates
+LOG_PHASES = ("float", "quantized", "quantizers")  # logs/<phase>: TensorBoard event files of `train`
+RESUME_FREE = ("out", "resume", "verbose", "debug")  # flags that may differ on --resume
+UNSAFE_HELP = ("load a Keras model even if loading runs code stored in it (a Lambda layer, Python bytecode, "
+               "classes outside Keras, syq_tf, larq and tfmot); only for files you trust")
 
 
 class CliError(Exception):
@@ -124,12 +130,19 @@ class Train(Command):
     summary = ("train the demo CNN: float pre-training, then quantized fine-tuning with the scales "
                "initialised from the float weights (syq_tf.recipes)")
     description = """
-        Writes to --out: model.h5 (weights and quantizer state; loads with
-        tf.keras.models.load_model after `import syq_tf`), metrics.json (per-epoch loss and
-        accuracy of both phases, test accuracy, seconds, the configuration), logs/ (TensorBoard:
-        Keras scalars per phase and syq_tf.QuantizerLogger's scales and codebooks),
-        codebooks.png (syq_tf.plot_codebooks) and training.png (syq_tf.plot_training).
-        --method float trains the float model for --float_epochs + --epochs epochs."""
+        Writes to --out: model.keras (weights and quantizer state; loads with
+        syq_tf.load_model or tf.keras.models.load_model after `import syq_tf`), metrics.json
+        (per-epoch loss and accuracy of both phases, test accuracy, seconds, the configuration),
+        logs/ (TensorBoard: Keras scalars per phase and syq_tf.QuantizerLogger's scales and
+        codebooks), codebooks.png (syq_tf.plot_codebooks) and training.png (syq_tf.plot_training).
+        --method float trains the float model for --float_epochs + --epochs epochs.
+        Every file appears atomically (a temporary file, then a rename: an interrupted run leaves
+        the previous files whole). checkpoint.npz is written at the end of every epoch of both
+        phases and removed when the run ends; --resume continues an interrupted run from it, to
+        the same weights as an uninterrupted run. One run at a time per --out (a lock file,
+        .syq-tf.lock): a second run into it fails at once. Files of an earlier run that this run
+        does not rewrite (codebooks.png after --method float, an old model.h5, old TensorBoard
+        event files) are removed at the end and listed in metrics.json ("removed")."""
 
     def define(self, d):
         from syq_tf import recipes  # noqa: PLC0415
@@ -157,17 +170,23 @@ class Train(Command):
         d.integer("float_epochs", 1, "float pre-training epochs", lower_bound=0)
         d.integer("epochs", 2, "quantized fine-tuning epochs", lower_bound=0)
         d.integer("batch_size", 128, "training batch size", lower_bound=1)
-        d.float("float_lr", 1e-3, "Adam learning rate of the float pre-training", lower_bound=0)
-        d.float("lr", 5e-4, "learning rate of the quantized fine-tuning (Adam; LossAwareAdam for la)",
-                lower_bound=0)
+        d.float("float_lr", 1e-3, "Adam learning rate of the float pre-training (a finite number > 0)")
+        d.float("lr", 5e-4, "learning rate of the quantized fine-tuning (Adam; LossAwareAdam for la; a finite "
+                "number > 0)")
         d.integer("seed", 0, "random seed (weights, shuffling, synthetic examples)")
         d.string("out", "out/syq-tf-train", "output directory (created if needed)")
         d.integer("verbose", 2, "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch",
                   lower_bound=0, upper_bound=2)
+        d.boolean("resume", False, f"continue the interrupted run in --out from its {CHECKPOINT} (flags not "
+                  "given are taken from the checkpoint; flags given must match it)")
 
     def validate(self, fv):
         widths = _widths(fv.widths)
-        if fv.method != "float":
+        for name in ("float_lr", "lr"):
+            value = fv[name].value
+            if not (math.isfinite(value) and value > 0):
+                raise CliError(f"--{name}={value}: the learning rate must be a finite number > 0", USAGE_ERROR)
+        if fv.method != "float" and not fv.resume:  # --resume: the checkpoint's (validated) flags apply
             from syq_tf import recipes  # noqa: PLC0415
 
             try:
@@ -194,7 +213,8 @@ class Export(Command):
     def define(self, d):
         from syq_tf.export import REGISTRY, TARGETS, WEIGHTS  # noqa: PLC0415  (known at run time)
 
-        d.string("model", None, "the saved Keras model (model.h5 of `syq-tf train`, or a SavedModel directory)")
+        d.string("model", None, "the saved Keras model (model.keras of `syq-tf train`, a .h5 file or a SavedModel "
+                 "directory)")
         d.enum("target", TARGETS[0], list(TARGETS), "export target (syq_tf.export.TARGETS): "
                + "; ".join(f"{t.name}: {t.summary}" for t in REGISTRY.values()))
         d.enum("dataset", "fashion_mnist", list(DATASETS),
@@ -211,10 +231,11 @@ class Export(Command):
         d.integer("seed", 0, "seed of the synthetic examples")
         d.string("out", None, "the .tflite to write (default: <model without extension>_<target>.tflite; "
                  "a directory: <dir>/model_<target>.tflite)")
+        d.boolean("unsafe", False, UNSAFE_HELP)
 
     def validate(self, fv):
         if not fv.model:
-            raise CliError("--model is required (the saved model to export, e.g. out/syq-tf-train/model.h5)",
+            raise CliError("--model is required (the saved model to export, e.g. out/syq-tf-train/model.keras)",
                            USAGE_ERROR)
         from syq_tf.export import WEIGHTS  # noqa: PLC0415
 
@@ -238,14 +259,16 @@ class Inspect(Command):
         and the bytes at those bits (bits x weights / 8); TFLM LUT-compressed tensors included."""
 
     def define(self, d):
-        d.string("model", None, "a saved Keras model (.h5 / SavedModel directory) or a .tflite file")
+        d.string("model", None, "a saved Keras model (.keras / .h5 / SavedModel directory) or a .tflite file")
+        d.boolean("unsafe", False, UNSAFE_HELP)
 
     def validate(self, fv):
         if not fv.model:
-            raise CliError("--model is required (a .h5 / SavedModel directory or a .tflite file)", USAGE_ERROR)
+            raise CliError("--model is required (a .keras / .h5 / SavedModel directory or a .tflite file)",
+                           USAGE_ERROR)
 
     def run(self, fv, extra):
-        return _inspect(fv.model)
+        return _inspect(fv.model, unsafe=fv.unsafe)
 
 
 class Bench(Command):
@@ -346,12 +369,17 @@ def prepare(argv):
 
 def execute(command, fv, extra):
     """Run a parsed command; returns the exit status (failures: one line on stderr)."""
+    from syq_tf import files  # noqa: PLC0415
+
     try:
-        return int(command.run(fv, extra) or 0)
+        with files.sigterm_raises():  # SIGTERM unwinds like Ctrl-C: temporary files removed, locks released
+            return int(command.run(fv, extra) or 0)
     except CliError as err:
         if fv.debug:
             raise
         return _fail(command.name, err, err.code)
+    except files.Terminated:
+        return _fail(command.name, "terminated (SIGTERM)", 128 + 15)
     except KeyboardInterrupt:
         return _fail(command.name, "interrupted", 130)
     except Exception as err:  # noqa: BLE001  (the one-line report of any failure; --debug: traceback)
@@ -426,26 +454,26 @@ def load_dataset(name, split, limit=None, seed=0, shape=(28, 28, 1), classes=10)
     return (x[:limit], y[:limit]) if limit else (x, y)
 
 
-def _history(h):
-    return {k: [float(v) for v in values] for k, values in h.history.items()}
-
-
 def _write_json(path, obj):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    from syq_tf import files  # noqa: PLC0415
+
+    files.write_atomic(path, json.dumps(obj, indent=2).encode())
 
 
-def _load_keras(path):
-    import tensorflow as tf  # noqa: PLC0415
+def _load_keras(path, unsafe=False):
+    """The Keras model at ``path`` (.keras, .h5, SavedModel directory) through syq_tf.saving.load_model:
+    safe mode unless ``unsafe`` (a model whose loading would run code is refused, naming the layer)."""
+    from syq_tf import saving  # noqa: PLC0415
+    from syq_tf.errors import UnsafeModelError  # noqa: PLC0415
 
     if not os.path.exists(path):
         raise CliError(f"{path}: no such file or directory")
     try:
-        return tf.keras.models.load_model(path, compile=False)
+        return saving.load_model(path, safe_mode=not unsafe, compile=False)
+    except UnsafeModelError as err:
+        raise CliError(str(err).replace(saving.OPT_IN, "pass --unsafe")) from None
     except Exception as err:  # noqa: BLE001
-        raise CliError(f"{path}: cannot load it as a Keras model (.h5 or SavedModel directory): "
+        raise CliError(f"{path}: cannot load it as a Keras model (.keras, .h5 or SavedModel directory): "
                        f"{type(err).__name__}: {err}") from None
 
 
@@ -467,71 +495,267 @@ def _test_metrics_callback(x, y, batch_size=512):
     return TestMetrics()
 
 
+def _prepare_out(out):
+    """Create --out and check it is a writable folder, before anything is trained."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CliError(f"--out={out} exists and is not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:
+        raise CliError(f"--out={out}: cannot create the output directory: {err.strerror or err}") from None
+    for folder in (out, os.path.join(out, "logs"), *(os.path.join(out, "logs", p) for p in LOG_PHASES)):
+        if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
+            raise CliError(f"--out={out}: {folder} is not writable (permission denied); choose another --out")
+
+
+def epoch_order(seed, phase, epoch, n):
+    """The example order of one epoch: a permutation of ``n`` that depends only on (seed, phase,
+    epoch), so that a resumed run sees the same batches as an uninterrupted one. Training draws no
+    other random numbers (the demo CNN has no dropout; weights are initialised before the first
+    epoch and, on --resume, overwritten from the checkpoint), so the checkpoint needs no RNG state."""
+    seed = int(seed)
+    return np.random.default_rng([seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, phase, int(epoch)]).permutation(n)
+
+
+def _epochs_dataset(x, y, seed, phase, first, last, batch_size):
+    """Batches of epochs ``first`` .. ``last - 1`` of one phase (fit with steps_per_epoch: one
+    iterator for the whole run, each epoch in its own :func:`epoch_order`)."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    n = len(x)
+    orders = np.stack([epoch_order(seed, phase, e, n) for e in range(first, last)]).astype(np.int64)
+    xs, ys, orders = tf.constant(x), tf.constant(y), tf.constant(orders)
+
+    def epoch(i):
+        return tf.data.Dataset.from_tensor_slices(orders[i]).batch(batch_size)
+
+    return (tf.data.Dataset.range(last - first).flat_map(epoch)
+            .map(lambda idx: (tf.gather(xs, idx), tf.gather(ys, idx))).prefetch(tf.data.AUTOTUNE))
+
+
+def _check_finite_data(x, what):
+    bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+    if bad:
+        raise CliError(f"the {what} hold {bad} non-finite value(s) (NaN or Inf) of {np.size(x)}; training on them "
+                       "would give a model of NaN weights")
+
+
+def _variables_state(model):
+    """Arrays and (name, shape) list of the model's variables and its optimizer's."""
+    arrays, names = {}, []
+    groups = (("w", model.weights), ("o", model.optimizer.variables if model.optimizer is not None else []))
+    for tag, variables in groups:
+        for i, v in enumerate(variables):
+            arrays[f"{tag}{i}"] = v.numpy()
+            names.append([tag, v.name, list(v.shape)])
+    return arrays, names
+
+
+def _restore_variables(model, arrays, names, path):
+    model.optimizer.build(model.trainable_variables)
+    groups = {"w": list(model.weights), "o": list(model.optimizer.variables)}
+    expected = [[tag, v.name, list(v.shape)] for tag in ("w", "o") for v in groups[tag]]
+    if [[t, s] for t, _, s in expected] != [[t, s] for t, _, s in names]:
+        raise CliError(f"{path}: the checkpoint's variables do not match the model built from the flags "
+                       f"({len(names)} saved, {len(expected)} in the model); was it written by another version?")
+    for tag, variables in groups.items():
+        for i, v in enumerate(variables):
+            v.assign(arrays[f"{tag}{i}"])
+
+
+def _write_checkpoint(path, state, arrays):
+    import io  # noqa: PLC0415
+
+    from syq_tf import files  # noqa: PLC0415
+
+    buffer = io.BytesIO()
+    np.savez(buffer, state=np.frombuffer(json.dumps(state).encode(), np.uint8), **arrays)
+    files.write_atomic(path, buffer.getvalue())
+
+
+def _read_checkpoint(path):
+    if not os.path.isfile(path):
+        raise CliError(f"--resume: no {CHECKPOINT} in {os.path.dirname(path) or '.'} (nothing to resume: the run "
+                       "finished, or never completed an epoch)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        state = json.loads(arrays.pop("state").tobytes().decode())
+        if state.get("version") != 1:
+            raise ValueError(f"unknown checkpoint version {state.get('version')!r}")
+    except Exception as err:  # noqa: BLE001
+        raise CliError(f"{path}: cannot read the checkpoint: {type(err).__name__}: {err}") from None
+    return state, arrays
+
+
+def _adopt_checkpoint_flags(fv, saved):
+    """--resume: flags not given take the checkpoint's values; given ones must match them."""
+    differ = []
+    for name, value in saved.items():
+        if name in RESUME_FREE or name not in fv:
+            continue
+        if fv[name].value != value:
+            if fv[name].present:
+                differ.append(f"--{name}={_flag_text(fv[name].value)} (checkpoint: {_flag_text(value)})")
+            else:
+                setattr(fv, name, value)
+    if differ:
+        raise CliError("--resume: flags differ from the interrupted run's: " + ", ".join(differ)
+                       + "; leave them out (or start a new run without --resume)", USAGE_ERROR)
+
+
+def _flag_text(value):
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _event_files(logs):
+    found = []
+    for phase in LOG_PHASES:
+        for root, _, names in os.walk(os.path.join(logs, phase)):
+            found.extend(os.path.join(root, n) for n in names if n.startswith("events.out.tfevents"))
+    return sorted(found)
+
+
 def _train(fv):
+    from syq_tf import files  # noqa: PLC0415
+
+    out = fv.out
+    _prepare_out(out)
+    try:
+        with files.lock_folder(out, f"another {PROG} train"):
+            return _train_locked(fv, out)
+    except files.FolderLocked as err:
+        raise CliError(f"--out={err}") from None
+    except PermissionError as err:
+        if err.filename and os.path.dirname(str(err.filename)) == out.rstrip(os.sep):
+            raise CliError(f"--out={out} is not writable ({err.strerror}); choose another --out") from None
+        raise
+
+
+def _train_locked(fv, out):
     import tensorflow as tf  # noqa: PLC0415
 
     import syq_tf  # noqa: PLC0415
-    from syq_tf import recipes  # noqa: PLC0415
+    from syq_tf import files, recipes  # noqa: PLC0415
 
     started = time.time()
+    files.clean_stale(out)  # temporary files of a killed earlier run
+    checkpoint_path = os.path.join(out, CHECKPOINT)
+    state = arrays = None
+    if fv.resume:
+        state, arrays = _read_checkpoint(checkpoint_path)
+        _adopt_checkpoint_flags(fv, state["config"])
+    elif os.path.exists(checkpoint_path):  # an interrupted earlier run's: this run starts afresh
+        print(f"note: {checkpoint_path} of an interrupted run is discarded (--resume continues it instead)",
+              flush=True)
+        files.remove_files([checkpoint_path])
     widths = _widths(fv.widths)
-    out = fv.out
-    os.makedirs(out, exist_ok=True)
     logs = os.path.join(out, "logs")
     tf.keras.utils.set_random_seed(fv.seed)
     shape, classes = (28, 28, 1), 10
     x_train, y_train = load_dataset(fv.dataset, "train", fv.train_limit, fv.seed, shape, classes)
     x_test, y_test = load_dataset(fv.dataset, "test", fv.test_limit, fv.seed, shape, classes)
-    train = (tf.data.Dataset.from_tensor_slices((x_train, y_train))
-             .shuffle(len(x_train), seed=fv.seed, reshuffle_each_iteration=True)
-             .batch(fv.batch_size).prefetch(tf.data.AUTOTUNE))
+    _check_finite_data(x_train, f"training images (--dataset {fv.dataset})")
+    _check_finite_data(x_test, f"test images (--dataset {fv.dataset})")
+    steps = math.ceil(len(x_train) / fv.batch_size)
     quantized = fv.method != "float"
     options = _options(fv)
     label = recipes.method_label(fv.method if quantized else None, fv.bits, fv.act_bits, fv.granularity, **options)
     bits = recipes.effective_bits(fv.method, fv.bits, fv.la_mode) if quantized else 32
+    float_epochs = fv.float_epochs + (0 if quantized else fv.epochs)
+    config = {name: fv[name].value for name in COMMANDS["train"].order if name not in ("debug", "resume")}
+    if state is None:
+        state = {"version": 1, "config": config, "phase": "float", "epoch": 0, "history": {}, "seconds": {},
+                 "earlier_logs": _event_files(logs), "float_test": None}
+    before = state["seconds"].get("total_before", 0.0)  # spent by the interrupted run(s), up to their checkpoint
+
+    def data(phase, first, last):
+        return _epochs_dataset(x_train, y_train, fv.seed, phase, first, last, fv.batch_size)
+
+    class Checkpoint(tf.keras.callbacks.Callback):
+        """Records the epoch's logs and writes checkpoint.npz (atomically) at the end of every epoch."""
+
+        def __init__(self, phase, t0):
+            super().__init__()
+            self.phase, self.t0, self.spent = phase, t0, state["seconds"].get(phase, 0.0)
+
+        def on_epoch_end(self, epoch, logs=None):
+            history = state["history"].setdefault(self.phase, {})
+            for key, value in (logs or {}).items():
+                history.setdefault(key, []).append(float(value))
+            state["phase"], state["epoch"] = self.phase, epoch + 1
+            state["seconds"][self.phase] = self.spent + time.time() - self.t0
+            state["seconds"]["total_before"] = before + time.time() - started
+            saved, state["variables"] = _variables_state(self.model)
+            _write_checkpoint(checkpoint_path, state, saved)
 
     def callbacks(phase):
         return [_test_metrics_callback(x_test, y_test),
                 tf.keras.callbacks.TensorBoard(os.path.join(logs, phase), histogram_freq=0, write_graph=False,
                                                profile_batch=0)]
 
-    float_epochs = fv.float_epochs + (0 if quantized else fv.epochs)
-    print(f"== float training: {float_epochs} epoch(s) on {len(x_train)} {fv.dataset} images", flush=True)
+    def fit(model, phase, phase_index, epochs, extra=()):
+        first = state["epoch"] if state["phase"] == phase else 0
+        if first >= epochs:
+            return
+        if first:
+            print(f"   resuming at epoch {first + 1} of {epochs} (from {checkpoint_path})", flush=True)
+        model.fit(data(phase_index, first, epochs), epochs=epochs, initial_epoch=first, steps_per_epoch=steps,
+                  verbose=fv.verbose, callbacks=[*callbacks(phase), *extra, Checkpoint(phase, time.time())])
+
+    def restore(model):
+        _restore_variables(model, arrays, state["variables"], checkpoint_path)
+
     float_model = recipes.build_cnn(None, widths=widths, input_shape=shape, classes=classes)
     recipes.compile_model(float_model, fv.float_lr)
-    t0 = time.time()
-    history = {}
-    if float_epochs:
-        history["float"] = _history(float_model.fit(train, epochs=float_epochs, verbose=fv.verbose,
-                                                    callbacks=callbacks("float")))
-    seconds = {"float": time.time() - t0}
-    float_loss, float_acc = float_model.evaluate(x_test, y_test, batch_size=512, verbose=0)
+    in_float = state["phase"] == "float"
+    if in_float:
+        print(f"== float training: {float_epochs} epoch(s) on {len(x_train)} {fv.dataset} images", flush=True)
+        if state["epoch"]:
+            restore(float_model)
+        fit(float_model, "float", 0, float_epochs)
+        float_loss, float_acc = float_model.evaluate(x_test, y_test, batch_size=512, verbose=0)
+        state["float_test"] = [float(float_loss), float(float_acc)]
+    float_loss, float_acc = state["float_test"]
     model, test_loss, test_acc = float_model, float_loss, float_acc
     if quantized:
         print(f"== {label} fine-tuning: {fv.epochs} epoch(s), scales initialised from the float weights",
               flush=True)
         model = recipes.build_cnn(bits, fv.granularity, fv.act_bits, method=fv.method, widths=widths,
                                   input_shape=shape, classes=classes, **options)
-        t0 = time.time()
-        history["quantized"] = _history(recipes.finetune_from_float(
-            model, float_model, train, fv.epochs, lr=fv.lr, method=fv.method, verbose=fv.verbose,
-            callbacks=[*callbacks("quantized"), syq_tf.QuantizerLogger(os.path.join(logs, "quantizers"))]))
-        seconds["quantized"] = time.time() - t0
+        if in_float:
+            # the float phase's checkpoint: a run interrupted before the first quantized epoch ends
+            # resumes here (the float weights are saved with phase 'quantized', epoch 0)
+            saved, state["variables"] = _variables_state(float_model)
+            state["phase"], state["epoch"] = "quantized", 0
+            state["seconds"]["total_before"] = before + time.time() - started
+            _write_checkpoint(checkpoint_path, state, saved)
+        elif state["epoch"] == 0:
+            restore(float_model)
+        if state["epoch"] == 0:
+            calibration = data(2, 0, 1)
+            recipes.prepare_finetune(model, float_model, calibration, lr=fv.lr, method=fv.method)
+        else:
+            recipes.compile_model(model, fv.lr, fv.method)
+            restore(model)
+        fit(model, "quantized", 1, fv.epochs, [syq_tf.QuantizerLogger(os.path.join(logs, "quantizers"))])
         test_loss, test_acc = model.evaluate(x_test, y_test, batch_size=512, verbose=0)
 
-    model_path = os.path.join(out, "model.h5")
-    with warnings.catch_warnings():  # h5: the format that round-trips syq_tf's custom objects here
-        warnings.filterwarnings("ignore", message="You are saving your model as an HDF5 file")
-        model.save(model_path, include_optimizer=False)
     print()
     rows = syq_tf.summary(model)
-    files = {"model": "model.h5", "metrics": "metrics.json", "logs": "logs", "training": "training.png"}
+    syq_tf.save_model(model, os.path.join(out, MODEL_FILE))
+    written = {"model": MODEL_FILE, "metrics": "metrics.json", "logs": "logs", "training": "training.png"}
     if quantized:
-        syq_tf.plot_codebooks(model, os.path.join(out, "codebooks.png"))
-        files["codebooks"] = "codebooks.png"
-    seconds["total"] = time.time() - started
-    config = {name: fv[name].value for name in COMMANDS["train"].order if name != "debug"}
-    config["widths"] = list(widths)
+        with files.atomic_path(os.path.join(out, "codebooks.png"), keep_extension=True) as tmp:
+            syq_tf.plot_codebooks(model, tmp)
+        written["codebooks"] = "codebooks.png"
+    seconds = {"float": 0.0, **({"quantized": 0.0} if quantized else {}), **state["seconds"]}
+    seconds.pop("total_before", None)
+    seconds["total"] = before + time.time() - started
+    # files of an earlier run into this --out that this run did not rewrite
+    stale = [os.path.join(out, name) for name in TRAIN_OUTPUTS if name not in written.values()]
+    stale = [p for p in stale if os.path.lexists(p)] + [p for p in state["earlier_logs"] if os.path.lexists(p)]
+    metrics_config = dict(config, widths=list(widths))
     metrics = {
         "command": "train",
         "label": label,
@@ -542,7 +766,7 @@ def _train(fv):
         "dataset": fv.dataset,
         "train_examples": int(len(x_train)),
         "test_examples": int(len(x_test)),
-        "history": history,
+        "history": state["history"],
         "float_test_accuracy": float(float_acc),
         "float_test_loss": float(float_loss),
         "test_accuracy": float(test_acc),
@@ -551,16 +775,22 @@ def _train(fv):
         "bytes_at_stored_bits": float(sum(r.bytes for r in rows)),
         "float32_bytes": int(4 * sum(r.params for r in rows)),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "config": config,
-        "files": files,
+        "config": metrics_config,
+        "files": written,
+        "resumed": bool(fv.resume),
+        "removed": sorted(os.path.relpath(p, out) for p in stale),
     }
+    with files.atomic_path(os.path.join(out, "training.png"), keep_extension=True) as tmp:
+        syq_tf.plot_training(metrics, tmp)
     _write_json(os.path.join(out, "metrics.json"), metrics)
-    syq_tf.plot_training(metrics, os.path.join(out, "training.png"))
+    files.remove_files([*stale, checkpoint_path])
     print(f"\nfloat test accuracy: {float_acc:.4f}" + (f"   {label} test accuracy: {test_acc:.4f}" if quantized else ""))
     print(f"{metrics['bytes_at_stored_bits']:.0f} bytes at stored bit widths "
           f"({metrics['float32_bytes'] / max(metrics['bytes_at_stored_bits'], 1e-9):.1f}x smaller than float32); "
           f"{seconds['total']:.1f} s")
-    print("wrote: " + ", ".join(os.path.join(out, f) for f in files.values()))
+    print("wrote: " + ", ".join(os.path.join(out, f) for f in written.values()))
+    if stale:
+        print("removed (files of an earlier run): " + ", ".join(metrics["removed"]))
     return 0
 
 
@@ -570,7 +800,7 @@ def _train(fv):
 def _export(fv):
     import syq_tf  # noqa: PLC0415
 
-    model = _load_keras(fv.model)
+    model = _load_keras(fv.model, unsafe=fv.unsafe)
     shape, classes = tuple(model.input_shape[1:]), int(model.output_shape[-1])
     if any(d is None for d in shape):
         raise CliError(f"{fv.model}: the model's input shape {shape} is not fully defined")
@@ -608,12 +838,15 @@ def _is_tflite(path):
     return path.endswith(".tflite") or head[4:8] == b"TFL3"
 
 
-def _inspect(path):
+def _inspect(path, unsafe=False):
     if not os.path.exists(path):
         raise CliError(f"{path}: no such file or directory")
+    if not (os.path.isfile(path) or os.path.isdir(path)):  # a named pipe would block the reader forever
+        raise CliError(f"{path}: not a regular file (a named pipe, socket or device); a model file or a "
+                       "SavedModel directory is expected")
     if _is_tflite(path):
         return _inspect_tflite(path)
-    return _inspect_keras(path)
+    return _inspect_keras(path, unsafe=unsafe)
 
 
 def _levels_text(levels, limit=7):
@@ -639,10 +872,10 @@ def keras_codebook_rows(model):
     return rows
 
 
-def _inspect_keras(path):
+def _inspect_keras(path, unsafe=False):
     import syq_tf  # noqa: PLC0415
 
-    model = _load_keras(path)
+    model = _load_keras(path, unsafe=unsafe)
     print(f"{path}: Keras model '{model.name}', input {tuple(model.input_shape[1:])}, "
           f"output {tuple(model.output_shape[1:])}")
     print()

@@ -16,7 +16,10 @@ The last two lines are this class's addition to Adam; they run inside ``apply_gr
 that carries its quantizer). Other variables get plain Adam.
 """
 
+import numbers
 import weakref
+
+import numpy as np
 
 import tensorflow as tf
 
@@ -61,7 +64,7 @@ class LossAwareAdam(tf.keras.optimizers.Adam):
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-8, clip=1.0,
                  name="LossAwareAdam", **kwargs):
-        if clip is not None and not (isinstance(clip, (int, float)) and not isinstance(clip, bool)
+        if clip is not None and not (isinstance(clip, numbers.Real) and not isinstance(clip, (bool, np.bool_))
                                      and 0 < clip < float("inf")):
             raise ValueError(f"LossAwareAdam: clip={clip!r} must be a finite number > 0 or None.")
         super().__init__(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,

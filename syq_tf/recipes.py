@@ -194,8 +194,15 @@ def finetune_from_float(model, float_model, train, epochs, lr=5e-4, method=None,
     learned scale from them (SYQ alpha = mean|W| per subgroup, UniQ delta = k_b std(W), ...),
     calibrate activation steps from ``train`` (UniQ), then fit ``epochs`` epochs.
     Returns the Keras History."""
+    prepare_finetune(model, float_model, train, lr, method, calibration_batches)
+    return model.fit(train, epochs=epochs, verbose=verbose, callbacks=list(callbacks))
+
+
+def prepare_finetune(model, float_model, calibration_data, lr=5e-4, method=None, calibration_batches=20):
+    """:func:`finetune_from_float` without the fit: float weights copied, scales initialised,
+    activation steps calibrated from ``calibration_data``, compiled (``syq-tf train`` fits itself,
+    epoch by epoch, to checkpoint and resume)."""
     model.set_weights(transfer_float_weights(model, float_model))
     reinitialize_scales(model)
-    calibrate(model, train, batches=calibration_batches)  # a no-op without calibrated quantizers
+    calibrate(model, calibration_data, batches=calibration_batches)  # a no-op without calibrated quantizers
     compile_model(model, lr, method)
-    return model.fit(train, epochs=epochs, verbose=verbose, callbacks=list(callbacks))

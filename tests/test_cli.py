@@ -29,7 +29,7 @@ COMMAND = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "syq_tf.cli"]
 WIDTHS = (4, 4, 8, 8, 16)
 TRAIN = ["--dataset", "synthetic", "--widths", ",".join(map(str, WIDTHS)), "--train_limit", "192",
          "--test_limit", "96", "--batch_size", "64", "--float_epochs", "1", "--epochs", "1",
-         "--method", "syq", "--bits", "2", "--granularity", "channel", "--seed", "3"]
+         "--method", "syq", "--bits", "2", "--granularity", "channel", "--seed", "1"]
 TF_LOG = re.compile(r"^(WARNING: All log messages before absl::InitializeLog|[IWEF]\d{4} \d\d:)")
 
 
@@ -92,7 +92,7 @@ def trained(background, workdir):
 def exported(trained):
     """litert through the console script (subprocess) while tflm is exported in this process."""
     run_dir, _ = trained
-    model = str(run_dir / "model.h5")
+    model = str(run_dir / "model.keras")
     common = ["--dataset", "synthetic", "--representative", "64", "--verify_limit", "96"]
     litert = _Run(["export", "--model", model, "--target", "litert", *common])
     tflm_out = run_dir / "firmware" / "net.tflite"
@@ -274,7 +274,7 @@ def test_console_script_error_is_one_line(background, workdir):
 
 def test_train_writes_model_metrics_logs_and_plots(trained):
     run_dir, stdout = trained
-    for name in ("model.h5", "metrics.json", "codebooks.png", "training.png"):
+    for name in ("model.keras", "metrics.json", "codebooks.png", "training.png"):
         assert (run_dir / name).is_file(), name
     for phase in ("float/train", "quantized/train", "quantizers"):
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir / "logs" / phase)), phase
@@ -282,7 +282,7 @@ def test_train_writes_model_metrics_logs_and_plots(trained):
     assert metrics["label"] == "SYQ W2A8 channel"
     assert (metrics["method"], metrics["bits"], metrics["act_bits"], metrics["granularity"]) == ("syq", 2, 8, "channel")
     assert (metrics["train_examples"], metrics["test_examples"]) == (192, 96)
-    assert metrics["config"]["widths"] == list(WIDTHS) and metrics["config"]["seed"] == 3
+    assert metrics["config"]["widths"] == list(WIDTHS) and metrics["config"]["seed"] == 1
     assert set(metrics["history"]) == {"float", "quantized"}
     for phase in metrics["history"].values():
         assert set(phase) == {"loss", "accuracy", "test_loss", "test_accuracy"}
@@ -315,7 +315,7 @@ def test_train_writes_model_metrics_logs_and_plots(trained):
     assert matplotlib.image.imread(run_dir / "training.png").shape[:2] == (
         round(plots.TRAINING_SIZE[1] * plots.DPI), round(plots.TRAINING_SIZE[0] * plots.DPI))
 
-    model = tf.keras.models.load_model(run_dir / "model.h5", compile=False)
+    model = tf.keras.models.load_model(run_dir / "model.keras", compile=False)
     quantizers = {layer.name: q for layer, q, _ in syq_tf.quantized_kernels(model)}
     assert set(quantizers) == {"conv2", "conv3", "conv4", "fc1"}
     assert quantizers["conv2"].granularity == "channel" and quantizers["fc1"].granularity == "layer"
@@ -350,7 +350,7 @@ def test_export_litert_and_tflm(exported):
 
 def test_inspect_trained_model_and_tflite_files(trained, exported, capsys):
     run_dir, _ = trained
-    assert cli.main(["inspect", "--model", str(run_dir / "model.h5")]) == 0
+    assert cli.main(["inspect", "--model", str(run_dir / "model.keras")]) == 0
     text = capsys.readouterr().out
     codebooks = text[text.index("codebooks ("):]
     # ternary SYQ: 3 levels in every subgroup (one per output channel for the convs, one for fc1)

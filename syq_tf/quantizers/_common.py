@@ -4,10 +4,24 @@ Kernel layouts (Keras): Dense ``[c_in, c_out]``, Conv1D ``[k, c_in, c_out]``, Co
 ``[kh, kw, c_in, c_out]``, DepthwiseConv2D ``[kh, kw, c_in, multiplier]``.
 """
 
+import numbers
+
 import larq as lq
+import numpy as np
 import tensorflow as tf
 
 GRANULARITIES = ("layer", "row", "pixel", "channel")
+
+
+def is_int(value):
+    """An integer argument: Python or numpy (``np.int64(2)``), never a bool or a float."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value):
+    """A real-number argument: Python or numpy int / float (``np.float32(0.1)``), never a bool.
+    NaN and infinities are numbers here: range checks refuse them."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def register(alias=None):

@@ -9,7 +9,7 @@ activation is bit-identical to an int8 tensor with range [0, 1] after export.
 
 import tensorflow as tf
 
-from syq_tf.quantizers._common import ActivationQuantizer, register
+from syq_tf.quantizers._common import ActivationQuantizer, is_int, register
 
 
 def dorefa_quantize(x, bits=8):
@@ -37,14 +37,14 @@ class DoReFaActivation(ActivationQuantizer):
     both load from saved models."""
 
     def __init__(self, bits=8, **kwargs):
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        if not is_int(bits) or not 1 <= bits <= 8:
             raise ValueError(
                 f"DoReFa {kwargs.get('name', '')!s}: bits={bits!r} is not supported; allowed: "
                 "integers 1 to 8."
             )
         super().__init__(**kwargs)
-        self.bits = bits
-        self.precision = bits
+        self.bits = int(bits)
+        self.precision = int(bits)
 
     def call(self, inputs):
         return dorefa_quantize(inputs, self.bits)

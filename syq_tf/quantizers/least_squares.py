@@ -51,6 +51,8 @@ kernel (``"layer"``); activations one set per sample (all non-batch axes).
 import tensorflow as tf
 
 from syq_tf.quantizers._common import (
+    is_int,
+    is_real,
     ActivationQuantizer,
     WeightQuantizer,
     register,
@@ -87,7 +89,7 @@ def ls1_scalars(x2d):
 
 def greedy_scalars(x2d, k):
     """Greedy foldable scalars v_1..v_k per row (gf-k), shape [g, k]."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if not is_int(k) or k < 1:
         raise ValueError(f"greedy_scalars: k={k!r} must be a positive integer (number of bits).")
     r = tf.stop_gradient(tf.convert_to_tensor(x2d))
     scalars = []
@@ -464,14 +466,12 @@ class LeastSquaresActivation(ActivationQuantizer):
         if clip is None:
             clip = DEFAULT_CLIP[mode]
         if (
-            isinstance(clip, bool)
-            or not isinstance(clip, (int, float))
+            not is_real(clip)
             or not 0.0 < float(clip) < float("inf")
         ):
             raise ValueError(f"{owner}: clip={clip!r} must be a finite number > 0 (window [-clip, clip]).")
         if momentum is not None and (
-            isinstance(momentum, bool)
-            or not isinstance(momentum, (int, float))
+            not is_real(momentum)
             or not 0.0 < float(momentum) < 1.0
         ):
             raise ValueError(

@@ -13,6 +13,8 @@ See ../shared/METHODS.md §1. For a subgroup g with trainable scale alpha_g:
 import tensorflow as tf
 
 from syq_tf.quantizers._common import (
+    is_int,
+    is_real,
     GRANULARITIES,
     LearnedScaleQuantizer,
     register,
@@ -73,7 +75,7 @@ class SYQ(LearnedScaleQuantizer):
     SCALE_NAME = "alpha"
 
     def __init__(self, bits=2, granularity="layer", eta=0.05, depthwise=False, **kwargs):
-        if bits not in (1, 2):
+        if not is_int(bits) or bits not in (1, 2):
             raise ValueError(
                 f"SYQ {kwargs.get('name', '')!s}: bits={bits!r} is not supported; allowed: 1 (binary) "
                 "or 2 (ternary)."
@@ -83,7 +85,7 @@ class SYQ(LearnedScaleQuantizer):
                 f"SYQ {kwargs.get('name', '')!s}: unknown granularity {granularity!r}; allowed: "
                 f"{GRANULARITIES}."
             )
-        if not isinstance(eta, (int, float)) or not 0.0 <= float(eta) < 1.0:
+        if not is_real(eta) or not 0.0 <= float(eta) < 1.0:
             raise ValueError(
                 f"SYQ {kwargs.get('name', '')!s}: eta={eta!r} must be a number in [0, 1) (threshold "
                 "as a fraction of max|W|)."

@@ -28,6 +28,8 @@ import math
 import tensorflow as tf
 
 from syq_tf.quantizers._common import (
+    is_int,
+    is_real,
     ActivationQuantizer,
     LearnedScaleQuantizer,
     register,
@@ -122,7 +124,7 @@ class PositiveStep(tf.keras.constraints.Constraint):
 
 
 def _check_bits(bits, owner):
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
+    if not is_int(bits) or bits not in BITS:
         raise ValueError(f"{owner}: bits={bits!r} is not supported; allowed: integers 1 to 8.")
 
 
@@ -215,8 +217,8 @@ class UniQ(LearnedScaleQuantizer):
                 f"{owner}: unknown granularity {granularity!r}; allowed: {GRANULARITIES}."
             )
         super().__init__(**kwargs)
-        self.bits = bits
-        self.precision = bits
+        self.bits = int(bits)
+        self.precision = int(bits)
         self.granularity = granularity
         self.depthwise = bool(depthwise)
 
@@ -260,15 +262,14 @@ class UniQActivation(ActivationQuantizer):
         owner = f"UniQActivation {kwargs.get('name', '')!s}".rstrip()
         _check_bits(bits, owner)
         if initial_step is not None and (
-            isinstance(initial_step, bool)
-            or not isinstance(initial_step, (int, float))
+            not is_real(initial_step)
             or not math.isfinite(initial_step)
             or initial_step <= 0
         ):
             raise ValueError(f"{owner}: initial_step={initial_step!r} must be a positive number or None.")
         super().__init__(**kwargs)
-        self.bits = bits
-        self.precision = bits
+        self.bits = int(bits)
+        self.precision = int(bits)
         self.initial_step = None if initial_step is None else float(initial_step)
         self._set_observer(None)
 
