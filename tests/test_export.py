@@ -202,3 +202,21 @@ def test_option_errors_name_the_argument(data):
 def test_flatbuffer_reader_rejects_bad_files(blob, match):
     with pytest.raises(ValueError, match=match):
         flatbuffer.weight_tensors(blob)
+
+
+def test_conv3d_is_reported_float32_and_refused_by_tflm():
+    x = np.random.default_rng(0).uniform(0, 1, (48, 6, 6, 6, 1)).astype(np.float32)
+    inp = tf.keras.Input((6, 6, 6, 1))
+    h = syq_tf.quantize(tf.keras.layers.Conv3D(4, 3, name="c3"), kernel_quantizer=SYQ(2, "channel"),
+                        input_quantizer=DoReFa(8))(inp)
+    out = tf.keras.layers.Dense(2)(tf.keras.layers.Flatten()(h))
+    model = tf.keras.Model(inp, out)
+    result = syq_tf.export.to_tflite(model, x[:16], verify_data=x[16:])
+    c3 = next(r for r in result.layers if r.layer == "c3")
+    # LiteRT has no int8 CONV_3D: the converter keeps the op and its filter float, which is exact
+    assert c3.op == "CONV_3D" and c3.storage == "float32" and c3.exact and "no int8 CONV_3D" in c3.note
+    stored = next(t for t in flatbuffer.weight_tensors(result.flatbuffer) if t.op == "CONV_3D")
+    np.testing.assert_array_equal(stored.values, model.get_layer("c3").quantized_kernel().numpy())
+    assert result.verification["top1_agreement"] == 1.0
+    with pytest.raises(ValueError, match=r"target='tflm'\): layers \['c3'\] are Conv3D; TFLite Micro has no CONV_3D"):
+        syq_tf.export.to_tflite(model, x[:16], target="tflm")

@@ -99,7 +99,7 @@ def distinct_magnitudes(kernel):
 
 def output_channel_axis(op):
     """The output-channel axis of a stored weight tensor (TFLite layout)."""
-    return 3 if op == "DEPTHWISE_CONV_2D" else 0
+    return {"DEPTHWISE_CONV_2D": 3, "CONV_3D": 4}.get(op, 0)
 
 
 def quantization_axis(tensor):
@@ -113,6 +113,8 @@ def to_tflite_layout(kernel, op, stored_shape, part=None):
     if op == "UNIDIRECTIONAL_SEQUENCE_LSTM":  # [in, 4 units] -> gate `part` as [units, in]
         units = k.shape[-1] // 4
         return k[:, part * units : (part + 1) * units].T.reshape(stored_shape)
+    if op == "CONV_3D":  # TFLite keeps TensorFlow's [kd, kh, kw, cin, cout]
+        return k.reshape(stored_shape)
     if op == "FULLY_CONNECTED":
         k = k.reshape(-1, k.shape[-1]).T  # [in, out] -> [out, in]
     elif op == "DEPTHWISE_CONV_2D":

@@ -21,6 +21,7 @@ WEIGHT_OPS = {
     "CONV_2D": (1,),
     "DEPTHWISE_CONV_2D": (1,),
     "FULLY_CONNECTED": (1,),
+    "CONV_3D": (1,),  # float in LiteRT (no int8 kernel): the converter keeps its filter float32
     "UNIDIRECTIONAL_SEQUENCE_LSTM": (1, 2, 3, 4, 5, 6, 7, 8),
 }
 @dataclasses.dataclass

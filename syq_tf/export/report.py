@@ -111,6 +111,9 @@ def layer_reports(model, buffer, rescaled=(), packed=None):
         elif label in rescaled:
             note = ("codebook stored exactly as integer multiples of its unit step (int8 scales"
                     + (" and int32 bias" if tensor.bias_index >= 0 else "") + " re-expressed)")
+        elif "FLOAT32" in dtypes and op == "CONV_3D":
+            note = ("stored as float32, so exact: LiteRT has no int8 CONV_3D, the converter keeps the op in "
+                    "float between DEQUANTIZE and QUANTIZE")
         elif "FLOAT32" in dtypes:
             note = "stored as float32 (the converter keeps small tensors in float), so exact"
         reports.append(LayerReport(label, op, describe(quantizer), keras_levels, levels, err, exact,

@@ -317,6 +317,12 @@ def _check_model(model):
             "models with int8 weights and float activations (dynamic range), which TFLite Micro does "
             "not run. Use target='litert' for them."
         )
+    volumetric = [layer.name for layer in model.layers if isinstance(layer, tf.keras.layers.Conv3D)]
+    if volumetric:
+        raise ValueError(
+            f"to_tflite(target='tflm'): layers {volumetric} are Conv3D; TFLite Micro has no CONV_3D kernel "
+            "(and LiteRT none in int8: target 'litert' keeps it float). Use target='litert' for them."
+        )
 
 
 def _plan(model, buffer):
