@@ -858,14 +858,14 @@ def _levels_text(levels, limit=7):
 def keras_codebook_rows(model):
     """Per quantized kernel: layer, quantizer, bits, granularity, subgroups, levels per subgroup
     (max), distinct levels in the kernel, the levels (text)."""
-    from syq_tf.plots import _kernels, kernel_codebook  # noqa: PLC0415
-    from syq_tf.summary import _bits, _method  # noqa: PLC0415
+    from syq_tf.plots import kernel_codebook, quantized_kernel_list  # noqa: PLC0415
+    from syq_tf.summary import method_name, quantizer_bits  # noqa: PLC0415
 
     rows = []
-    for layer, attr, quantizer, kernel in _kernels(model):
+    for layer, attr, quantizer, kernel in quantized_kernel_list(model):
         book = kernel_codebook(quantizer, kernel)
         name = layer.name if attr in ("kernel", "depthwise_kernel") else f"{layer.name}/{attr}"
-        rows.append({"layer": name, "quantizer": _method(quantizer), "bits": _bits(quantizer),
+        rows.append({"layer": name, "quantizer": method_name(quantizer), "bits": quantizer_bits(quantizer),
                      "granularity": getattr(quantizer, "granularity", None) or "layer",
                      "subgroups": book["subgroups"], "levels_per_subgroup": book["levels_per_subgroup"],
                      "distinct": int(len(book["levels"])), "levels": _levels_text(book["levels"])})

@@ -12,10 +12,10 @@ _LARQ_KERNELS = (
 )
 
 
-def _flat_layers(model):
+def flat_layers(model):
     for layer in model.layers:
         if isinstance(layer, tf.keras.Model):
-            yield from _flat_layers(layer)
+            yield from flat_layers(layer)
         else:
             yield layer
 
@@ -45,7 +45,7 @@ def quantized_kernels(model):
     """(layer, quantizer, float kernel variable) for every quantized kernel, syq_tf or larq layer."""
     return [
         (layer, quantizer, kernel)
-        for layer in _flat_layers(model)
+        for layer in flat_layers(model)
         for quantizer, kernel in layer_kernels(layer).values()
         if quantizer is not None
     ]

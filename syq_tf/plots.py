@@ -15,8 +15,8 @@ import numpy as np
 import tensorflow as tf
 
 from syq_tf.export.codebook import bits_for_levels
-from syq_tf.models import layer_kernels, _flat_layers
-from syq_tf.summary import _bits, _method
+from syq_tf.models import flat_layers, layer_kernels
+from syq_tf.summary import method_name, quantizer_bits
 
 PANEL_SIZE = (4.5, 3.25)  # inches per codebook panel
 TRAINING_SIZE = (10.0, 3.75)  # inches, the two training-curve panels
@@ -59,10 +59,10 @@ def kernel_codebook(quantizer, kernel):
     }
 
 
-def _kernels(model):
+def quantized_kernel_list(model):
     """(layer, kernel attribute, quantizer, float kernel) of every quantized kernel."""
     out = []
-    for layer in _flat_layers(model):
+    for layer in flat_layers(model):
         for attr, (quantizer, kernel) in layer_kernels(layer).items():
             if quantizer is not None:
                 out.append((layer, attr, quantizer, kernel))
@@ -95,7 +95,7 @@ def plot_codebooks(model, path, columns=3, dpi=DPI, bins=80):
     The image is ``columns`` (or fewer) panels wide, ``PANEL_SIZE`` inches per panel at ``dpi``.
     Returns the matplotlib Figure (``len(fig.axes)`` is the number of quantized kernels).
     Raises ValueError for a model without quantized kernels."""
-    kernels = _kernels(model)
+    kernels = quantized_kernel_list(model)
     if not kernels:
         raise ValueError(f"plot_codebooks: model '{model.name}' has no quantized kernels (no layer has a "
                          "kernel quantizer); there is no codebook to draw.")
@@ -115,7 +115,7 @@ def plot_codebooks(model, path, columns=3, dpi=DPI, bins=80):
                   alpha=alpha, label=f"levels ({len(levels)} distinct)")
         granularity = getattr(quantizer, "granularity", None) or "layer"
         name = layer.name if attr in ("kernel", "depthwise_kernel") else f"{layer.name}/{attr}"
-        ax.set_title(f"{name}: {_method(quantizer)} W{_bits(quantizer)} {granularity}\n"
+        ax.set_title(f"{name}: {method_name(quantizer)} W{quantizer_bits(quantizer)} {granularity}\n"
                      f"{book['subgroups']} subgroup(s), <= {book['levels_per_subgroup']} levels each",
                      fontsize=9)
         ax.set_xlabel("weight value", fontsize=8)

@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from syq_tf.models import _flat_layers, layer_kernels
+from syq_tf.models import flat_layers, layer_kernels
 
 
 @dataclasses.dataclass
@@ -32,7 +32,7 @@ class LayerSummary:
     ternary_macs: int
 
 
-def _method(quantizer):
+def method_name(quantizer):
     if quantizer is None:
         return "float"
     config = quantizer.get_config() if hasattr(quantizer, "get_config") else {}
@@ -41,14 +41,14 @@ def _method(quantizer):
     return f"{name}({mode})" if mode else name
 
 
-def _bits(quantizer):
+def quantizer_bits(quantizer):
     if quantizer is None:
         return 32
     return int(getattr(quantizer, "precision", None) or getattr(quantizer, "bits", None) or 32)
 
 
 def _ternary(quantizer):
-    if quantizer is None or _bits(quantizer) != 2:
+    if quantizer is None or quantizer_bits(quantizer) != 2:
         return False
     mode = getattr(quantizer, "mode", None)
     if mode is not None:  # least squares lsT, loss-aware LAT (ls2/gf2/LAQ-2: not {-a, 0, a})
@@ -96,7 +96,7 @@ def _macs(layer, kernels):
 def summarize(model):
     """A :class:`LayerSummary` per layer that has weights."""
     rows = []
-    for layer in _flat_layers(model):
+    for layer in flat_layers(model):
         if not layer.weights:
             continue
         kernels = {k: (q, v) for k, (q, v) in layer_kernels(layer).items()}
@@ -114,18 +114,18 @@ def summarize(model):
             params += n
             if id(w) in kernel_ids:
                 q = next(q for q, v in kernels.values() if v is w)
-                nbytes += n * (tfmot_bits.get(id(w)) or _bits(q)) / 8
+                nbytes += n * (tfmot_bits.get(id(w)) or quantizer_bits(q)) / 8
             else:
                 nbytes += 4 * n
         macs = _macs(layer, kernels) if kernels else {}
         quantizers = [q for q, _ in kernels.values()]
         first = quantizers[0] if quantizers else None
-        binary = sum(m for name, m in macs.items() if _bits(kernels[name][0]) == 1)
+        binary = sum(m for name, m in macs.items() if quantizer_bits(kernels[name][0]) == 1)
         ternary = sum(m for name, m in macs.items() if _ternary(kernels[name][0]))
         granularity = getattr(first, "granularity", None) or ("-" if first is None else "layer")
-        methods = [f"tfmot {tfmot_bits[id(v)]}-bit" if id(v) in tfmot_bits else _method(q)
+        methods = [f"tfmot {tfmot_bits[id(v)]}-bit" if id(v) in tfmot_bits else method_name(q)
                    for q, v in kernels.values()]
-        bits = [tfmot_bits.get(id(v)) or _bits(q) for q, v in kernels.values()]
+        bits = [tfmot_bits.get(id(v)) or quantizer_bits(q) for q, v in kernels.values()]
         rows.append(LayerSummary(
             layer=layer.name, type=type(_inner(layer)).__name__,
             method=" + ".join(dict.fromkeys(methods)) if quantizers else "-",
