@@ -24,6 +24,7 @@ setup(
         "larq-compute-engine==0.16.*",
         "ai-edge-litert==2.3.*",
         "tensorflow-datasets",
+        "importlib-resources",  # tensorflow-datasets' builders import it (etils) without requiring it
         "absl-py",
         "tensorboard",  # tf.summary's writer (syq_tf.callbacks.QuantizerLogger)
         "matplotlib",  # syq_tf.plots (codebook histograms, training curves, benchmark plot)

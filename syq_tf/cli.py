@@ -24,7 +24,11 @@ import numpy as np
 from absl import app, flags
 
 PROG = "syq-tf"
-DATASETS = ("fashion_mnist", "synthetic")
+DATASETS = ("fashion_mnist", "synthetic")  # built in; any other name: tensorflow-datasets (syq_tf.datasets)
+DATASET_HELP = ("fashion_mnist: the local Debian Fashion-MNIST files; synthetic: syq_tf.data.synthetic_images "
+                "(generated, for tests and quick tries); any other name: a tensorflow-datasets image "
+                "classification dataset prepared in --data_dir (never downloaded; fashion_mnist_debian: the "
+                "Debian files as a local tfds builder)")
 SYNTHETIC_TRAIN = 4000  # default images of --dataset synthetic (train split)
 SYNTHETIC_TEST = 2000  # default images of its test split
 SYNTHETIC_TEST_SEED = 1_000_003  # test split seed offset: never the training examples' seed
@@ -147,9 +151,9 @@ class Train(Command):
     def define(self, d):
         from syq_tf import recipes  # noqa: PLC0415
 
-        d.enum("dataset", "fashion_mnist", list(DATASETS),
-               "fashion_mnist: the local Debian Fashion-MNIST files; synthetic: syq_tf.data.synthetic_images "
-               "(28x28x1, 10 classes, generated, for tests and quick tries)")
+        d.string("dataset", "fashion_mnist", DATASET_HELP)
+        d.string("data_dir", None, "tensorflow-datasets data folder of --dataset (default: TFDS_DATA_DIR or "
+                 "~/tensorflow_datasets)")
         d.integer("train_limit", None, "training images used (default: 20000 of Fashion-MNIST, "
                   f"{SYNTHETIC_TRAIN} synthetic)", lower_bound=1)
         d.integer("test_limit", None, f"test images used (default: all 10000 of Fashion-MNIST, {SYNTHETIC_TEST} "
@@ -217,9 +221,9 @@ class Export(Command):
                  "directory)")
         d.enum("target", TARGETS[0], list(TARGETS), "export target (syq_tf.export.TARGETS): "
                + "; ".join(f"{t.name}: {t.summary}" for t in REGISTRY.values()))
-        d.enum("dataset", "fashion_mnist", list(DATASETS),
-               "data for calibration and verification (synthetic: the rule of `train --dataset synthetic`, "
-               "at the model's input shape)")
+        d.string("dataset", "fashion_mnist", "data for calibration and verification: " + DATASET_HELP
+                 + " (synthetic: the rule of `train --dataset synthetic`, at the model's input shape)")
+        d.string("data_dir", None, "tensorflow-datasets data folder of --dataset")
         d.integer("representative", 500, "representative (calibration) examples", lower_bound=1)
         d.integer("verify_limit", 1000, "test examples to verify on (0: no verification)", lower_bound=0)
         d.float("min_agreement", 0.0, "fail (exit 1) when the runtime agrees with Keras on fewer than this "
@@ -436,11 +440,47 @@ def _options(fv):
     return {"ls": {"ls_mode": fv.ls_mode}, "la": {"la_mode": fv.la_mode}}.get(fv.method, {})
 
 
-def load_dataset(name, split, limit=None, seed=0, shape=(28, 28, 1), classes=10):
+def dataset_shape(name, data_dir=None):
+    """(input shape, classes) of a --dataset for a new model: Fashion-MNIST's and the synthetic
+    set's (28, 28, 1), 10; a tensorflow-datasets dataset's from its metadata."""
+    if name in DATASETS:
+        return (28, 28, 1), 10
+    builder = _tfds_builder(name, data_dir)
+    keys = builder.info.supervised_keys or ("image", "label")
+    image, label = builder.info.features[keys[0]], builder.info.features[keys[1]]
+    shape = tuple(image.shape or ())
+    if len(shape) != 3 or None in shape or not hasattr(label, "num_classes"):
+        raise CliError(f"--dataset {name}: not an image classification dataset of one image size "
+                       f"({keys[0]} {shape}); syq-tf trains on fixed-size (image, class label) examples")
+    return tuple(int(d) for d in shape), int(label.num_classes)
+
+
+def _tfds_builder(name, data_dir):
+    from syq_tf import datasets  # noqa: PLC0415  (imports tensorflow_datasets)
+
+    try:
+        return datasets.builder(name, data_dir)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+
+
+def load_dataset(name, split, limit=None, seed=0, shape=(28, 28, 1), classes=10, data_dir=None):
     """(x float32 [N, *shape] in [0, 1], y int64) of a --dataset choice."""
     from syq_tf import data  # noqa: PLC0415
 
     shape = tuple(int(d) for d in shape)
+    if name not in DATASETS:
+        from syq_tf import datasets  # noqa: PLC0415
+
+        _tfds_builder(name, data_dir)  # one-line errors for unknown / unprepared names
+        try:
+            x, y, n_classes = datasets.load(name, split, data_dir, limit)
+        except ValueError as err:
+            raise CliError(str(err)) from None
+        if tuple(x.shape[1:]) != shape or n_classes != classes:
+            raise CliError(f"--dataset {name}: {tuple(x.shape[1:])} images in {n_classes} classes; the model "
+                           f"takes {shape} with {classes}")
+        return x, y
     if name == "synthetic":
         n = limit or (SYNTHETIC_TRAIN if split == "train" else SYNTHETIC_TEST)
         return data.synthetic_images(n, seed=seed if split == "train" else SYNTHETIC_TEST_SEED + seed,
@@ -652,9 +692,9 @@ def _train_locked(fv, out):
     widths = _widths(fv.widths)
     logs = os.path.join(out, "logs")
     tf.keras.utils.set_random_seed(fv.seed)
-    shape, classes = (28, 28, 1), 10
-    x_train, y_train = load_dataset(fv.dataset, "train", fv.train_limit, fv.seed, shape, classes)
-    x_test, y_test = load_dataset(fv.dataset, "test", fv.test_limit, fv.seed, shape, classes)
+    shape, classes = dataset_shape(fv.dataset, fv.data_dir)
+    x_train, y_train = load_dataset(fv.dataset, "train", fv.train_limit, fv.seed, shape, classes, fv.data_dir)
+    x_test, y_test = load_dataset(fv.dataset, "test", fv.test_limit, fv.seed, shape, classes, fv.data_dir)
     _check_finite_data(x_train, f"training images (--dataset {fv.dataset})")
     _check_finite_data(x_test, f"test images (--dataset {fv.dataset})")
     steps = math.ceil(len(x_train) / fv.batch_size)
@@ -804,10 +844,10 @@ def _export(fv):
     shape, classes = tuple(model.input_shape[1:]), int(model.output_shape[-1])
     if any(d is None for d in shape):
         raise CliError(f"{fv.model}: the model's input shape {shape} is not fully defined")
-    x_rep, _ = load_dataset(fv.dataset, "train", fv.representative, fv.seed, shape, classes)
+    x_rep, _ = load_dataset(fv.dataset, "train", fv.representative, fv.seed, shape, classes, fv.data_dir)
     x_ver = y_ver = None
     if fv.verify_limit:
-        x_ver, y_ver = load_dataset(fv.dataset, "test", fv.verify_limit, fv.seed, shape, classes)
+        x_ver, y_ver = load_dataset(fv.dataset, "test", fv.verify_limit, fv.seed, shape, classes, fv.data_dir)
     out = fv.out
     if out is None:
         out = os.path.splitext(fv.model.rstrip("/"))[0] + f"_{fv.target}.tflite"

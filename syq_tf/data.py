@@ -1,7 +1,7 @@
 """Offline datasets; nothing is ever downloaded.
 
 Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` package (IDX files), parsed here and served
-through tf.data. Text corpora for character-level language models are read from files installed on
+through tf.data (and as a tensorflow-datasets builder: :mod:`syq_tf.datasets`). Text corpora for character-level language models are read from files installed on
 the machine (by default the Linux kernel headers of ``linux-libc-dev``)."""
 
 import dataclasses
@@ -15,10 +15,11 @@ import tensorflow as tf
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot")
-_FILES = {
+FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+_FILES = FASHION_MNIST_FILES
 
 
 def read_idx(path):
