@@ -47,6 +47,9 @@ int syq_simd_level(void) {
 #if SYQ_HAVE_NEON
     if (!syq_portable_forced) return syq_neon_level();
 #endif
+#if SYQ_HAVE_CM_DSP
+    if (!syq_portable_forced) return 5;
+#endif
     return 0;
 }
 
@@ -693,6 +696,9 @@ int syq_conv2d_opt(const syq_conv_params *p, const syq_packed_weights *w, const 
     simd = syq_simd_level();
 #if SYQ_HAVE_NEON
     if (simd >= 3) return syq_conv2d_neon(p, w, input, output, scratch, simd); /* syq_neon.c */
+#endif
+#if SYQ_HAVE_CM_DSP
+    if (simd == 5) return syq_conv2d_cm(p, w, input, output, scratch); /* syq_cm.c */
 #endif
 #if SYQ_HAVE_AVX2
     if (simd == 2) {
