@@ -44,8 +44,8 @@ void Reset_Handler(void) {
     uint32_t *s = &__data_load, *d = &__data_start;
     while (d < &__data_end) *d++ = *s++;
     for (d = &__bss_start; d < &__bss_end;) *d++ = 0;
-#if defined(__ARM_FP)
-    CPACR |= 0xFu << 20; /* CP10, CP11 full access */
+#if defined(__ARM_FP) || defined(__ARM_FEATURE_MVE)
+    CPACR |= 0xFu << 20; /* CP10, CP11 full access (FPU, Helium) */
     __asm__ volatile("dsb\n isb" ::: "memory");
 #endif
     SYST_RVR = 0xFFFFFFu;

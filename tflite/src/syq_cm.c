@@ -13,7 +13,8 @@
  * Masks of 8 channels come from one byte of a code word through a 256-entry table (2 KB of flash,
  * one LDRD), shared by a block of up to 4 output positions: per 8 channels and position one LDRD of
  * u, two EOR (ternary: two AND more), two USADA8.  Binary layers skip the AND (Z = all ones).
- * No multiply per weight; one multiply per group m_g.  Requantization: syq_requantize (scalar). */
+ * No multiply per weight; one multiply per group m_g.  Requantization: syq_cm_requant (TFLite's
+ * arithmetic, one SMULL). */
 #include "syq_internal.h"
 
 #if SYQ_HAVE_CM_DSP
@@ -84,8 +85,17 @@ static void syq_cm_corr(const syq_cctx *c) {
     }
 }
 
-/* raw window sums (times m_pix at pixel granularity) of output channel o, NP positions sw bytes
- * apart from base */
+/* 8 channels of one position: acc += the byte sums of (u AND Z) XOR S (binary: u XOR S) */
+#define SYQ_CM_STEP(acc, ptr)                                                                      \
+    do {                                                                                           \
+        const uint32_t *u_ = (const uint32_t *)(const void *)(ptr);                                \
+        const uint32_t u0_ = u_[0], u1_ = u_[1];                                                   \
+        acc = __usada8(tern ? ((u0_ & z0) ^ s0) : (u0_ ^ s0), 0u, acc);                           \
+        acc = __usada8(tern ? ((u1_ & z1) ^ s1) : (u1_ ^ s1), 0u, acc);                           \
+    } while (0)
+
+/* raw window sums (times m_pix at pixel granularity) of output channel o, NP (1 or 4) positions
+ * sw bytes apart from base; accumulators in named variables (registers, not an array) */
 SYQ_CINLINE void syq_cm_block(const syq_cctx *c, const uint8_t *base, size_t sw, int32_t o, uint32_t *res,
                               const int NP, const int tern) {
     const syq_packed_weights *w = c->w;
@@ -93,17 +103,16 @@ SYQ_CINLINE void syq_cm_block(const syq_cctx *c, const uint8_t *base, size_t sw,
     const size_t nw = c->nw, pw = nw * (size_t)w->bits;
     const uint32_t *sg = w->codes + (size_t)o * (size_t)kk * pw;
     const uint8_t *row = base;
-    uint32_t tot[SYQ_CNP], acc[SYQ_CNP];
-    int32_t pix, kx = 0, q;
+    uint32_t t0 = 0, t1 = 0, t2 = 0, t3 = 0, a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    int32_t pix, kx = 0;
     size_t j;
-    for (q = 0; q < NP; ++q) tot[q] = acc[q] = 0;
     for (pix = 0; pix < kk; ++pix, sg += pw) {
         const uint8_t *xb = row + (size_t)kx * c->ip;
         if (++kx == w->k_w) { kx = 0; row += c->wp * c->ip; }
-        for (j = 0; j < nw; ++j, xb += 32) {
+        for (j = 0; j < nw; ++j) {
             uint32_t s = sg[j], z = tern ? sg[nw + j] : 0u;
-            int k;
-            for (k = 0; k < 4; ++k, s >>= 8, z >>= 8) {
+            const uint8_t *xe = xb + 32u;
+            for (; xb < xe; xb += 8, s >>= 8, z >>= 8) {
                 const uint32_t *ms = syq_mask8[s & 0xFFu];
                 const uint32_t s0 = ms[0], s1 = ms[1];
                 uint32_t z0 = 0xFFFFFFFFu, z1 = 0xFFFFFFFFu;
@@ -112,20 +121,47 @@ SYQ_CINLINE void syq_cm_block(const syq_cctx *c, const uint8_t *base, size_t sw,
                     z0 = mz[0];
                     z1 = mz[1];
                 }
-                for (q = 0; q < NP; ++q) {
-                    const uint32_t *u = (const uint32_t *)(const void *)(xb + (size_t)q * sw + 8 * k);
-                    const uint32_t u0 = u[0], u1 = u[1];
-                    acc[q] = __usada8(tern ? ((u0 & z0) ^ s0) : (u0 ^ s0), 0u, acc[q]);
-                    acc[q] = __usada8(tern ? ((u1 & z1) ^ s1) : (u1 ^ s1), 0u, acc[q]);
+                SYQ_CM_STEP(a0, xb);
+                if (NP > 1) {
+                    SYQ_CM_STEP(a1, xb + sw);
+                    SYQ_CM_STEP(a2, xb + 2 * sw);
+                    SYQ_CM_STEP(a3, xb + 3 * sw);
                 }
             }
         }
         if (pixel) {
             const uint32_t m = w->mag[syq_mag_index(w, o, pix)];
-            for (q = 0; q < NP; ++q) { tot[q] += m * acc[q]; acc[q] = 0; }
+            t0 += m * a0; t1 += m * a1; t2 += m * a2; t3 += m * a3;
+            a0 = a1 = a2 = a3 = 0;
         }
     }
-    for (q = 0; q < NP; ++q) res[q] = pixel ? tot[q] : acc[q];
+    res[0] = pixel ? t0 : a0;
+    if (NP > 1) {
+        res[1] = pixel ? t1 : a1;
+        res[2] = pixel ? t2 : a2;
+        res[3] = pixel ? t3 : a3;
+    }
+}
+
+/* syq_requantize, exactly, with a short path for multiplier >= 0 and -31 <= shift <= 0 (what
+ * TFLite's QuantizeMultiplier gives for output scales < 1): SaturatingRoundingDoublingHighMul (no
+ * saturation possible with multiplier >= 0) as one SMULL and a truncating shift, then
+ * RoundingDivideByPOT.  Other shifts take the generic code. */
+SYQ_CINLINE int8_t syq_cm_requant(const syq_conv_params *p, int32_t o, int32_t acc) {
+    const int32_t mult = p->out_multiplier[o], shift = p->out_shift[o];
+    int64_t ab;
+    int32_t x, e, v;
+    uint32_t mask;
+    if (mult < 0 || shift > 0 || shift < -31) return syq_requantize(p, o, acc);
+    ab = (int64_t)acc * mult;
+    ab += ab >= 0 ? ((int64_t)1 << 30) : (1 - ((int64_t)1 << 30));
+    if (ab < 0) ab += 0x7FFFFFFF; /* division by 2^31 truncating toward zero */
+    x = (int32_t)(ab >> 31);      /* arithmetic shift (GCC / Clang) */
+    e = -shift;
+    mask = (uint32_t)(((uint64_t)1 << e) - 1u);
+    v = (x >> e) + (((int32_t)((uint32_t)x & mask) > (int32_t)(mask >> 1) + (x < 0)) ? 1 : 0);
+    v += p->output_zero_point;
+    return (int8_t)(v < p->act_min ? p->act_min : (v > p->act_max ? p->act_max : v));
 }
 
 typedef void (*syq_cm_fn)(const syq_cctx *, const uint8_t *, size_t, int32_t, uint32_t *);
@@ -177,7 +213,7 @@ int syq_conv2d_cm(const syq_conv_params *p, const syq_packed_weights *w, const i
                     else blk1(&c, rowp + ox * sw, sw, o, r);
                     for (q = 0; q < np; ++q)
                         out[(ox + (size_t)q) * (size_t)w->out_c + (size_t)o] =
-                            syq_requantize(p, o, (int32_t)(m * r[q] - (uint32_t)c.corr[o]));
+                            syq_cm_requant(p, o, (int32_t)(m * r[q] - (uint32_t)c.corr[o]));
                 }
                 ox += (size_t)np;
             }
