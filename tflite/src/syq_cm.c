@@ -5,14 +5,15 @@
  *
  * The image is copied once (scratch, as the portable path) as u = x + 128 (uint8) with the padding
  * at the zero point and the channels past in_c at 0.  For a code c in {-1, 0, +1} with sign bit S
- * and non-zero bit Z (0x00/0xFF bytes), the byte (u AND Z) XOR S is u (c = +1), 255 - u (c = -1)
- * or 0 (c = 0); USADA8 (sum of absolute differences against 0, accumulated) adds four such bytes
- * into a 32-bit sum in one instruction:
+ * and non-zero bit Z (0x00/0xFF bytes), |(u AND Z) - S| is u (c = +1), 255 - u (c = -1) or 0
+ * (c = 0); USADA8 (sum of absolute byte differences, accumulated) adds four of them into a 32-bit
+ * sum in one instruction (binary layers: USADA8(u, S) alone, Z = all ones):
  *   raw = sum_i c_i u_i + 255 n_neg,  sum_i c_i (x_i - zp) = raw - 255 n_neg - (zp + 128) sum_i c_i.
  * The correction depends on the weights only (popcounts, once per call and output channel).
- * Masks of 8 channels come from one byte of a code word through a 256-entry table (2 KB of flash,
- * one LDRD), shared by a block of up to 4 output positions: per 8 channels and position one LDRD of
- * u, two EOR (ternary: two AND more), two USADA8.  Binary layers skip the AND (Z = all ones).
+ * Masks of 4 channels come from one nibble of a code word through a 16-entry table (64 bytes of
+ * flash; UBFX + LDR), shared by a block of 4 output positions: per 4 channels and position one LDR
+ * of u and one USADA8 (ternary: one AND more).  Positions stride_w * 32 * nw bytes apart; for distances
+ * of 32..128 bytes specialised copies use immediate load offsets.
  * No multiply per weight; one multiply per group m_g.  Requantization: syq_cm_requant (TFLite's
  * arithmetic, one SMULL). */
 #include "syq_internal.h"
@@ -23,15 +24,12 @@
 #define SYQ_CNP 4 /* output positions per block */
 #define SYQ_CINLINE static inline __attribute__((always_inline))
 
-/* byte b -> 8 bytes, byte k = 0xFF if bit k of b is set (little-endian: low word = bits 0..3) */
-#define SYQ_M1(b, k) ((((uint32_t)(b) >> (k)) & 1u) * (0xFFu << (8 * ((k) & 3))))
-#define SYQ_LO(b) (SYQ_M1(b, 0) | SYQ_M1(b, 1) | SYQ_M1(b, 2) | SYQ_M1(b, 3))
-#define SYQ_HI(b) (SYQ_M1(b, 4) | SYQ_M1(b, 5) | SYQ_M1(b, 6) | SYQ_M1(b, 7))
-#define SYQ_E(b) {SYQ_LO(b), SYQ_HI(b)}
-#define SYQ_E4(b) SYQ_E(b), SYQ_E((b) + 1), SYQ_E((b) + 2), SYQ_E((b) + 3)
-#define SYQ_E16(b) SYQ_E4(b), SYQ_E4((b) + 4), SYQ_E4((b) + 8), SYQ_E4((b) + 12)
-#define SYQ_E64(b) SYQ_E16(b), SYQ_E16((b) + 16), SYQ_E16((b) + 32), SYQ_E16((b) + 48)
-static const uint32_t syq_mask8[256][2] = {SYQ_E64(0), SYQ_E64(64), SYQ_E64(128), SYQ_E64(192)};
+/* nibble b -> 4 bytes, byte k = 0xFF if bit k of b is set (one LDR with a scaled index) */
+#define SYQ_M1(b, k) ((((uint32_t)(b) >> (k)) & 1u) * (0xFFu << (8 * (k))))
+#define SYQ_M4(b) (SYQ_M1(b, 0) | SYQ_M1(b, 1) | SYQ_M1(b, 2) | SYQ_M1(b, 3))
+static const uint32_t syq_mask4[16] = {SYQ_M4(0), SYQ_M4(1), SYQ_M4(2),  SYQ_M4(3),  SYQ_M4(4),  SYQ_M4(5),
+                                       SYQ_M4(6), SYQ_M4(7), SYQ_M4(8),  SYQ_M4(9),  SYQ_M4(10), SYQ_M4(11),
+                                       SYQ_M4(12), SYQ_M4(13), SYQ_M4(14), SYQ_M4(15)};
 
 typedef struct {
     const syq_conv_params *p;
@@ -63,6 +61,13 @@ static void syq_cm_pad(const syq_cctx *c, const int8_t *img) {
     }
 }
 
+/* per-byte bit counts of v (each 0..8): popcount(v) = USADA8(syq_cm_bytecount(v), 0) */
+SYQ_CINLINE uint32_t syq_cm_bytecount(uint32_t v) {
+    v = v - ((v >> 1) & 0x55555555u);
+    v = (v & 0x33333333u) + ((v >> 2) & 0x33333333u);
+    return (v + (v >> 4)) & 0x0F0F0F0Fu;
+}
+
 /* corr[o] = sum_pix m (255 n_neg + (zp + 128)(n_nonzero - 2 n_neg)) - bias[o], modulo 2^32 */
 static void syq_cm_corr(const syq_cctx *c) {
     const syq_packed_weights *w = c->w;
@@ -74,72 +79,87 @@ static void syq_cm_corr(const syq_cctx *c) {
         uint32_t total = 0;
         for (pix = 0; pix < kk; ++pix) {
             const uint32_t *sg = w->codes + ((size_t)o * kk + pix) * pw;
-            int32_t nneg = 0, nnz = w->bits == 2 ? 0 : w->in_c;
+            uint32_t nneg = 0, nnz = w->bits == 2 ? 0u : (uint32_t)w->in_c;
             for (j = 0; j < c->nw; ++j) {
-                nneg += syq_popcount32(sg[j]);
-                if (w->bits == 2) nnz += syq_popcount32(sg[c->nw + j]);
+                nneg = __usada8(syq_cm_bytecount(sg[j]), 0u, nneg);
+                if (w->bits == 2) nnz = __usada8(syq_cm_bytecount(sg[c->nw + j]), 0u, nnz);
             }
-            total += (uint32_t)w->mag[syq_mag_index(w, o, pix)] * (uint32_t)(255 * nneg + zc * (nnz - 2 * nneg));
+            total += (uint32_t)w->mag[syq_mag_index(w, o, pix)] *
+                     (uint32_t)(255 * (int32_t)nneg + zc * ((int32_t)nnz - 2 * (int32_t)nneg));
         }
         c->corr[o] = (int32_t)(total - (uint32_t)(c->p->bias ? c->p->bias[o] : 0));
     }
 }
 
-/* 8 channels of one position: acc += the byte sums of (u AND Z) XOR S (binary: u XOR S) */
+/* 4 channels of one position: acc += sum |(u AND Z) - S| over the bytes (binary: |u - S|), that
+ * is u for code +1, 255 - u for code -1 (S byte 0xFF) and 0 for code 0 (USADA8 against the sign
+ * mask: no EOR, no zero register) */
 #define SYQ_CM_STEP(acc, ptr)                                                                      \
     do {                                                                                           \
-        const uint32_t *u_ = (const uint32_t *)(const void *)(ptr);                                \
-        const uint32_t u0_ = u_[0], u1_ = u_[1];                                                   \
-        acc = __usada8(tern ? ((u0_ & z0) ^ s0) : (u0_ ^ s0), 0u, acc);                           \
-        acc = __usada8(tern ? ((u1_ & z1) ^ s1) : (u1_ ^ s1), 0u, acc);                           \
+        const uint32_t u_ = *(const uint32_t *)(const void *)(ptr);                                \
+        acc = __usada8(tern ? (u_ & zm) : u_, sm, acc);                                            \
+    } while (0)
+
+/* channels 4k..4k+3 of the word at xb (codes s, z) for NP positions SW bytes apart */
+#define SYQ_CM_NIB(k)                                                                              \
+    do {                                                                                           \
+        const uint32_t sm = syq_mask4[(s >> (4 * (k))) & 0xFu];                                    \
+        const uint32_t zm = tern ? syq_mask4[(z >> (4 * (k))) & 0xFu] : 0xFFFFFFFFu;               \
+        SYQ_CM_STEP(a0, xb + 4 * (k));                                                             \
+        if (NP > 1) {                                                                              \
+            SYQ_CM_STEP(a1, xb + SW + 4 * (k));                                                    \
+            SYQ_CM_STEP(a2, xb + 2 * SW + 4 * (k));                                                \
+            SYQ_CM_STEP(a3, xb + 3 * SW + 4 * (k));                                                \
+        }                                                                                          \
+        (void)zm;                                                                                  \
     } while (0)
 
 /* raw window sums (times m_pix at pixel granularity) of output channel o, NP (1 or 4) positions
- * sw bytes apart from base; accumulators in named variables (registers, not an array) */
-SYQ_CINLINE void syq_cm_block(const syq_cctx *c, const uint8_t *base, size_t sw, int32_t o, uint32_t *res,
+ * SW bytes apart from base; accumulators in named variables (registers, not an array).  SW is a
+ * compile-time constant in the specialised copies (immediate load offsets, LDRD). */
+SYQ_CINLINE void syq_cm_block(const syq_cctx *c, const uint8_t *base, const size_t SW, int32_t o, uint32_t *res,
                               const int NP, const int tern) {
     const syq_packed_weights *w = c->w;
-    const int32_t kk = w->k_h * w->k_w, pixel = w->granularity == SYQ_GRAN_PIXEL;
-    const size_t nw = c->nw, pw = nw * (size_t)w->bits;
+    const int32_t kk = w->k_h * w->k_w, pixel = w->granularity == SYQ_GRAN_PIXEL, k_w = w->k_w;
+    const size_t nw = c->nw, pw = nw * (size_t)w->bits, ip = c->ip, row_step = c->wp * c->ip;
     const uint32_t *sg = w->codes + (size_t)o * (size_t)kk * pw;
+    const uint8_t *mg = w->mag + (pixel ? (size_t)o * (size_t)kk : 0u);
     const uint8_t *row = base;
-    uint32_t t0 = 0, t1 = 0, t2 = 0, t3 = 0, a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    uint32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
     int32_t pix, kx = 0;
     size_t j;
     for (pix = 0; pix < kk; ++pix, sg += pw) {
-        const uint8_t *xb = row + (size_t)kx * c->ip;
-        if (++kx == w->k_w) { kx = 0; row += c->wp * c->ip; }
-        for (j = 0; j < nw; ++j) {
-            uint32_t s = sg[j], z = tern ? sg[nw + j] : 0u;
-            const uint8_t *xe = xb + 32u;
-            for (; xb < xe; xb += 8, s >>= 8, z >>= 8) {
-                const uint32_t *ms = syq_mask8[s & 0xFFu];
-                const uint32_t s0 = ms[0], s1 = ms[1];
-                uint32_t z0 = 0xFFFFFFFFu, z1 = 0xFFFFFFFFu;
-                if (tern) {
-                    const uint32_t *mz = syq_mask8[z & 0xFFu];
-                    z0 = mz[0];
-                    z1 = mz[1];
-                }
-                SYQ_CM_STEP(a0, xb);
-                if (NP > 1) {
-                    SYQ_CM_STEP(a1, xb + sw);
-                    SYQ_CM_STEP(a2, xb + 2 * sw);
-                    SYQ_CM_STEP(a3, xb + 3 * sw);
-                }
-            }
+        const uint8_t *xb = row + (size_t)kx * ip;
+        if (++kx == k_w) { kx = 0; row += row_step; }
+        for (j = 0; j < nw; ++j, xb += 32) {
+            const uint32_t s = sg[j], z = tern ? sg[nw + j] : 0u;
+            SYQ_CM_NIB(0);
+            SYQ_CM_NIB(1);
+            SYQ_CM_NIB(2);
+            SYQ_CM_NIB(3);
+            SYQ_CM_NIB(4);
+            SYQ_CM_NIB(5);
+            SYQ_CM_NIB(6);
+            SYQ_CM_NIB(7);
         }
-        if (pixel) {
-            const uint32_t m = w->mag[syq_mag_index(w, o, pix)];
-            t0 += m * a0; t1 += m * a1; t2 += m * a2; t3 += m * a3;
+        if (pixel) { /* one multiply per group; the totals live in res (registers stay for the sums) */
+            const uint32_t m = mg[pix];
+            res[0] = (pix ? res[0] : 0u) + m * a0;
+            if (NP > 1) {
+                res[1] = (pix ? res[1] : 0u) + m * a1;
+                res[2] = (pix ? res[2] : 0u) + m * a2;
+                res[3] = (pix ? res[3] : 0u) + m * a3;
+            }
             a0 = a1 = a2 = a3 = 0;
         }
     }
-    res[0] = pixel ? t0 : a0;
-    if (NP > 1) {
-        res[1] = pixel ? t1 : a1;
-        res[2] = pixel ? t2 : a2;
-        res[3] = pixel ? t3 : a3;
+    if (!pixel) {
+        res[0] = a0;
+        if (NP > 1) {
+            res[1] = a1;
+            res[2] = a2;
+            res[3] = a3;
+        }
     }
 }
 
@@ -165,17 +185,30 @@ SYQ_CINLINE int8_t syq_cm_requant(const syq_conv_params *p, int32_t o, int32_t a
 }
 
 typedef void (*syq_cm_fn)(const syq_cctx *, const uint8_t *, size_t, int32_t, uint32_t *);
-static void syq_cm_bin4(const syq_cctx *c, const uint8_t *b, size_t sw, int32_t o, uint32_t *r) {
-    syq_cm_block(c, b, sw, o, r, 4, 0);
-}
-static void syq_cm_bin1(const syq_cctx *c, const uint8_t *b, size_t sw, int32_t o, uint32_t *r) {
-    syq_cm_block(c, b, sw, o, r, 1, 0);
-}
-static void syq_cm_tern4(const syq_cctx *c, const uint8_t *b, size_t sw, int32_t o, uint32_t *r) {
-    syq_cm_block(c, b, sw, o, r, 4, 1);
-}
-static void syq_cm_tern1(const syq_cctx *c, const uint8_t *b, size_t sw, int32_t o, uint32_t *r) {
-    syq_cm_block(c, b, sw, o, r, 1, 1);
+#define SYQ_CM_FN(name, SWC, NP, TERN)                                                             \
+    static void name(const syq_cctx *c, const uint8_t *b, size_t sw, int32_t o, uint32_t *r) {     \
+        syq_cm_block(c, b, (SWC) ? (size_t)(SWC) : sw, o, r, NP, TERN);                            \
+    }
+/* 4 positions at a constant distance of 32, 64, 96 or 128 bytes (stride_w * 32 * nw), any
+ * distance, and single positions; binary and ternary */
+SYQ_CM_FN(syq_cm_b4_32, 32, 4, 0)
+SYQ_CM_FN(syq_cm_b4_64, 64, 4, 0)
+SYQ_CM_FN(syq_cm_b4_96, 96, 4, 0)
+SYQ_CM_FN(syq_cm_b4_128, 128, 4, 0)
+SYQ_CM_FN(syq_cm_b4, 0, 4, 0)
+SYQ_CM_FN(syq_cm_b1, 0, 1, 0)
+SYQ_CM_FN(syq_cm_t4_32, 32, 4, 1)
+SYQ_CM_FN(syq_cm_t4_64, 64, 4, 1)
+SYQ_CM_FN(syq_cm_t4_96, 96, 4, 1)
+SYQ_CM_FN(syq_cm_t4_128, 128, 4, 1)
+SYQ_CM_FN(syq_cm_t4, 0, 4, 1)
+SYQ_CM_FN(syq_cm_t1, 0, 1, 1)
+
+static syq_cm_fn syq_cm_pick4(size_t sw, int tern) {
+    static const syq_cm_fn b[5] = {syq_cm_b4, syq_cm_b4_32, syq_cm_b4_64, syq_cm_b4_96, syq_cm_b4_128};
+    static const syq_cm_fn t[5] = {syq_cm_t4, syq_cm_t4_32, syq_cm_t4_64, syq_cm_t4_96, syq_cm_t4_128};
+    const size_t i = sw % 32u == 0 && sw <= 128u ? sw / 32u : 0u;
+    return tern ? t[i] : b[i];
 }
 
 /* Arguments and scratch checked by syq_conv2d_opt (same scratch layout as the portable path). */
@@ -184,7 +217,8 @@ int syq_conv2d_cm(const syq_conv_params *p, const syq_packed_weights *w, const i
     syq_cctx c;
     uint8_t *base = (uint8_t *)scratch;
     const int pixel = w->granularity == SYQ_GRAN_PIXEL, tern = w->bits == 2;
-    const syq_cm_fn blk4 = tern ? syq_cm_tern4 : syq_cm_bin4, blk1 = tern ? syq_cm_tern1 : syq_cm_bin1;
+    const syq_cm_fn blk1 = tern ? syq_cm_t1 : syq_cm_b1;
+    syq_cm_fn blk4;
     size_t oy, ox, sw;
     int32_t n, o, q;
     c.p = p;
@@ -197,6 +231,7 @@ int syq_conv2d_cm(const syq_conv_params *p, const syq_packed_weights *w, const i
     c.u = base;
     c.corr = (int32_t *)(void *)(base + SYQ_ALIGN64(c.hp * c.wp * c.ip));
     sw = (size_t)p->stride_w * c.ip;
+    blk4 = syq_cm_pick4(sw, tern);
     syq_cm_corr(&c);
     for (n = 0; n < p->batch; ++n) {
         int8_t *img_out = output + (size_t)n * p->out_h * p->out_w * w->out_c;
