@@ -21,7 +21,7 @@
 #if SYQ_HAVE_CM_DSP
 #include <arm_acle.h>
 
-#define SYQ_CNP 4 /* output positions per block */
+#define SYQ_CNP 4 /* output positions per block (rows end with blocks of 2 and 1) */
 #define SYQ_CINLINE static inline __attribute__((always_inline))
 
 /* nibble b -> 4 bytes, byte k = 0xFF if bit k of b is set (one LDR with a scaled index) */
@@ -106,8 +106,8 @@ static void syq_cm_corr(const syq_cctx *c) {
         const uint32_t sm = syq_mask4[(s >> (4 * (k))) & 0xFu];                                    \
         const uint32_t zm = tern ? syq_mask4[(z >> (4 * (k))) & 0xFu] : 0xFFFFFFFFu;               \
         SYQ_CM_STEP(a0, xb + 4 * (k));                                                             \
-        if (NP > 1) {                                                                              \
-            SYQ_CM_STEP(a1, xb + SW + 4 * (k));                                                    \
+        if (NP > 1) SYQ_CM_STEP(a1, xb + SW + 4 * (k));                                            \
+        if (NP > 2) {                                                                              \
             SYQ_CM_STEP(a2, xb + 2 * SW + 4 * (k));                                                \
             SYQ_CM_STEP(a3, xb + 3 * SW + 4 * (k));                                                \
         }                                                                                          \
@@ -145,8 +145,8 @@ SYQ_CINLINE void syq_cm_block(const syq_cctx *c, const uint8_t *base, const size
         if (pixel) { /* one multiply per group; the totals live in res (registers stay for the sums) */
             const uint32_t m = mg[pix];
             res[0] = (pix ? res[0] : 0u) + m * a0;
-            if (NP > 1) {
-                res[1] = (pix ? res[1] : 0u) + m * a1;
+            if (NP > 1) res[1] = (pix ? res[1] : 0u) + m * a1;
+            if (NP > 2) {
                 res[2] = (pix ? res[2] : 0u) + m * a2;
                 res[3] = (pix ? res[3] : 0u) + m * a3;
             }
@@ -155,8 +155,8 @@ SYQ_CINLINE void syq_cm_block(const syq_cctx *c, const uint8_t *base, const size
     }
     if (!pixel) {
         res[0] = a0;
-        if (NP > 1) {
-            res[1] = a1;
+        if (NP > 1) res[1] = a1;
+        if (NP > 2) {
             res[2] = a2;
             res[3] = a3;
         }
@@ -184,10 +184,32 @@ SYQ_CINLINE int8_t syq_cm_requant(const syq_conv_params *p, int32_t o, int32_t a
     return (int8_t)(v < p->act_min ? p->act_min : (v > p->act_max ? p->act_max : v));
 }
 
-typedef void (*syq_cm_fn)(const syq_cctx *, const uint8_t *, size_t, int32_t, uint32_t *);
+/* all output channels of NP positions: window sums, m_g, corrections, requantization; out: the
+ * first position's output pixel (positions out_c bytes apart) */
+SYQ_CINLINE void syq_cm_channels(const syq_cctx *c, const uint8_t *base, const size_t SW, int8_t *out, const int NP,
+                                 const int tern) {
+    const syq_conv_params *p = c->p;
+    const syq_packed_weights *w = c->w;
+    const int pixel = w->granularity == SYQ_GRAN_PIXEL;
+    const size_t oc = (size_t)w->out_c;
+    int32_t o;
+    for (o = 0; o < w->out_c; ++o) {
+        const uint32_t m = pixel ? 1u : (uint32_t)w->mag[syq_mag_index(w, o, 0)], corr = (uint32_t)c->corr[o];
+        uint32_t r[SYQ_CNP] = {0u, 0u, 0u, 0u};
+        syq_cm_block(c, base, SW, o, r, NP, tern);
+        out[o] = syq_cm_requant(p, o, (int32_t)(m * r[0] - corr));
+        if (NP > 1) out[oc + (size_t)o] = syq_cm_requant(p, o, (int32_t)(m * r[1] - corr));
+        if (NP > 2) {
+            out[2 * oc + (size_t)o] = syq_cm_requant(p, o, (int32_t)(m * r[2] - corr));
+            out[3 * oc + (size_t)o] = syq_cm_requant(p, o, (int32_t)(m * r[3] - corr));
+        }
+    }
+}
+
+typedef void (*syq_cm_fn)(const syq_cctx *, const uint8_t *, size_t, int8_t *);
 #define SYQ_CM_FN(name, SWC, NP, TERN)                                                             \
-    static void name(const syq_cctx *c, const uint8_t *b, size_t sw, int32_t o, uint32_t *r) {     \
-        syq_cm_block(c, b, (SWC) ? (size_t)(SWC) : sw, o, r, NP, TERN);                            \
+    static void name(const syq_cctx *c, const uint8_t *b, size_t sw, int8_t *out) {                \
+        syq_cm_channels(c, b, (SWC) ? (size_t)(SWC) : sw, out, NP, TERN);                          \
     }
 /* 4 positions at a constant distance of 32, 64, 96 or 128 bytes (stride_w * 32 * nw), any
  * distance, and single positions; binary and ternary */
@@ -196,12 +218,14 @@ SYQ_CM_FN(syq_cm_b4_64, 64, 4, 0)
 SYQ_CM_FN(syq_cm_b4_96, 96, 4, 0)
 SYQ_CM_FN(syq_cm_b4_128, 128, 4, 0)
 SYQ_CM_FN(syq_cm_b4, 0, 4, 0)
+SYQ_CM_FN(syq_cm_b2, 0, 2, 0)
 SYQ_CM_FN(syq_cm_b1, 0, 1, 0)
 SYQ_CM_FN(syq_cm_t4_32, 32, 4, 1)
 SYQ_CM_FN(syq_cm_t4_64, 64, 4, 1)
 SYQ_CM_FN(syq_cm_t4_96, 96, 4, 1)
 SYQ_CM_FN(syq_cm_t4_128, 128, 4, 1)
 SYQ_CM_FN(syq_cm_t4, 0, 4, 1)
+SYQ_CM_FN(syq_cm_t2, 0, 2, 1)
 SYQ_CM_FN(syq_cm_t1, 0, 1, 1)
 
 static syq_cm_fn syq_cm_pick4(size_t sw, int tern) {
@@ -216,11 +240,11 @@ int syq_conv2d_cm(const syq_conv_params *p, const syq_packed_weights *w, const i
                   int8_t *output, void *scratch) {
     syq_cctx c;
     uint8_t *base = (uint8_t *)scratch;
-    const int pixel = w->granularity == SYQ_GRAN_PIXEL, tern = w->bits == 2;
-    const syq_cm_fn blk1 = tern ? syq_cm_t1 : syq_cm_b1;
+    const int tern = w->bits == 2;
+    const syq_cm_fn blk1 = tern ? syq_cm_t1 : syq_cm_b1, blk2 = tern ? syq_cm_t2 : syq_cm_b2;
     syq_cm_fn blk4;
     size_t oy, ox, sw;
-    int32_t n, o, q;
+    int32_t n;
     c.p = p;
     c.w = w;
     c.nw = syq_words_per_pixel(w->in_c);
@@ -240,16 +264,9 @@ int syq_conv2d_cm(const syq_conv_params *p, const syq_packed_weights *w, const i
             const uint8_t *rowp = c.u + oy * (size_t)p->stride_h * c.wp * c.ip;
             int8_t *out = img_out + oy * (size_t)p->out_w * w->out_c;
             for (ox = 0; ox < (size_t)p->out_w;) {
-                const int np = (size_t)p->out_w - ox >= SYQ_CNP ? SYQ_CNP : 1;
-                for (o = 0; o < w->out_c; ++o) {
-                    const uint32_t m = pixel ? 1u : (uint32_t)w->mag[syq_mag_index(w, o, 0)];
-                    uint32_t r[SYQ_CNP];
-                    if (np == SYQ_CNP) blk4(&c, rowp + ox * sw, sw, o, r);
-                    else blk1(&c, rowp + ox * sw, sw, o, r);
-                    for (q = 0; q < np; ++q)
-                        out[(ox + (size_t)q) * (size_t)w->out_c + (size_t)o] =
-                            syq_cm_requant(p, o, (int32_t)(m * r[q] - (uint32_t)c.corr[o]));
-                }
+                const size_t left = (size_t)p->out_w - ox;
+                const int np = left >= SYQ_CNP ? SYQ_CNP : left >= 2 ? 2 : 1;
+                (np == SYQ_CNP ? blk4 : np == 2 ? blk2 : blk1)(&c, rowp + ox * sw, sw, out + ox * (size_t)w->out_c);
                 ox += (size_t)np;
             }
         }
