@@ -8,7 +8,7 @@ our straightforward int8 kernel and (when its source is given) CMSIS-NN's int8 k
   aarch64      qemu-aarch64 -cpu max (NEON + SDOT path) and -cpu cortex-a72 (plain NEON path)
   cortex-m4    qemu-system-arm -M mps2-an386  (Armv7E-M, DSP path)
   cortex-m33   qemu-system-arm -M mps2-an505  (Armv8-M Mainline + DSP)
-  cortex-m55   qemu-system-arm -M mps3-an547  (Armv8.1-M; built without MVE: DSP path)
+  cortex-m55   qemu-system-arm -M mps3-an547  (Armv8.1-M with Helium/MVE: our DSP path; CMSIS-NN's MVE path)
 
 plus tflite/tests/test_kernels.c (randomized layers, all paths vs reference) on each.
 
@@ -42,10 +42,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 T = ROOT / "tflite"
 CFLAGS = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-O2", "-ffunction-sections", "-fdata-sections"]
 SRC = [T / "src" / "syq_common.c", T / "src" / "syq_opt.c"]
-BOARDS = {  # core: (qemu machine, -mcpu, code origin/length, RAM origin/length)
-    "cortex-m4": ("mps2-an386", "cortex-m4", 0x00000000, 0x400000, 0x20000000, 0x400000),
-    "cortex-m33": ("mps2-an505", "cortex-m33", 0x10000000, 0x400000, 0x38000000, 0x400000),
-    "cortex-m55": ("mps3-an547", "cortex-m55", 0x10000000, 0x80000, 0x70000000, 0x1000000),
+BOARDS = {  # core: (qemu machine, -mcpu, code origin/length, RAM origin/length[, read-only data origin/length])
+    "cortex-m4": ("mps2-an386", "cortex-m4", 0x00000000, 0x400000, 0x20000000, 0x400000),  # SSRAM1, SSRAM2/3
+    "cortex-m33": ("mps2-an505", "cortex-m33", 0x10000000, 0x400000, 0x38000000, 0x400000),  # secure aliases
+    "cortex-m55": ("mps3-an547", "cortex-m55", 0x10000000, 0x80000, 0x70800000, 0x800000,  # ITCM, DDR
+                   0x70000000, 0x800000),
 }
 TOOLS = ["aarch64-linux-gnu-gcc", "qemu-aarch64", "arm-none-eabi-gcc", "arm-none-eabi-nm", "qemu-system-arm"]
 CMSIS_SOURCES = ("Source/ConvolutionFunctions/*s8*.c", "Source/FullyConnectedFunctions/*s8*.c",
@@ -93,10 +94,12 @@ def _parse(stdout):
 
 
 def _linker_script(build, core):
-    _, _, co, cl, ro, rl = BOARDS[core]
+    co, cl, ro, rl = BOARDS[core][2:6]
+    rodata = [f"-DRO_ORIGIN={BOARDS[core][6]:#x}", f"-DRO_LENGTH={BOARDS[core][7]:#x}"] if len(BOARDS[core]) > 6 else []
     ld = build / f"{core}.ld"
     _check(_run(["arm-none-eabi-gcc", "-E", "-P", "-x", "c", f"-DCODE_ORIGIN={co:#x}", f"-DCODE_LENGTH={cl:#x}",
-                 f"-DRAM_ORIGIN={ro:#x}", f"-DRAM_LENGTH={rl:#x}", T / "arm" / "board.ld.in", "-o", ld]), "cpp")
+                 f"-DRAM_ORIGIN={ro:#x}", f"-DRAM_LENGTH={rl:#x}", *rodata, T / "arm" / "board.ld.in", "-o", ld]),
+           "cpp")
     return ld
 
 
