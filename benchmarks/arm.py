@@ -48,6 +48,9 @@ BOARDS = {  # core: (qemu machine, -mcpu, code origin/length, RAM origin/length[
     "cortex-m55": ("mps3-an547", "cortex-m55", 0x10000000, 0x80000, 0x70800000, 0x800000,  # ITCM, DDR
                    0x70000000, 0x800000),
 }
+# Cortex-M55: hard-float ABI, so that GCC enables Helium (MVE; __ARM_FEATURE_MVE) and CMSIS-NN builds its
+# MVE kernels; ours have no MVE path (their DSP path runs there).  Others: soft float (integer kernels).
+FLOAT_ABI = {"cortex-m55": "hard"}
 TOOLS = ["aarch64-linux-gnu-gcc", "qemu-aarch64", "arm-none-eabi-gcc", "arm-none-eabi-nm", "qemu-system-arm"]
 CMSIS_SOURCES = ("Source/ConvolutionFunctions/*s8*.c", "Source/FullyConnectedFunctions/*s8*.c",
                  "Source/NNSupportFunctions/*s8*.c", "Source/NNSupportFunctions/arm_nn_vec_mat_mult_t_per_ch_s8.c")
@@ -105,13 +108,14 @@ def _linker_script(build, core):
 
 def _cmsis_lib(build, core, cmsis_dir):
     mcpu = BOARDS[core][1]
+    fabi = FLOAT_ABI.get(core, "soft")
     out = build / f"cmsis-nn-{core}"
     out.mkdir(parents=True, exist_ok=True)
     objs = []
     for pat in CMSIS_SOURCES:
         for src in sorted(cmsis_dir.glob(pat)):
             obj = out / (src.stem + ".o")
-            _check(_run(["arm-none-eabi-gcc", f"-mcpu={mcpu}", "-mthumb", "-mfloat-abi=soft", "-O2",
+            _check(_run(["arm-none-eabi-gcc", f"-mcpu={mcpu}", "-mthumb", f"-mfloat-abi={fabi}", "-O2",
                          "-ffunction-sections", "-fdata-sections", f"-I{cmsis_dir / 'Include'}", "-c", src, "-o", obj]),
                    f"CMSIS-NN {src.name}")
             objs.append(obj)
@@ -135,9 +139,9 @@ def _code_sizes(elf):
 def run_cortex_m(core, vec_dir, build, cmsis_dir, n_random):
     machine, mcpu = BOARDS[core][:2]
     ld = _linker_script(build, core)
-    base = ["arm-none-eabi-gcc", f"-mcpu={mcpu}", "-mthumb", "-mfloat-abi=soft", *CFLAGS, "-Wl,--gc-sections",
+    base = ["arm-none-eabi-gcc", f"-mcpu={mcpu}", "-mthumb", f"-mfloat-abi={FLOAT_ABI.get(core, 'soft')}", *CFLAGS, "-Wl,--gc-sections",
             "--specs=rdimon.specs", "-nostartfiles", "-T", ld, f"-I{T / 'include'}", f"-I{T / 'arm'}"]
-    res = dict(board=machine, mcpu=mcpu)
+    res = dict(board=machine, mcpu=mcpu, float_abi=FLOAT_ABI.get(core, "soft"))
     # randomized self-test (all paths vs reference, pack round trip)
     elf = build / f"test_kernels-{core}.elf"
     _check(_run([*base, f'-DSYQ_ARM_ARG="{n_random}"', T / "arm" / "startup.c", *SRC, T / "src" / "syq_cm.c",
