@@ -21,6 +21,11 @@
 #if SYQ_HAVE_CM_DSP
 #include <arm_acle.h>
 
+#if defined(__ARM_FEATURE_MVE) && (__ARM_FEATURE_MVE & 1)
+#define SYQ_HAVE_MVE 1
+#else
+#define SYQ_HAVE_MVE 0
+#endif
 #define SYQ_CNP 4 /* output positions per block (rows end with blocks of 2 and 1) */
 #define SYQ_CINLINE static inline __attribute__((always_inline))
 
@@ -30,6 +35,8 @@
 static const uint32_t syq_mask4[16] = {SYQ_M4(0), SYQ_M4(1), SYQ_M4(2),  SYQ_M4(3),  SYQ_M4(4),  SYQ_M4(5),
                                        SYQ_M4(6), SYQ_M4(7), SYQ_M4(8),  SYQ_M4(9),  SYQ_M4(10), SYQ_M4(11),
                                        SYQ_M4(12), SYQ_M4(13), SYQ_M4(14), SYQ_M4(15)};
+
+int syq_cm_level(void) { return SYQ_HAVE_MVE ? 6 : 5; }
 
 typedef struct {
     const syq_conv_params *p;
@@ -235,6 +242,148 @@ static syq_cm_fn syq_cm_pick4(size_t sw, int tern) {
     return tern ? t[i] : b[i];
 }
 
+#if SYQ_HAVE_MVE
+/* ---- Helium (MVE, Cortex-M55/M85): level 6 -----------------------------------------------
+ * Convolutions with rows of >= 4 outputs: as the NEON path, the image copied once as signed x
+ * (padding = zero point, channels past in_c = 0), the codes of one output channel expanded once per
+ * image into int8 m_g * c (|.| <= 127; from the nibble table, four at a time; scratch, k_h * k_w * 32
+ * * nw bytes) and reused by blocks of 4 positions: VMLADAVA.S8 adds 16 products to a scalar
+ * accumulator per instruction, over each kernel row's k_w pixels at once (contiguous in both).  sum c (x - zp) = sum c x - zp sum c (weights-only
+ * term once per call).  Narrow outputs (FullyConnected) take the DSP path: with one position there
+ * is nothing to share the expansion with. */
+#include <arm_mve.h>
+
+static void syq_mve_pad(const syq_cctx *c, const int8_t *img) {
+    const syq_conv_params *p = c->p;
+    const int32_t in_c = c->w->in_c;
+    int8_t *x = (int8_t *)(void *)c->u;
+    size_t py, px;
+    int32_t ch;
+    for (py = 0; py < c->hp; ++py) {
+        const int32_t iy = (int32_t)py - p->pad_top;
+        for (px = 0; px < c->wp; ++px) {
+            const int32_t ix = (int32_t)px - p->pad_left;
+            int8_t *dst = x + (py * c->wp + px) * c->ip;
+            if (iy >= 0 && iy < p->in_h && ix >= 0 && ix < p->in_w) {
+                const int8_t *src = img + ((size_t)iy * p->in_w + ix) * in_c;
+                for (ch = 0; ch < in_c; ++ch) dst[ch] = src[ch];
+            } else {
+                for (ch = 0; ch < in_c; ++ch) dst[ch] = (int8_t)p->input_zero_point;
+            }
+            for (ch = in_c; ch < (int32_t)c->ip; ++ch) dst[ch] = 0;
+        }
+    }
+}
+
+/* corr[o] = sum_pix m zp (n_nonzero - 2 n_neg) - bias[o], modulo 2^32 */
+static void syq_mve_corr(const syq_cctx *c) {
+    const syq_packed_weights *w = c->w;
+    const int32_t kk = w->k_h * w->k_w, zp = c->p->input_zero_point;
+    const size_t pw = c->nw * (size_t)w->bits;
+    int32_t o, pix;
+    size_t j;
+    for (o = 0; o < w->out_c; ++o) {
+        uint32_t total = 0;
+        for (pix = 0; pix < kk; ++pix) {
+            const uint32_t *sg = w->codes + ((size_t)o * kk + pix) * pw;
+            uint32_t nneg = 0, nnz = w->bits == 2 ? 0u : (uint32_t)w->in_c;
+            for (j = 0; j < c->nw; ++j) {
+                nneg = __usada8(syq_cm_bytecount(sg[j]), 0u, nneg);
+                if (w->bits == 2) nnz = __usada8(syq_cm_bytecount(sg[c->nw + j]), 0u, nnz);
+            }
+            total += (uint32_t)w->mag[syq_mag_index(w, o, pix)] * (uint32_t)zp * (nnz - 2u * nneg);
+        }
+        c->corr[o] = (int32_t)(total - (uint32_t)(c->p->bias ? c->p->bias[o] : 0));
+    }
+}
+
+/* m_g * code of output channel o (|.| <= 127: int8) for every kernel pixel and channel */
+static void syq_mve_expand(const syq_cctx *c, int32_t o, uint32_t *e) {
+    const syq_packed_weights *w = c->w;
+    const size_t n = (size_t)w->k_h * (size_t)w->k_w, nw = c->nw, pw = nw * (size_t)w->bits;
+    const uint32_t *sg = w->codes + (size_t)o * n * pw;
+    size_t pix, j;
+    int g;
+    for (pix = 0; pix < n; ++pix, sg += pw) {
+        const uint32_t m = w->mag[syq_mag_index(w, o, (int32_t)pix)];
+        const uint32_t pos = m * 0x01010101u, neg = ((256u - m) & 0xFFu) * 0x01010101u;
+        for (j = 0; j < nw; ++j) {
+            const uint32_t s = sg[j], z = w->bits == 2 ? sg[nw + j] : 0xFFFFFFFFu;
+            for (g = 0; g < 8; ++g) {
+                const uint32_t sm = syq_mask4[(s >> (4 * g)) & 0xFu], zm = syq_mask4[(z >> (4 * g)) & 0xFu];
+                *e++ = ((pos & ~sm) | (neg & sm)) & zm;
+            }
+        }
+    }
+}
+
+/* sum_pix m_pix sum_i c_i x_i of NP positions sw bytes apart (the magnitudes are in e): the
+ * k_w pixels of a kernel row are contiguous in e and in the padded image */
+SYQ_CINLINE void syq_mve_block(const syq_cctx *c, const int8_t *e, const int8_t *base, size_t sw, uint32_t *res,
+                               const int NP) {
+    const syq_packed_weights *w = c->w;
+    const size_t nch = (size_t)w->k_w * c->ip / 16u, row_step = c->wp * c->ip;
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, ky;
+    size_t k;
+    for (ky = 0; ky < w->k_h; ++ky, base += row_step) {
+        const int8_t *xb = base;
+        for (k = 0; k < nch; ++k, e += 16, xb += 16) {
+            const int8x16_t cv = vld1q_s8(e);
+            a0 = vmladavaq_s8(a0, vld1q_s8(xb), cv);
+            if (NP > 1) {
+                a1 = vmladavaq_s8(a1, vld1q_s8(xb + sw), cv);
+                a2 = vmladavaq_s8(a2, vld1q_s8(xb + 2 * sw), cv);
+                a3 = vmladavaq_s8(a3, vld1q_s8(xb + 3 * sw), cv);
+            }
+        }
+    }
+    res[0] = (uint32_t)a0;
+    if (NP > 1) {
+        res[1] = (uint32_t)a1;
+        res[2] = (uint32_t)a2;
+        res[3] = (uint32_t)a3;
+    }
+}
+
+static void syq_mve_block4(const syq_cctx *c, const int8_t *e, const int8_t *b, size_t sw, uint32_t *r) {
+    syq_mve_block(c, e, b, sw, r, 4);
+}
+static void syq_mve_block1(const syq_cctx *c, const int8_t *e, const int8_t *b, size_t sw, uint32_t *r) {
+    syq_mve_block(c, e, b, sw, r, 1);
+}
+
+static int syq_conv2d_mve(syq_cctx *cp, const int8_t *input, int8_t *output) {
+    const syq_cctx c = *cp;
+    const syq_conv_params *p = c.p;
+    const syq_packed_weights *w = c.w;
+    int8_t *e = (int8_t *)c.corr + SYQ_ALIGN64((size_t)w->out_c * sizeof(int32_t));
+    const size_t sw = (size_t)p->stride_w * c.ip, oc = (size_t)w->out_c;
+    size_t oy, ox;
+    int32_t n, o, q;
+    syq_mve_corr(&c);
+    for (n = 0; n < p->batch; ++n) {
+        int8_t *img_out = output + (size_t)n * p->out_h * p->out_w * w->out_c;
+        syq_mve_pad(&c, input + (size_t)n * p->in_h * p->in_w * w->in_c);
+        for (o = 0; o < w->out_c; ++o) {
+            const uint32_t corr = (uint32_t)c.corr[o];
+            syq_mve_expand(&c, o, (uint32_t *)(void *)e);
+            for (oy = 0; oy < (size_t)p->out_h; ++oy) {
+                const int8_t *rowp = (const int8_t *)c.u + oy * (size_t)p->stride_h * c.wp * c.ip;
+                int8_t *out = img_out + oy * (size_t)p->out_w * oc + (size_t)o;
+                for (ox = 0; ox < (size_t)p->out_w;) {
+                    uint32_t r[4] = {0u, 0u, 0u, 0u};
+                    const int np = (size_t)p->out_w - ox >= 4u ? 4 : 1;
+                    if (np == 4) syq_mve_block4(&c, e, rowp + ox * sw, sw, r);
+                    else syq_mve_block1(&c, e, rowp + ox * sw, sw, r);
+                    for (q = 0; q < np; ++q, ++ox) out[ox * oc] = syq_cm_requant(p, o, (int32_t)(r[q] - corr));
+                }
+            }
+        }
+    }
+    return SYQ_OK;
+}
+#endif
+
 /* Arguments and scratch checked by syq_conv2d_opt (same scratch layout as the portable path). */
 int syq_conv2d_cm(const syq_conv_params *p, const syq_packed_weights *w, const int8_t *input,
                   int8_t *output, void *scratch) {
@@ -256,6 +405,9 @@ int syq_conv2d_cm(const syq_conv_params *p, const syq_packed_weights *w, const i
     c.corr = (int32_t *)(void *)(base + SYQ_ALIGN64(c.hp * c.wp * c.ip));
     sw = (size_t)p->stride_w * c.ip;
     blk4 = syq_cm_pick4(sw, tern);
+#if SYQ_HAVE_MVE
+    if (p->out_w >= 4) return syq_conv2d_mve(&c, input, output);
+#endif
     syq_cm_corr(&c);
     for (n = 0; n < p->batch; ++n) {
         int8_t *img_out = output + (size_t)n * p->out_h * p->out_w * w->out_c;

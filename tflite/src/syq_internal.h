@@ -42,10 +42,12 @@ int syq_conv2d_neon(const syq_conv_params *p, const syq_packed_weights *w, const
 #define SYQ_HAVE_NEON 0
 #endif
 
-/* Cortex-M / 32-bit Arm with the DSP (SIMD32) extension (syq_cm.c): level 5, compile time. */
+/* Cortex-M / 32-bit Arm with the DSP (SIMD32) extension (syq_cm.c): level 5, with Helium (MVE)
+ * level 6; compile time. */
 #if !defined(SYQ_NO_SIMD) && defined(__arm__) && defined(__ARM_FEATURE_DSP) && \
     (defined(__GNUC__) || defined(__clang__))
 #define SYQ_HAVE_CM_DSP 1
+int syq_cm_level(void);
 int syq_conv2d_cm(const syq_conv_params *p, const syq_packed_weights *w, const int8_t *input,
                   int8_t *output, void *scratch);
 #else

@@ -48,7 +48,7 @@ int syq_simd_level(void) {
     if (!syq_portable_forced) return syq_neon_level();
 #endif
 #if SYQ_HAVE_CM_DSP
-    if (!syq_portable_forced) return 5;
+    if (!syq_portable_forced) return syq_cm_level();
 #endif
     return 0;
 }
@@ -698,7 +698,7 @@ int syq_conv2d_opt(const syq_conv_params *p, const syq_packed_weights *w, const 
     if (simd >= 3) return syq_conv2d_neon(p, w, input, output, scratch, simd); /* syq_neon.c */
 #endif
 #if SYQ_HAVE_CM_DSP
-    if (simd == 5) return syq_conv2d_cm(p, w, input, output, scratch); /* syq_cm.c */
+    if (simd >= 5) return syq_conv2d_cm(p, w, input, output, scratch); /* syq_cm.c */
 #endif
 #if SYQ_HAVE_AVX2
     if (simd == 2) {
