@@ -326,14 +326,19 @@ SYQ_CINLINE void syq_mve_block(const syq_cctx *c, const int8_t *e, const int8_t 
     int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, ky;
     size_t k;
     for (ky = 0; ky < w->k_h; ++ky, base += row_step) {
-        const int8_t *xb = base;
-        for (k = 0; k < nch; ++k, e += 16, xb += 16) {
+        const int8_t *x0 = base, *x1 = base + sw, *x2 = base + 2 * sw, *x3 = base + 3 * sw;
+        for (k = 0; k < nch; ++k) { /* one pointer per position: post-incremented loads */
             const int8x16_t cv = vld1q_s8(e);
-            a0 = vmladavaq_s8(a0, vld1q_s8(xb), cv);
+            e += 16;
+            a0 = vmladavaq_s8(a0, vld1q_s8(x0), cv);
+            x0 += 16;
             if (NP > 1) {
-                a1 = vmladavaq_s8(a1, vld1q_s8(xb + sw), cv);
-                a2 = vmladavaq_s8(a2, vld1q_s8(xb + 2 * sw), cv);
-                a3 = vmladavaq_s8(a3, vld1q_s8(xb + 3 * sw), cv);
+                a1 = vmladavaq_s8(a1, vld1q_s8(x1), cv);
+                a2 = vmladavaq_s8(a2, vld1q_s8(x2), cv);
+                a3 = vmladavaq_s8(a3, vld1q_s8(x3), cv);
+                x1 += 16;
+                x2 += 16;
+                x3 += 16;
             }
         }
     }
