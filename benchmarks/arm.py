@@ -174,6 +174,25 @@ def run_cortex_m(core, vec_dir, build, cmsis_dir, n_random):
     return res
 
 
+def run_model_firmware(build, core="cortex-m4"):
+    """The whole demo CNN (tflite/arm/gen_model.py -> model.h, model_fw.c) on a Cortex-M board: its int8
+    logits for 3 Fashion-MNIST test images against LiteRT BUILTIN_REF's, per-op instructions."""
+    machine, mcpu = BOARDS[core][:2]
+    out = build / "model"
+    _check(_run([sys.executable, T / "arm" / "gen_model.py", "--out", out / "model.h"],
+                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")), "gen_model")
+    elf = build / f"model_fw-{core}.elf"
+    _check(_run(["arm-none-eabi-gcc", f"-mcpu={mcpu}", "-mthumb", f"-mfloat-abi={FLOAT_ABI.get(core, 'soft')}", *CFLAGS,
+                 "-Wl,--gc-sections", "--specs=rdimon.specs", "-nostartfiles", "-T", _linker_script(build, core),
+                 f"-I{T / 'include'}", f"-I{out}", T / "arm" / "startup.c", *SRC, T / "src" / "syq_cm.c",
+                 T / "arm" / "model_fw.c", "-o", elf]), "build model_fw")
+    r = _qemu_m(machine, elf)
+    images = [line for line in r.stdout.splitlines() if line.startswith("IMAGE")]
+    ops = dict(re.findall(r"^OP (.+) ticks_per_image=(\d+)$", r.stdout, re.M))
+    return dict(core=core, board=machine, ok=r.returncode == 0 and "failures=0" in r.stdout, images=images,
+                ticks_per_image={k: int(v) for k, v in ops.items()}, output=r.stdout.strip()[-2000:])
+
+
 def run_aarch64(vec_dir, build, n_random):
     base = ["aarch64-linux-gnu-gcc", *CFLAGS, "-static", f"-I{T / 'include'}"]
     res = {}
@@ -268,7 +287,11 @@ def main(argv=None):
     for core in a.cores.split(","):
         print(f"[arm] {core} ({BOARDS[core][0]})", flush=True)
         results["cortex_m"][core] = run_cortex_m(core, build, build, cmsis, n_random)
-    ok = True
+    print("[arm] whole demo CNN firmware on cortex-m4", flush=True)
+    results["model_firmware"] = mf = run_model_firmware(build)
+    ok = mf["ok"]
+    print(f"[arm] demo CNN on cortex-m4: logits of {len(mf['images'])} images "
+          f"{'equal to LiteRT BUILTIN_REF' if mf['ok'] else 'DIFFERENT'}")
     for cpu, r in results["aarch64"].items():
         good = r["exit_code"] == 0 and r["summary"]["failures"] == 0 and r["test_kernels"]["ok"]
         ok &= good

@@ -6,7 +6,8 @@ depthwise-separable block) with LiteRT BUILTIN_REF's outputs; every output byte 
 optimized (the core's SIMD path) and portable kernels and of our int8 kernel must equal them on
 qemu-aarch64 -cpu max (NEON + SDOT) and -cpu cortex-a72 (NEON), and on qemu-system-arm Cortex-M4
 (mps2-an386), Cortex-M33 (mps2-an505) and Cortex-M55 (mps3-an547); tflite/tests/test_kernels.c
-(randomized layers, every path vs the reference kernel) passes on each.  The cross toolchains and
+(randomized layers, every path vs the reference kernel) passes on each; the whole demo CNN (firmware
+example tflite/arm/model_fw.c) gives LiteRT's int8 logits on the Cortex-M4 board.  The cross toolchains and
 emulators are Debian packages that `make test` (scripts/setup.sh) installs; the test is skipped only
 when they are absent."""
 
@@ -47,3 +48,6 @@ def test_arm_targets_bit_exact_with_litert(tmp_path):
         for L in c["layers"]:
             assert L["opt"] == L["ref"] == L["portable"] == L["int8"] == "ok", (core, L)
             assert L["instr_opt"] > 0 and L["instr_int8"] > 0  # the icount timer ran
+    mf = res["model_firmware"]  # the whole demo CNN on the Cortex-M4 board
+    assert mf["ok"] and len(mf["images"]) == 3, mf["output"]
+    assert all(line.endswith(": equal to LiteRT BUILTIN_REF") for line in mf["images"]), mf["images"]
