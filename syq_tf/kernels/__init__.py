@@ -40,7 +40,7 @@ def available():
 
 
 def simd_level():
-    """What the optimized kernels use on this CPU: 0 portable C, 2 AVX2, 3 NEON, 4 NEON + SDOT."""
+    """What the optimized kernels use: 0 portable C, 2 AVX2, 3 NEON, 4 NEON + SDOT, 5 Arm DSP (SIMD32), 6 + Helium."""
     return int(lib().syq_simd_level())
 
 
