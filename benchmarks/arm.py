@@ -62,7 +62,12 @@ INT8 = re.compile(r"^(int8_conv|syq_multiply_by_quantized_multiplier|syq_srdhm|s
 
 
 def missing_tools():
-    return [t for t in TOOLS if shutil.which(t) is None]
+    miss = [t for t in TOOLS if shutil.which(t) is None]
+    if "arm-none-eabi-gcc" not in miss:  # newlib (libnewlib-arm-none-eabi): semihosting C library
+        r = _run(["arm-none-eabi-gcc", "-print-file-name=rdimon.specs"])
+        if not os.path.isabs(r.stdout.strip()):
+            miss.append("newlib (rdimon.specs)")
+    return miss
 
 
 def _run(cmd, timeout=900, **kw):
