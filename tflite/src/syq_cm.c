@@ -1,7 +1,8 @@
 /* Cortex-M path of syq_conv2d_opt / syq_fully_connected_opt: Armv7E-M (Cortex-M4/M7) and
  * Armv8-M Mainline with the DSP extension (Cortex-M33/M35P/M55), 32-bit Arm cores with SIMD32.
  * Chosen at compile time (__ARM_FEATURE_DSP; a microcontroller has no run-time CPU discovery),
- * syq_simd_level() reports 5.  Same packing format, same arithmetic as the reference kernel.
+ * syq_simd_level() reports 5 (6 with Helium: convolutions on the MVE path at the end of this file).
+ * Same packing format, same arithmetic as the reference kernel.
  *
  * The image is copied once (scratch, as the portable path) as u = x + 128 (uint8) with the padding
  * at the zero point and the channels past in_c at 0.  For a code c in {-1, 0, +1} with sign bit S
