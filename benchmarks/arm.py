@@ -167,6 +167,9 @@ def run_cortex_m(core, vec_dir, build, cmsis_dir, n_random):
     res.update(run_seconds=round(time.time() - t0, 1), calibration=calib, summary=summary,
                exit_code=r.returncode, layers=layers)
     sizes = _code_sizes(elf)
+    sz = _run(["arm-none-eabi-size", elf]).stdout.split("\n")[1].split()
+    res["elf_size"] = dict(text=int(sz[0]), data=int(sz[1]), bss=int(sz[2]), note="the whole test program: every "
+                           "layer's packed and int8 weights, inputs, expected outputs, all kernels, newlib")
     res["code_bytes"] = dict(ours=sum(v for k, v in sizes.items() if OURS_OPT.match(k)),
                              int8=sum(v for k, v in sizes.items() if INT8.match(k)),
                              cmsis_nn=sum(v for k, v in sizes.items() if k.startswith("arm_")) if cmsis_dir else None)
@@ -292,6 +295,23 @@ def main(argv=None):
     for core in a.cores.split(","):
         print(f"[arm] {core} ({BOARDS[core][0]})", flush=True)
         results["cortex_m"][core] = run_cortex_m(core, build, build, cmsis, n_random)
+    vec = {v["name"]: v for v in vectors}
+    for core, r in results["cortex_m"].items():  # flash = kernel code + this layer's weights; RAM = scratch + activations
+        cb = r["code_bytes"]
+        for L in r["layers"]:
+            v = vec[L["name"]]
+            act = v["in_bytes"] + v["out_bytes"]
+            L["flash_ours"] = cb["ours"] + v["packed_bytes"]
+            L["flash_int8"] = cb["int8"] + v["int8_bytes"]
+            L["ram_ours"] = act + L["scratch"]
+            L["ram_int8"] = act
+            if cb["cmsis_nn"] is not None and "cmsis_buf" in L:
+                L["flash_cmsis"] = cb["cmsis_nn"] + v["int8_bytes"]
+                L["ram_cmsis"] = act + L["cmsis_buf"]
+    results["bytes_note"] = ("flash_*: linked kernel code (arm-none-eabi-nm -S of the functions each path uses) + the "
+                             "layer's weights (packed codes + magnitudes, or int8); bias / multipliers / shifts (same "
+                             "for all) not counted. ram_*: input + output activations + scratch (ours: "
+                             "SYQ_CONV2D_SCRATCH_BYTES) or CMSIS-NN's buffer (its get_buffer_size).")
     print("[arm] whole demo CNN firmware on cortex-m4", flush=True)
     results["model_firmware"] = mf = run_model_firmware(build)
     ok = mf["ok"]
