@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup demo test
+.PHONY: setup demo test arm
 setup:
 	bash scripts/setup.sh
 
@@ -15,3 +15,8 @@ demo: setup
 WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile tests $(ARGS)
+
+# ARM: packed kernels on qemu-aarch64 and Cortex-M4/M33/M55 boards (bit-exactness, instruction counts;
+# installs the cross toolchains/emulators when missing). ARGS=--quick for the reduced set.
+arm: setup
+	bash tflite/arm/run.sh $(ARGS)

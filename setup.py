@@ -4,7 +4,7 @@ from setuptools import Extension, find_packages, setup
 # syq_tf.kernels; compiled by `pip install -e .` with the system C compiler.
 SYQ_KERNELS = Extension(
     "syq_tf.kernels._libsyq",
-    sources=["tflite/src/syq_common.c", "tflite/src/syq_opt.c"],
+    sources=["tflite/src/syq_common.c", "tflite/src/syq_opt.c", "tflite/src/syq_neon.c", "tflite/src/syq_cm.c"],
     include_dirs=["tflite/include"],
     depends=["tflite/include/syq_kernels.h", "tflite/src/syq_internal.h"],
     extra_compile_args=["-std=c99", "-O3"],

@@ -119,6 +119,27 @@ def time_call(fn, min_time):
         n *= 2
 
 
+ISA_FLAGS = ("sse4_2", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8",
+             "amx_bf16", "asimd", "asimddp", "i8mm", "sve", "sve2")  # /proc/cpuinfo names (x86 flags, arm64 Features)
+
+
+def cpu_info():
+    """CPU model and the ISA extensions that decide int8 kernel speed (ours use AVX2 / NEON+SDOT only;
+    XNNPACK and LiteRT use AVX-512 VNNI / AMX where present)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            key = key.strip().lower()
+            if key in ("model name", "cpu model", "hardware") and model in ("", platform.machine()):
+                model = val.strip()
+            elif key in ("flags", "features") and not flags:
+                flags = set(val.split())
+    except OSError:
+        pass
+    return dict(cpu_model=model, isa=[f for f in ISA_FLAGS if f in flags])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=9)
@@ -132,7 +153,10 @@ def main():
     load_start = list(os.getloadavg())
     results = []
     tflm_note = None
-    print(f"optimized path: {'AVX2' if K.simd_level() == 2 else 'portable C'}; single thread; "
+    cpu = cpu_info()
+    paths = {2: "AVX2", 3: "NEON", 4: "NEON + SDOT"}
+    print(f"CPU: {cpu['cpu_model']}; ISA extensions: {', '.join(cpu['isa']) or 'none listed'}")
+    print(f"optimized path: {paths.get(K.simd_level(), 'portable C')}; single thread; "
           f"median of {rounds} interleaved rounds, microseconds per call")
     for name, kind, in_shape, out_c in LAYERS:
         for bits in (1, 2):
@@ -179,7 +203,7 @@ def main():
             for k in impls:
                 print(f"  {k:20s} {us[k]:10.1f} us   {us[k] / us['ours_opt']:6.2f}x ours_opt   "
                       f"outputs != builtin_ref: {exact[k]}")
-    meta = dict(machine=platform.machine(), processor=platform.processor(), cpus=os.cpu_count(),
+    meta = dict(machine=platform.machine(), processor=platform.processor(), **cpu, cpus=os.cpu_count(),
                 simd_level=K.simd_level(), rounds=rounds, timer="time.thread_time (CPU time of the calling thread)",
                 load_average_start=load_start, load_average_end=list(os.getloadavg()),
                 baseline_lib=args.baseline_lib, tflm=tflm_note or "tflite-micro runtime (reference int8 kernels)")

@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 missing=""
 dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || missing="$missing dataset-fashion-mnist"
 dpkg -s linux-libc-dev >/dev/null 2>&1 || missing="$missing linux-libc-dev"
+# ARM cross toolchains and emulators (tests/test_arm.py, `make arm`: the kernels on AArch64 and Cortex-M)
+for pkg in qemu-user qemu-system-arm gcc-aarch64-linux-gnu gcc-arm-none-eabi libnewlib-arm-none-eabi; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
+done
 if [ -n "$missing" ]; then
   echo "[setup] installing Debian package(s):$missing"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

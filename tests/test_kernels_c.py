@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "tflite"
-SOURCES = [ROOT / "src" / "syq_common.c", ROOT / "src" / "syq_opt.c"]
+SOURCES = [ROOT / "src" / f for f in ("syq_common.c", "syq_opt.c", "syq_neon.c", "syq_cm.c")]
 CC = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 STRICT = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", f"-I{ROOT / 'include'}"]
 

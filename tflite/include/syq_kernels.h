@@ -113,7 +113,10 @@ int syq_fully_connected_opt(const syq_conv_params *p, const syq_packed_weights *
                             const int8_t *input, int8_t *output, void *scratch,
                             size_t scratch_bytes);
 
-/* 0: portable C path, 2: AVX2 path (what syq_conv2d_opt uses on this CPU). */
+/* What syq_conv2d_opt uses on this CPU: 0 portable C, 2 AVX2 (x86-64), 3 NEON (AArch64),
+ * 4 NEON + ARMv8.2 dot product (SDOT; Linux HWCAP_ASIMDDP), 5 Armv7E-M / Armv8-M DSP (SIMD32,
+ * Cortex-M4/M7/M33/M55, chosen at compile time by __ARM_FEATURE_DSP), 6 the same with Helium (MVE)
+ * convolutions (Cortex-M55/M85, __ARM_FEATURE_MVE). */
 int syq_simd_level(void);
 /* Force the portable path (1) or allow SIMD again (0); returns the previous setting. */
 int syq_force_portable(int force);

@@ -31,6 +31,29 @@ static inline int8_t syq_requantize(const syq_conv_params *p, int32_t o, int32_t
     return (int8_t)syq_clamp_i32(v, p->act_min, p->act_max);
 }
 
+/* AArch64 NEON / SDOT path (syq_neon.c): level 3 NEON, 4 NEON + dot product; chosen at run time. */
+#if !defined(SYQ_NO_SIMD) && defined(__aarch64__) && defined(__ARM_NEON) && \
+    (defined(__GNUC__) || defined(__clang__))
+#define SYQ_HAVE_NEON 1
+int syq_neon_level(void);
+int syq_conv2d_neon(const syq_conv_params *p, const syq_packed_weights *w, const int8_t *input,
+                    int8_t *output, void *scratch, int level);
+#else
+#define SYQ_HAVE_NEON 0
+#endif
+
+/* Cortex-M / 32-bit Arm with the DSP (SIMD32) extension (syq_cm.c): level 5, with Helium (MVE)
+ * level 6; compile time. */
+#if !defined(SYQ_NO_SIMD) && defined(__arm__) && defined(__ARM_FEATURE_DSP) && \
+    (defined(__GNUC__) || defined(__clang__))
+#define SYQ_HAVE_CM_DSP 1
+int syq_cm_level(void);
+int syq_conv2d_cm(const syq_conv_params *p, const syq_packed_weights *w, const int8_t *input,
+                  int8_t *output, void *scratch);
+#else
+#define SYQ_HAVE_CM_DSP 0
+#endif
+
 int syq_check_args(const syq_conv_params *p, const syq_packed_weights *w, const void *input,
                    const void *output);
 

@@ -44,6 +44,12 @@ int syq_simd_level(void) {
 #if SYQ_HAVE_AVX2
     if (!syq_portable_forced && __builtin_cpu_supports("avx2")) return 2;
 #endif
+#if SYQ_HAVE_NEON
+    if (!syq_portable_forced) return syq_neon_level();
+#endif
+#if SYQ_HAVE_CM_DSP
+    if (!syq_portable_forced) return syq_cm_level();
+#endif
     return 0;
 }
 
@@ -688,6 +694,12 @@ int syq_conv2d_opt(const syq_conv_params *p, const syq_packed_weights *w, const 
     c.u = base;
     c.corr = corr;
     simd = syq_simd_level();
+#if SYQ_HAVE_NEON
+    if (simd >= 3) return syq_conv2d_neon(p, w, input, output, scratch, simd); /* syq_neon.c */
+#endif
+#if SYQ_HAVE_CM_DSP
+    if (simd >= 5) return syq_conv2d_cm(p, w, input, output, scratch); /* syq_cm.c */
+#endif
 #if SYQ_HAVE_AVX2
     if (simd == 2) {
         /* expanded-code path for rows of >= 4 outputs, codes expanded in registers otherwise */

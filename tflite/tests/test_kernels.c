@@ -1,6 +1,8 @@
 /* Self-checking C test of syq_kernels (run under -fsanitize=address,undefined from pytest).
  * Randomized layers: pack/unpack round trip, reference kernel vs a naive int8 convolution with
- * explicit multiplies (w_int8 = m * code), optimized kernel (SIMD and portable) vs reference. */
+ * explicit multiplies (w_int8 = m * code), optimized kernel (SIMD and portable) vs reference.
+ * Also built for AArch64 (qemu-aarch64) and Cortex-M (qemu-system-arm, semihosting) by tflite/arm/run.sh
+ * (int32_t is long there: printf arguments are cast to int). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -119,7 +121,8 @@ static void one_case(int t) {
     w.codes = packed; w.mag = mag;
     naive_conv(&p, wq, oc, kh, kw, ic, in, o_naive);
     CHECK(syq_conv2d_ref(&p, &w, in, o_ref) == SYQ_OK, "ref rc case %d", t);
-    CHECK(memcmp(o_ref, o_naive, nout) == 0, "ref vs naive case %d (bits %d gran %d k %dx%d ic %d)", t, bits, gran, kh, kw, ic);
+    CHECK(memcmp(o_ref, o_naive, nout) == 0, "ref vs naive case %d (bits %d gran %d k %dx%d ic %d)", t, (int)bits, (int)gran, (int)kh,
+          (int)kw, (int)ic);
     scratch_bytes = syq_conv2d_scratch_bytes(&p, &w);
     scratch = malloc(scratch_bytes);
     CHECK(syq_conv2d_opt(&p, &w, in, o_opt, scratch, scratch_bytes - 1) == SYQ_ERR_SCRATCH, "scratch check");
@@ -211,7 +214,7 @@ static void fc_case(int t) {
     fs = malloc(fb);
     CHECK(syq_fully_connected_opt(&p, &w, in, o_opt, fs, fb) == SYQ_OK, "fc opt rc case %d", t);
     CHECK(memcmp(o_ref, o_opt, nout) == 0, "fc opt (simd %d) vs ref case %d (bits %d gran %d ic %d oc %d batch %d)",
-          syq_simd_level(), t, bits, gran, ic, oc, batch);
+          syq_simd_level(), t, (int)bits, (int)gran, (int)ic, (int)oc, (int)batch);
     syq_force_portable(1);
     CHECK(syq_fully_connected_opt(&p, &w, in, o_port, fs, fb) == SYQ_OK, "fc portable rc case %d", t);
     CHECK(memcmp(o_ref, o_port, nout) == 0, "fc portable vs ref case %d", t);
@@ -225,11 +228,11 @@ static void misc(void) {
     int8_t bad = 0;
     uint32_t word;
     syq_quantize_multiplier(0.5, &m, &s);
-    CHECK(m == 1073741824 && s == 0, "qm(0.5) = %d, %d", m, s);
+    CHECK(m == 1073741824 && s == 0, "qm(0.5) = %d, %d", (int)m, (int)s);
     syq_quantize_multiplier(0.0, &m, &s);
     CHECK(m == 0 && s == 0, "qm(0)");
     syq_quantize_multiplier(1.0 - 1e-12, &m, &s);
-    CHECK(m == 1073741824 && s == 1, "qm(1-eps) = %d, %d", m, s);
+    CHECK(m == 1073741824 && s == 1, "qm(1-eps) = %d, %d", (int)m, (int)s);
     CHECK(syq_multiply_by_quantized_multiplier(100, 1073741824, 0) == 50, "mbqm 0.5*100");
     CHECK(syq_multiply_by_quantized_multiplier(-3, 1073741824, 0) == -1, "mbqm 0.5*-3 (gemmlowp nudge)");
     CHECK(syq_multiply_by_quantized_multiplier(5, 1073741824, -1) == 2, "mbqm 0.25*5 (double rounding)");

@@ -1,0 +1,436 @@
+/* Cortex-M path of syq_conv2d_opt / syq_fully_connected_opt: Armv7E-M (Cortex-M4/M7) and
+ * Armv8-M Mainline with the DSP extension (Cortex-M33/M35P/M55), 32-bit Arm cores with SIMD32.
+ * Chosen at compile time (__ARM_FEATURE_DSP; a microcontroller has no run-time CPU discovery),
+ * syq_simd_level() reports 5 (6 with Helium: convolutions on the MVE path at the end of this file).
+ * Same packing format, same arithmetic as the reference kernel.
+ *
+ * The image is copied once (scratch, as the portable path) as u = x + 128 (uint8) with the padding
+ * at the zero point and the channels past in_c at 0.  For a code c in {-1, 0, +1} with sign bit S
+ * and non-zero bit Z (0x00/0xFF bytes), |(u AND Z) - S| is u (c = +1), 255 - u (c = -1) or 0
+ * (c = 0); USADA8 (sum of absolute byte differences, accumulated) adds four of them into a 32-bit
+ * sum in one instruction (binary layers: USADA8(u, S) alone, Z = all ones):
+ *   raw = sum_i c_i u_i + 255 n_neg,  sum_i c_i (x_i - zp) = raw - 255 n_neg - (zp + 128) sum_i c_i.
+ * The correction depends on the weights only (popcounts, once per call and output channel).
+ * Masks of 4 channels come from one nibble of a code word through a 16-entry table (64 bytes of
+ * flash; UBFX + LDR), shared by a block of 4 output positions: per 4 channels and position one LDR
+ * of u and one USADA8 (ternary: one AND more).  Positions stride_w * 32 * nw bytes apart; for distances
+ * of 32..128 bytes specialised copies use immediate load offsets.
+ * No multiply per weight; one multiply per group m_g.  Requantization: syq_cm_requant (TFLite's
+ * arithmetic, one SMULL). */
+#include "syq_internal.h"
+
+#if SYQ_HAVE_CM_DSP
+#include <arm_acle.h>
+
+#if defined(__ARM_FEATURE_MVE) && (__ARM_FEATURE_MVE & 1)
+#define SYQ_HAVE_MVE 1
+#else
+#define SYQ_HAVE_MVE 0
+#endif
+#define SYQ_CNP 4 /* output positions per block (rows end with blocks of 2 and 1) */
+#define SYQ_CINLINE static inline __attribute__((always_inline))
+
+/* nibble b -> 4 bytes, byte k = 0xFF if bit k of b is set (one LDR with a scaled index) */
+#define SYQ_M1(b, k) ((((uint32_t)(b) >> (k)) & 1u) * (0xFFu << (8 * (k))))
+#define SYQ_M4(b) (SYQ_M1(b, 0) | SYQ_M1(b, 1) | SYQ_M1(b, 2) | SYQ_M1(b, 3))
+static const uint32_t syq_mask4[16] = {SYQ_M4(0), SYQ_M4(1), SYQ_M4(2),  SYQ_M4(3),  SYQ_M4(4),  SYQ_M4(5),
+                                       SYQ_M4(6), SYQ_M4(7), SYQ_M4(8),  SYQ_M4(9),  SYQ_M4(10), SYQ_M4(11),
+                                       SYQ_M4(12), SYQ_M4(13), SYQ_M4(14), SYQ_M4(15)};
+
+int syq_cm_level(void) { return SYQ_HAVE_MVE ? 6 : 5; }
+
+typedef struct {
+    const syq_conv_params *p;
+    const syq_packed_weights *w;
+    size_t nw, ip, wp, hp;
+    uint8_t *u;
+    int32_t *corr;
+} syq_cctx;
+
+static void syq_cm_pad(const syq_cctx *c, const int8_t *img) {
+    const syq_conv_params *p = c->p;
+    const int32_t in_c = c->w->in_c;
+    const uint8_t pad = (uint8_t)(p->input_zero_point + 128);
+    size_t py, px;
+    int32_t ch;
+    for (py = 0; py < c->hp; ++py) {
+        const int32_t iy = (int32_t)py - p->pad_top;
+        for (px = 0; px < c->wp; ++px) {
+            const int32_t ix = (int32_t)px - p->pad_left;
+            uint8_t *dst = c->u + (py * c->wp + px) * c->ip;
+            if (iy >= 0 && iy < p->in_h && ix >= 0 && ix < p->in_w) {
+                const int8_t *src = img + ((size_t)iy * p->in_w + ix) * in_c;
+                for (ch = 0; ch < in_c; ++ch) dst[ch] = (uint8_t)((int32_t)src[ch] + 128);
+            } else {
+                for (ch = 0; ch < in_c; ++ch) dst[ch] = pad;
+            }
+            for (ch = in_c; ch < (int32_t)c->ip; ++ch) dst[ch] = 0;
+        }
+    }
+}
+
+/* per-byte bit counts of v (each 0..8): popcount(v) = USADA8(syq_cm_bytecount(v), 0) */
+SYQ_CINLINE uint32_t syq_cm_bytecount(uint32_t v) {
+    v = v - ((v >> 1) & 0x55555555u);
+    v = (v & 0x33333333u) + ((v >> 2) & 0x33333333u);
+    return (v + (v >> 4)) & 0x0F0F0F0Fu;
+}
+
+/* corr[o] = sum_pix m (255 n_neg + (zp + 128)(n_nonzero - 2 n_neg)) - bias[o], modulo 2^32 */
+static void syq_cm_corr(const syq_cctx *c) {
+    const syq_packed_weights *w = c->w;
+    const int32_t kk = w->k_h * w->k_w, zc = c->p->input_zero_point + 128;
+    const size_t pw = c->nw * (size_t)w->bits;
+    int32_t o, pix;
+    size_t j;
+    for (o = 0; o < w->out_c; ++o) {
+        uint32_t total = 0;
+        for (pix = 0; pix < kk; ++pix) {
+            const uint32_t *sg = w->codes + ((size_t)o * kk + pix) * pw;
+            uint32_t nneg = 0, nnz = w->bits == 2 ? 0u : (uint32_t)w->in_c;
+            for (j = 0; j < c->nw; ++j) {
+                nneg = __usada8(syq_cm_bytecount(sg[j]), 0u, nneg);
+                if (w->bits == 2) nnz = __usada8(syq_cm_bytecount(sg[c->nw + j]), 0u, nnz);
+            }
+            total += (uint32_t)w->mag[syq_mag_index(w, o, pix)] *
+                     (uint32_t)(255 * (int32_t)nneg + zc * ((int32_t)nnz - 2 * (int32_t)nneg));
+        }
+        c->corr[o] = (int32_t)(total - (uint32_t)(c->p->bias ? c->p->bias[o] : 0));
+    }
+}
+
+/* 4 channels of one position: acc += sum |(u AND Z) - S| over the bytes (binary: |u - S|), that
+ * is u for code +1, 255 - u for code -1 (S byte 0xFF) and 0 for code 0 (USADA8 against the sign
+ * mask: no EOR, no zero register) */
+#define SYQ_CM_STEP(acc, ptr)                                                                      \
+    do {                                                                                           \
+        const uint32_t u_ = *(const uint32_t *)(const void *)(ptr);                                \
+        acc = __usada8(tern ? (u_ & zm) : u_, sm, acc);                                            \
+    } while (0)
+
+/* channels 4k..4k+3 of the word at xb (codes s, z) for NP positions SW bytes apart */
+#define SYQ_CM_NIB(k)                                                                              \
+    do {                                                                                           \
+        const uint32_t sm = syq_mask4[(s >> (4 * (k))) & 0xFu];                                    \
+        const uint32_t zm = tern ? syq_mask4[(z >> (4 * (k))) & 0xFu] : 0xFFFFFFFFu;               \
+        SYQ_CM_STEP(a0, xb + 4 * (k));                                                             \
+        if (NP > 1) SYQ_CM_STEP(a1, xb + SW + 4 * (k));                                            \
+        if (NP > 2) {                                                                              \
+            SYQ_CM_STEP(a2, xb + 2 * SW + 4 * (k));                                                \
+            SYQ_CM_STEP(a3, xb + 3 * SW + 4 * (k));                                                \
+        }                                                                                          \
+        (void)zm;                                                                                  \
+    } while (0)
+
+/* raw window sums (times m_pix at pixel granularity) of output channel o, NP (1 or 4) positions
+ * SW bytes apart from base; accumulators in named variables (registers, not an array).  SW is a
+ * compile-time constant in the specialised copies (immediate load offsets, LDRD). */
+SYQ_CINLINE void syq_cm_block(const syq_cctx *c, const uint8_t *base, const size_t SW, int32_t o, uint32_t *res,
+                              const int NP, const int tern) {
+    const syq_packed_weights *w = c->w;
+    const int32_t kk = w->k_h * w->k_w, pixel = w->granularity == SYQ_GRAN_PIXEL, k_w = w->k_w;
+    const size_t nw = c->nw, pw = nw * (size_t)w->bits, ip = c->ip, row_step = c->wp * c->ip;
+    const uint32_t *sg = w->codes + (size_t)o * (size_t)kk * pw;
+    const uint8_t *mg = w->mag + (pixel ? (size_t)o * (size_t)kk : 0u);
+    const uint8_t *row = base;
+    uint32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    int32_t pix, kx = 0;
+    size_t j;
+    for (pix = 0; pix < kk; ++pix, sg += pw) {
+        const uint8_t *xb = row + (size_t)kx * ip;
+        if (++kx == k_w) { kx = 0; row += row_step; }
+        for (j = 0; j < nw; ++j, xb += 32) {
+            const uint32_t s = sg[j], z = tern ? sg[nw + j] : 0u;
+            SYQ_CM_NIB(0);
+            SYQ_CM_NIB(1);
+            SYQ_CM_NIB(2);
+            SYQ_CM_NIB(3);
+            SYQ_CM_NIB(4);
+            SYQ_CM_NIB(5);
+            SYQ_CM_NIB(6);
+            SYQ_CM_NIB(7);
+        }
+        if (pixel) { /* one multiply per group; the totals live in res (registers stay for the sums) */
+            const uint32_t m = mg[pix];
+            res[0] = (pix ? res[0] : 0u) + m * a0;
+            if (NP > 1) res[1] = (pix ? res[1] : 0u) + m * a1;
+            if (NP > 2) {
+                res[2] = (pix ? res[2] : 0u) + m * a2;
+                res[3] = (pix ? res[3] : 0u) + m * a3;
+            }
+            a0 = a1 = a2 = a3 = 0;
+        }
+    }
+    if (!pixel) {
+        res[0] = a0;
+        if (NP > 1) res[1] = a1;
+        if (NP > 2) {
+            res[2] = a2;
+            res[3] = a3;
+        }
+    }
+}
+
+/* syq_requantize, exactly, with a short path for multiplier >= 0 and -31 <= shift <= 0 (what
+ * TFLite's QuantizeMultiplier gives for output scales < 1): SaturatingRoundingDoublingHighMul (no
+ * saturation possible with multiplier >= 0) as one SMULL and a truncating shift, then
+ * RoundingDivideByPOT.  Other shifts take the generic code. */
+SYQ_CINLINE int8_t syq_cm_requant(const syq_conv_params *p, int32_t o, int32_t acc) {
+    const int32_t mult = p->out_multiplier[o], shift = p->out_shift[o];
+    int64_t ab;
+    int32_t x, e, v;
+    uint32_t mask;
+    if (mult < 0 || shift > 0 || shift < -31) return syq_requantize(p, o, acc);
+    ab = (int64_t)acc * mult;
+    ab += ab >= 0 ? ((int64_t)1 << 30) : (1 - ((int64_t)1 << 30));
+    if (ab < 0) ab += 0x7FFFFFFF; /* division by 2^31 truncating toward zero */
+    x = (int32_t)(ab >> 31);      /* arithmetic shift (GCC / Clang) */
+    e = -shift;
+    mask = (uint32_t)(((uint64_t)1 << e) - 1u);
+    v = (x >> e) + (((int32_t)((uint32_t)x & mask) > (int32_t)(mask >> 1) + (x < 0)) ? 1 : 0);
+    v += p->output_zero_point;
+    return (int8_t)(v < p->act_min ? p->act_min : (v > p->act_max ? p->act_max : v));
+}
+
+/* all output channels of NP positions: window sums, m_g, corrections, requantization; out: the
+ * first position's output pixel (positions out_c bytes apart) */
+SYQ_CINLINE void syq_cm_channels(const syq_cctx *c, const uint8_t *base, const size_t SW, int8_t *out, const int NP,
+                                 const int tern) {
+    const syq_conv_params *p = c->p;
+    const syq_packed_weights *w = c->w;
+    const int pixel = w->granularity == SYQ_GRAN_PIXEL;
+    const size_t oc = (size_t)w->out_c;
+    int32_t o;
+    for (o = 0; o < w->out_c; ++o) {
+        const uint32_t m = pixel ? 1u : (uint32_t)w->mag[syq_mag_index(w, o, 0)], corr = (uint32_t)c->corr[o];
+        uint32_t r[SYQ_CNP] = {0u, 0u, 0u, 0u};
+        syq_cm_block(c, base, SW, o, r, NP, tern);
+        out[o] = syq_cm_requant(p, o, (int32_t)(m * r[0] - corr));
+        if (NP > 1) out[oc + (size_t)o] = syq_cm_requant(p, o, (int32_t)(m * r[1] - corr));
+        if (NP > 2) {
+            out[2 * oc + (size_t)o] = syq_cm_requant(p, o, (int32_t)(m * r[2] - corr));
+            out[3 * oc + (size_t)o] = syq_cm_requant(p, o, (int32_t)(m * r[3] - corr));
+        }
+    }
+}
+
+typedef void (*syq_cm_fn)(const syq_cctx *, const uint8_t *, size_t, int8_t *);
+#define SYQ_CM_FN(name, SWC, NP, TERN)                                                             \
+    static void name(const syq_cctx *c, const uint8_t *b, size_t sw, int8_t *out) {                \
+        syq_cm_channels(c, b, (SWC) ? (size_t)(SWC) : sw, out, NP, TERN);                          \
+    }
+/* 4 positions at a constant distance of 32, 64, 96 or 128 bytes (stride_w * 32 * nw), any
+ * distance, and single positions; binary and ternary */
+SYQ_CM_FN(syq_cm_b4_32, 32, 4, 0)
+SYQ_CM_FN(syq_cm_b4_64, 64, 4, 0)
+SYQ_CM_FN(syq_cm_b4_96, 96, 4, 0)
+SYQ_CM_FN(syq_cm_b4_128, 128, 4, 0)
+SYQ_CM_FN(syq_cm_b4, 0, 4, 0)
+SYQ_CM_FN(syq_cm_b2, 0, 2, 0)
+SYQ_CM_FN(syq_cm_b1, 0, 1, 0)
+SYQ_CM_FN(syq_cm_t4_32, 32, 4, 1)
+SYQ_CM_FN(syq_cm_t4_64, 64, 4, 1)
+SYQ_CM_FN(syq_cm_t4_96, 96, 4, 1)
+SYQ_CM_FN(syq_cm_t4_128, 128, 4, 1)
+SYQ_CM_FN(syq_cm_t4, 0, 4, 1)
+SYQ_CM_FN(syq_cm_t2, 0, 2, 1)
+SYQ_CM_FN(syq_cm_t1, 0, 1, 1)
+
+static syq_cm_fn syq_cm_pick4(size_t sw, int tern) {
+    static const syq_cm_fn b[5] = {syq_cm_b4, syq_cm_b4_32, syq_cm_b4_64, syq_cm_b4_96, syq_cm_b4_128};
+    static const syq_cm_fn t[5] = {syq_cm_t4, syq_cm_t4_32, syq_cm_t4_64, syq_cm_t4_96, syq_cm_t4_128};
+    const size_t i = sw % 32u == 0 && sw <= 128u ? sw / 32u : 0u;
+    return tern ? t[i] : b[i];
+}
+
+#if SYQ_HAVE_MVE
+/* ---- Helium (MVE, Cortex-M55/M85): level 6 -----------------------------------------------
+ * Convolutions with rows of >= 4 outputs: as the NEON path, the image copied once as signed x
+ * (padding = zero point, channels past in_c = 0), the codes of one output channel expanded once per
+ * image into int8 m_g * c (|.| <= 127; from the nibble table, four at a time; scratch, k_h * k_w * 32
+ * * nw bytes) and reused by blocks of 4 positions: VMLADAVA.S8 adds 16 products to a scalar
+ * accumulator per instruction, over each kernel row's k_w pixels at once (contiguous in both).  sum c (x - zp) = sum c x - zp sum c (weights-only
+ * term once per call).  Narrow outputs (FullyConnected) take the DSP path: with one position there
+ * is nothing to share the expansion with. */
+#include <arm_mve.h>
+
+static void syq_mve_pad(const syq_cctx *c, const int8_t *img) {
+    const syq_conv_params *p = c->p;
+    const int32_t in_c = c->w->in_c;
+    int8_t *x = (int8_t *)(void *)c->u;
+    size_t py, px;
+    int32_t ch;
+    for (py = 0; py < c->hp; ++py) {
+        const int32_t iy = (int32_t)py - p->pad_top;
+        for (px = 0; px < c->wp; ++px) {
+            const int32_t ix = (int32_t)px - p->pad_left;
+            int8_t *dst = x + (py * c->wp + px) * c->ip;
+            if (iy >= 0 && iy < p->in_h && ix >= 0 && ix < p->in_w) {
+                const int8_t *src = img + ((size_t)iy * p->in_w + ix) * in_c;
+                for (ch = 0; ch < in_c; ++ch) dst[ch] = src[ch];
+            } else {
+                for (ch = 0; ch < in_c; ++ch) dst[ch] = (int8_t)p->input_zero_point;
+            }
+            for (ch = in_c; ch < (int32_t)c->ip; ++ch) dst[ch] = 0;
+        }
+    }
+}
+
+/* corr[o] = sum_pix m zp (n_nonzero - 2 n_neg) - bias[o], modulo 2^32 */
+static void syq_mve_corr(const syq_cctx *c) {
+    const syq_packed_weights *w = c->w;
+    const int32_t kk = w->k_h * w->k_w, zp = c->p->input_zero_point;
+    const size_t pw = c->nw * (size_t)w->bits;
+    int32_t o, pix;
+    size_t j;
+    for (o = 0; o < w->out_c; ++o) {
+        uint32_t total = 0;
+        for (pix = 0; pix < kk; ++pix) {
+            const uint32_t *sg = w->codes + ((size_t)o * kk + pix) * pw;
+            uint32_t nneg = 0, nnz = w->bits == 2 ? 0u : (uint32_t)w->in_c;
+            for (j = 0; j < c->nw; ++j) {
+                nneg = __usada8(syq_cm_bytecount(sg[j]), 0u, nneg);
+                if (w->bits == 2) nnz = __usada8(syq_cm_bytecount(sg[c->nw + j]), 0u, nnz);
+            }
+            total += (uint32_t)w->mag[syq_mag_index(w, o, pix)] * (uint32_t)zp * (nnz - 2u * nneg);
+        }
+        c->corr[o] = (int32_t)(total - (uint32_t)(c->p->bias ? c->p->bias[o] : 0));
+    }
+}
+
+/* m_g * code of output channel o (|.| <= 127: int8) for every kernel pixel and channel */
+static void syq_mve_expand(const syq_cctx *c, int32_t o, uint32_t *e) {
+    const syq_packed_weights *w = c->w;
+    const size_t n = (size_t)w->k_h * (size_t)w->k_w, nw = c->nw, pw = nw * (size_t)w->bits;
+    const uint32_t *sg = w->codes + (size_t)o * n * pw;
+    size_t pix, j;
+    int g;
+    for (pix = 0; pix < n; ++pix, sg += pw) {
+        const uint32_t m = w->mag[syq_mag_index(w, o, (int32_t)pix)];
+        const uint32_t pos = m * 0x01010101u, neg = ((256u - m) & 0xFFu) * 0x01010101u;
+        for (j = 0; j < nw; ++j) {
+            const uint32_t s = sg[j], z = w->bits == 2 ? sg[nw + j] : 0xFFFFFFFFu;
+            for (g = 0; g < 8; ++g) {
+                const uint32_t sm = syq_mask4[(s >> (4 * g)) & 0xFu], zm = syq_mask4[(z >> (4 * g)) & 0xFu];
+                *e++ = ((pos & ~sm) | (neg & sm)) & zm;
+            }
+        }
+    }
+}
+
+/* sum_pix m_pix sum_i c_i x_i of NP positions sw bytes apart (the magnitudes are in e): the
+ * k_w pixels of a kernel row are contiguous in e and in the padded image */
+SYQ_CINLINE void syq_mve_block(const syq_cctx *c, const int8_t *e, const int8_t *base, size_t sw, uint32_t *res,
+                               const int NP) {
+    const syq_packed_weights *w = c->w;
+    const size_t nch = (size_t)w->k_w * c->ip / 16u, row_step = c->wp * c->ip;
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, ky;
+    size_t k;
+    for (ky = 0; ky < w->k_h; ++ky, base += row_step) {
+        const int8_t *x0 = base, *x1 = base + sw, *x2 = base + 2 * sw, *x3 = base + 3 * sw;
+        for (k = 0; k < nch; ++k) { /* one pointer per position: post-incremented loads */
+            const int8x16_t cv = vld1q_s8(e);
+            e += 16;
+            a0 = vmladavaq_s8(a0, vld1q_s8(x0), cv);
+            x0 += 16;
+            if (NP > 1) {
+                a1 = vmladavaq_s8(a1, vld1q_s8(x1), cv);
+                a2 = vmladavaq_s8(a2, vld1q_s8(x2), cv);
+                a3 = vmladavaq_s8(a3, vld1q_s8(x3), cv);
+                x1 += 16;
+                x2 += 16;
+                x3 += 16;
+            }
+        }
+    }
+    res[0] = (uint32_t)a0;
+    if (NP > 1) {
+        res[1] = (uint32_t)a1;
+        res[2] = (uint32_t)a2;
+        res[3] = (uint32_t)a3;
+    }
+}
+
+static void syq_mve_block4(const syq_cctx *c, const int8_t *e, const int8_t *b, size_t sw, uint32_t *r) {
+    syq_mve_block(c, e, b, sw, r, 4);
+}
+static void syq_mve_block1(const syq_cctx *c, const int8_t *e, const int8_t *b, size_t sw, uint32_t *r) {
+    syq_mve_block(c, e, b, sw, r, 1);
+}
+
+static int syq_conv2d_mve(syq_cctx *cp, const int8_t *input, int8_t *output) {
+    const syq_cctx c = *cp;
+    const syq_conv_params *p = c.p;
+    const syq_packed_weights *w = c.w;
+    int8_t *e = (int8_t *)c.corr + SYQ_ALIGN64((size_t)w->out_c * sizeof(int32_t));
+    const size_t sw = (size_t)p->stride_w * c.ip, oc = (size_t)w->out_c;
+    size_t oy, ox;
+    int32_t n, o, q;
+    syq_mve_corr(&c);
+    for (n = 0; n < p->batch; ++n) {
+        int8_t *img_out = output + (size_t)n * p->out_h * p->out_w * w->out_c;
+        syq_mve_pad(&c, input + (size_t)n * p->in_h * p->in_w * w->in_c);
+        for (o = 0; o < w->out_c; ++o) {
+            const uint32_t corr = (uint32_t)c.corr[o];
+            syq_mve_expand(&c, o, (uint32_t *)(void *)e);
+            for (oy = 0; oy < (size_t)p->out_h; ++oy) {
+                const int8_t *rowp = (const int8_t *)c.u + oy * (size_t)p->stride_h * c.wp * c.ip;
+                int8_t *out = img_out + oy * (size_t)p->out_w * oc + (size_t)o;
+                for (ox = 0; ox < (size_t)p->out_w;) {
+                    uint32_t r[4] = {0u, 0u, 0u, 0u};
+                    const int np = (size_t)p->out_w - ox >= 4u ? 4 : 1;
+                    if (np == 4) syq_mve_block4(&c, e, rowp + ox * sw, sw, r);
+                    else syq_mve_block1(&c, e, rowp + ox * sw, sw, r);
+                    for (q = 0; q < np; ++q, ++ox) out[ox * oc] = syq_cm_requant(p, o, (int32_t)(r[q] - corr));
+                }
+            }
+        }
+    }
+    return SYQ_OK;
+}
+#endif
+
+/* Arguments and scratch checked by syq_conv2d_opt (same scratch layout as the portable path). */
+int syq_conv2d_cm(const syq_conv_params *p, const syq_packed_weights *w, const int8_t *input,
+                  int8_t *output, void *scratch) {
+    syq_cctx c;
+    uint8_t *base = (uint8_t *)scratch;
+    const int tern = w->bits == 2;
+    const syq_cm_fn blk1 = tern ? syq_cm_t1 : syq_cm_b1, blk2 = tern ? syq_cm_t2 : syq_cm_b2;
+    syq_cm_fn blk4;
+    size_t oy, ox, sw;
+    int32_t n;
+    c.p = p;
+    c.w = w;
+    c.nw = syq_words_per_pixel(w->in_c);
+    c.ip = c.nw * 32u;
+    c.hp = (size_t)(p->out_h - 1) * (size_t)p->stride_h + (size_t)w->k_h;
+    c.wp = (size_t)(p->out_w - 1) * (size_t)p->stride_w + (size_t)w->k_w;
+    base += (64u - (size_t)((uintptr_t)base & 63u)) & 63u;
+    c.u = base;
+    c.corr = (int32_t *)(void *)(base + SYQ_ALIGN64(c.hp * c.wp * c.ip));
+    sw = (size_t)p->stride_w * c.ip;
+    blk4 = syq_cm_pick4(sw, tern);
+#if SYQ_HAVE_MVE
+    if (p->out_w >= 4) return syq_conv2d_mve(&c, input, output);
+#endif
+    syq_cm_corr(&c);
+    for (n = 0; n < p->batch; ++n) {
+        int8_t *img_out = output + (size_t)n * p->out_h * p->out_w * w->out_c;
+        syq_cm_pad(&c, input + (size_t)n * p->in_h * p->in_w * w->in_c);
+        for (oy = 0; oy < (size_t)p->out_h; ++oy) {
+            const uint8_t *rowp = c.u + oy * (size_t)p->stride_h * c.wp * c.ip;
+            int8_t *out = img_out + oy * (size_t)p->out_w * w->out_c;
+            for (ox = 0; ox < (size_t)p->out_w;) {
+                const size_t left = (size_t)p->out_w - ox;
+                const int np = left >= SYQ_CNP ? SYQ_CNP : left >= 2 ? 2 : 1;
+                (np == SYQ_CNP ? blk4 : np == 2 ? blk2 : blk1)(&c, rowp + ox * sw, sw, out + ox * (size_t)w->out_c);
+                ox += (size_t)np;
+            }
+        }
+    }
+    return SYQ_OK;
+}
+#else
+typedef int syq_cm_unused; /* ISO C: no empty translation unit */
+#endif
