@@ -21,6 +21,7 @@ KERNEL_ATTR = {
     tf.keras.layers.Conv2D: "kernel",
     tf.keras.layers.Conv3D: "kernel",
     tf.keras.layers.Dense: "kernel",
+    tf.keras.layers.EinsumDense: "kernel",  # e.g. MultiHeadAttention's projections
     # Recurrent layers: the input kernel and the recurrent kernel of their cell are both quantized.
     tf.keras.layers.LSTM: "cell.kernel",
     tf.keras.layers.GRU: "cell.kernel",
@@ -332,6 +333,14 @@ def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None, recurr
     if kernel_quantizer is None and input_quantizer is None:
         raise ValueError("syq_tf.quantize: give a kernel_quantizer, an input_quantizer or both.")
     cls = target if isinstance(target, type) else type(target)
+    if isinstance(target, tf.keras.layers.MultiHeadAttention) and not isinstance(target, QuantizedMultiHeadAttention):
+        if recurrent_quantizer is not None or depthwise_quantizer is not None:
+            raise ValueError("syq_tf.quantize: MultiHeadAttention takes kernel_quantizer and input_quantizer only.")
+        if target.built:
+            raise ValueError(f"syq_tf.quantize: layer '{target.name}' (MultiHeadAttention) is already built; "
+                             "quantize it before its first call.")
+        config = {k: v for k, v in target.get_config().items() if k not in ("query_shape", "key_shape", "value_shape")}
+        return QuantizedMultiHeadAttention(**config, kernel_quantizer=kernel_quantizer, input_quantizer=input_quantizer)
     if recurrent_quantizer is not None and not (
         isinstance(cls, type) and issubclass(cls, tf.keras.layers.RNN)
     ):
@@ -389,6 +398,56 @@ def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None, recurr
     raise TypeError(
         f"syq_tf.quantize: expected a tf.keras layer class or instance, got {type(target).__name__}."
     )
+
+
+class QuantizedMultiHeadAttention(tf.keras.layers.MultiHeadAttention):
+    """MultiHeadAttention whose query, key, value and output projections (EinsumDense layers) are
+    quantized, each with its own copy of ``kernel_quantizer`` (and ``input_quantizer`` on its input);
+    the attention arithmetic (scores, softmax, weighted sum) stays float. Made by
+    ``syq_tf.quantize(tf.keras.layers.MultiHeadAttention(...), kernel_quantizer=...)``."""
+
+    PROJECTIONS = ("_query_dense", "_key_dense", "_value_dense", "_output_dense")
+
+    def __init__(self, *args, kernel_quantizer=None, input_quantizer=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._syq_quantizers = {"kernel_quantizer": kernel_quantizer, "input_quantizer": input_quantizer}
+        _copy_quantizer(kernel_quantizer, "kernel_quantizer", self.name)  # role errors now
+        _copy_quantizer(input_quantizer, "input_quantizer", self.name)
+
+    def _build_from_signature(self, query, value, key=None):
+        super()._build_from_signature(query, value, key)
+        with tf.init_scope():
+            for attr in self.PROJECTIONS:
+                dense = getattr(self, attr)
+                if not isinstance(dense, QuantizedLayerMixin):
+                    setattr(self, attr, quantize(dense, **{k: v for k, v in self._syq_quantizers.items()
+                                                          if v is not None}))
+
+    def float_kernels(self):
+        """{projection name (query, key, value, attention_output): (quantizer, float kernel)}."""
+        out = {}
+        for attr in self.PROJECTIONS:
+            dense = getattr(self, attr, None)
+            if isinstance(dense, QuantizedLayerMixin) and dense.built:
+                out[dense.name] = dense.float_kernels()["kernel"]
+        return out
+
+    def get_config(self):
+        return {**super().get_config(), **{k: _serialize(v) if not isinstance(v, (str, dict)) else v
+                                           for k, v in self._syq_quantizers.items()}}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("kernel_quantizer", "input_quantizer"):
+            if isinstance(config.get(key), dict):
+                config[key] = deserialize_quantizer(config[key])
+        return super().from_config(config)
+
+
+_register_plain(QuantizedMultiHeadAttention)
+# Classes that quantize a stock Keras layer (the export builds the stock layer behind them).
+QUANTIZED_CLASSES = (QuantizedLayerMixin, QuantizedMultiHeadAttention)
 
 
 def _quantizers_of(layer):

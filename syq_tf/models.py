@@ -2,7 +2,7 @@
 
 import tensorflow as tf
 
-from syq_tf.layers import QuantizedLayerMixin
+from syq_tf.layers import QuantizedLayerMixin, QuantizedMultiHeadAttention
 
 # larq layers: quantizer attribute -> kernel attribute
 _LARQ_KERNELS = (
@@ -27,7 +27,7 @@ def _float_variable(variable):
 
 def layer_kernels(layer):
     """{kernel attribute: (quantizer or None, float kernel variable)} of a syq_tf or larq layer."""
-    if isinstance(layer, QuantizedLayerMixin):
+    if isinstance(layer, (QuantizedLayerMixin, QuantizedMultiHeadAttention)):
         return layer.float_kernels()
     from syq_tf import tfmot  # noqa: PLC0415  (tfmot imports this module's neighbours)
 

@@ -116,7 +116,12 @@ def to_tflite_layout(kernel, op, stored_shape, part=None):
     if op == "CONV_3D":  # TFLite keeps TensorFlow's [kd, kh, kw, cin, cout]
         return k.reshape(stored_shape)
     if op == "FULLY_CONNECTED":
-        k = k.reshape(-1, k.shape[-1]).T  # [in, out] -> [out, in]
+        # [in..., out...] -> [out, in]: the leading axes whose size product is the stored input
+        # size are the contracted ones (Dense: [in, out]; MultiHeadAttention's EinsumDense
+        # projections: [d, heads, key_dim] and [heads, key_dim, d])
+        sizes = np.cumprod(k.shape)
+        lead = int(np.searchsorted(sizes, stored_shape[-1])) + 1 if stored_shape[-1] in sizes else k.ndim - 1
+        k = k.reshape(int(np.prod(k.shape[:lead])), -1).T
     elif op == "DEPTHWISE_CONV_2D":
         k = k.reshape((1,) + k.shape[:-2] + (-1,))  # [kh, kw, cin, m] -> [1, kh, kw, cin*m]
     else:  # CONV_2D: [.., cin, cout] -> [cout, .., cin]

@@ -16,7 +16,7 @@ Every stand-in takes its values from the trained layer through ``transfer(old_la
 
 import tensorflow as tf
 
-from syq_tf.layers import QuantizedLayerMixin
+from syq_tf.layers import QUANTIZED_CLASSES
 from syq_tf.models import layer_kernels
 from syq_tf.quantizers import ActivationQuantizer, int8_fake_quant
 from syq_tf.tfmot import QuantizeConfig, is_wrapper, quantize_scope, wrapper_kernels
@@ -28,7 +28,7 @@ QUANT_KEYS = ("kernel_quantizer", "input_quantizer", "recurrent_quantizer", "dep
 
 def is_quantized(layer):
     """True for a syq_tf quantized layer or a larq layer with a kernel or input quantizer."""
-    if isinstance(layer, QuantizedLayerMixin):
+    if isinstance(layer, QUANTIZED_CLASSES):
         return True
     return any(q is not None for q, _ in layer_kernels(layer).values()) or (
         getattr(layer, "input_quantizer", None) is not None
@@ -38,7 +38,7 @@ def is_quantized(layer):
 def plain_class(layer):
     """The stock Keras class behind a syq_tf / larq quantized layer."""
     for cls in type(layer).__mro__:
-        if issubclass(cls, QuantizedLayerMixin) or cls.__module__.startswith("larq"):
+        if issubclass(cls, QUANTIZED_CLASSES) or cls.__module__.startswith("larq"):
             continue
         return cls
     raise TypeError(f"layer '{layer.name}': cannot find the plain Keras class of {type(layer).__name__}")
@@ -53,6 +53,12 @@ def quantized_value(quantizer, variable):
 
 def leaf(name):
     return name.split("/")[-1]
+
+
+def inner_path(name, layer_name):
+    """A variable's path inside the layer ``layer_name`` ("mha/query/kernel:0" -> "query/kernel:0")."""
+    parts = name.split("/")
+    return "/".join(parts[parts.index(layer_name) + 1:]) if layer_name in parts else name
 
 
 def find_layer(model, name):
@@ -109,18 +115,27 @@ class QuantizedStandIn(tf.keras.layers.Layer):
         self.inner = inner
         self.input_stand_in = input_stand_in
 
-    def call(self, inputs):
+    def call(self, inputs, *args, **kwargs):
         if self.input_stand_in is not None:
             inputs = self.input_stand_in(inputs)
-        return self.inner(inputs)
+        return self.inner(inputs, *args, **kwargs)
 
     def transfer(self, old):
-        """The trained layer's weights, with every kernel replaced by its quantized value."""
-        values = {leaf(v.name): v.numpy() for v in old.weights}
+        """The trained layer's weights, with every kernel replaced by its quantized value (matched by
+        name: the leaf, or the path inside the layer where leaves repeat, as in MultiHeadAttention)."""
+        if len({leaf(v.name) for v in old.weights}) == len(old.weights):
+            old_key = new_key = leaf
+        else:
+            def old_key(name):
+                return inner_path(name, old.name)
+
+            def new_key(name):
+                return inner_path(name, self.inner.name)
+        values = {old_key(v.name): v.numpy() for v in old.weights}
         for quantizer, variable in layer_kernels(old).values():
-            values[leaf(variable.name)] = quantized_value(quantizer, variable)
+            values[old_key(variable.name)] = quantized_value(quantizer, variable)
         for variable in self.inner.weights:
-            variable.assign(values[leaf(variable.name)])
+            variable.assign(values[new_key(variable.name)])
 
 
 def int8_stand_in(layer):

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from syq_tf.export import flatbuffer
 from syq_tf.export.codebook import to_tflite_layout
-from syq_tf.export.inference import is_quantized, leaf, quantized_value
+from syq_tf.export.inference import inner_path, is_quantized, leaf, quantized_value
 from syq_tf.models import layer_kernels
 
 SINGLE_WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "CONV_3D")
@@ -23,9 +23,12 @@ def match_tensor(layer, kernel, tensors, used, attr=None):
     depthwise = attr == "depthwise_kernel"
     free = [t for t in tensors if id(t) not in used and t.values.size == size
             and (t.op == "DEPTHWISE_CONV_2D") == depthwise]
-    for t in free:
-        if f"/{layer.name}/" in f"/{t.name}/":
-            return t
+    inner = inner_path(kernel.name, layer.name)  # "query/kernel:0" for a sublayer's kernel
+    sub = inner.rsplit("/", 1)[0] if "/" in inner else ""
+    for scopes in ((layer.name, sub), (layer.name,)) if sub else ((layer.name,),):
+        for t in free:  # the sublayer's scope under the layer's first, then the layer's
+            if any(all(f"/{s}/" in f"/{part}/" for s in scopes) for part in t.name.split(";")):
+                return t
     return free[0] if free else None
 
 
@@ -38,7 +41,8 @@ class KernelMatch:
     variable: object  # the float kernel variable
     tensor: object  # flatbuffer.WeightTensor, or None if not found
     part: int = None  # LSTM gate (0..3: i, f, c, o), None for single-tensor kernels
-    several: bool = False  # the layer has more than one kernel (RNN, SeparableConv2D)
+    several: bool = False  # the layer has more than one kernel (RNN, SeparableConv2D, MultiHeadAttention)
+    attr: str = ""  # the kernel's name in the layer
 
     def expected(self):
         """The Keras quantized kernel (this part of it) in the stored tensor's layout."""
@@ -49,7 +53,7 @@ class KernelMatch:
     def label(self):
         """Report name of the kernel: the layer's name, plus the kernel's for layers with several."""
         if self.several or isinstance(self.layer, tf.keras.layers.RNN):
-            return f"{self.layer.name}/{leaf(self.variable.name).split(':')[0]}"
+            return f"{self.layer.name}/{self.attr or leaf(self.variable.name).split(':')[0]}"
         return self.layer.name
 
 
@@ -91,5 +95,5 @@ def kernel_matches(model, buffer):
             tensor = match_tensor(layer, variable, single, used, attr)
             if tensor is not None:
                 used.add(id(tensor))
-            out.append(KernelMatch(layer, quantizer, variable, tensor, several=len(kernels) > 1))
+            out.append(KernelMatch(layer, quantizer, variable, tensor, several=len(kernels) > 1, attr=attr))
     return out
