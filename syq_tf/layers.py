@@ -163,20 +163,32 @@ class QuantizedLayerMixin:
             return tf.convert_to_tensor(kernel)
         return quantizer(kernel)
 
+    # Quantizer constructor arguments, saved in the config (subclasses add theirs).
+    _syq_config_keys = ("kernel_quantizer", "input_quantizer")
+
     def get_config(self):
-        return {
-            **super().get_config(),
-            "kernel_quantizer": _serialize(self.kernel_quantizer),
-            "input_quantizer": _serialize(self.input_quantizer),
-        }
+        return {**super().get_config(), **{k: _serialize(getattr(self, k)) for k in self._syq_config_keys}}
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        for key in ("kernel_quantizer", "input_quantizer"):
-            if isinstance(config.get(key), dict):
-                config[key] = deserialize_quantizer(config[key])
-        return cls(**config)
+        return cls(**_deserialized(config, cls._syq_config_keys))
+
+    def _second_quantizer(self, given, role, **overrides):
+        """A layer's second weight quantizer (recurrent, depthwise): the one given, else the class
+        default for ``role``, else a copy of ``kernel_quantizer``."""
+        source = (given or self._syq_defaults.get(role) or self._syq_defaults.get("kernel_quantizer")
+                  or self.kernel_quantizer)
+        extra = {k: v for k, v in overrides.items() if _has_depthwise_arg(source)}
+        return _copy_quantizer(source, role, self.name, **extra)
+
+
+def _deserialized(config, keys):
+    """``config`` with the serialized quantizers under ``keys`` turned back into objects."""
+    config = dict(config)
+    for key in keys:
+        if isinstance(config.get(key), dict):
+            config[key] = deserialize_quantizer(config[key])
+    return config
 
 
 def _has_depthwise_arg(quantizer):
@@ -245,15 +257,11 @@ class QuantizedRNNMixin(QuantizedLayerMixin):
     (``recurrent_quantizer``; by default a copy of ``kernel_quantizer``: the papers quantize every
     LSTM weight matrix). The gate biases stay in float."""
 
+    _syq_config_keys = QuantizedLayerMixin._syq_config_keys + ("recurrent_quantizer",)
+
     def __init__(self, *args, recurrent_quantizer=None, **kwargs):
         super().__init__(*args, **kwargs)
-        source = (
-            recurrent_quantizer
-            or self._syq_defaults.get("recurrent_quantizer")
-            or self._syq_defaults.get("kernel_quantizer")
-            or self.kernel_quantizer
-        )
-        self.recurrent_quantizer = _copy_quantizer(source, "recurrent_quantizer", self.name)
+        self.recurrent_quantizer = self._second_quantizer(recurrent_quantizer, "recurrent_quantizer")
 
     def call(self, inputs, mask=None, training=None, initial_state=None):
         stock = super(QuantizedLayerMixin, self).call
@@ -261,42 +269,17 @@ class QuantizedRNNMixin(QuantizedLayerMixin):
             lambda x: stock(x, mask=mask, training=training, initial_state=initial_state), inputs
         )
 
-    def get_config(self):
-        return {**super().get_config(), "recurrent_quantizer": _serialize(self.recurrent_quantizer)}
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        if isinstance(config.get("recurrent_quantizer"), dict):
-            config["recurrent_quantizer"] = deserialize_quantizer(config["recurrent_quantizer"])
-        return super().from_config(config)
-
 
 class QuantizedSeparableMixin(QuantizedLayerMixin):
     """Quantizes a SeparableConv2D's pointwise kernel (``kernel_quantizer``) and its depthwise kernel
     (``depthwise_quantizer``; by default a copy of ``kernel_quantizer`` marked ``depthwise=True``,
     so ``channel`` granularity keeps one scale per depthwise channel)."""
 
+    _syq_config_keys = QuantizedLayerMixin._syq_config_keys + ("depthwise_quantizer",)
+
     def __init__(self, *args, depthwise_quantizer=None, **kwargs):
         super().__init__(*args, **kwargs)
-        source = (
-            depthwise_quantizer
-            or self._syq_defaults.get("depthwise_quantizer")
-            or self._syq_defaults.get("kernel_quantizer")
-            or self.kernel_quantizer
-        )
-        extra = {"depthwise": True} if _has_depthwise_arg(source) else {}
-        self.depthwise_quantizer = _copy_quantizer(source, "depthwise_quantizer", self.name, **extra)
-
-    def get_config(self):
-        return {**super().get_config(), "depthwise_quantizer": _serialize(self.depthwise_quantizer)}
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        if isinstance(config.get("depthwise_quantizer"), dict):
-            config["depthwise_quantizer"] = deserialize_quantizer(config["depthwise_quantizer"])
-        return super().from_config(config)
+        self.depthwise_quantizer = self._second_quantizer(depthwise_quantizer, "depthwise_quantizer", depthwise=True)
 
 
 QuantizedConv1D = _quantized_class(tf.keras.layers.Conv1D)
@@ -438,11 +421,7 @@ class QuantizedMultiHeadAttention(tf.keras.layers.MultiHeadAttention):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        for key in ("kernel_quantizer", "input_quantizer"):
-            if isinstance(config.get(key), dict):
-                config[key] = deserialize_quantizer(config[key])
-        return super().from_config(config)
+        return super().from_config(_deserialized(config, ("kernel_quantizer", "input_quantizer")))
 
 
 _register_plain(QuantizedMultiHeadAttention)
