@@ -34,7 +34,7 @@ import tensorflow as tf  # noqa: E402
 from ai_edge_litert.interpreter import Interpreter, OpResolverType  # noqa: E402
 
 from syq_tf import kernels as K  # noqa: E402
-from syq_tf.export.litert import convert as convert_int8  # noqa: E402
+from syq_tf.export.convert import int8 as convert_int8  # noqa: E402
 
 
 def _scratch_bytes(layer, oh, ow):
