@@ -22,6 +22,7 @@ KERNEL_ATTR = {
     tf.keras.layers.Conv3D: "kernel",
     tf.keras.layers.Dense: "kernel",
     tf.keras.layers.EinsumDense: "kernel",  # e.g. MultiHeadAttention's projections
+    tf.keras.layers.Embedding: "embeddings",  # the table (its rows are looked up, not multiplied)
     # Recurrent layers: the input kernel and the recurrent kernel of their cell are both quantized.
     tf.keras.layers.LSTM: "cell.kernel",
     tf.keras.layers.GRU: "cell.kernel",

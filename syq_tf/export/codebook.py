@@ -113,7 +113,7 @@ def to_tflite_layout(kernel, op, stored_shape, part=None):
     if op == "UNIDIRECTIONAL_SEQUENCE_LSTM":  # [in, 4 units] -> gate `part` as [units, in]
         units = k.shape[-1] // 4
         return k[:, part * units : (part + 1) * units].T.reshape(stored_shape)
-    if op == "CONV_3D":  # TFLite keeps TensorFlow's [kd, kh, kw, cin, cout]
+    if op in ("CONV_3D", "GATHER"):  # TensorFlow's layout: [kd, kh, kw, cin, cout]; a table [rows, dim]
         return k.reshape(stored_shape)
     if op == "FULLY_CONNECTED":
         # [in..., out...] -> [out, in]: the leading axes whose size product is the stored input
@@ -159,14 +159,15 @@ def channel_levels(rows):
 # ---- exactness ----------------------------------------------------------------------------------
 
 
-def compare(expected, stored, axis):
+def compare(expected, stored, axis, factor_free=False):
     """A stored tensor (float values: int8 x 1, or dequantized) against the Keras kernel in TFLite
     layout, per slice along ``axis`` (None: the whole tensor).
 
     Per slice, the stored values must be the Keras values times one factor (the int8 scale, times a
     folded BatchNorm scale). Returns ``(worst, zeros_ok, stored_levels, keras_levels)``: the largest
     relative error of a stored codebook level, whether zeros stayed zeros, and the most distinct
-    values of a slice, stored and in Keras."""
+    values of a slice, stored and in Keras. ``factor_free``: the stored values are the weights
+    themselves (dequantized; nothing is folded into a lookup table), so the factor must be 1."""
     s = channel_rows(np.asarray(stored, np.float64), axis)
     k = channel_rows(np.asarray(expected, np.float64), axis)
     levels, keras_levels = int(channel_levels(s).max(initial=0)), int(channel_levels(k).max(initial=0))
@@ -180,7 +181,7 @@ def compare(expected, stored, axis):
         worst = 1.0
     use = live & (s_ref != 0)
     if np.any(use):
-        factor = (s_ref[use] / k_ref[use])[:, None]
+        factor = 1.0 if factor_free else (s_ref[use] / k_ref[use])[:, None]
         ku, su = k[use], s[use]
         nonzero = ku != 0
         with np.errstate(divide="ignore", invalid="ignore"):

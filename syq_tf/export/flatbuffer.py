@@ -22,6 +22,7 @@ WEIGHT_OPS = {
     "DEPTHWISE_CONV_2D": (1,),
     "FULLY_CONNECTED": (1,),
     "CONV_3D": (1,),  # float in LiteRT (no int8 kernel): the converter keeps its filter float32
+    "GATHER": (0,),  # an Embedding's table (constant params; GATHERs of shapes have no constant params)
     "UNIDIRECTIONAL_SEQUENCE_LSTM": (1, 2, 3, 4, 5, 6, 7, 8),
 }
 @dataclasses.dataclass

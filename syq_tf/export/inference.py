@@ -14,6 +14,7 @@ quantized values, activation quantizers become the same int8 FakeQuant).
 Every stand-in takes its values from the trained layer through ``transfer(old_layer)``.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from syq_tf.layers import QUANTIZED_CLASSES
@@ -138,8 +139,27 @@ class QuantizedStandIn(tf.keras.layers.Layer):
             variable.assign(values[new_key(variable.name)])
 
 
+class TableStandIn(QuantizedStandIn):
+    """A quantized Embedding: the plain layer holding the quantized table, its output behind an int8
+    FakeQuant on ``[-128 s, 127 s]`` with ``s = max|table| / 127``. TFLite's GATHER gives its table
+    the output's int8 scale (nothing is folded into a lookup), so this makes the largest level
+    ``127 s`` exactly; the converter's calibrated range would round every level."""
+
+    def __init__(self, inner, step, **kwargs):
+        super().__init__(inner, None, **kwargs)
+        self.step = float(step)
+
+    def call(self, inputs, *args, **kwargs):
+        return int8_fake_quant(self.inner(inputs, *args, **kwargs), -128.0 * self.step, 127.0 * self.step)
+
+
 def int8_stand_in(layer):
-    """The default stand-in of a quantized layer: plain layer + int8 input range."""
+    """The default stand-in of a quantized layer: plain layer + int8 input range (a table: an int8
+    output range on its largest level, :class:`TableStandIn`)."""
+    if issubclass(plain_class(layer), tf.keras.layers.Embedding):
+        (quantizer, table), = layer_kernels(layer).values()
+        top = float(np.max(np.abs(quantized_value(quantizer, table))))
+        return TableStandIn(plain_copy(layer), (top or 1.0) / 127.0, name=layer.name)
     return QuantizedStandIn(plain_copy(layer), int8_input(layer), name=layer.name)
 
 

@@ -79,7 +79,10 @@ def layer_reports(model, buffer, rescaled=(), packed=None):
         err, zeros_ok, levels, keras_levels, nbytes, dtypes = 0.0, True, 0, 0, 0, set()
         weights, stored_scales = 0, 0
         for m in matches:
-            e, z, lv, klv = codebook.compare(m.expected(), m.tensor.values, codebook.quantization_axis(m.tensor))
+            table = m.tensor.op == "GATHER"  # a lookup: the weights themselves, no factor folded in
+            stored_values = codebook.dequantized(m.tensor) if table else m.tensor.values
+            e, z, lv, klv = codebook.compare(m.expected(), stored_values, codebook.quantization_axis(m.tensor),
+                                             factor_free=table)
             err, zeros_ok = max(err, e), zeros_ok and z
             levels, keras_levels = max(levels, lv), max(keras_levels, klv)
             nbytes += int(m.tensor.stored_bytes or m.tensor.values.nbytes)
