@@ -7,6 +7,8 @@ import struct
 import numpy as np
 from tensorflow.lite.python import schema_py_generated as schema
 
+from syq_tf.errors import MalformedModelError
+
 _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 _TYPES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
 _NUMPY = {"INT8": np.int8, "INT32": np.int32, "FLOAT32": np.float32, "UINT8": np.uint8,
@@ -67,31 +69,104 @@ class WeightTensor:
     dequantized: bool = False  # a constant INT8 tensor turned into the op's float weight by DEQUANTIZE
 
 
+# Limits of the readers (and of syq_tf.kernels' runner, which loads through load_object_tree): a
+# model file is untrusted input, and a flatbuffer can make its object tree far larger than the file
+# (many offsets to one shared table, many tensors naming one buffer). Beyond them: MalformedModelError.
+MAX_FILE_BYTES = (1 << 31) - 1  # flatbuffers' own limit (32-bit offsets)
+MAX_TABLES = 200_000  # tables the object tree may hold (tensors, ops, buffers, quantization, ...)
+TABLE_BYTES = 4  # ...and at most one per 4 bytes of the file (+64): more needs shared offsets
+DATA_FACTOR, DATA_BYTES = 4, 64 << 20  # tensor data a reader copies: <= 4 x file size + 64 MiB
+
+
+def data_budget(buffer):
+    """Bytes of tensor data a reader may materialize for ``buffer`` (tensors can share buffers,
+    so this bounds what one buffer listed many times can cost)."""
+    return DATA_FACTOR * len(buffer) + DATA_BYTES
+
+
 def _reader(fn):
     """Readers of untrusted files: any inconsistency (an index out of range, a missing table, data of
-    the wrong size) becomes a ValueError naming the problem, never another exception."""
+    the wrong size) becomes a MalformedModelError (a ValueError) naming the problem, never another
+    exception. ``UnsupportedOp`` (syq_tf.kernels, a NotImplementedError) passes: a well-formed file
+    with an op the runner does not implement is a refusal, not a malformed file."""
 
     @functools.wraps(fn)
     def read(buffer, *args, **kwargs):
         try:
             return fn(buffer, *args, **kwargs)
-        except ValueError:
+        except (MalformedModelError, NotImplementedError):
             raise
-        except (IndexError, KeyError, TypeError, AttributeError, struct.error, OverflowError) as err:
-            raise ValueError(f"malformed TFLite flatbuffer ({fn.__name__}): {type(err).__name__}: {err}") from None
+        except (ValueError, IndexError, KeyError, TypeError, AttributeError, struct.error, OverflowError,
+                ZeroDivisionError, FloatingPointError, RecursionError, MemoryError) as err:
+            raise MalformedModelError(f"malformed TFLite flatbuffer ({fn.__name__}): {type(err).__name__}: "
+                                      f"{err}") from None
 
     return read
 
 
+def check_limits(buffer, raw_model):
+    """Refuse (MalformedModelError) a flatbuffer whose object tree is too large to unpack: more
+    than MAX_TABLES tables, or more than one table per TABLE_BYTES bytes of the file (only offsets
+    shared between entries produce that). Reads vector lengths only and stops at the limit."""
+    limit = min(MAX_TABLES, len(buffer) // TABLE_BYTES + 64)
+    count = 0
+
+    def add(n, where):
+        nonlocal count
+        count += int(n)
+        if count > limit:
+            raise MalformedModelError(
+                f"malformed TFLite flatbuffer: {where} brings the tables it lists above {limit} (a "
+                f"{len(buffer)}-byte file holds at most one per {TABLE_BYTES} bytes, and at most "
+                f"MAX_TABLES={MAX_TABLES}); refused before unpacking")
+
+    m = raw_model
+    add(m.OperatorCodesLength() + m.BuffersLength() + m.MetadataLength() + m.SubgraphsLength()
+        + m.SignatureDefsLength() + getattr(m, "ExternalBuffersLength", lambda: 0)()
+        + getattr(m, "ExternalBufferGroupsLength", lambda: 0)(), "the model's vectors")
+    for i in range(m.SignatureDefsLength()):
+        sig = m.SignatureDefs(i)
+        if sig is not None:
+            add(sig.InputsLength() + sig.OutputsLength(), f"signature def {i}")
+    subgraphs = [m.Subgraphs(i) for i in range(m.SubgraphsLength())]
+    for i, sub in enumerate(subgraphs):  # a tensor: itself, quantization, details; an op: itself, 2 options
+        if sub is not None:
+            add(3 * sub.TensorsLength() + 3 * sub.OperatorsLength(),
+                f"subgraph {i} ({sub.TensorsLength()} tensors, {sub.OperatorsLength()} operators)")
+    for i, sub in enumerate(subgraphs):
+        for k in range(0 if sub is None else sub.TensorsLength()):
+            tensor = sub.Tensors(k)
+            if tensor is None:
+                continue
+            add(tensor.VariantTensorsLength(), f"tensor {k} of subgraph {i}")
+            sparsity = tensor.Sparsity()
+            if sparsity is not None:
+                add(1 + 4 * sparsity.DimMetadataLength(), f"tensor {k} of subgraph {i} (sparsity)")
+
+
 def _load(buffer):
     if not isinstance(buffer, (bytes, bytearray)) or len(buffer) < 8:
-        raise ValueError("not a TFLite flatbuffer: fewer than 8 bytes")
+        raise MalformedModelError("not a TFLite flatbuffer: fewer than 8 bytes")
     if bytes(buffer[4:8]) != b"TFL3":
-        raise ValueError("not a TFLite flatbuffer: file identifier is not 'TFL3'")
+        raise MalformedModelError("not a TFLite flatbuffer: file identifier is not 'TFL3'")
+    return load_object_tree(buffer, schema)
+
+
+def load_object_tree(buffer, schema_module):
+    """``schema_module.ModelT`` of a flatbuffer (tensorflow's or ai_edge_litert's generated schema)
+    after :func:`check_limits`; every failure is a MalformedModelError."""
+    if len(buffer) > MAX_FILE_BYTES:
+        raise MalformedModelError(f"not a TFLite flatbuffer: {len(buffer)} bytes, above the flatbuffer limit "
+                                  f"of {MAX_FILE_BYTES}")
+    data = bytearray(buffer)
     try:
-        return schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(bytearray(buffer), 0))
-    except Exception as err:  # flatbuffers raises assorted errors on malformed input
-        raise ValueError(f"malformed TFLite flatbuffer: {err}") from None
+        raw = schema_module.Model.GetRootAsModel(data, 0)
+        check_limits(data, raw)
+        return schema_module.ModelT.InitFromObj(raw)
+    except MalformedModelError:
+        raise
+    except Exception as err:  # noqa: BLE001  (flatbuffers raises assorted errors on malformed input)
+        raise MalformedModelError(f"malformed TFLite flatbuffer: {type(err).__name__}: {err}") from None
 
 
 @_reader
@@ -115,7 +190,7 @@ def weight_tensors(buffer):
     model = _load(buffer)
     graph = model.subgraphs[0]
     dequantize = _dequantized_constants(model, graph)
-    found = []
+    found, budget = [], data_budget(buffer)
     for op_index, op in enumerate(graph.operators):
         name = _op_name(model, op)
         if name not in WEIGHT_OPS:
@@ -125,6 +200,11 @@ def weight_tensors(buffer):
                 continue
             weight = _weight_tensor(model, graph, op, name, position, dequantize.get(int(op.inputs[position])))
             if weight is not None:
+                budget -= weight.stored_bytes
+                if budget < 0:
+                    raise MalformedModelError(
+                        f"op {op_index} {name}: the weight tensors read so far exceed {data_budget(buffer)} "
+                        f"bytes (4 x the {len(buffer)}-byte file + 64 MiB: tensors sharing buffers)")
                 weight.op_index = op_index
                 found.append(weight)
     return found
@@ -142,6 +222,14 @@ def _dequantized_constants(model, graph):
     return out
 
 
+def _shape(tensor, label):
+    """The tensor's shape as a tuple of non-negative ints (MalformedModelError otherwise)."""
+    shape = () if tensor.shape is None else tuple(int(d) for d in tensor.shape)
+    if any(d < 0 for d in shape):
+        raise MalformedModelError(f"tensor {label!r}: shape {shape} has a negative dimension")
+    return shape
+
+
 def _weight_tensor(model, graph, op, name, position, dequantized_from=None):
     index = int(op.inputs[position])
     if dequantized_from is not None:  # int8 storage, DEQUANTIZE to the float weight at run time
@@ -151,32 +239,42 @@ def _weight_tensor(model, graph, op, name, position, dequantized_from=None):
     if data is None:  # not a constant (weights computed at run time)
         return None
     dtype = _TYPES.get(tensor.type, str(tensor.type))
+    label = tensor.name.decode(errors="replace") if isinstance(tensor.name, bytes) else str(tensor.name)
+    shape = _shape(tensor, label)
     raw = bytes(bytearray(data))
     if dtype == "INT4":
         try:
-            values = unpack_int4(raw, int(np.prod(tensor.shape))).reshape(tuple(tensor.shape))
+            values = unpack_int4(raw, int(np.prod(shape))).reshape(shape)
         except ValueError as err:
-            raise ValueError(f"weight tensor {tensor.name.decode(errors='replace')!r}: {err}") from None
+            raise MalformedModelError(f"{name} weight tensor {index} {label!r}: {err}") from None
     elif dtype not in _NUMPY:
-        raise ValueError(f"weight tensor {tensor.name!r} has unsupported type {dtype}")
+        raise MalformedModelError(f"{name} weight tensor {index} {label!r} has unsupported type {dtype}")
     else:
-        values = np.frombuffer(raw, _NUMPY[dtype]).reshape(tuple(tensor.shape))
+        size = np.dtype(_NUMPY[dtype]).itemsize
+        if len(raw) != size * int(np.prod(shape)):
+            raise MalformedModelError(f"{name} weight tensor {index} {label!r}: {len(raw)} bytes of data for "
+                                      f"shape {shape} of {dtype} (needs {size * int(np.prod(shape))})")
+        values = np.frombuffer(raw, _NUMPY[dtype]).reshape(shape)
     act = graph.tensors[op.inputs[0]].quantization
     act_scale = float(act.scale[0]) if act is not None and act.scale is not None and len(act.scale) else float("nan")
     act_zero = int(act.zeroPoint[0]) if act is not None and act.zeroPoint is not None and len(act.zeroPoint) else 0
     quant = tensor.quantization
     scales = np.asarray(quant.scale if quant is not None and quant.scale is not None else [], np.float32)
     zero_points = np.asarray(quant.zeroPoint if quant is not None and quant.zeroPoint is not None else [], np.int64)
+    axis = int(quant.quantizedDimension) if quant is not None else 0
+    if scales.size > 1 and not (0 <= axis < len(shape) and shape[axis] == scales.size):
+        raise MalformedModelError(f"{name} weight tensor {index} {label!r}: {scales.size} scales along quantized "
+                                  f"dimension {axis} of shape {shape}")
     single = WEIGHT_OPS[name] == (1,)
     return WeightTensor(
         op=name,
-        name=tensor.name.decode(),
+        name=label,
         dtype=dtype,
-        shape=tuple(tensor.shape),
+        shape=shape,
         values=values,
         scales=scales,
         zero_points=zero_points,
-        quantized_dimension=int(quant.quantizedDimension) if quant is not None else 0,
+        quantized_dimension=axis,
         input_scale=act_scale,
         input_zero_point=act_zero,
         tensor_index=index,

@@ -66,7 +66,8 @@ void syq_quantize_multiplier(double real, int32_t *multiplier, int32_t *shift) {
     int e = 0, neg = real < 0.0;
     double q = neg ? -real : real;
     int64_t q_fixed;
-    if (!(q > 0.0)) {
+    if (!multiplier || !shift) return;
+    if (!(q > 0.0) || q > 1.7976931348623157e308) { /* 0, NaN, inf: no multiplier (never loop on inf) */
         *multiplier = 0;
         *shift = 0;
         return;
@@ -133,6 +134,27 @@ int syq_check_args(const syq_conv_params *p, const syq_packed_weights *w, const 
     /* every output window must start inside the padded input */
     if ((int64_t)(p->out_h - 1) * p->stride_h - p->pad_top >= p->in_h) return SYQ_ERR_ARG;
     if ((int64_t)(p->out_w - 1) * p->stride_w - p->pad_left >= p->in_w) return SYQ_ERR_ARG;
+    /* every extent the kernels index (with int32 or size_t arithmetic) below 2^31: input, output,
+     * weights, the padded image of the optimized path, the window reach (oy * stride + k) */
+    {
+        const int64_t lim = (int64_t)1 << 31, ip = (int64_t)syq_words_per_pixel(w->in_c) * 32;
+        const int64_t hp = (int64_t)(p->out_h - 1) * p->stride_h + w->k_h;
+        const int64_t wp = (int64_t)(p->out_w - 1) * p->stride_w + w->k_w;
+        int32_t o;
+        if (hp >= lim || wp >= lim || hp * wp >= lim || hp * wp * ip >= lim) return SYQ_ERR_ARG;
+        if ((int64_t)p->batch * p->in_h * p->in_w >= lim ||
+            (int64_t)p->batch * p->in_h * p->in_w * w->in_c >= lim)
+            return SYQ_ERR_ARG;
+        if ((int64_t)p->batch * p->out_h * p->out_w >= lim ||
+            (int64_t)p->batch * p->out_h * p->out_w * w->out_c >= lim)
+            return SYQ_ERR_ARG;
+        if ((int64_t)w->out_c * w->k_h * w->k_w >= lim ||
+            (int64_t)w->out_c * w->k_h * w->k_w * ip >= lim)
+            return SYQ_ERR_ARG;
+        /* TFLite shifts: -31..31 (a larger left shift would overflow the int64 scaling) */
+        for (o = 0; o < w->out_c; ++o)
+            if (p->out_shift[o] < -31 || p->out_shift[o] > 31) return SYQ_ERR_ARG;
+    }
     return SYQ_OK;
 }
 
