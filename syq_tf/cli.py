@@ -602,17 +602,42 @@ def _export(fv):
 def _is_tflite(path):
     if not os.path.isfile(path):
         return False
+    if path.endswith(".tflite"):
+        return True
     with open(path, "rb") as f:
         head = f.read(8)
     return path.endswith(".tflite") or head[4:8] == b"TFL3"
 
 
 def _inspect(path):
+    import stat  # noqa: PLC0415
+
     if not os.path.exists(path):
         raise CliError(f"{path}: no such file or directory")
+    mode = os.stat(path).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a named pipe would block the read forever
+        raise CliError(f"{path}: not a regular file (a named pipe, device or socket); inspect reads a model "
+                       "file or a SavedModel directory")
     if _is_tflite(path):
         return _inspect_tflite(path)
     return _inspect_keras(path)
+
+
+def _inspect_read_file(path):
+    """The bytes of a regular file of at most flatbuffer.MAX_FILE_BYTES (2 GiB - 1, the flatbuffer
+    limit); opened without blocking, so a file replaced by a named pipe after the check fails too."""
+    from syq_tf.export import flatbuffer  # noqa: PLC0415
+    import stat  # noqa: PLC0415
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise CliError(f"{path}: not a regular file (a named pipe, device or socket)")
+        if info.st_size > flatbuffer.MAX_FILE_BYTES:
+            raise CliError(f"{path}: {info.st_size} bytes, above the TFLite flatbuffer limit of "
+                           f"{flatbuffer.MAX_FILE_BYTES} bytes")
+        return f.read(flatbuffer.MAX_FILE_BYTES + 1)
 
 
 def _levels_text(levels, limit=7):
@@ -680,7 +705,14 @@ _DTYPE_BITS = {"INT4": 4, "INT8": 8, "UINT8": 8, "INT16": 16, "INT32": 32, "INT6
 
 def tflite_weight_rows(buffer):
     """Per constant weight tensor of a .tflite: op, tensor, shape, dtype, channels, levels per channel
-    (max), bits = ceil(log2(levels)), weights, stored bytes, bytes at those bits."""
+    (max), bits = ceil(log2(levels)), weights, stored bytes, bytes at those bits. A malformed file
+    raises syq_tf.errors.MalformedModelError (a ValueError), nothing else."""
+    from syq_tf.export import flatbuffer  # noqa: PLC0415
+
+    return flatbuffer._reader(_inspect_weight_rows)(buffer)  # noqa: SLF001
+
+
+def _inspect_weight_rows(buffer):
     from syq_tf.export import flatbuffer  # noqa: PLC0415
 
     rows = []
@@ -720,10 +752,12 @@ def _tflm_rows(buffer):
 def _inspect_tflite(path):
     from syq_tf.export import flatbuffer  # noqa: PLC0415
 
-    with open(path, "rb") as f:
-        buffer = f.read()
-    ops = flatbuffer.op_names(buffer)
-    rows = tflite_weight_rows(buffer)
+    buffer = _inspect_read_file(path)
+    try:
+        ops = flatbuffer.op_names(buffer)
+        rows = tflite_weight_rows(buffer)
+    except flatbuffer.MalformedModelError as err:
+        raise CliError(f"{path}: {err}") from None
     counts = collections.Counter(ops)
     print(f"{path}: TFLite model, {len(buffer)} bytes, {len(ops)} ops: "
           + ", ".join(f"{op} x{n}" for op, n in sorted(counts.items())))
