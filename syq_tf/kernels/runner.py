@@ -282,7 +282,12 @@ def packed_layers(model_bytes):
     sub = model.subgraphs[0]
     layers = {}
     for idx, op in enumerate(sub.operators or []):
-        layer = _packed_layer(model, sub, idx, op)
+        try:
+            layer = _packed_layer(model, sub, idx, op)
+        except MalformedModelError as err:
+            if str(err).startswith(f"op {idx} "):
+                raise
+            raise MalformedModelError(f"op {idx} {_op_name(model, op)}: {err}") from None
         if layer is not None:
             layers[idx] = layer
     return layers
@@ -371,11 +376,14 @@ class _Tensor:
         self.scale, self.zp = s, z
         self.s = float(s[0]) if s is not None else None
         self.z = int(z[0]) if z is not None and z.size else 0
-        if s is not None and s.size > 1:
-            axis = int(t.quantization.quantizedDimension)
-            if not (0 <= axis < len(self.shape) and self.shape[axis] == s.size):
-                raise MalformedModelError(f"{self.label}: {s.size} scales along quantized dimension {axis} of "
-                                          f"shape {self.shape}")
+        self.axis = int(t.quantization.quantizedDimension) if s is not None else 0
+
+    def check_axis(self, where):
+        """Per-channel scales lie along an existing dimension with one scale per channel."""
+        if self.scale is not None and self.scale.size > 1 and not (
+                0 <= self.axis < len(self.shape) and self.shape[self.axis] == self.scale.size):
+            raise MalformedModelError(f"{where} {self.label} has {self.scale.size} scales along quantized "
+                                      f"dimension {self.axis} of shape {self.shape}")
 
 
 def _nbytes(shape, dtype):
@@ -527,17 +535,18 @@ class TFLiteRunner:
         act = getattr(opts, "fusedActivationFunction", 0) if opts is not None else 0
         if act not in _ACTS:
             raise MalformedModelError(f"{where}: fused activation {act} is not a TFLite ActivationFunctionType")
-        for j in ins + outs:
+        layer = name in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+        roles = [("weights" if layer and k == 1 else "bias" if layer and k == 2 else "input" if k == 0 else f"input {k}", j)
+                 for k, j in enumerate(ins)] + [("output", j) for j in outs]
+        for role, j in roles:
             t = self.tensors[j] if j >= 0 else None
-            if t is None or t.type not in _QUANTIZED or (name in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
-                                                          and j == ins[-1] and len(ins) > 2):
+            if t is None or t.type not in _QUANTIZED or role == "bias":
                 continue
             count = None
-            if name in ("CONV_2D", "FULLY_CONNECTED") and j == ins[1] and t.shape:
-                count = t.shape[0]
-            elif name == "DEPTHWISE_CONV_2D" and j == ins[1] and t.shape:
-                count = t.shape[-1]
-            _check_scales(where, t.label, t.scale, t.zp, t.type, count)
+            if role == "weights" and t.shape:
+                count = t.shape[-1] if name == "DEPTHWISE_CONV_2D" else t.shape[0]
+            _check_scales(where, f"{role} {t.label}", t.scale, t.zp, t.type, count)
+            t.check_axis(f"{where}: {role}")
 
     def _plan(self, in_shapes, declared=False):
         """Propagate shapes from the inputs through every op, checking each op's shapes, and return
@@ -602,21 +611,19 @@ class TFLiteRunner:
                                               + ("[out, kh, kw, in]" if name == "CONV_2D" else "[1, kh, kw, out]"))
                 kh, kw = w[1], w[2]
                 dh, dw = o.dilationHFactor, o.dilationWFactor
+                oc = w[0] if name == "CONV_2D" else w[3]
+                if len(ins) > 2 and ins[2] >= 0 and math.prod(xs[2]) != oc:
+                    raise MalformedModelError(f"bias {t[2].label} has {math.prod(xs[2])} elements; the layer has "
+                                              f"{oc} output channels")
                 if name == "CONV_2D":
-                    oc = w[0]
                     if x[3] != w[3]:
                         if x[3] % w[3] == 0:
                             raise UnsupportedOp(f"{where}: grouped convolution")
                         raise MalformedModelError(f"weights {t[1].label} have depth {w[3]}, the input {t[0].label} "
                                                   f"has {x[3]} channels")
-                else:
-                    oc = w[3]
-                    if w[0] != 1 or oc % x[3]:
-                        raise MalformedModelError(f"weights {t[1].label} have shape {list(w)}: needs [1, kh, kw, "
-                                                  f"a multiple of the {x[3]} input channels]")
-                if len(ins) > 2 and ins[2] >= 0 and math.prod(xs[2]) != oc:
-                    raise MalformedModelError(f"bias {t[2].label} has {math.prod(xs[2])} elements; the layer has "
-                                              f"{oc} output channels")
+                elif w[0] != 1 or oc % x[3]:
+                    raise MalformedModelError(f"weights {t[1].label} have shape {list(w)}: needs [1, kh, kw, "
+                                              f"a multiple of the {x[3]} input channels]")
                 depth = x[3] if name == "CONV_2D" else oc
             else:
                 kh, kw, dh, dw, oc, depth = o.filterHeight, o.filterWidth, 1, 1, x[3], x[3]
@@ -777,7 +784,7 @@ class TFLiteRunner:
     def _require_int8(*ts):
         for t in ts:
             if t.dtype != np.int8:
-                raise UnsupportedOp(f"tensor '{t.name}' has type {t.dtype}, only int8 is supported")
+                raise UnsupportedOp(f"{t.label} has type {_TYPES.get(t.type, t.type)}, only INT8 is supported")
 
     @staticmethod
     def _multipliers(fn, x_t, w_t, y, out_c):
