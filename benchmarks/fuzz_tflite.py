@@ -449,7 +449,7 @@ def campaign(cases=1000, workers=1, timeout=10.0, seed=0, sanitize=True, seeds_d
     counts = {"inspect": collections.Counter(), "run": collections.Counter()}
     kinds, details, samples = collections.Counter(), collections.Counter(), {}
     crashes, hangs, sanitizer, findings = 0, 0, 0, []
-    done, next_case, slowest = 0, 0, 0.0
+    done, next_case, slowest, printed = 0, 0, 0.0, 0
     pool = [_Worker(cmd, env, work, i) for i in range(workers)]
     t0 = time.monotonic()
 
@@ -507,7 +507,8 @@ def campaign(cases=1000, workers=1, timeout=10.0, seed=0, sanitize=True, seeds_d
                     pool[n] = restart(w, n)
                 elif not w.ready and now - w.started > startup_timeout:
                     raise RuntimeError(f"fuzz worker did not start in {startup_timeout} s: {w.stderr_text()[-3000:]}")
-            if progress and done and done % 500 == 0:
+            if progress and done // 1000 > printed:
+                printed = done // 1000
                 print(f"{done}/{cases} cases, {time.monotonic() - t0:.0f} s, crashes {crashes}, hangs {hangs}, "
                       f"sanitizer {sanitizer}, inspect {dict(counts['inspect'])}, run {dict(counts['run'])}",
                       flush=True)

@@ -734,10 +734,15 @@ def _inspect_weight_rows(buffer):
 
 def _tflm_rows(buffer):
     """TFLM LUT-compressed weights (DECODE op inputs): stored = packed indices + value tables."""
-    from syq_tf.export import tflm  # noqa: PLC0415
+    from syq_tf.export import flatbuffer, tflm  # noqa: PLC0415
 
-    rows = []
+    rows, budget = [], flatbuffer.data_budget(buffer)
     for name, (encoded, ancillary, shape) in tflm._decode_pairs(buffer).items():  # noqa: SLF001
+        budget -= math.prod(shape)
+        if budget < 0:  # decoded values: bounded like the int8 weights the other readers copy
+            raise flatbuffer.MalformedModelError(
+                f"{DECODE_OP} output {name!r} of shape {tuple(shape)}: the decoded weights exceed "
+                f"{flatbuffer.data_budget(buffer)} values (4 x the file size + 64 MiB)")
         values = tflm.unpack(encoded, ancillary, shape)
         axis_code, bits = ancillary[5] >> 4, ancillary[5] & 7
         axis = None if axis_code == 15 else int(axis_code)

@@ -139,7 +139,7 @@ def test_a_changed_operator_input_index(net):
             ("run", "packed"))
     refused(edit(net, set_input(0, 10_000)), r"^op 1 CONV_2D: input 0 is tensor index 10000, out of range "
                                              rf"\({len(sub.tensors)} tensors\)$", ("run",))
-    refused(edit(net, set_input(1, first_w)), rf"^op 1 CONV_2D: bias tensor \d+ '.*' has 32 elements; the layer has "
+    refused(edit(net, set_input(1, first_w)), r"^op 1 CONV_2D: bias tensor \d+ '.*' has 32 elements; the layer has "
                                               "16 output channels$", ("run", "packed"))
     refused(edit(net, set_input(1, first_w, 2, -1)), rf"^op 1 CONV_2D: weights tensor {first_w} '{name_of(sub, first_w)}' "
                                                      r"have depth 3, the input tensor \d+ '.*' has 16 channels$",

@@ -96,7 +96,9 @@ def _reader(fn):
             return fn(buffer, *args, **kwargs)
         except (MalformedModelError, NotImplementedError):
             raise
-        except (ValueError, IndexError, KeyError, TypeError, AttributeError, struct.error, OverflowError,
+        except ValueError as err:
+            raise MalformedModelError(f"malformed TFLite flatbuffer ({fn.__name__}): {err}") from None
+        except (IndexError, KeyError, TypeError, AttributeError, struct.error, OverflowError,
                 ZeroDivisionError, FloatingPointError, RecursionError, MemoryError) as err:
             raise MalformedModelError(f"malformed TFLite flatbuffer ({fn.__name__}): {type(err).__name__}: "
                                       f"{err}") from None
@@ -246,7 +248,7 @@ def _weight_tensor(model, graph, op, name, position, dequantized_from=None):
         try:
             values = unpack_int4(raw, int(np.prod(shape))).reshape(shape)
         except ValueError as err:
-            raise MalformedModelError(f"{name} weight tensor {index} {label!r}: {err}") from None
+            raise MalformedModelError(f"{name} weight tensor {label!r}: {err}") from None
     elif dtype not in _NUMPY:
         raise MalformedModelError(f"{name} weight tensor {index} {label!r} has unsupported type {dtype}")
     else:
@@ -290,12 +292,16 @@ def bias_tensors(buffer):
     """{tensor index: int32 values} of the constant biases of weight ops."""
     model = _load(buffer)
     graph = model.subgraphs[0]
-    out = {}
+    out, budget = {}, data_budget(buffer)
     for op in graph.operators:
         if WEIGHT_OPS.get(_op_name(model, op)) != (1,) or len(op.inputs) < 3 or op.inputs[2] < 0:
             continue
         tensor = graph.tensors[op.inputs[2]]
         data = model.buffers[tensor.buffer].data
+        budget -= 0 if data is None or int(op.inputs[2]) in out else len(data)
+        if budget < 0:
+            raise MalformedModelError(f"the bias tensors read exceed {data_budget(buffer)} bytes (4 x the file "
+                                      "size + 64 MiB: tensors sharing buffers)")
         if data is not None and tensor.type == schema.TensorType.INT32:
             out[int(op.inputs[2])] = np.frombuffer(bytes(bytearray(data)), np.int32).copy()
     return out

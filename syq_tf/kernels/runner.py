@@ -115,8 +115,8 @@ def _const(model, t, j=None):
     count = math.prod(shape)
     if t.type == schema.TensorType.INT4:  # packed INT4 weights: decoded to the int8 values they hold
         if len(data) != (count + 1) // 2:
-            raise MalformedModelError(f"{label}: {len(data)} bytes of INT4 data for shape {shape} "
-                                      f"(needs {(count + 1) // 2})")
+            raise MalformedModelError(f"{label}: INT4 data of {len(data)} bytes cannot hold the {count} values of "
+                                      f"shape {shape} (needs {(count + 1) // 2})")
         return _flatbuffer.unpack_int4(np.asarray(data, np.uint8).tobytes(), count).reshape(shape)
     if t.type not in _DTYPES:
         raise UnsupportedOp(f"constant {label} has TFLite type {_TYPES.get(t.type, t.type)}, which run_tflite "
@@ -422,8 +422,13 @@ class TFLiteRunner:
     int8 reference as well (for comparisons).  The constructor checks the whole file (see the
     module docstring) and raises MalformedModelError or UnsupportedOp before anything runs."""
 
-    @_flatbuffer._reader
     def __init__(self, tflite_bytes, impl="opt", packed=True):
+        if impl not in ("opt", "ref", "portable"):
+            raise ValueError(f"impl must be 'opt', 'ref' or 'portable', got {impl!r}")
+        self._load(tflite_bytes, impl, packed)
+
+    @_flatbuffer._reader
+    def _load(self, tflite_bytes, impl, packed):
         from syq_tf import kernels as K
 
         self._K = K
