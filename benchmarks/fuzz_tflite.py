@@ -536,9 +536,9 @@ def _keep(work, keep_dir, w, what, text):
     dst = os.path.join(keep_dir, f"{what}-case{w.case}.tflite")
     if os.path.exists(src):
         shutil.copyfile(src, dst)
-    marks = [text.find(m) for m in ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSanitizer", "Traceback")]
-    at = min([m for m in marks if m >= 0], default=max(0, len(text) - 1500))
-    return {"what": what, "case": w.case, "file": dst, "report": text[max(0, at - 200):at + 1300]}
+    marks = [m for m in (text.find(s) for s in ("ERROR: AddressSanitizer", "runtime error:", "Sanitizer")) if m >= 0]
+    at = text.rfind("\n", 0, min(marks)) + 1 if marks else max(0, len(text) - 1500)
+    return {"what": what, "case": w.case, "file": dst, "report": text[at:at + 1500]}
 
 
 def main(argv=None):

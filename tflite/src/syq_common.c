@@ -106,7 +106,10 @@ static int32_t syq_rdbpot(int32_t x, int e) { /* RoundingDivideByPOT */
 }
 
 int32_t syq_multiply_by_quantized_multiplier(int32_t x, int32_t multiplier, int32_t shift) {
-    int left = shift > 0 ? shift : 0, right = shift > 0 ? 0 : -shift;
+    /* TFLite's shifts are -31..31; others are clamped so the shifts below stay defined (a left
+     * shift of 32 already saturates every x != 0, a right shift of 31 rounds every x to 0 or -1) */
+    int left = shift > 0 ? (shift > 32 ? 32 : shift) : 0;
+    int right = shift > 0 ? 0 : (shift < -31 ? 31 : -shift);
     int64_t scaled = (int64_t)x * ((int64_t)1 << left);
     if (scaled > INT32_MAX) scaled = INT32_MAX; /* TFLite wraps here; never reached in practice */
     if (scaled < INT32_MIN) scaled = INT32_MIN;
