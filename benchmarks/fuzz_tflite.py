@@ -334,7 +334,7 @@ def _inputs(runner, rng):
     return xs
 
 
-def run_case(buffer, rng):
+def run_case(buffer, rng, impl="opt"):
     """{'inspect': outcome, 'run': outcome, messages} of one file: outcome 'ok' or an exception type."""
     from syq_tf import cli  # noqa: PLC0415
     from syq_tf.export import flatbuffer  # noqa: PLC0415
@@ -348,7 +348,7 @@ def run_case(buffer, rng):
     except Exception as err:  # noqa: BLE001
         out["inspect"], out["inspect_message"] = _classify(err), str(err)[:300]
     try:
-        runner = TFLiteRunner(buffer)
+        runner = TFLiteRunner(buffer, impl=impl)
         runner(*_inputs(runner, rng))
         out["run"] = "ok"
     except Exception as err:  # noqa: BLE001
@@ -356,7 +356,7 @@ def run_case(buffer, rng):
     return out
 
 
-def worker(seeds, master_seed, work_dir):
+def worker(seeds, master_seed, work_dir, impl="opt"):
     import syq_tf.cli  # noqa: F401, PLC0415  (first: selects Keras 2)
 
     import numpy as np  # noqa: PLC0415
@@ -377,7 +377,7 @@ def worker(seeds, master_seed, work_dir):
         with open(current, "wb") as f:
             f.write(data)
         start = time.monotonic()
-        res = run_case(data, rng)
+        res = run_case(data, rng, impl)
         res.update(case=case, seed=os.path.basename(seeds[seed_index]), kind=kind, detail=detail,
                    seconds=round(time.monotonic() - start, 4))
         print("@@" + json.dumps(res), flush=True)
@@ -423,7 +423,7 @@ class _Worker:
 
 
 def campaign(cases=1000, workers=1, timeout=10.0, seed=0, sanitize=True, seeds_dir=None, keep_dir=None,
-             progress=False, startup_timeout=300.0):
+             progress=False, startup_timeout=300.0, impl="opt"):
     """Run ``cases`` mutations; returns the summary dict (see the module docstring)."""
     work = tempfile.mkdtemp(prefix="syq-fuzz-")
     keep_dir = keep_dir or os.path.join(work, "findings")
@@ -445,7 +445,8 @@ def campaign(cases=1000, workers=1, timeout=10.0, seed=0, sanitize=True, seeds_d
                        env={k: v for k, v in env.items() if k not in ("LD_PRELOAD", "SYQ_KERNELS_LIB")},
                        capture_output=True)
     seeds = export_seeds(seeds_dir)
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--seed", str(seed), "--work", work, *seeds]
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--seed", str(seed), "--work", work, "--impl", impl,
+           *seeds]
     counts = {"inspect": collections.Counter(), "run": collections.Counter()}
     kinds, details, samples = collections.Counter(), collections.Counter(), {}
     crashes, hangs, sanitizer, findings = 0, 0, 0, []
@@ -518,7 +519,7 @@ def campaign(cases=1000, workers=1, timeout=10.0, seed=0, sanitize=True, seeds_d
     unexpected = {part: {k: v for k, v in c.items() if k not in ACCEPTED} for part, c in counts.items()}
     summary = {
         "cases": done, "seconds": round(time.monotonic() - t0, 1), "workers": workers, "timeout_s": timeout,
-        "seed": seed, "sanitized": sanitize, "sanitizers": " ".join(SANITIZE) if sanitize else None,
+        "seed": seed, "impl": impl, "sanitized": sanitize, "sanitizers": " ".join(SANITIZE) if sanitize else None,
         "crashes": crashes, "hangs": hangs, "sanitizer_reports": sanitizer,
         "inspect": dict(counts["inspect"]), "run": dict(counts["run"]),
         "unexpected_exceptions": unexpected, "malformed_model_error": {p: counts[p]["MalformedModelError"] for p in counts},
@@ -548,6 +549,8 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds per case before it counts as a hang")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-sanitize", action="store_true", help="use the normal library (no ASan/UBSan build)")
+    ap.add_argument("--impl", default="opt", choices=("opt", "portable", "ref"),
+                    help="the packed kernels run_tflite uses (opt: AVX2 when available, as by default)")
     ap.add_argument("--seeds-dir", default=None, help="where the exported seed models are cached")
     ap.add_argument("--keep", default=None, help="folder for the inputs that crashed or hung")
     ap.add_argument("--out", default=None, help="write the summary JSON here")
@@ -560,10 +563,10 @@ def main(argv=None):
         export_seeds(args.export_seeds)
         return 0
     if args.worker:
-        worker(args.files, args.seed, args.work)
+        worker(args.files, args.seed, args.work, args.impl)
         return 0
     summary = campaign(args.cases, args.workers, args.timeout, args.seed, not args.no_sanitize, args.seeds_dir,
-                       args.keep, progress=True)
+                       args.keep, progress=True, impl=args.impl)
     text = json.dumps(summary, indent=2, sort_keys=True, default=str)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -176,7 +176,9 @@ int syq_conv2d_ref(const syq_conv_params *p, const syq_packed_weights *w, const 
             for (ox = 0; ox < p->out_w; ++ox) {
                 int8_t *out = output + (((size_t)n * p->out_h + oy) * p->out_w + ox) * w->out_c;
                 for (o = 0; o < w->out_c; ++o) {
-                    int32_t acc = 0, group_sum = 0;
+                    /* sums modulo 2^32 (unsigned), as the optimized kernels: a bias near the int32
+                     * limits (a crafted file) wraps as in TFLite builds instead of being undefined */
+                    uint32_t acc = 0, group_sum = 0;
                     for (ky = 0; ky < w->k_h; ++ky) {
                         const int32_t iy = oy * p->stride_h - p->pad_top + ky;
                         if (iy < 0 || iy >= p->in_h) continue; /* padding: x - zp = 0 */
@@ -185,27 +187,27 @@ int syq_conv2d_ref(const syq_conv_params *p, const syq_packed_weights *w, const 
                             const int32_t pix = ky * w->k_w + kx;
                             const uint32_t *sign, *nz;
                             const int8_t *x;
-                            int32_t s = 0;
+                            uint32_t s = 0;
                             if (ix < 0 || ix >= p->in_w) continue;
                             sign = w->codes + ((size_t)o * w->k_h * w->k_w + pix) * nw * w->bits;
                             nz = sign + nw;
                             x = img + ((size_t)iy * p->in_w + ix) * w->in_c;
                             for (i = 0; i < w->in_c; ++i) {
                                 const uint32_t bit = (uint32_t)1u << (i % 32);
-                                const int32_t v = (int32_t)x[i] - zp;
+                                const uint32_t v = (uint32_t)((int32_t)x[i] - zp);
                                 if (w->bits == 2 && !(nz[i / 32] & bit)) continue;
                                 if (sign[i / 32] & bit) s -= v; else s += v;
                             }
                             if (w->granularity == SYQ_GRAN_PIXEL)
-                                acc += (int32_t)w->mag[syq_mag_index(w, o, pix)] * s;
+                                acc += (uint32_t)w->mag[syq_mag_index(w, o, pix)] * s;
                             else
                                 group_sum += s;
                         }
                     }
                     if (w->granularity != SYQ_GRAN_PIXEL)
-                        acc = (int32_t)w->mag[syq_mag_index(w, o, 0)] * group_sum;
-                    if (p->bias) acc += p->bias[o];
-                    out[o] = syq_requantize(p, o, acc);
+                        acc = (uint32_t)w->mag[syq_mag_index(w, o, 0)] * group_sum;
+                    if (p->bias) acc += (uint32_t)p->bias[o];
+                    out[o] = syq_requantize(p, o, (int32_t)acc);
                 }
             }
         }
