@@ -1,6 +1,6 @@
 """A small run of benchmarks/fuzz_tflite.py in CI: 1,000 mutations of exported flatbuffers through
 inspect's reading code and run_tflite, with the C kernels built with AddressSanitizer + UBSan, in a
-worker subprocess with a 10 s per-case timeout. No crash, no hang, no sanitizer report, and no
+worker subprocess with a 10 s per-case timeout (and 300 through the reference C kernels). No crash, no hang, no sanitizer report, and no
 exception other than MalformedModelError (malformed file) and UnsupportedOp (well-formed file
 naming an op, type or option the runner does not implement). The full campaign (20,000 cases) is
 in benchmarks/results/fuzz_tflite.json."""
@@ -34,3 +34,8 @@ def test_1000_mutations_under_asan_and_ubsan(tmp_path):
     assert summary["inspect"]["ok"] > 200 and summary["inspect"]["MalformedModelError"] > 200
     assert summary["run"].get("UnsupportedOp", 0) > 0
     assert set(summary["mutation_kinds"]) == set(fuzz.KINDS)
+    # the reference C kernels (impl='ref') on other mutations
+    ref = fuzz.campaign(cases=300, workers=1, timeout=10.0, seed=19, sanitize=True, impl="ref",
+                        seeds_dir=str(tmp_path / "seeds"), keep_dir=str(tmp_path / "findings"))
+    assert (ref["cases"], ref["crashes"], ref["hangs"], ref["sanitizer_reports"]) == (300, 0, 0, 0), ref["findings"]
+    assert ref["unexpected_exceptions"] == {"inspect": {}, "run": {}} and ref["run"]["ok"] > 10
