@@ -873,20 +873,42 @@ def _export(fv):
 def _is_tflite(path):
     if not os.path.isfile(path):
         return False
+    if path.endswith(".tflite"):
+        return True
     with open(path, "rb") as f:
         head = f.read(8)
     return path.endswith(".tflite") or head[4:8] == b"TFL3"
 
 
 def _inspect(path, unsafe=False):
+    import stat  # noqa: PLC0415
+
     if not os.path.exists(path):
         raise CliError(f"{path}: no such file or directory")
-    if not (os.path.isfile(path) or os.path.isdir(path)):  # a named pipe would block the reader forever
-        raise CliError(f"{path}: not a regular file (a named pipe, socket or device); a model file or a "
-                       "SavedModel directory is expected")
+    mode = os.stat(path).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a named pipe would block the read forever
+        raise CliError(f"{path}: not a regular file (a named pipe, device or socket); inspect reads a model "
+                       "file or a SavedModel directory")
     if _is_tflite(path):
         return _inspect_tflite(path)
     return _inspect_keras(path, unsafe=unsafe)
+
+
+def _inspect_read_file(path):
+    """The bytes of a regular file of at most flatbuffer.MAX_FILE_BYTES (2 GiB - 1, the flatbuffer
+    limit); opened without blocking, so a file replaced by a named pipe after the check fails too."""
+    from syq_tf.export import flatbuffer  # noqa: PLC0415
+    import stat  # noqa: PLC0415
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise CliError(f"{path}: not a regular file (a named pipe, device or socket)")
+        if info.st_size > flatbuffer.MAX_FILE_BYTES:
+            raise CliError(f"{path}: {info.st_size} bytes, above the TFLite flatbuffer limit of "
+                           f"{flatbuffer.MAX_FILE_BYTES} bytes")
+        return f.read(flatbuffer.MAX_FILE_BYTES + 1)
 
 
 def _levels_text(levels, limit=7):
@@ -954,7 +976,14 @@ _DTYPE_BITS = {"INT4": 4, "INT8": 8, "UINT8": 8, "INT16": 16, "INT32": 32, "INT6
 
 def tflite_weight_rows(buffer):
     """Per constant weight tensor of a .tflite: op, tensor, shape, dtype, channels, levels per channel
-    (max), bits = ceil(log2(levels)), weights, stored bytes, bytes at those bits."""
+    (max), bits = ceil(log2(levels)), weights, stored bytes, bytes at those bits. A malformed file
+    raises syq_tf.errors.MalformedModelError (a ValueError), nothing else."""
+    from syq_tf.export import flatbuffer  # noqa: PLC0415
+
+    return flatbuffer.reader(_inspect_weight_rows)(buffer)  # noqa: SLF001
+
+
+def _inspect_weight_rows(buffer):
     from syq_tf.export import flatbuffer  # noqa: PLC0415
 
     rows = []
@@ -976,10 +1005,15 @@ def tflite_weight_rows(buffer):
 
 def _tflm_rows(buffer):
     """TFLM LUT-compressed weights (DECODE op inputs): stored = packed indices + value tables."""
-    from syq_tf.export import tflm  # noqa: PLC0415
+    from syq_tf.export import flatbuffer, tflm  # noqa: PLC0415
 
-    rows = []
-    for name, (encoded, ancillary, shape) in tflm._decode_pairs(buffer).items():  # noqa: SLF001
+    rows, budget = [], flatbuffer.data_budget(buffer)
+    for name, (encoded, ancillary, shape) in tflm.decode_pairs(buffer).items():
+        budget -= math.prod(shape)
+        if budget < 0:  # decoded values: bounded like the int8 weights the other readers copy
+            raise flatbuffer.MalformedModelError(
+                f"{DECODE_OP} output {name!r} of shape {tuple(shape)}: the decoded weights exceed "
+                f"{flatbuffer.data_budget(buffer)} values (4 x the file size + 64 MiB)")
         values = tflm.unpack(encoded, ancillary, shape)
         axis_code, bits = ancillary[5] >> 4, ancillary[5] & 7
         axis = None if axis_code == 15 else int(axis_code)
@@ -994,10 +1028,12 @@ def _tflm_rows(buffer):
 def _inspect_tflite(path):
     from syq_tf.export import flatbuffer  # noqa: PLC0415
 
-    with open(path, "rb") as f:
-        buffer = f.read()
-    ops = flatbuffer.op_names(buffer)
-    rows = tflite_weight_rows(buffer)
+    buffer = _inspect_read_file(path)
+    try:
+        ops = flatbuffer.op_names(buffer)
+        rows = tflite_weight_rows(buffer)
+    except flatbuffer.MalformedModelError as err:
+        raise CliError(f"{path}: {err}") from None
     counts = collections.Counter(ops)
     print(f"{path}: TFLite model, {len(buffer)} bytes, {len(ops)} ops: "
           + ", ".join(f"{op} x{n}" for op, n in sorted(counts.items())))

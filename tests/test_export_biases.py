@@ -17,11 +17,11 @@ Q = syq_tf.quantizers
 
 def _bias_ratios(buffer):
     """bias scale / (input scale x weight scale) per weight op (1.0 where consistent)."""
-    fm = flatbuffer._load(buffer)
+    fm = flatbuffer.read(buffer)
     g = fm.subgraphs[0]
     out = {}
     for op in g.operators:
-        if flatbuffer._op_name(fm, op) not in ("CONV_2D", "FULLY_CONNECTED", "DEPTHWISE_CONV_2D"):
+        if flatbuffer.op_name(fm, op) not in ("CONV_2D", "FULLY_CONNECTED", "DEPTHWISE_CONV_2D"):
             continue
         if len(op.inputs) < 3 or op.inputs[2] < 0:  # no bias
             continue

@@ -142,7 +142,7 @@ def test_int4_export_stores_packed_exact_codebooks(ternary):
         assert r.weight_bytes == (r.weights + 1) // 2 and r8.weight_bytes == r.weights
     assert layers["first"].storage == "int8" and int4.weights == "int4" and int8.weights == "int8"
     assert int4.model_bytes < int8.model_bytes - 0.45 * sum(layers[n].weights for n in ("qconv", "dw", "fc"))
-    ops = flatbuffer._load(int4.flatbuffer).operatorCodes
+    ops = flatbuffer.read(int4.flatbuffer).operatorCodes
     assert sorted(c.version for c in ops if c.builtinCode in (3, 4, 9)) == [7, 7, 10]  # conv, dw, fc
 
 
@@ -196,7 +196,7 @@ def test_int4_errors(data, ternary):
     with pytest.raises(ValueError, match="weights='int4' is for target 'litert'"):
         syq_tf.export.to_tflite(model, x[:4], target="tflm", weights="int4")
     # a truncated INT4 tensor is named, by the reader and by the runner
-    m = flatbuffer._load(int4.flatbuffer)
+    m = flatbuffer.read(int4.flatbuffer)
     g = m.subgraphs[0]
     t = next(t for t in g.tensors if t.type == 17)
     m.buffers[t.buffer].data = m.buffers[t.buffer].data[:-1]

@@ -134,7 +134,7 @@ def test_ternary_export_is_lut_compressed_near_the_minimum(ternary):
     assert result.model_bytes < len(result.uncompressed)
     assert "TFLM_DECODE" in result.ops
     # every DECODE input decodes (our numpy decoder) to the int8 weights of the uncompressed model
-    pairs = tflm._decode_pairs(result.flatbuffer)
+    pairs = tflm.decode_pairs(result.flatbuffer)
     assert len(pairs) == 3
     plain = {t.name: t.values for t in syq_tf.export.flatbuffer.weight_tensors(result.uncompressed)}
     for name, (encoded, ancillary, shape) in pairs.items():

@@ -101,8 +101,8 @@ def test_named_pipes_and_unknown_files_are_refused_without_reading(tmp_path, cap
     os.mkfifo(fifo)  # opening it for reading would block forever
     assert cli.main(["inspect", "--model", str(fifo)]) == 1
     assert capsys.readouterr().err.strip() == (
-        f"syq-tf inspect: error: {fifo}: not a regular file (a named pipe, socket or device); a model file or a "
-        "SavedModel directory is expected")
+        f"syq-tf inspect: error: {fifo}: not a regular file (a named pipe, device or socket); inspect reads a "
+        "model file or a SavedModel directory")
     with pytest.raises(ValueError, match="a named pipe, not a regular file"):
         syq_tf.load_model(fifo)
     assert cli.main(["export", "--model", str(fifo), "--dataset", "synthetic"]) == 1

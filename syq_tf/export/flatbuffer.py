@@ -8,6 +8,7 @@ import numpy as np
 from tensorflow.lite.python import schema_py_generated as schema
 
 from syq_tf.export.codebook import SUB_BYTE, pack_bits, unpack_bits
+from syq_tf.errors import MalformedModelError
 
 _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 _TYPES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
@@ -45,31 +46,106 @@ class WeightTensor:
     dequantized: bool = False  # a constant INT8 tensor turned into the op's float weight by DEQUANTIZE
 
 
-def _reader(fn):
+# Limits of the readers (and of syq_tf.kernels' runner, which loads through load_object_tree): a
+# model file is untrusted input, and a flatbuffer can make its object tree far larger than the file
+# (many offsets to one shared table, many tensors naming one buffer). Beyond them: MalformedModelError.
+MAX_FILE_BYTES = (1 << 31) - 1  # flatbuffers' own limit (32-bit offsets)
+MAX_TABLES = 200_000  # tables the object tree may hold (tensors, ops, buffers, quantization, ...)
+TABLE_BYTES = 4  # ...and at most one per 4 bytes of the file (+64): more needs shared offsets
+DATA_FACTOR, DATA_BYTES = 4, 64 << 20  # tensor data a reader copies: <= 4 x file size + 64 MiB
+
+
+def data_budget(buffer):
+    """Bytes of tensor data a reader may materialize for ``buffer`` (tensors can share buffers,
+    so this bounds what one buffer listed many times can cost)."""
+    return DATA_FACTOR * len(buffer) + DATA_BYTES
+
+
+def reader(fn):
     """Readers of untrusted files: any inconsistency (an index out of range, a missing table, data of
-    the wrong size) becomes a ValueError naming the problem, never another exception."""
+    the wrong size) becomes a MalformedModelError (a ValueError) naming the problem, never another
+    exception. ``UnsupportedOp`` (syq_tf.kernels, a NotImplementedError) passes: a well-formed file
+    with an op the runner does not implement is a refusal, not a malformed file."""
 
     @functools.wraps(fn)
     def read(buffer, *args, **kwargs):
         try:
             return fn(buffer, *args, **kwargs)
-        except ValueError:
+        except (MalformedModelError, NotImplementedError):
             raise
-        except (IndexError, KeyError, TypeError, AttributeError, struct.error, OverflowError) as err:
-            raise ValueError(f"malformed TFLite flatbuffer ({fn.__name__}): {type(err).__name__}: {err}") from None
+        except ValueError as err:
+            raise MalformedModelError(f"malformed TFLite flatbuffer ({fn.__name__}): {err}") from None
+        except (IndexError, KeyError, TypeError, AttributeError, struct.error, OverflowError,
+                ZeroDivisionError, FloatingPointError, RecursionError, MemoryError) as err:
+            raise MalformedModelError(f"malformed TFLite flatbuffer ({fn.__name__}): {type(err).__name__}: "
+                                      f"{err}") from None
 
     return read
 
 
+def check_limits(buffer, raw_model):
+    """Refuse (MalformedModelError) a flatbuffer whose object tree is too large to unpack: more
+    than MAX_TABLES tables, or more than one table per TABLE_BYTES bytes of the file (only offsets
+    shared between entries produce that). Reads vector lengths only and stops at the limit."""
+    limit = min(MAX_TABLES, len(buffer) // TABLE_BYTES + 64)
+    count = 0
+
+    def add(n, where):
+        nonlocal count
+        count += int(n)
+        if count > limit:
+            raise MalformedModelError(
+                f"malformed TFLite flatbuffer: {where} brings the tables it lists above {limit} (a "
+                f"{len(buffer)}-byte file holds at most one per {TABLE_BYTES} bytes, and at most "
+                f"MAX_TABLES={MAX_TABLES}); refused before unpacking")
+
+    m = raw_model
+    add(m.OperatorCodesLength() + m.BuffersLength() + m.MetadataLength() + m.SubgraphsLength()
+        + m.SignatureDefsLength() + getattr(m, "ExternalBuffersLength", lambda: 0)()
+        + getattr(m, "ExternalBufferGroupsLength", lambda: 0)(), "the model's vectors")
+    for i in range(m.SignatureDefsLength()):
+        sig = m.SignatureDefs(i)
+        if sig is not None:
+            add(sig.InputsLength() + sig.OutputsLength(), f"signature def {i}")
+    subgraphs = [m.Subgraphs(i) for i in range(m.SubgraphsLength())]
+    for i, sub in enumerate(subgraphs):  # a tensor: itself, quantization, details; an op: itself, 2 options
+        if sub is not None:
+            add(3 * sub.TensorsLength() + 3 * sub.OperatorsLength(),
+                f"subgraph {i} ({sub.TensorsLength()} tensors, {sub.OperatorsLength()} operators)")
+    for i, sub in enumerate(subgraphs):
+        for k in range(0 if sub is None else sub.TensorsLength()):
+            tensor = sub.Tensors(k)
+            if tensor is None:
+                continue
+            add(tensor.VariantTensorsLength(), f"tensor {k} of subgraph {i}")
+            sparsity = tensor.Sparsity()
+            if sparsity is not None:
+                add(1 + 4 * sparsity.DimMetadataLength(), f"tensor {k} of subgraph {i} (sparsity)")
+
+
 def _load(buffer):
     if not isinstance(buffer, (bytes, bytearray)) or len(buffer) < 8:
-        raise ValueError("not a TFLite flatbuffer: fewer than 8 bytes")
+        raise MalformedModelError("not a TFLite flatbuffer: fewer than 8 bytes")
     if bytes(buffer[4:8]) != b"TFL3":
-        raise ValueError("not a TFLite flatbuffer: file identifier is not 'TFL3'")
+        raise MalformedModelError("not a TFLite flatbuffer: file identifier is not 'TFL3'")
+    return load_object_tree(buffer, schema)
+
+
+def load_object_tree(buffer, schema_module):
+    """``schema_module.ModelT`` of a flatbuffer (tensorflow's or ai_edge_litert's generated schema)
+    after :func:`check_limits`; every failure is a MalformedModelError."""
+    if len(buffer) > MAX_FILE_BYTES:
+        raise MalformedModelError(f"not a TFLite flatbuffer: {len(buffer)} bytes, above the flatbuffer limit "
+                                  f"of {MAX_FILE_BYTES}")
+    data = bytearray(buffer)
     try:
-        return schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(bytearray(buffer), 0))
-    except Exception as err:  # flatbuffers raises assorted errors on malformed input
-        raise ValueError(f"malformed TFLite flatbuffer: {err}") from None
+        raw = schema_module.Model.GetRootAsModel(data, 0)
+        check_limits(data, raw)
+        return schema_module.ModelT.InitFromObj(raw)
+    except MalformedModelError:
+        raise
+    except Exception as err:  # noqa: BLE001  (flatbuffers raises assorted errors on malformed input)
+        raise MalformedModelError(f"malformed TFLite flatbuffer: {type(err).__name__}: {err}") from None
 
 
 def read(buffer):
@@ -82,26 +158,30 @@ def op_name(model, op):
     return _op_name(model, op)
 
 
-@_reader
+@reader
 def op_names(buffer):
     """Builtin op names of the first subgraph, in execution order."""
     model = _load(buffer)
     return [_op_name(model, op) for op in model.subgraphs[0].operators]
 
 
-@_reader
+@reader
 def io_quantization(buffer, which="input"):
     """(scale, zero point) of the first subgraph's first ``which`` ("input" / "output") tensor."""
     model = _load(buffer)
     graph = model.subgraphs[0]
     index = (graph.inputs if which == "input" else graph.outputs)[0]
     q = graph.tensors[index].quantization
-    if q is None or q.scale is None or not len(q.scale):
-        raise ValueError(f"the model's {which} tensor is not quantized (type {io_type(buffer, which)})")
-    return float(q.scale[0]), int(q.zeroPoint[0])
+    if q is None or q.scale is None or not len(q.scale) or q.zeroPoint is None or not len(q.zeroPoint):
+        raise MalformedModelError(f"the model's {which} tensor {index} is not quantized (type {io_type(buffer, which)})")
+    scale, zero = float(q.scale[0]), int(q.zeroPoint[0])
+    if not (np.isfinite(scale) and scale > 0) or not -128 <= zero <= 127:
+        raise MalformedModelError(f"the model's {which} tensor {index}: scale {scale}, zero point {zero} (finite > 0 "
+                                  "and -128..127 expected)")
+    return scale, zero
 
 
-@_reader
+@reader
 def io_type(buffer, which="input"):
     """TFLite type name ("INT8", "INT32", "FLOAT32", ...) of the first ``which`` tensor."""
     model = _load(buffer)
@@ -118,13 +198,13 @@ def _op_name(model, op):
     return _OP_NAMES.get(builtin, str(builtin))
 
 
-@_reader
+@reader
 def weight_tensors(buffer):
     """Constant weight tensors of the ops in WEIGHT_OPS (one entry per weight input)."""
     model = _load(buffer)
     graph = model.subgraphs[0]
     dequantize = _dequantized_constants(model, graph)
-    found = []
+    found, budget = [], data_budget(buffer)
     for op_index, op in enumerate(graph.operators):
         name = _op_name(model, op)
         if name not in WEIGHT_OPS:
@@ -134,6 +214,11 @@ def weight_tensors(buffer):
                 continue
             weight = _weight_tensor(model, graph, op, name, position, dequantize.get(int(op.inputs[position])))
             if weight is not None:
+                budget -= weight.stored_bytes
+                if budget < 0:
+                    raise MalformedModelError(
+                        f"op {op_index} {name}: the weight tensors read so far exceed {data_budget(buffer)} "
+                        f"bytes (4 x the {len(buffer)}-byte file + 64 MiB: tensors sharing buffers)")
                 weight.op_index = op_index
                 found.append(weight)
     return found
@@ -151,6 +236,14 @@ def _dequantized_constants(model, graph):
     return out
 
 
+def _shape(tensor, label):
+    """The tensor's shape as a tuple of non-negative ints (MalformedModelError otherwise)."""
+    shape = () if tensor.shape is None else tuple(int(d) for d in tensor.shape)
+    if any(d < 0 for d in shape):
+        raise MalformedModelError(f"tensor {label!r}: shape {shape} has a negative dimension")
+    return shape
+
+
 def _weight_tensor(model, graph, op, name, position, dequantized_from=None):
     index = int(op.inputs[position])
     if dequantized_from is not None:  # int8 storage, DEQUANTIZE to the float weight at run time
@@ -160,32 +253,42 @@ def _weight_tensor(model, graph, op, name, position, dequantized_from=None):
     if data is None:  # not a constant (weights computed at run time)
         return None
     dtype = _TYPES.get(tensor.type, str(tensor.type))
+    label = tensor.name.decode(errors="replace") if isinstance(tensor.name, bytes) else str(tensor.name)
+    shape = _shape(tensor, label)
     raw = bytes(bytearray(data))
     if dtype in SUB_BYTE:
         try:
-            values = unpack_bits(raw, SUB_BYTE[dtype].bits, int(np.prod(tensor.shape))).reshape(tuple(tensor.shape))
+            values = unpack_bits(raw, SUB_BYTE[dtype].bits, int(np.prod(shape))).reshape(shape)
         except ValueError as err:
-            raise ValueError(f"weight tensor {tensor.name.decode(errors='replace')!r}: {err}") from None
+            raise MalformedModelError(f"{name} weight tensor {label!r}: {err}") from None
     elif dtype not in _NUMPY:
-        raise ValueError(f"weight tensor {tensor.name!r} has unsupported type {dtype}")
+        raise MalformedModelError(f"{name} weight tensor {index} {label!r} has unsupported type {dtype}")
     else:
-        values = np.frombuffer(raw, _NUMPY[dtype]).reshape(tuple(tensor.shape))
+        size = np.dtype(_NUMPY[dtype]).itemsize
+        if len(raw) != size * int(np.prod(shape)):
+            raise MalformedModelError(f"{name} weight tensor {index} {label!r}: {len(raw)} bytes of data for "
+                                      f"shape {shape} of {dtype} (needs {size * int(np.prod(shape))})")
+        values = np.frombuffer(raw, _NUMPY[dtype]).reshape(shape)
     act = graph.tensors[op.inputs[0]].quantization
     act_scale = float(act.scale[0]) if act is not None and act.scale is not None and len(act.scale) else float("nan")
     act_zero = int(act.zeroPoint[0]) if act is not None and act.zeroPoint is not None and len(act.zeroPoint) else 0
     quant = tensor.quantization
     scales = np.asarray(quant.scale if quant is not None and quant.scale is not None else [], np.float32)
     zero_points = np.asarray(quant.zeroPoint if quant is not None and quant.zeroPoint is not None else [], np.int64)
+    axis = int(quant.quantizedDimension) if quant is not None else 0
+    if scales.size > 1 and not (0 <= axis < len(shape) and shape[axis] == scales.size):
+        raise MalformedModelError(f"{name} weight tensor {index} {label!r}: {scales.size} scales along quantized "
+                                  f"dimension {axis} of shape {shape}")
     single = WEIGHT_OPS[name] == (1,)
     return WeightTensor(
         op=name,
-        name=tensor.name.decode(),
+        name=label,
         dtype=dtype,
-        shape=tuple(tensor.shape),
+        shape=shape,
         values=values,
         scales=scales,
         zero_points=zero_points,
-        quantized_dimension=int(quant.quantizedDimension) if quant is not None else 0,
+        quantized_dimension=axis,
         input_scale=act_scale,
         input_zero_point=act_zero,
         tensor_index=index,
@@ -196,17 +299,21 @@ def _weight_tensor(model, graph, op, name, position, dequantized_from=None):
     )
 
 
-@_reader
+@reader
 def bias_tensors(buffer):
     """{tensor index: int32 values} of the constant biases of weight ops."""
     model = _load(buffer)
     graph = model.subgraphs[0]
-    out = {}
+    out, budget = {}, data_budget(buffer)
     for op in graph.operators:
         if WEIGHT_OPS.get(_op_name(model, op)) != (1,) or len(op.inputs) < 3 or op.inputs[2] < 0:
             continue
         tensor = graph.tensors[op.inputs[2]]
         data = model.buffers[tensor.buffer].data
+        budget -= 0 if data is None or int(op.inputs[2]) in out else len(data)
+        if budget < 0:
+            raise MalformedModelError(f"the bias tensors read exceed {data_budget(buffer)} bytes (4 x the file "
+                                      "size + 64 MiB: tensors sharing buffers)")
         if data is not None and tensor.type == schema.TensorType.INT32:
             out[int(op.inputs[2])] = np.frombuffer(bytes(bytearray(data)), np.int32).copy()
     return out
@@ -370,7 +477,7 @@ def dequantize_weights(buffer, updates):
     return _serialize(model, len(buffer))
 
 
-@_reader
+@reader
 def consistent_biases(buffer, rtol=1e-5):
     """Make every int32 bias of an int8 CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED mean what the
     kernels compute with: TFLite's int8 kernels add the int32 bias as if its scale were

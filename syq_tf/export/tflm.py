@@ -49,7 +49,12 @@ def pack_indices(indices, bits):
 
 
 def unpack_indices(data, bits, count):
-    """Inverse of :func:`pack_indices`: ``count`` indices."""
+    """Inverse of :func:`pack_indices`: ``count`` indices (MalformedModelError if ``data`` holds fewer)."""
+    bits, count = int(bits), int(count)
+    if not 1 <= bits <= 8 or count < 0:
+        raise flatbuffer.MalformedModelError(f"unpack_indices: {count} indices of {bits} bits (1..8 bits, count >= 0)")
+    if len(data) * 8 < bits * count:
+        raise flatbuffer.MalformedModelError(f"unpack_indices: {len(data)} bytes hold fewer than {count} {bits}-bit indices")
     raw = np.unpackbits(np.frombuffer(bytes(data), np.uint8), bitorder="big")
     if raw.size < bits * count:
         raise ValueError(f"unpack_indices: {len(data)} bytes hold fewer than {count} {bits}-bit indices")
@@ -107,16 +112,24 @@ def unpack(encoded, ancillary, shape):
     """The int8 tensor of ``shape`` that a TFLM LUT (encoded, ancillary) pair decodes to."""
     ancillary = bytes(ancillary)
     if len(ancillary) < DCM_BYTES or ancillary[0] != 0 or ancillary[1] != 1 or ancillary[4] != 1:
-        raise ValueError("unpack: not a TFLM LUT ancillary tensor (decode type 0, DCM v1, LUT v1)")
+        raise flatbuffer.MalformedModelError("unpack: not a TFLM LUT ancillary tensor (decode type 0, DCM v1, LUT v1)")
     axis, bits, stride = ancillary[5] >> 4, ancillary[5] & 7, ancillary[6]
     shape = tuple(int(s) for s in shape)
-    count = int(np.prod(shape))
+    if any(d < 0 for d in shape):
+        raise flatbuffer.MalformedModelError(f"unpack: shape {shape} has a negative dimension")
+    if axis != _PER_TENSOR_AXIS and not axis < len(shape):
+        raise flatbuffer.MalformedModelError(f"unpack: value-table axis {axis} for a tensor of shape {shape}")
+    count = int(np.prod(shape, dtype=object)) if shape else 1
     channels = 1 if axis == _PER_TENSOR_AXIS else shape[axis]
     body = np.frombuffer(ancillary[DCM_BYTES:], np.int8)
     if bits == 0 or stride == 0 or body.size != channels * stride:
-        raise ValueError(f"unpack: value tables of {body.size} bytes for {channels} channels x {stride}")
+        raise flatbuffer.MalformedModelError(f"unpack: value tables of {body.size} bytes for {channels} channels x {stride}")
+    if len(bytes(encoded)) * 8 < bits * count:  # before allocating count indices
+        raise flatbuffer.MalformedModelError(f"unpack: {len(bytes(encoded))} bytes of indices for {count} {bits}-bit indices")
     tables = list(body.reshape(channels, stride))
     indices = unpack_indices(encoded, bits, count).reshape(shape)
+    if indices.size and int(indices.max()) >= stride:
+        raise flatbuffer.MalformedModelError(f"unpack: index {int(indices.max())} is beyond the value tables of {stride} entries")
     return lut_decode(tables, indices, None if axis == _PER_TENSOR_AXIS else axis).astype(np.int8)
 
 
@@ -360,23 +373,43 @@ def _plan(model, buffer):
     return plans
 
 
-def _decode_pairs(buffer):
-    """{tensor name: (encoded bytes, ancillary bytes, shape)} for every DECODE output."""
+@flatbuffer.reader
+def decode_pairs(buffer):
+    """{tensor name: (encoded bytes, ancillary bytes, shape)} for every DECODE output
+    (MalformedModelError when a DECODE op's inputs do not pair with its outputs)."""
     model = flatbuffer.read(buffer)
     graph = model.subgraphs[0]
-    pairs = {}
+    pairs, budget = {}, flatbuffer.data_budget(buffer)
+    n = len(graph.tensors or [])
 
     def data(index):
-        d = model.buffers[graph.tensors[index].buffer].data
+        nonlocal budget
+        b = graph.tensors[index].buffer
+        if not 0 <= b < len(model.buffers or []):
+            raise flatbuffer.MalformedModelError(f"tensor {index}: buffer index {b} is out of range")
+        d = model.buffers[b].data
+        budget -= 0 if d is None else len(d)
+        if budget < 0:
+            raise flatbuffer.MalformedModelError(f"the DECODE inputs read exceed {flatbuffer.data_budget(buffer)} bytes "
+                                      "(4 x the file size + 64 MiB: tensors sharing buffers)")
         return b"" if d is None else bytes(bytearray(d))
 
-    for op in graph.operators:
+    for idx, op in enumerate(graph.operators or []):
         if flatbuffer.op_name(model, op) != DECODE_OP:
             continue
-        for k, out in enumerate(op.outputs):
-            enc, anc = int(op.inputs[2 * k]), int(op.inputs[2 * k + 1])
-            name = graph.tensors[enc].name.decode()
-            pairs[name] = (data(enc), data(anc), tuple(int(s) for s in graph.tensors[out].shape))
+        ins = [int(j) for j in (op.inputs if op.inputs is not None else [])]
+        outs = [int(j) for j in (op.outputs if op.outputs is not None else [])]
+        if len(ins) != 2 * len(outs) or any(not 0 <= j < n for j in ins + outs):
+            raise flatbuffer.MalformedModelError(f"op {idx} {DECODE_OP}: inputs {ins[:8]} and outputs {outs[:8]} (needs an "
+                                      f"(encoded, ancillary) pair per output, tensor indices below {n})")
+        for k, out in enumerate(outs):
+            enc, anc = ins[2 * k], ins[2 * k + 1]
+            name = graph.tensors[enc].name
+            name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+            shape = tuple(int(s) for s in (graph.tensors[out].shape if graph.tensors[out].shape is not None else []))
+            if any(d < 0 for d in shape):
+                raise flatbuffer.MalformedModelError(f"op {idx} {DECODE_OP}: output tensor {out} has shape {shape}")
+            pairs[name] = (data(enc), data(anc), shape)
     return pairs
 
 
@@ -407,7 +440,7 @@ def compress(model, buffer):
             out = bytes(tflm_compress(bytes(buffer), specs))
     except compressor.CompressionError as err:
         raise ValueError(f"to_tflite(target='tflm'): TFLM compression failed: {err}") from err
-    pairs = _decode_pairs(out)
+    pairs = decode_pairs(out)
     for report, tensor, axis in plans:
         if tensor is None:
             continue

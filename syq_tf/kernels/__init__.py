@@ -16,6 +16,7 @@ importing this module works without it, calling a kernel raises :class:`KernelsU
 import contextlib
 import ctypes
 import dataclasses
+import math
 
 import numpy as np
 
@@ -129,9 +130,12 @@ def _split_codebook(w_int8, bits):
 
 
 def quantize_multiplier(real):
-    """TFLite's QuantizeMultiplier: real -> (int32 multiplier, shift)."""
+    """TFLite's QuantizeMultiplier: real -> (int32 multiplier, shift). ValueError for inf / NaN."""
+    real = float(real)
+    if not math.isfinite(real):
+        raise ValueError(f"quantize_multiplier: {real} is not a finite number (a scale is inf or NaN)")
     m, s = ctypes.c_int32(), ctypes.c_int32()
-    lib().syq_quantize_multiplier(float(real), ctypes.byref(m), ctypes.byref(s))
+    lib().syq_quantize_multiplier(real, ctypes.byref(m), ctypes.byref(s))
     return m.value, s.value
 
 
@@ -240,7 +244,43 @@ class PackedLayer:
         """Bytes of packed codes plus magnitudes (compare with prod(shape) int8 bytes)."""
         return int(self.codes.nbytes + self.mag.nbytes)
 
+    def _check(self):
+        """Every array the C kernels read against the shape they assume (ValueError naming the layer):
+        the kernels take pointers, not lengths, so a short array would be read past its end."""
+        if self.kind not in ("conv", "fc") or len(self.shape) != 4 or min(self.shape) < 1:
+            raise ValueError(f"{self.name}: kind {self.kind!r} / shape {self.shape} (conv or fc, 4 dims >= 1)")
+        o, kh, kw, i = (int(d) for d in self.shape)
+        if self.kind == "fc" and (kh, kw) != (1, 1):
+            raise ValueError(f"{self.name}: a fully connected layer has a 1x1 kernel, got {kh}x{kw}")
+        if self.bits not in (1, 2) or self.granularity not in GRANULARITIES:
+            raise ValueError(f"{self.name}: bits {self.bits} / granularity {self.granularity!r}")
+        if o * kh * kw * i >= 1 << 31:
+            raise ValueError(f"{self.name}: {o * kh * kw * i} weights (the kernels take fewer than 2^31)")
+        mags = {"layer": 1, "channel": o, "pixel": o * kh * kw}[self.granularity]
+        arrays = [("codes", self.codes, np.uint32, lib().syq_packed_words(self.bits, o, kh, kw, i)),
+                  ("mag", self.mag, np.uint8, mags), ("multiplier", self.multiplier, np.int32, o),
+                  ("shift", self.shift, np.int32, o)]
+        if self.bias is not None:
+            arrays.append(("bias", self.bias, np.int32, o))
+        for what, a, dtype, size in arrays:
+            if not isinstance(a, np.ndarray) or a.dtype != dtype or a.size != size or not a.flags.c_contiguous:
+                got = f"{a.size} x {a.dtype}" if isinstance(a, np.ndarray) else type(a).__name__
+                raise ValueError(f"{self.name}: {what} has {got}; the layer needs {size} contiguous {np.dtype(dtype)}")
+        if self.mag.size and int(self.mag.max()) > 127:
+            raise ValueError(f"{self.name}: magnitude {int(self.mag.max())} (the codebook magnitudes are 0..127)")
+        if self.shift.size and (int(self.shift.min()) < -31 or int(self.shift.max()) > 31):
+            raise ValueError(f"{self.name}: shift outside -31..31")
+        for what, v in (("input zero point", self.input_zero_point), ("output zero point", self.output_zero_point),
+                        ("act_min", self.act_min), ("act_max", self.act_max)):
+            if not -128 <= v <= 127:
+                raise ValueError(f"{self.name}: {what} {v} is outside -128..127")
+        if self.act_min > self.act_max:
+            raise ValueError(f"{self.name}: act_min {self.act_min} > act_max {self.act_max}")
+        if self.kind == "conv" and (min(self.stride) < 1 or self.padding not in ("SAME", "VALID")):
+            raise ValueError(f"{self.name}: stride {self.stride} (>= 1) / padding {self.padding!r} (SAME or VALID)")
+
     def _structs(self, x):
+        self._check()
         o, kh, kw, i = self.shape
         w = PackedWeights(self.bits, GRANULARITIES.index(self.granularity), o, kh, kw, i,
                           _ptr(self.codes, ctypes.c_uint32), _ptr(self.mag, ctypes.c_uint8))
@@ -251,8 +291,12 @@ class PackedLayer:
                 raise ValueError(f"{self.name}: input has {c} channels, layer expects {i}")
             sh, sw = self.stride
             oh, ow = _out_size(h, kh, sh, self.padding), _out_size(wd, kw, sw, self.padding)
-            if oh <= 0 or ow <= 0:
+            if oh <= 0 or ow <= 0 or n < 1:
                 raise ValueError(f"{self.name}: input {x.shape} too small for a {kh}x{kw} kernel")
+            big = max(n * h * wd * c, n * oh * ow * o, ((oh - 1) * sh + kh) * ((ow - 1) * sw + kw) * 32 * ((i + 31) // 32))
+            if big >= 1 << 31:
+                raise ValueError(f"{self.name}: input {x.shape} with a {kh}x{kw} kernel, stride {self.stride}: "
+                                 f"{big} elements (the kernels take fewer than 2^31 per array)")
             pt = max((oh - 1) * sh + kh - h, 0) // 2 if self.padding == "SAME" else 0
             pl = max((ow - 1) * sw + kw - wd, 0) // 2 if self.padding == "SAME" else 0
             p.batch, p.in_h, p.in_w, p.out_h, p.out_w = n, h, wd, oh, ow
@@ -262,6 +306,8 @@ class PackedLayer:
             if x.shape[-1] != i:
                 raise ValueError(f"{self.name}: input has {x.shape[-1]} features, layer expects {i}")
             p.batch = x.size // i
+            if p.batch < 1 or x.size % i:
+                raise ValueError(f"{self.name}: input of shape {x.shape} has no whole rows of {i} features")
             out_shape = (p.batch, o)
         p.input_zero_point, p.output_zero_point = self.input_zero_point, self.output_zero_point
         p.act_min, p.act_max = self.act_min, self.act_max

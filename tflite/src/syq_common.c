@@ -66,7 +66,8 @@ void syq_quantize_multiplier(double real, int32_t *multiplier, int32_t *shift) {
     int e = 0, neg = real < 0.0;
     double q = neg ? -real : real;
     int64_t q_fixed;
-    if (!(q > 0.0)) {
+    if (!multiplier || !shift) return;
+    if (!(q > 0.0) || q > 1.7976931348623157e308) { /* 0, NaN, inf: no multiplier (never loop on inf) */
         *multiplier = 0;
         *shift = 0;
         return;
@@ -105,7 +106,10 @@ static int32_t syq_rdbpot(int32_t x, int e) { /* RoundingDivideByPOT */
 }
 
 int32_t syq_multiply_by_quantized_multiplier(int32_t x, int32_t multiplier, int32_t shift) {
-    int left = shift > 0 ? shift : 0, right = shift > 0 ? 0 : -shift;
+    /* TFLite's shifts are -31..31; others are clamped so the shifts below stay defined (a left
+     * shift of 32 already saturates every x != 0, a right shift of 31 rounds every x to 0 or -1) */
+    int left = shift > 0 ? (shift > 32 ? 32 : shift) : 0;
+    int right = shift > 0 ? 0 : (shift < -31 ? 31 : -shift);
     int64_t scaled = (int64_t)x * ((int64_t)1 << left);
     if (scaled > INT32_MAX) scaled = INT32_MAX; /* TFLite wraps here; never reached in practice */
     if (scaled < INT32_MIN) scaled = INT32_MIN;
@@ -133,6 +137,27 @@ int syq_check_args(const syq_conv_params *p, const syq_packed_weights *w, const 
     /* every output window must start inside the padded input */
     if ((int64_t)(p->out_h - 1) * p->stride_h - p->pad_top >= p->in_h) return SYQ_ERR_ARG;
     if ((int64_t)(p->out_w - 1) * p->stride_w - p->pad_left >= p->in_w) return SYQ_ERR_ARG;
+    /* every extent the kernels index (with int32 or size_t arithmetic) below 2^31: input, output,
+     * weights, the padded image of the optimized path, the window reach (oy * stride + k) */
+    {
+        const int64_t lim = (int64_t)1 << 31, ip = (int64_t)syq_words_per_pixel(w->in_c) * 32;
+        const int64_t hp = (int64_t)(p->out_h - 1) * p->stride_h + w->k_h;
+        const int64_t wp = (int64_t)(p->out_w - 1) * p->stride_w + w->k_w;
+        int32_t o;
+        if (hp >= lim || wp >= lim || hp * wp >= lim || hp * wp * ip >= lim) return SYQ_ERR_ARG;
+        if ((int64_t)p->batch * p->in_h * p->in_w >= lim ||
+            (int64_t)p->batch * p->in_h * p->in_w * w->in_c >= lim)
+            return SYQ_ERR_ARG;
+        if ((int64_t)p->batch * p->out_h * p->out_w >= lim ||
+            (int64_t)p->batch * p->out_h * p->out_w * w->out_c >= lim)
+            return SYQ_ERR_ARG;
+        if ((int64_t)w->out_c * w->k_h * w->k_w >= lim ||
+            (int64_t)w->out_c * w->k_h * w->k_w * ip >= lim)
+            return SYQ_ERR_ARG;
+        /* TFLite shifts: -31..31 (a larger left shift would overflow the int64 scaling) */
+        for (o = 0; o < w->out_c; ++o)
+            if (p->out_shift[o] < -31 || p->out_shift[o] > 31) return SYQ_ERR_ARG;
+    }
     return SYQ_OK;
 }
 
@@ -151,7 +176,9 @@ int syq_conv2d_ref(const syq_conv_params *p, const syq_packed_weights *w, const 
             for (ox = 0; ox < p->out_w; ++ox) {
                 int8_t *out = output + (((size_t)n * p->out_h + oy) * p->out_w + ox) * w->out_c;
                 for (o = 0; o < w->out_c; ++o) {
-                    int32_t acc = 0, group_sum = 0;
+                    /* sums modulo 2^32 (unsigned), as the optimized kernels: a bias near the int32
+                     * limits (a crafted file) wraps as in TFLite builds instead of being undefined */
+                    uint32_t acc = 0, group_sum = 0;
                     for (ky = 0; ky < w->k_h; ++ky) {
                         const int32_t iy = oy * p->stride_h - p->pad_top + ky;
                         if (iy < 0 || iy >= p->in_h) continue; /* padding: x - zp = 0 */
@@ -160,27 +187,27 @@ int syq_conv2d_ref(const syq_conv_params *p, const syq_packed_weights *w, const 
                             const int32_t pix = ky * w->k_w + kx;
                             const uint32_t *sign, *nz;
                             const int8_t *x;
-                            int32_t s = 0;
+                            uint32_t s = 0;
                             if (ix < 0 || ix >= p->in_w) continue;
                             sign = w->codes + ((size_t)o * w->k_h * w->k_w + pix) * nw * w->bits;
                             nz = sign + nw;
                             x = img + ((size_t)iy * p->in_w + ix) * w->in_c;
                             for (i = 0; i < w->in_c; ++i) {
                                 const uint32_t bit = (uint32_t)1u << (i % 32);
-                                const int32_t v = (int32_t)x[i] - zp;
+                                const uint32_t v = (uint32_t)((int32_t)x[i] - zp);
                                 if (w->bits == 2 && !(nz[i / 32] & bit)) continue;
                                 if (sign[i / 32] & bit) s -= v; else s += v;
                             }
                             if (w->granularity == SYQ_GRAN_PIXEL)
-                                acc += (int32_t)w->mag[syq_mag_index(w, o, pix)] * s;
+                                acc += (uint32_t)w->mag[syq_mag_index(w, o, pix)] * s;
                             else
                                 group_sum += s;
                         }
                     }
                     if (w->granularity != SYQ_GRAN_PIXEL)
-                        acc = (int32_t)w->mag[syq_mag_index(w, o, 0)] * group_sum;
-                    if (p->bias) acc += p->bias[o];
-                    out[o] = syq_requantize(p, o, acc);
+                        acc = (uint32_t)w->mag[syq_mag_index(w, o, 0)] * group_sum;
+                    if (p->bias) acc += (uint32_t)p->bias[o];
+                    out[o] = syq_requantize(p, o, (int32_t)acc);
                 }
             }
         }

@@ -26,9 +26,10 @@ static inline int32_t syq_mag_index(const syq_packed_weights *w, int32_t o, int3
 
 /* acc (bias included) -> int8 output, exactly as TFLite's reference int8 kernels. */
 static inline int8_t syq_requantize(const syq_conv_params *p, int32_t o, int32_t acc) {
-    int32_t v = syq_multiply_by_quantized_multiplier(acc, p->out_multiplier[o], p->out_shift[o]);
-    v += p->output_zero_point;
-    return (int8_t)syq_clamp_i32(v, p->act_min, p->act_max);
+    /* + zero point in 64 bits: a requantized value near INT32_MAX (a crafted bias) cannot overflow */
+    const int64_t v = (int64_t)syq_multiply_by_quantized_multiplier(acc, p->out_multiplier[o], p->out_shift[o]) +
+                      p->output_zero_point;
+    return (int8_t)(v < p->act_min ? p->act_min : (v > p->act_max ? p->act_max : v));
 }
 
 /* AArch64 NEON / SDOT path (syq_neon.c): level 3 NEON, 4 NEON + dot product; chosen at run time. */
