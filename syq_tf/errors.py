@@ -1,5 +1,8 @@
 """The exceptions syq_tf raises for bad files and refused models (all ``ValueError`` subclasses, so
-code written against the documented ``ValueError`` keeps working)."""
+code written against the documented ``ValueError`` keeps working).
+
+A well-formed file that uses an op the packed-kernel runner does not implement is a different
+refusal: ``syq_tf.kernels.runner.UnsupportedOp`` (a ``NotImplementedError``)."""
 
 
 class MalformedModelError(ValueError):
