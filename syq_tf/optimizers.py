@@ -50,6 +50,12 @@ def loss_aware_quantizer_of(variable):
     return None
 
 
+@tf.function(jit_compile=True)
+def _curvature_xla(v, scale, epsilon):
+    """sqrt(v * scale) + eps in one fused pass (scale: 1 / (1 - beta_2^t), or 1 for "raw")."""
+    return tf.sqrt(v * scale) + epsilon
+
+
 @tf.keras.utils.register_keras_serializable(package="syq_tf")
 class LossAwareAdam(tf.keras.optimizers.Adam):
     """Adam that also clips and projects the kernels of LossAware quantizers (module docstring).
@@ -108,18 +114,23 @@ class LossAwareAdam(tf.keras.optimizers.Adam):
         update."""
         index = self._index_dict[self._var_key(variable)]
         v = self._velocity_hats[index] if self.amsgrad else self._velocities[index]
+        dtype = variable.dtype
         if self.curvature == "raw":
-            return tf.sqrt(v) + tf.cast(self.epsilon, variable.dtype)
-        step = tf.cast(self.iterations + 1, variable.dtype)
-        v_hat = v / (1.0 - tf.pow(tf.cast(self.beta_2, variable.dtype), step))
-        return tf.sqrt(v_hat) + tf.cast(self.epsilon, variable.dtype)
+            scale = tf.ones([], dtype)
+        else:
+            step = tf.cast(self.iterations + 1, dtype)
+            scale = 1.0 / (1.0 - tf.pow(tf.cast(self.beta_2, dtype), step))
+        return _curvature_xla(tf.convert_to_tensor(v), scale, tf.cast(self.epsilon, dtype))
 
     def update_step(self, gradient, variable):
         quantizer = self._loss_aware.get(self._var_key(variable))
         if quantizer is None:
             return super().update_step(gradient, variable)
         projected = quantizer.curvature == "optimizer"
-        previous = tf.identity(variable) if projected else None
+        # the last step's kernel: its support starts the approximate LAT iterations (LAB needs
+        # nothing, LAQ starts from the stored scale; True just marks a warm start)
+        warm_support = quantizer.mode in ("ternary", "ternary_two_scale")
+        previous = (tf.identity(variable) if warm_support else True) if projected else None
         super().update_step(gradient, variable)
         if self.clip is not None:
             variable.assign(tf.clip_by_value(variable, -self.clip, self.clip))

@@ -226,3 +226,58 @@ def test_lat_two_scale_starts_each_side_from_its_nonzero_weights():
     alpha_pos, alpha_neg, q = lat2_project(w, tf.ones_like(w), exact=False)
     assert np.asarray(alpha_pos).item() == pytest.approx(0.8) and np.asarray(alpha_neg).item() == pytest.approx(0.4)
     np.testing.assert_allclose(q.numpy(), [[0.8, 0, 0, 0, -0.4]], rtol=1e-6)
+
+
+def _laq_reference(w, d, levels, alpha, iterations, tol):
+    """The LAQ alternation in numpy: assign (nearest level, ties down), weighted LS scale; stop at a
+    fixed point of the assignment, after ``iterations``, or (tol > 0) when alpha moves < tol."""
+    mids = 0.5 * (levels[1:] + levels[:-1])
+    level = None
+    for _ in range(iterations):
+        new_level = levels[np.searchsorted(mids, np.abs(w) / alpha, side="left")]
+        new_alpha = np.sum(d * new_level * np.abs(w)) / np.sum(d * new_level**2)
+        stop = level is not None and np.array_equal(new_level, level)
+        stop = stop or (tol > 0 and abs(new_alpha - alpha) < tol)
+        alpha, level = new_alpha, new_level
+        if stop:
+            break
+    return alpha
+
+
+def test_laq_tolerance_stops_the_alternation_like_the_authors_code():
+    from syq_tf.quantizers.loss_aware import laq_levels, laq_project
+
+    rng = np.random.default_rng(3)
+    w, d = rng.normal(size=(1, 400)), rng.uniform(0.1, 2.0, (1, 400))
+    levels = laq_levels(3)
+    for tol in (0.0, 0.05):
+        expected = _laq_reference(w[0], d[0], levels, np.max(np.abs(w)), 10, tol)
+        alpha, _ = laq_project(tf.constant(w), tf.constant(d), 3, tol=tol)
+        assert np.asarray(alpha).item() == pytest.approx(expected, rel=1e-12)
+    fixed = _laq_reference(w[0], d[0], levels, np.max(np.abs(w)), 10, 0.0)
+    early = _laq_reference(w[0], d[0], levels, np.max(np.abs(w)), 10, 0.05)
+    assert fixed != early  # the tolerance did stop earlier here
+
+
+def test_loss_aware_warm_projection_runs_warm_iterations_steps():
+    from syq_tf.quantizers.loss_aware import laq_levels
+
+    rng = np.random.default_rng(4)
+    w = rng.uniform(-1, 1, (6, 5)).astype(np.float64)
+    d = rng.uniform(0.5, 2.0, (6, 5))
+    levels = laq_levels(3)
+    for warm, steps in ((1, 1), (2, 2), (None, 10)):
+        q = LossAware("linear", bits=3, warm_iterations=warm, tol=0.0, dtype="float64")
+        q.build(w.shape)
+        q.alpha.assign(tf.reshape(tf.constant(0.9, tf.float64), q.alpha.shape))
+        (alpha,) = q.project(tf.constant(w), tf.constant(d), previous=True)
+        expected = _laq_reference(w.ravel(), d.ravel(), levels, 0.9, steps, 0.0)
+        assert np.asarray(alpha).item() == pytest.approx(expected, rel=1e-12)
+    q = LossAware("ternary", tol=1e-5, warm_iterations=None, name="q")
+    again = LossAware.from_config(q.get_config())
+    assert again.tol == 1e-5 and again.warm_iterations is None and again.get_config() == q.get_config()
+    assert LossAware("binary").warm_iterations == 1 and LossAware("binary").tol == 1e-6
+    with pytest.raises(ValueError, match="LossAware: tol=-1 must be a finite number >= 0"):
+        LossAware("ternary", tol=-1)
+    with pytest.raises(ValueError, match=r"LossAware \(warm_iterations\): iterations=0 must be an integer >= 1"):
+        LossAware("ternary", warm_iterations=0)
