@@ -456,11 +456,13 @@ def _nearest_level(u, levels_np):
     return level
 
 
-# Compiled with XLA for the Keras quantizer: the level rule and the LAQ alternation are chains of
+# Compiled with XLA for the Keras quantizer: the level rules and the LAQ alternation are chains of
 # elementwise ops over the whole kernel, which XLA fuses into one pass (on the loss-aware papers'
 # 2048-wide MLP the LAQ level rule runs about 10x and the alternation 2-3x faster than unfused).
 _assign_levels_xla = tf.function(assign_levels, jit_compile=True)
 _laq_project_xla = tf.function(laq_project, jit_compile=True)
+_lat_approx_project_xla = tf.function(lat_approx_project, jit_compile=True)
+_lat2_project_xla = tf.function(lat2_project, jit_compile=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -614,9 +616,11 @@ class LossAware(WeightQuantizer):
         scales starts the approximate LAT iteration (the paper's warm start); for LAQ any value
         other than None marks a warm start (from the stored scale).
         """
-        w = tf.convert_to_tensor(w)
+        # no gradient flows through a projection; stopped here so that a tape never records the
+        # compiled functions (XLA cannot return the while loops' gradient accumulators)
+        w = tf.stop_gradient(tf.convert_to_tensor(w))
         w2d, _ = to_groups(w, self._reduce_axes)
-        d2d = tf.ones_like(w2d) if d is None else to_groups(tf.cast(d, w.dtype), self._reduce_axes)[0]
+        d2d = tf.ones_like(w2d) if d is None else to_groups(tf.stop_gradient(tf.cast(d, w.dtype)), self._reduce_axes)[0]
         shape = scale_shape(w.shape, self._reduce_axes)
         iterations = self.iterations
         if previous is not None and self.warm_iterations is not None:
@@ -629,12 +633,12 @@ class LossAware(WeightQuantizer):
             start = None
             if previous is not None:
                 start = to_groups(tf.not_equal(self._levels(previous), 0), self._reduce_axes)[0]
-            alpha, _, _ = lat_approx_project(w2d, d2d, support=start, iterations=iterations, tol=self.tol)
+            alpha, _, _ = _lat_approx_project_xla(w2d, d2d, support=start, iterations=iterations, tol=self.tol)
         elif self.mode == "ternary_two_scale":
             start = None
             if previous is not None:
                 start = to_groups(tf.not_equal(self._levels(previous), 0), self._reduce_axes)[0]
-            alpha, alpha_neg, _ = lat2_project(
+            alpha, alpha_neg, _ = _lat2_project_xla(
                 w2d, d2d, exact=False, support=start, iterations=iterations, tol=self.tol
             )
             return tf.reshape(alpha, shape), tf.reshape(alpha_neg, shape)
@@ -671,9 +675,11 @@ class LossAware(WeightQuantizer):
         if scales is None:
             scales = tuple(tf.convert_to_tensor(s) for s in self._scales())
         alpha_neg = scales[1] if self.two_scales else None
-        if self.mode in LAQ_KINDS:
-            return _assign_levels_xla(w, self.mode, scales[0], alpha_neg, self.bits)
-        return assign_levels(w, self.mode, scales[0], alpha_neg, self.bits)
+        if self.mode == "binary":  # one op either way
+            return assign_levels(w, self.mode, scales[0], alpha_neg, self.bits)
+        scales = [tf.stop_gradient(s) for s in scales]
+        alpha_neg = scales[1] if self.two_scales else None
+        return _assign_levels_xla(tf.stop_gradient(w), self.mode, scales[0], alpha_neg, self.bits)
 
     def scales_for(self, w):
         """The stored scales, set from ``w`` with d = 1 the first time (eager and graph mode)."""
