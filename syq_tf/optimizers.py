@@ -21,7 +21,7 @@ import weakref
 
 import tensorflow as tf
 
-from syq_tf.quantizers.loss_aware import LossAware
+from syq_tf.quantizers.loss_aware import LossAware, use_xla
 
 _MARK = "_syq_quantizer"
 
@@ -120,7 +120,9 @@ class LossAwareAdam(tf.keras.optimizers.Adam):
         else:
             step = tf.cast(self.iterations + 1, dtype)
             scale = 1.0 / (1.0 - tf.pow(tf.cast(self.beta_2, dtype), step))
-        return _curvature_xla(tf.convert_to_tensor(v), scale, tf.cast(self.epsilon, dtype))
+        if use_xla(variable.shape):
+            return _curvature_xla(tf.convert_to_tensor(v), scale, tf.cast(self.epsilon, dtype))
+        return tf.sqrt(v * scale) + tf.cast(self.epsilon, dtype)
 
     def update_step(self, gradient, variable):
         quantizer = self._loss_aware.get(self._var_key(variable))

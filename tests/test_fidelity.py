@@ -281,3 +281,26 @@ def test_loss_aware_warm_projection_runs_warm_iterations_steps():
         LossAware("ternary", tol=-1)
     with pytest.raises(ValueError, match=r"LossAware \(warm_iterations\): iterations=0 must be an integer >= 1"):
         LossAware("ternary", warm_iterations=0)
+
+
+@pytest.mark.parametrize("mode, bits", [("ternary", None), ("ternary_two_scale", None), ("linear", 3), ("log", 3)])
+def test_compiled_loss_aware_paths_equal_the_unfused_ones(mode, bits, monkeypatch):
+    """Large kernels use XLA-compiled level rules and projections (XLA_MIN_SIZE); the same values."""
+    from syq_tf.quantizers import loss_aware
+
+    rng = np.random.default_rng(5)
+    w = tf.constant(rng.uniform(-1, 1, (8, 6)).astype(np.float32))
+    d = tf.constant(rng.uniform(0.5, 2.0, (8, 6)).astype(np.float32))
+    results = []
+    for size in (10**9, 0):  # unfused, then compiled
+        monkeypatch.setattr(loss_aware, "XLA_MIN_SIZE", size)
+        q = LossAware(mode, bits=bits, tol=0.0, warm_iterations=None)
+        q.build(w.shape)
+        q.set_scales(q.project(w))
+        with tf.GradientTape() as tape:  # a tape around the compiled forward must not fail
+            tape.watch(w)
+            out = q._levels(w)
+        scales = q.project(w * 1.01, d, previous=w)
+        results.append([out.numpy()] + [s.numpy() for s in scales])
+    for unfused, compiled in zip(*results):
+        np.testing.assert_allclose(compiled, unfused, rtol=1e-6, atol=1e-7)

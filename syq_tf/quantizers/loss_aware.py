@@ -459,10 +459,19 @@ def _nearest_level(u, levels_np):
 # Compiled with XLA for the Keras quantizer: the level rules and the LAQ alternation are chains of
 # elementwise ops over the whole kernel, which XLA fuses into one pass (on the loss-aware papers'
 # 2048-wide MLP the LAQ level rule runs about 10x and the alternation 2-3x faster than unfused).
+# Small kernels (the CNN's) run unfused: there the launch of a compiled function costs more than it
+# saves. XLA_MIN_SIZE: kernels with at least this many weights use the compiled functions.
+XLA_MIN_SIZE = 65536
 _assign_levels_xla = tf.function(assign_levels, jit_compile=True)
 _laq_project_xla = tf.function(laq_project, jit_compile=True)
 _lat_approx_project_xla = tf.function(lat_approx_project, jit_compile=True)
 _lat2_project_xla = tf.function(lat2_project, jit_compile=True)
+
+
+def use_xla(shape):
+    """True if a kernel of this (static) shape is large enough for the compiled functions."""
+    size = tf.TensorShape(shape).num_elements()
+    return size is not None and size >= XLA_MIN_SIZE
 
 
 # ------------------------------------------------------------------------------------------------
@@ -622,6 +631,7 @@ class LossAware(WeightQuantizer):
         w2d, _ = to_groups(w, self._reduce_axes)
         d2d = tf.ones_like(w2d) if d is None else to_groups(tf.stop_gradient(tf.cast(d, w.dtype)), self._reduce_axes)[0]
         shape = scale_shape(w.shape, self._reduce_axes)
+        xla = use_xla(w.shape)
         iterations = self.iterations
         if previous is not None and self.warm_iterations is not None:
             iterations = min(self.warm_iterations, self.iterations)
@@ -633,12 +643,12 @@ class LossAware(WeightQuantizer):
             start = None
             if previous is not None:
                 start = to_groups(tf.not_equal(self._levels(previous), 0), self._reduce_axes)[0]
-            alpha, _, _ = _lat_approx_project_xla(w2d, d2d, support=start, iterations=iterations, tol=self.tol)
+            alpha, _, _ = (_lat_approx_project_xla if xla else lat_approx_project)(w2d, d2d, support=start, iterations=iterations, tol=self.tol)
         elif self.mode == "ternary_two_scale":
             start = None
             if previous is not None:
                 start = to_groups(tf.not_equal(self._levels(previous), 0), self._reduce_axes)[0]
-            alpha, alpha_neg, _ = _lat2_project_xla(
+            alpha, alpha_neg, _ = (_lat2_project_xla if xla else lat2_project)(
                 w2d, d2d, exact=False, support=start, iterations=iterations, tol=self.tol
             )
             return tf.reshape(alpha, shape), tf.reshape(alpha_neg, shape)
@@ -646,7 +656,7 @@ class LossAware(WeightQuantizer):
             alpha0 = None
             if previous is not None and self.curvature == "optimizer":
                 alpha0 = tf.reshape(self.alpha, [-1, 1])  # warm start from the last scale
-            alpha, _ = _laq_project_xla(w2d, d2d, self.bits, self.mode, iterations, alpha0=alpha0,
+            alpha, _ = (_laq_project_xla if xla else laq_project)(w2d, d2d, self.bits, self.mode, iterations, alpha0=alpha0,
                                         tol=self.tol)
         return (tf.reshape(alpha, shape),)
 
@@ -675,7 +685,7 @@ class LossAware(WeightQuantizer):
         if scales is None:
             scales = tuple(tf.convert_to_tensor(s) for s in self._scales())
         alpha_neg = scales[1] if self.two_scales else None
-        if self.mode == "binary":  # one op either way
+        if self.mode == "binary" or not use_xla(w.shape):  # binary: one op either way
             return assign_levels(w, self.mode, scales[0], alpha_neg, self.bits)
         scales = [tf.stop_gradient(s) for s in scales]
         alpha_neg = scales[1] if self.two_scales else None
