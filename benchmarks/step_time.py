@@ -9,6 +9,14 @@ All models are built first; then rounds interleave them (each round times a few 
 model) so that the shared machine's noise hits all alike. Prints a table and writes JSON.
 
     .venv/bin/python benchmarks/step_time.py [--rounds 8] [--steps 10] [--out benchmarks/results]
+    .venv/bin/python benchmarks/step_time.py --arch mlp     # the loss-aware papers' 2048-wide MLP
+
+``--arch mlp`` times the MLP 784-2048-2048-2048-10 of benchmarks/reproductions.py (every layer
+quantized, float activations) in float and with LAB / LAT / LAQ under LossAwareAdam (defaults: the
+authors' rule, up to 10 alternation steps until alpha moves by less than 1e-6), with one
+warm-started alternation step per training step ("warm 1": ``warm_iterations=1``) and with the rule
+before the fidelity change ("fixed point": up to 10 steps until the assignment stops changing),
+batch 100.
 """
 
 import argparse
@@ -38,6 +46,40 @@ CONFIGS = (
 )
 
 
+MLP_CONFIGS = (
+    [("float", None)]
+    + [(f"MLP {label}", (mode, bits, kw)) for label, mode, bits, kw in (
+        ("LAB W1", "binary", None, {}),
+        ("LAT W2", "ternary", None, {}),
+        ("LAT W2 warm 1", "ternary", None, dict(warm_iterations=1)),
+        ("LAT W2 fixed point", "ternary", None, dict(tol=0.0)),
+        ("LAQ W3", "linear", 3, {}),
+        ("LAQ W3 warm 1", "linear", 3, dict(warm_iterations=1)),
+        ("LAQ W3 fixed point", "linear", 3, dict(tol=0.0)))]
+)
+
+
+def _mlp_models(args):
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from reproductions import mlp  # noqa: E402
+
+    from syq_tf import quantizers as Q
+
+    models = {}
+    for name, options in MLP_CONFIGS:
+        if args.only and options is not None and not re.search(args.only, name):
+            continue
+        if options is None:
+            model = mlp(None)
+        else:
+            mode, bits, kw = options
+            model = mlp(lambda: Q.LossAware(mode, bits=bits, **kw))
+        compile_model(model, 1e-3, None if options is None else "la")
+        models[name] = model
+    return models
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--rounds", type=int, default=8)
@@ -45,12 +87,16 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--only", default=None,
                    help="regular expression: time only the matching models (float is always timed)")
+    p.add_argument("--arch", default="cnn", choices=("cnn", "mlp"),
+                   help="cnn: the benchmark CNN (every quantizer); mlp: the loss-aware papers' 2048-wide MLP")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     x, y = load_fashion_mnist("train")
+    if args.arch == "mlp" and args.batch_size == 128:
+        args.batch_size = 100  # the papers' (and reproductions.py's) batch
     x, y = x[: args.batch_size], y[: args.batch_size]
     models = {}
-    for name, options in CONFIGS:
+    for name, options in (CONFIGS if args.arch == "cnn" else ()):
         if args.only and options is not None and not re.search(args.only, name):
             continue
         model = build_cnn(None) if options is None else build_cnn(**options)
@@ -59,6 +105,11 @@ def main(argv=None):
         for _ in range(3):  # trace and warm up
             model.train_on_batch(x, y)
         models[name] = model
+    if args.arch == "mlp":
+        models = _mlp_models(args)
+        for model in models.values():
+            for _ in range(3):  # trace and warm up
+                model.train_on_batch(x, y)
     times = {name: [] for name in models}
     for _ in range(args.rounds):
         for name, model in models.items():
@@ -75,9 +126,10 @@ def main(argv=None):
                      "samples_s": samples})
         print(f"{name:<24}{1000 * median:>16.1f}{median / base:>10.2f}")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "step_time.json" if not args.only else "step_time_subset.json")
+    stem = "step_time" if args.arch == "cnn" else "step_time_mlp"
+    path = os.path.join(args.out, f"{stem}.json" if not args.only else f"{stem}_subset.json")
     with open(path, "w") as f:
-        json.dump({"batch_size": args.batch_size, "rounds": args.rounds, "steps": args.steps,
+        json.dump({"arch": args.arch, "batch_size": args.batch_size, "rounds": args.rounds, "steps": args.steps,
                    "machine": platform.platform(), "cpus": os.cpu_count(),
                    "tensorflow": tf.__version__, "rows": rows}, f, indent=2)
     print(f"saved {path}")

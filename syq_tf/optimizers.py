@@ -8,6 +8,7 @@ Loss-aware training (Hou & Kwok; ../shared/METHODS.md §4), one step t for a ker
     Adam               m, v <- EMAs of g, g^2;   w_{t+1} = w_t - lr m_hat / (sqrt(v_hat) + eps)
     clip               w_{t+1} <- clip(w_{t+1}, -1, 1)
     curvature          d_t = sqrt(v_hat_t) + eps                (v_hat = v / (1 - beta_2^t))
+                       (curvature="raw": d_t = sqrt(v_t) + eps, the authors' code)
     projection         alpha_{t+1} = argmin_alpha min_b sum d_t (alpha b - w_{t+1})^2
 
 The last two lines are this class's addition to Adam; they run inside ``apply_gradients``, so plain
@@ -23,7 +24,7 @@ import numpy as np
 
 import tensorflow as tf
 
-from syq_tf.quantizers.loss_aware import LossAware
+from syq_tf.quantizers.loss_aware import LossAware, use_xla
 
 _MARK = "_syq_quantizer"
 
@@ -52,6 +53,12 @@ def loss_aware_quantizer_of(variable):
     return None
 
 
+@tf.function(jit_compile=True)
+def _curvature_xla(v, scale, epsilon):
+    """sqrt(v * scale) + eps in one fused pass (scale: 1 / (1 - beta_2^t), or 1 for "raw")."""
+    return tf.sqrt(v * scale) + epsilon
+
+
 @tf.keras.utils.register_keras_serializable(package="syq_tf")
 class LossAwareAdam(tf.keras.optimizers.Adam):
     """Adam that also clips and projects the kernels of LossAware quantizers (module docstring).
@@ -60,16 +67,29 @@ class LossAwareAdam(tf.keras.optimizers.Adam):
     plus ``clip``: loss-aware kernels are clipped to [-clip, clip] after every update (default 1, the
     paper's; None disables). Kernels of ``LossAware(curvature="constant")`` are clipped but not
     projected (their quantizer projects with d = 1 itself).
+
+    ``curvature``: "bias_corrected" (default) d = sqrt(v_hat) + eps with Adam's bias-corrected
+    v_hat = v / (1 - beta_2^t); "raw": d = sqrt(v) + eps, the authors' code. The projections are
+    invariant to scaling d by a constant, so the two differ only where sqrt(v) is comparable with
+    eps (README, Fidelity).
     """
 
+    CURVATURES = ("bias_corrected", "raw")
+
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-8, clip=1.0,
-                 name="LossAwareAdam", **kwargs):
+                 curvature="bias_corrected", name="LossAwareAdam", **kwargs):
+        if curvature not in self.CURVATURES:
+            raise ValueError(
+                f"LossAwareAdam: curvature={curvature!r}; allowed: 'bias_corrected' (d = sqrt(v_hat) + "
+                "eps) or 'raw' (d = sqrt(v) + eps, the authors' code)."
+            )
         if clip is not None and not (isinstance(clip, numbers.Real) and not isinstance(clip, (bool, np.bool_))
                                      and 0 < clip < float("inf")):
             raise ValueError(f"LossAwareAdam: clip={clip!r} must be a finite number > 0 or None.")
         super().__init__(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
                          name=name, **kwargs)
         self.clip = None if clip is None else float(clip)
+        self.curvature = curvature
         # kernel key -> quantizer; a plain dict on purpose: as a tracked attribute it would make the
         # quantizers part of the optimizer's SavedModel graph (revived as extra, unbuilt copies).
         object.__setattr__(self, "_loss_aware", {})
@@ -93,19 +113,29 @@ class LossAwareAdam(tf.keras.optimizers.Adam):
         return list(self._loss_aware.values())
 
     def _curvature(self, variable):
-        """d = sqrt(v_hat) + eps for ``variable`` after this step's update."""
+        """d = sqrt(v_hat) + eps (curvature "raw": sqrt(v) + eps) for ``variable`` after this step's
+        update."""
         index = self._index_dict[self._var_key(variable)]
         v = self._velocity_hats[index] if self.amsgrad else self._velocities[index]
-        step = tf.cast(self.iterations + 1, variable.dtype)
-        v_hat = v / (1.0 - tf.pow(tf.cast(self.beta_2, variable.dtype), step))
-        return tf.sqrt(v_hat) + tf.cast(self.epsilon, variable.dtype)
+        dtype = variable.dtype
+        if self.curvature == "raw":
+            scale = tf.ones([], dtype)
+        else:
+            step = tf.cast(self.iterations + 1, dtype)
+            scale = 1.0 / (1.0 - tf.pow(tf.cast(self.beta_2, dtype), step))
+        if use_xla(variable.shape):
+            return _curvature_xla(tf.convert_to_tensor(v), scale, tf.cast(self.epsilon, dtype))
+        return tf.sqrt(v * scale) + tf.cast(self.epsilon, dtype)
 
     def update_step(self, gradient, variable):
         quantizer = self._loss_aware.get(self._var_key(variable))
         if quantizer is None:
             return super().update_step(gradient, variable)
         projected = quantizer.curvature == "optimizer"
-        previous = tf.identity(variable) if projected else None
+        # the last step's kernel: its support starts the approximate LAT iterations (LAB needs
+        # nothing, LAQ starts from the stored scale; True just marks a warm start)
+        warm_support = quantizer.mode in ("ternary", "ternary_two_scale")
+        previous = (tf.identity(variable) if warm_support else True) if projected else None
         super().update_step(gradient, variable)
         if self.clip is not None:
             variable.assign(tf.clip_by_value(variable, -self.clip, self.clip))
@@ -114,4 +144,4 @@ class LossAwareAdam(tf.keras.optimizers.Adam):
             quantizer.set_scales(quantizer.project(w, self._curvature(variable), previous=previous))
 
     def get_config(self):
-        return {**super().get_config(), "clip": self.clip}
+        return {**super().get_config(), "clip": self.clip, "curvature": self.curvature}

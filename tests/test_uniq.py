@@ -129,7 +129,7 @@ def test_weight_step_initialises_from_std(granularity):
     q = UniQ(3, granularity)
     q(tf.constant(w))
     axes = (0, 1, 2, 3) if granularity == "layer" else (0, 1, 2)
-    expected = 0.58602 * w.std(axis=axes, keepdims=True)
+    expected = 0.58602 * w.std(axis=axes, keepdims=True, ddof=1)  # unbiased, as torch std()
     np.testing.assert_allclose(q.delta.numpy(), expected, rtol=1e-5)
     assert bool(q.delta_initialized.numpy())
     q.delta.assign(q.delta * 2)  # trained value survives further calls

@@ -40,9 +40,14 @@ the form above keeps Q odd (Q(-x) = -Q(x)) and matches the split used in the sea
 high").
 
 Straight-through estimators (the forward uses the closed-form scalars, backward ignores them):
+    backward="ste" (default):
     weights:      dL/dw = g                                              (identity)
     activations:  x_c = clip(x, -c, c),  dL/dx = g where -c <= x <= c, 0 outside
                   c = 2 for ls1 / lsT, 3 for ls2 / gf-k (default; ``clip=`` overrides)
+    backward="official" (the authors' code: Q = sum_i v_i b_i, a straight-through sign per term,
+    each scaled by its v_i and zero outside [-1, 1]), weights and activations alike:
+                  dL/dx = (sum_i v_i) g where |x| <= 1, 0 outside
+                  sum_i v_i: ls1 v, ls2 v1 + v2, lsT 2v (two terms v b1 + v b2), gf-k v_1 + ... + v_k
 
 Subgroups: weights share one set of scalars per output channel (``granularity="channel"``) or per
 kernel (``"layer"``); activations one set per sample (all non-batch axes).
@@ -352,14 +357,35 @@ def least_squares_quantize(x2d, mode):
     return reconstruct(x2d, least_squares_scalars(x2d, mode), mode)
 
 
-def least_squares_ste(x2d, mode, clip=None, scalars=None):
+BACKWARDS = ("ste", "official")
+
+
+def _check_backward(backward, owner):
+    if backward not in BACKWARDS:
+        raise ValueError(
+            f"{owner}: backward={backward!r}; allowed: 'ste' (g, inside the clip window for activations) "
+            "or 'official' ((sum of the scalars) * g where |x| <= 1, the authors' code)."
+        )
+
+
+def term_scale(scalars, mode):
+    """sum_i v_i of Q = sum_i v_i b_i per row, [g, 1]: ls1 v, ls2 v1 + v2, lsT 2v, gf-k v_1 + ... + v_k."""
+    if mode == "lsT":
+        return 2.0 * scalars[:, 0:1]
+    return tf.reduce_sum(scalars, axis=-1, keepdims=True)
+
+
+def least_squares_ste(x2d, mode, clip=None, scalars=None, backward="ste"):
     """Q with a straight-through gradient.
 
-    ``clip=None`` (weights): dL/dx = g. ``clip=c`` (activations): x is clipped to [-c, c] first and
-    dL/dx = g inside the window, 0 outside. ``scalars`` [g or 1, k] are used instead of the per-row
-    closed form when given (e.g. moving averages). No gradient reaches the scalars either way.
+    ``backward="ste"``: ``clip=None`` (weights): dL/dx = g. ``clip=c`` (activations): x is clipped to
+    [-c, c] first and dL/dx = g inside the window, 0 outside. ``backward="official"``:
+    dL/dx = (sum_i v_i) g where |x| <= 1, 0 outside (:func:`term_scale`; the forward still clips to
+    [-c, c]). ``scalars`` [g or 1, k] are used instead of the per-row closed form when given (e.g.
+    moving averages). No gradient reaches the scalars either way.
     """
     _check_mode(mode)
+    _check_backward(backward, "least_squares_ste")
     x2d = tf.convert_to_tensor(x2d)
     if clip is not None:
         clip = tf.cast(clip, x2d.dtype)
@@ -374,6 +400,9 @@ def least_squares_ste(x2d, mode, clip=None, scalars=None):
         q = reconstruct(xc, v, mode)
 
         def grad(g):
+            if backward == "official":
+                window = tf.abs(x) <= tf.cast(1.0, x.dtype)
+                return tf.where(window, term_scale(v, mode) * g, tf.zeros_like(g)), tf.zeros_like(v)
             if clip is None:
                 return g, tf.zeros_like(v)
             inside = tf.abs(x) <= clip
@@ -398,13 +427,15 @@ class LeastSquares(WeightQuantizer):
 
     One set of closed-form scalars per output channel (``granularity="channel"``, default) or per
     kernel (``"layer"``); nothing is trained, so there are no weights. Straight-through (identity)
-    gradient. ``depthwise=True`` marks a DepthwiseConv2D kernel ``[kh, kw, c_in, mult]`` so that
-    ``channel`` means one set per (c_in, mult).
+    gradient (``backward="ste"``, default) or the authors' (``backward="official"``: the sum of the
+    scalars times g where |w| <= 1; README, Fidelity). ``depthwise=True`` marks a DepthwiseConv2D
+    kernel ``[kh, kw, c_in, mult]`` so that ``channel`` means one set per (c_in, mult).
     """
 
-    def __init__(self, mode="ls1", granularity="channel", depthwise=False, **kwargs):
+    def __init__(self, mode="ls1", granularity="channel", depthwise=False, backward="ste", **kwargs):
         name = kwargs.get("name", "")
         _check_mode(mode, owner=f"LeastSquares {name!s}")
+        _check_backward(backward, f"LeastSquares {name!s}".rstrip())
         if granularity not in GRANULARITIES:
             raise ValueError(
                 f"LeastSquares {name!s}: unknown granularity {granularity!r}; allowed: "
@@ -414,6 +445,7 @@ class LeastSquares(WeightQuantizer):
         self.mode = mode
         self.granularity = granularity
         self.depthwise = bool(depthwise)
+        self.backward = backward
         self.bits = MODE_BITS[mode]
         self.precision = MODE_BITS[mode]
 
@@ -426,7 +458,7 @@ class LeastSquares(WeightQuantizer):
         w = tf.convert_to_tensor(inputs)
         reduce_axes = self.reduce_axes(w.shape)
         w2d, perm = to_groups(w, reduce_axes)
-        q2d = least_squares_ste(w2d, self.mode)
+        q2d = least_squares_ste(w2d, self.mode, backward=self.backward)
         return from_groups(q2d, w.shape, perm)
 
     def get_config(self):
@@ -435,6 +467,7 @@ class LeastSquares(WeightQuantizer):
             "mode": self.mode,
             "granularity": self.granularity,
             "depthwise": self.depthwise,
+            "backward": self.backward,
         }
 
 
@@ -442,8 +475,9 @@ class LeastSquares(WeightQuantizer):
 class LeastSquaresActivation(ActivationQuantizer):
     """Least-squares activation quantizer: clip to [-c, c], then one set of scalars per sample.
 
-    ``clip``: c > 0 (default 2 for ls1 / lsT, 3 for ls2 / gf-k). Gradient: identity inside
-    [-c, c], 0 outside.
+    ``clip``: c > 0 (default 2 for ls1 / lsT, 3 for ls2 / gf-k). Gradient (``backward="ste"``,
+    default): identity inside [-c, c], 0 outside; ``backward="official"``: the sum of the scalars
+    times g where |x| <= 1 (the authors' code; README, Fidelity).
 
     ``momentum=None`` (default): per-sample scalars always, in training and inference.
     ``momentum`` in (0, 1): in training, per-sample scalars are used and the batch mean of them
@@ -459,10 +493,11 @@ class LeastSquaresActivation(ActivationQuantizer):
     the window; gf-k levels sum_i v_i can exceed c slightly (at most 2c).
     """
 
-    def __init__(self, mode="ls1", clip=None, momentum=None, **kwargs):
+    def __init__(self, mode="ls1", clip=None, momentum=None, backward="ste", **kwargs):
         name = kwargs.get("name", "")
         owner = f"LeastSquaresActivation {name!s}"
         _check_mode(mode, owner=owner)
+        _check_backward(backward, owner.rstrip())
         if clip is None:
             clip = DEFAULT_CLIP[mode]
         if (
@@ -482,6 +517,7 @@ class LeastSquaresActivation(ActivationQuantizer):
         self.mode = mode
         self.clip = float(clip)
         self.momentum = None if momentum is None else float(momentum)
+        self.backward = backward
         self.bits = MODE_BITS[mode]
         self.precision = MODE_BITS[mode]
         self.num_scalars = NUM_SCALARS[mode]
@@ -533,11 +569,12 @@ class LeastSquaresActivation(ActivationQuantizer):
                 lambda: self._training_scalars(x2d),
                 lambda: self._inference_scalars(x2d),
             )
-        q2d = least_squares_ste(x2d, self.mode, clip=self.clip, scalars=scalars)
+        q2d = least_squares_ste(x2d, self.mode, clip=self.clip, scalars=scalars, backward=self.backward)
         return tf.reshape(q2d, shape)
 
     def export_range(self):
         return -self.clip, self.clip
 
     def get_config(self):
-        return {**super().get_config(), "mode": self.mode, "clip": self.clip, "momentum": self.momentum}
+        return {**super().get_config(), "mode": self.mode, "clip": self.clip, "momentum": self.momentum,
+                "backward": self.backward}

@@ -10,9 +10,13 @@ See ../shared/METHODS.md §2. ``b`` bits, ``L = 2^b`` levels, ``c = (L-1)/2``, s
     dQ/ddelta, weights, u = w/delta + c:   round(u) - u inside, -c below, +c above
     dQ/ddelta, activations, u = a/delta:   round(u) - u inside, L-1 above, 0 below
     step gradient scaled by 1/sqrt(N * Qp), Qp = max(2^(b-1) - 1, 1)   (weights, N per step)
-                       and 1/sqrt(N * (2^b - 1))                       (activations, N features)
+                       and 1/sqrt(N * (2^b - 1))                       (activations)
+    activations, N:   step_grad="per_example" (default): features of one example (numel / batch)
+                      step_grad="official": every element of the batch (the authors' x.numel()),
+                      a step gradient sqrt(batch) times smaller
 
     init: delta_w = k_b * std(W),  delta_a = k+_b * max_batches sqrt(2 E[a^2])
+          std is the unbiased one, sqrt(sum (w - mean)^2 / (n - 1)), as the authors' torch std()
     (k_b, k+_b: MSE-optimal steps for a unit Gaussian / a rectified unit Gaussian)
 
 Rounding ties: weights round half away from the centre (Q(-w) = -Q(w) exactly); activations round
@@ -159,8 +163,23 @@ def uniq_weight_quantize(w, delta, bits, reduce_axes=None):
     return _uniq(w, delta)
 
 
-def uniq_activation_quantize(a, delta, bits):
-    """UniQ unsigned activation quantization with a scalar step ``delta``."""
+STEP_GRADS = ("per_example", "official")
+
+
+def _check_step_grad(step_grad, owner):
+    if step_grad not in STEP_GRADS:
+        raise ValueError(
+            f"{owner}: step_grad={step_grad!r}; allowed: 'per_example' (1/sqrt(features of one example "
+            "* (2^b - 1))) or 'official' (1/sqrt(elements of the whole batch * (2^b - 1)), the authors' code)."
+        )
+
+
+def uniq_activation_quantize(a, delta, bits, step_grad="per_example"):
+    """UniQ unsigned activation quantization with a scalar step ``delta``.
+
+    ``step_grad`` chooses N of the step-gradient scale 1/sqrt(N (2^b - 1)): "per_example" (N = the
+    features of one example) or "official" (N = every element of the batch, as the authors' code)."""
+    _check_step_grad(step_grad, "uniq_activation_quantize")
     top = 2.0**bits - 1.0
 
     @tf.custom_gradient
@@ -170,7 +189,10 @@ def uniq_activation_quantize(a, delta, bits):
         inside = tf.logical_and(s >= 0.0, s <= top)
 
         def grad(g):
-            features = tf.cast(tf.size(a) // tf.maximum(tf.shape(a)[0], 1), a.dtype)
+            if step_grad == "official":
+                features = tf.cast(tf.size(a), a.dtype)
+            else:
+                features = tf.cast(tf.size(a) // tf.maximum(tf.shape(a)[0], 1), a.dtype)
             scale = tf.math.rsqrt(features * top)
             d_delta = index - tf.where(inside, s, tf.zeros_like(s))
             grad_delta = tf.reduce_sum(g * d_delta) * scale
@@ -181,13 +203,22 @@ def uniq_activation_quantize(a, delta, bits):
     return _uniq_act(a, delta)
 
 
-def uniq_initial_step(w, bits, reduce_axes):
-    """delta = k_b * std(W) per step group; a constant group (std 0) uses k_b * mean|W| or 1."""
+def uniq_initial_step(w, bits, reduce_axes, unbiased=True):
+    """delta = k_b * std(W) per step group; a constant group (std 0) uses 2 mean|W| or 1.
+
+    ``unbiased=True`` (default, the authors' torch ``std()``): std = sqrt(sum (w - mean)^2 / (n - 1));
+    ``False``: the biased sqrt(mean (w - mean)^2). A group of one weight uses n in both."""
     k = weight_step_constant(bits)
     # computed on w / max|w| and scaled back: no overflow of the squares for huge weights (1e30)
     top = tf.reduce_max(tf.abs(w), axis=reduce_axes, keepdims=True)
     unit = tf.where(top > 0, top, tf.ones_like(top))
     std = unit * tf.math.reduce_std(w / unit, axis=reduce_axes, keepdims=True)
+    if unbiased:
+        n = 1
+        for axis in reduce_axes:
+            n *= int(w.shape[axis])
+        if n > 1:
+            std = std * math.sqrt(n / (n - 1.0))
     mag = unit * tf.reduce_mean(tf.abs(w / unit), axis=reduce_axes, keepdims=True)
     step = tf.where(std > 0, k * std, tf.where(mag > 0, 2.0 * mag, tf.ones_like(mag)))
     return step
@@ -256,11 +287,16 @@ class UniQActivation(ActivationQuantizer):
     The step must be set from data before the quantizer is used: run
     ``syq_tf.calibrate(model, dataset)`` (or the ``syq_tf.Calibrate`` callback), or give
     ``initial_step`` explicitly. Using an uncalibrated step raises, in eager and in graph mode.
+
+    ``step_grad``: "per_example" (default) scales the step gradient by 1/sqrt(F (2^b - 1)) with F the
+    features of one example; "official" uses every element of the batch (the authors' code), a
+    step gradient sqrt(batch) times smaller (README, Fidelity).
     """
 
-    def __init__(self, bits=8, initial_step=None, **kwargs):
+    def __init__(self, bits=8, initial_step=None, step_grad="per_example", **kwargs):
         owner = f"UniQActivation {kwargs.get('name', '')!s}".rstrip()
         _check_bits(bits, owner)
+        _check_step_grad(step_grad, owner)
         if initial_step is not None and (
             not is_real(initial_step)
             or not math.isfinite(initial_step)
@@ -271,6 +307,7 @@ class UniQActivation(ActivationQuantizer):
         self.bits = int(bits)
         self.precision = int(bits)
         self.initial_step = None if initial_step is None else float(initial_step)
+        self.step_grad = step_grad
         self._set_observer(None)
 
     def _set_observer(self, value):
@@ -332,7 +369,7 @@ class UniQActivation(ActivationQuantizer):
         )
         with tf.control_dependencies([check]):
             delta = tf.maximum(self.delta, MIN_STEP)
-        return uniq_activation_quantize(a, delta, self.bits)
+        return uniq_activation_quantize(a, delta, self.bits, self.step_grad)
 
     def export_grid(self):
         """Levels {0, delta, ..., (2^b - 1) delta}: exported exactly as an int8 tensor of scale delta."""
@@ -344,4 +381,5 @@ class UniQActivation(ActivationQuantizer):
         return float(tf.maximum(self.delta, MIN_STEP).numpy()), 2**self.bits
 
     def get_config(self):
-        return {**super().get_config(), "bits": self.bits, "initial_step": self.initial_step}
+        return {**super().get_config(), "bits": self.bits, "initial_step": self.initial_step,
+                "step_grad": self.step_grad}
