@@ -445,21 +445,10 @@ def dataset_shape(name, data_dir=None):
     set's (28, 28, 1), 10; a tensorflow-datasets dataset's from its metadata."""
     if name in DATASETS:
         return (28, 28, 1), 10
-    builder = _tfds_builder(name, data_dir)
-    keys = builder.info.supervised_keys or ("image", "label")
-    image, label = builder.info.features[keys[0]], builder.info.features[keys[1]]
-    shape = tuple(image.shape or ())
-    if len(shape) != 3 or None in shape or not hasattr(label, "num_classes"):
-        raise CliError(f"--dataset {name}: not an image classification dataset of one image size "
-                       f"({keys[0]} {shape}); syq-tf trains on fixed-size (image, class label) examples")
-    return tuple(int(d) for d in shape), int(label.num_classes)
-
-
-def _tfds_builder(name, data_dir):
     from syq_tf import datasets  # noqa: PLC0415  (imports tensorflow_datasets)
 
     try:
-        return datasets.builder(name, data_dir)
+        return datasets.image_spec(datasets.builder(name, data_dir), name)
     except ValueError as err:
         raise CliError(str(err)) from None
 
@@ -472,8 +461,7 @@ def load_dataset(name, split, limit=None, seed=0, shape=(28, 28, 1), classes=10,
     if name not in DATASETS:
         from syq_tf import datasets  # noqa: PLC0415
 
-        _tfds_builder(name, data_dir)  # one-line errors for unknown / unprepared names
-        try:
+        try:  # one-line errors for unknown / unprepared names
             x, y, n_classes = datasets.load(name, split, data_dir, limit)
         except ValueError as err:
             raise CliError(str(err)) from None

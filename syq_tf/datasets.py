@@ -83,24 +83,33 @@ def builder(name, data_dir=None):
     return found
 
 
+def image_spec(found, name):
+    """``(image shape, classes)`` of a prepared builder's (image, label) examples; ValueError unless
+    they are fixed-size [H, W, C] images with a class label."""
+    keys = found.info.supervised_keys
+    label = found.info.features[keys[1]] if keys else None
+    shape = tuple(found.info.features[keys[0]].shape or ()) if keys else ()
+    if len(shape) != 3 or None in shape or not hasattr(label, "num_classes"):
+        raise ValueError(f"--dataset {name}: not an image classification dataset of fixed-size images "
+                         f"(supervised keys {keys}, image shape {shape}); syq-tf trains on (image [H, W, C], "
+                         "class label) examples")
+    return tuple(int(d) for d in shape), int(label.num_classes)
+
+
 def load(name, split, data_dir=None, limit=None):
     """``(x float32 [N, H, W, C] in [0, 1], y int64 [N], classes)`` of an image-classification
     dataset (supervised keys image, label) from tensorflow-datasets, read from ``data_dir``."""
     found = builder(name, data_dir)
     if split not in found.info.splits:
         raise ValueError(f"--dataset {name}: no split {split!r}; it has {sorted(found.info.splits)}")
-    keys = found.info.supervised_keys
-    label = found.info.features[keys[1]] if keys else None
-    if not keys or not hasattr(label, "num_classes") or len(found.info.features[keys[0]].shape or ()) != 3:
-        raise ValueError(f"--dataset {name}: not an image classification dataset (supervised keys "
-                         f"{keys}); syq-tf trains on (image [H, W, C], class label) examples")
+    _, classes = image_spec(found, name)
     ds = found.as_dataset(split=split if limit is None else f"{split}[:{int(limit)}]", as_supervised=True)
     images, labels = [], []
     for image, y in ds.batch(1024).as_numpy_iterator():
         images.append(image)
         labels.append(y)
     x = np.concatenate(images).astype(np.float32) / 255.0
-    return x, np.concatenate(labels).astype(np.int64), int(label.num_classes)
+    return x, np.concatenate(labels).astype(np.int64), classes
 
 
 def write_idx(path, array):

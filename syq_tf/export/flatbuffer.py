@@ -14,7 +14,6 @@ _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.star
 _TYPES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
 NUMPY_TYPES = {"INT8": np.int8, "INT32": np.int32, "FLOAT32": np.float32, "UINT8": np.uint8,
                "INT16": np.int16, "INT64": np.int64}
-_NUMPY = NUMPY_TYPES
 # op -> input positions of its constant weight tensors. The fused LSTM has eight: input_to_{input,
 # forget, cell, output}_weights (1-4) and recurrent_to_{input, forget, cell, output}_weights (5-8),
 # each [units, in] -- Keras' kernel [in, 4 units] split per gate (gate order i, f, c, o) and transposed.
@@ -261,14 +260,14 @@ def _weight_tensor(model, graph, op, name, position, dequantized_from=None):
             values = unpack_bits(raw, SUB_BYTE[dtype].bits, int(np.prod(shape))).reshape(shape)
         except ValueError as err:
             raise MalformedModelError(f"{name} weight tensor {label!r}: {err}") from None
-    elif dtype not in _NUMPY:
+    elif dtype not in NUMPY_TYPES:
         raise MalformedModelError(f"{name} weight tensor {index} {label!r} has unsupported type {dtype}")
     else:
-        size = np.dtype(_NUMPY[dtype]).itemsize
+        size = np.dtype(NUMPY_TYPES[dtype]).itemsize
         if len(raw) != size * int(np.prod(shape)):
             raise MalformedModelError(f"{name} weight tensor {index} {label!r}: {len(raw)} bytes of data for "
                                       f"shape {shape} of {dtype} (needs {size * int(np.prod(shape))})")
-        values = np.frombuffer(raw, _NUMPY[dtype]).reshape(shape)
+        values = np.frombuffer(raw, NUMPY_TYPES[dtype]).reshape(shape)
     act = graph.tensors[op.inputs[0]].quantization
     act_scale = float(act.scale[0]) if act is not None and act.scale is not None and len(act.scale) else float("nan")
     act_zero = int(act.zeroPoint[0]) if act is not None and act.zeroPoint is not None and len(act.zeroPoint) else 0

@@ -9,6 +9,7 @@ import numpy as np
 from syq_tf.export import codebook, convert, flatbuffer, inference
 from syq_tf.export.match import kernel_matches
 from syq_tf.export.report import ExportResult, layer_reports
+from syq_tf.export.runtime import quantize_input
 from syq_tf.quantizers import ActivationQuantizer
 from syq_tf.tfmot import is_wrapper, quantize_scope
 
@@ -105,11 +106,6 @@ def input_quantization(buffer):
 def output_quantization(buffer):
     """(scale, zero point) of the model's int8 output."""
     return flatbuffer.io_quantization(buffer, "output")
-
-
-def quantize_input(x, scale, zero):
-    """Float inputs as the model's int8 input (round half up, as LiteRT's quantize)."""
-    return np.clip(np.floor(np.asarray(x, np.float32) / scale + 0.5) + zero, -128, 127).astype(np.int8)
 
 
 def model_input(buffer, x):

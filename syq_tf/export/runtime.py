@@ -33,7 +33,7 @@ def litert_predict(buffer, x, batch_size=256):
             interpreter.allocate_tensors()
             current = len(chunk)
         if inp["dtype"] == np.int8:
-            chunk = np.clip(np.floor(chunk / in_scale + 0.5) + in_zero, -128, 127).astype(np.int8)
+            chunk = quantize_input(chunk, in_scale, in_zero)
         else:
             chunk = chunk.astype(inp["dtype"])
         if fixed:
@@ -45,6 +45,11 @@ def litert_predict(buffer, x, batch_size=256):
             y = (y.astype(np.float32) - out_zero) * out_scale
         results.append(y)
     return np.concatenate(results)
+
+
+def quantize_input(x, scale, zero):
+    """Float inputs as a model's int8 input (round half up, as LiteRT's quantize)."""
+    return np.clip(np.floor(np.asarray(x, np.float32) / scale + 0.5) + zero, -128, 127).astype(np.int8)
 
 
 KERNELS = ("xnnpack", "builtin", "ref")
