@@ -13,6 +13,7 @@
 
 #include "syq_kernels.h"
 #include "vectors.h"
+#include "int8_ref.h"
 
 #ifdef SYQ_HOSTED
 static uint64_t syq_arm_ticks(void) { return 0; }
@@ -27,35 +28,6 @@ int syq_cmsis_run(const syq_vec *v, int8_t *out, uint64_t *ticks, uint32_t *buf_
 
 static uint8_t scratch[SYQ_VEC_SCRATCH_BYTES] __attribute__((aligned(64)));
 static int8_t out[SYQ_VEC_MAX_OUT];
-
-/* Our straightforward int8 kernel (TFLite reference arithmetic): conv over NHWC, int8 OHWI weights,
- * one multiply per weight, per-channel requantization.  FC = 1x1 conv over batch rows. */
-static void int8_conv(const syq_conv_params *p, const int8_t *w, int32_t oc, int32_t kh, int32_t kw, int32_t ic,
-                      const int8_t *in, int8_t *o8) {
-    int32_t n, oy, ox, o, ky, kx, i;
-    for (n = 0; n < p->batch; ++n)
-        for (oy = 0; oy < p->out_h; ++oy)
-            for (ox = 0; ox < p->out_w; ++ox)
-                for (o = 0; o < oc; ++o) {
-                    int32_t acc = p->bias ? p->bias[o] : 0, v;
-                    for (ky = 0; ky < kh; ++ky) {
-                        const int32_t iy = oy * p->stride_h - p->pad_top + ky;
-                        if (iy < 0 || iy >= p->in_h) continue;
-                        for (kx = 0; kx < kw; ++kx) {
-                            const int32_t ix = ox * p->stride_w - p->pad_left + kx;
-                            const int8_t *xr, *wr;
-                            if (ix < 0 || ix >= p->in_w) continue;
-                            xr = in + (((size_t)n * p->in_h + iy) * p->in_w + ix) * ic;
-                            wr = w + (((size_t)o * kh + ky) * kw + kx) * ic;
-                            for (i = 0; i < ic; ++i) acc += (int32_t)wr[i] * ((int32_t)xr[i] - p->input_zero_point);
-                        }
-                    }
-                    v = syq_multiply_by_quantized_multiplier(acc, p->out_multiplier[o], p->out_shift[o]) +
-                        p->output_zero_point;
-                    v = v < p->act_min ? p->act_min : (v > p->act_max ? p->act_max : v);
-                    o8[(((size_t)n * p->out_h + oy) * p->out_w + ox) * oc + o] = (int8_t)v;
-                }
-}
 
 static void params_of(const syq_vec *v, syq_conv_params *p, syq_packed_weights *w) {
     memset(p, 0, sizeof *p);
@@ -135,7 +107,7 @@ int main(int argc, char **argv) {
             if (v->fc) { c.batch = 1; c.in_h = c.out_h = 1; c.in_w = c.out_w = v->batch; c.stride_h = c.stride_w = 1; }
             memset(out, 0x5A, v->out_bytes);
             t0 = syq_arm_ticks();
-            int8_conv(&c, v->w_int8, v->out_c, v->k_h, v->k_w, v->in_c, v->input, out);
+            syq_int8_conv(&c, v->w_int8, v->out_c, v->k_h, v->k_w, v->in_c, v->input, out);
             t1 = syq_arm_ticks() - t0;
             ok8 = same(v);
             failures += !ok8;
