@@ -11,10 +11,12 @@ demo: setup
 	$(PY) examples/fashion_mnist_syq.py $(ARGS)
 
 # Two pytest workers (CI has 2 cores); a file's tests stay on one worker (module fixtures run once).
-# WORKERS=0 runs in one process.
+# WORKERS=0 runs in one process. tests/ is the Keras 2 frontend, tests_keras3/ the Keras 3 one: two
+# pytest runs, because the two frontends never share a process.
 WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile tests $(ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile tests_keras3 $(ARGS)
 
 # ARM: packed kernels on qemu-aarch64 and Cortex-M4/M33/M55 boards (bit-exactness, instruction counts;
 # installs the cross toolchains/emulators when missing). ARGS=--quick for the reduced set.

@@ -22,7 +22,9 @@ import tensorflow as tf
 def calibratable_quantizers(model):
     """Every quantizer in ``model`` (nested layers included) that is set by calibration."""
     found, seen = [], set()
-    for module in [model, *model.submodules]:
+    # tf_keras: every tf.Module inside; Keras 3 layers are no tf.Modules but list their sub-layers
+    inside = model.submodules if hasattr(model, "submodules") else model._flatten_layers(include_self=False)
+    for module in [model, *inside]:
         # tfmot wrappers keep syq_tf quantizers inside their QuantizeConfig (not as sub-layers)
         config = getattr(module, "quantize_config", None)
         inner = [q.impl for q in getattr(config, "quantizers", lambda: [])() if getattr(q, "impl", None)]

@@ -47,7 +47,7 @@ class QuantizerLogger(tf.keras.callbacks.Callback):
             for layer, quantizer, kernel in quantized_kernels(self.model):
                 prefix = f"{layer.name}/{_clean(kernel.name.split('/')[-1])}"
                 for variable in getattr(quantizer, "weights", []):
-                    if not variable.dtype.is_floating:
+                    if not tf.as_dtype(variable.dtype).is_floating:
                         continue
                     values = variable.numpy().ravel()
                     tag = f"{prefix}/{_clean(variable.name.split('/')[-1])}"
@@ -67,7 +67,7 @@ class QuantizerLogger(tf.keras.callbacks.Callback):
                     tf.summary.scalar(f"{prefix}/curvature/mean", float(d.mean()))
             for quantizer in calibratable_quantizers(self.model):
                 for variable in quantizer.weights:
-                    if variable.dtype.is_floating and int(np.prod(variable.shape)) == 1:
+                    if tf.as_dtype(variable.dtype).is_floating and int(np.prod(variable.shape)) == 1:
                         tf.summary.scalar(f"{quantizer.name}/{_clean(variable.name.split('/')[-1])}",
                                           float(variable.numpy().ravel()[0]))
         self._writer_().flush()
@@ -86,7 +86,7 @@ def _curvature(optimizer, quantizer, kernel):
     """d = sqrt(v_hat) + eps of a loss-aware kernel from LossAwareAdam, else None."""
     if optimizer is None or quantizer not in getattr(optimizer, "loss_aware_quantizers", []):
         return None
-    if not getattr(optimizer, "_built", False):
+    if not getattr(optimizer, "_built", getattr(optimizer, "built", False)):  # tf_keras / Keras 3
         return None
     try:
         return optimizer._curvature(kernel).numpy().ravel()  # noqa: SLF001 (same package)
@@ -108,7 +108,7 @@ class CheckFinite(tf.keras.callbacks.Callback):
     def check(self):
         for layer, quantizer, kernel in quantized_kernels(self.model):
             for variable in [kernel, *getattr(quantizer, "weights", [])]:
-                if variable.dtype.is_floating and not np.all(np.isfinite(variable.numpy())):
+                if tf.as_dtype(variable.dtype).is_floating and not np.all(np.isfinite(variable.numpy())):
                     bad = int(np.sum(~np.isfinite(variable.numpy())))
                     raise FloatingPointError(
                         f"layer '{layer.name}': {variable.name} has {bad} non-finite value(s) (NaN/Inf); "

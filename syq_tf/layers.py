@@ -5,18 +5,20 @@ quantizer on the inputs and the kernel quantizer on the kernel, then the origina
 ``call`` with the quantized kernel in place of the float one.
 """
 
-import larq as lq
 import tensorflow as tf
 
 from syq_tf.optimizers import mark_quantized
-from syq_tf.quantizers._common import ActivationQuantizer, WeightQuantizer
+from syq_tf.quantizers._common import KERAS, ActivationQuantizer, WeightQuantizer
+
+if KERAS == 2:
+    import larq as lq
 
 # Stock Keras layers with one kernel, and the attribute that holds it.
 KERNEL_ATTR = {
     # SeparableConv2D: ``kernel_quantizer`` takes the pointwise kernel, ``depthwise_quantizer`` the
     # depthwise one (QuantizedSeparableMixin).
     tf.keras.layers.SeparableConv2D: "pointwise_kernel",
-    tf.keras.layers.DepthwiseConv2D: "depthwise_kernel",
+    tf.keras.layers.DepthwiseConv2D: "depthwise_kernel" if KERAS == 2 else "kernel",
     tf.keras.layers.Conv1D: "kernel",
     tf.keras.layers.Conv2D: "kernel",
     tf.keras.layers.Conv3D: "kernel",
@@ -62,7 +64,7 @@ def _copy_quantizer(quantizer, role, layer_name, **overrides):
     if quantizer is None:
         return None
     if isinstance(quantizer, (str, dict)):
-        quantizer = lq.quantizers.get(quantizer)
+        quantizer = quantizer_from(quantizer, f"layer '{layer_name}': {role}")
     weights = role in _WEIGHT_ROLES
     expected = WeightQuantizer if weights else ActivationQuantizer
     wrong = ActivationQuantizer if weights else WeightQuantizer
@@ -119,6 +121,10 @@ class QuantizedLayerMixin:
 
     def build(self, input_shape):
         super().build(input_shape)
+        if KERAS == 3 and isinstance(self.input_quantizer, tf.keras.layers.Layer) and not self.input_quantizer.built:
+            # Keras 3 loads a model by building each layer, then reads every variable: the input
+            # quantizer's (UniQ's step) must exist before the first call. (tf_keras builds it there.)
+            self.input_quantizer.build(input_shape)
         for quantizer, holder, attr in self._kernel_slots():
             kernel = getattr(holder, attr)
             if isinstance(quantizer, tf.keras.layers.Layer):
@@ -147,12 +153,12 @@ class QuantizedLayerMixin:
         # Swap the quantized tensors in for the duration of the stock call, bypassing Keras'
         # attribute tracking so the float variables stay the tracked, trained ones.
         for holder, attr, _, quantized in swapped:
-            object.__setattr__(holder, attr, quantized)
+            object.__setattr__(holder, _stored_attr(holder, attr), quantized)
         try:
             return call(inputs)
         finally:
             for holder, attr, float_kernel, _ in swapped:
-                object.__setattr__(holder, attr, float_kernel)
+                object.__setattr__(holder, _stored_attr(holder, attr), float_kernel)
 
     def call(self, inputs):
         return self._quantized_call(super().call, inputs)
@@ -183,6 +189,17 @@ class QuantizedLayerMixin:
         return _copy_quantizer(source, role, self.name, **extra)
 
 
+def _stored_attr(holder, attr):
+    """Where ``holder`` stores the kernel ``attr``: Keras 3 reads most kernels through a property
+    (``kernel`` returns ``_kernel``, with LoRA or Keras' own quantization applied, both refused)."""
+    if isinstance(getattr(type(holder), attr, None), property):
+        if getattr(holder, "lora_enabled", False) or getattr(holder, "quantization_mode", None):
+            raise ValueError(f"layer '{holder.name}': syq_tf cannot quantize a layer with LoRA or Keras' "
+                             "own quantization enabled; disable them (lora_rank=None, no layer.quantize()).")
+        return "_" + attr
+    return attr
+
+
 def _deserialized(config, keys):
     """``config`` with the serialized quantizers under ``keys`` turned back into objects."""
     config = dict(config)
@@ -202,7 +219,20 @@ def deserialize_quantizer(config):
     cls = tf.keras.utils.get_registered_object(config.get("registered_name") or config.get("class_name"))
     if isinstance(cls, type) and issubclass(cls, (WeightQuantizer, ActivationQuantizer)):
         return cls.from_config(config.get("config", {}))
-    return lq.quantizers.get(config)
+    return quantizer_from(config, "quantizer")
+
+
+def quantizer_from(identifier, owner):
+    """A quantizer from a name (``"syq"``, ``"SYQ"``; under Keras 2 also larq's ``"ste_sign"`` ...)
+    or a serialized dict."""
+    if KERAS == 2:
+        return lq.quantizers.get(identifier)
+    name = identifier if isinstance(identifier, str) else identifier.get("class_name")
+    cls = tf.keras.utils.get_registered_object(name)
+    if isinstance(cls, type) and issubclass(cls, (WeightQuantizer, ActivationQuantizer)):
+        return cls() if isinstance(identifier, str) else cls.from_config(identifier.get("config", {}))
+    raise ValueError(f"{owner}: unknown quantizer {identifier!r}; give a syq_tf quantizer or its name "
+                     "(larq's quantizers are Keras 2 only).")
 
 
 def _serialize(quantizer):
@@ -264,11 +294,18 @@ class QuantizedRNNMixin(QuantizedLayerMixin):
         super().__init__(*args, **kwargs)
         self.recurrent_quantizer = self._second_quantizer(recurrent_quantizer, "recurrent_quantizer")
 
-    def call(self, inputs, mask=None, training=None, initial_state=None):
+    def _rnn_call(self, inputs, mask, training, initial_state):
         stock = super(QuantizedLayerMixin, self).call
         return self._quantized_call(
             lambda x: stock(x, mask=mask, training=training, initial_state=initial_state), inputs
         )
+
+    if KERAS == 2:
+        def call(self, inputs, mask=None, training=None, initial_state=None):
+            return self._rnn_call(inputs, mask, training, initial_state)
+    else:  # Keras 3 matches compute_output_shape's arguments to call's by name
+        def call(self, sequences, initial_state=None, mask=None, training=False):
+            return self._rnn_call(sequences, mask, training, initial_state)
 
 
 class QuantizedSeparableMixin(QuantizedLayerMixin):
@@ -369,7 +406,10 @@ def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None, recurr
              "input_quantizer": input_quantizer, **extra}
         )
         if target.built:
-            layer.build(target._build_input_shape)
+            if KERAS == 2:
+                layer.build(target._build_input_shape)
+            else:
+                layer.build_from_config(target.get_build_config())
             quantizer_weights = [
                 w for q in _quantizers_of(layer) if isinstance(q, tf.keras.layers.Layer) for w in q.weights
             ]
@@ -398,14 +438,27 @@ class QuantizedMultiHeadAttention(tf.keras.layers.MultiHeadAttention):
         _copy_quantizer(kernel_quantizer, "kernel_quantizer", self.name)  # role errors now
         _copy_quantizer(input_quantizer, "input_quantizer", self.name)
 
-    def _build_from_signature(self, query, value, key=None):
-        super()._build_from_signature(query, value, key)
+    def _quantize_projections(self):
         with tf.init_scope():
             for attr in self.PROJECTIONS:
                 dense = getattr(self, attr)
                 if not isinstance(dense, QuantizedLayerMixin):
-                    setattr(self, attr, quantize(dense, **{k: v for k, v in self._syq_quantizers.items()
-                                                          if v is not None}))
+                    quantized = quantize(dense, **{k: v for k, v in self._syq_quantizers.items() if v is not None})
+                    if KERAS == 3:  # Keras 3 would keep the float projection's weights listed too
+                        self._tracker.untrack(dense)
+                    setattr(self, attr, quantized)
+
+    if KERAS == 2:
+        def _build_from_signature(self, query, value, key=None):
+            super()._build_from_signature(query, value, key)
+            self._quantize_projections()
+    else:  # Keras 3 builds the projections in build()
+        def build(self, query_shape, value_shape, key_shape=None):
+            if getattr(self, "_use_gate", False):
+                raise ValueError(f"syq_tf.quantize: layer '{self.name}': MultiHeadAttention with use_gate=True "
+                                 "is not supported (its gate projection would stay float).")
+            super().build(query_shape, value_shape, key_shape)
+            self._quantize_projections()
 
     def float_kernels(self):
         """{projection name (query, key, value, attention_output): (quantizer, float kernel)}."""
@@ -435,8 +488,16 @@ def _quantizers_of(layer):
 
 
 def _check_keras2(cls):
-    if cls.__module__.split(".")[0] == "keras":
+    """``cls`` must come from the process' Keras (its frontend's): tf_keras, or Keras 3 under syq_tf.keras3."""
+    package = cls.__module__.split(".")[0]
+    if KERAS == 2 and package == "keras":
         raise TypeError(
             f"syq_tf.quantize: {cls.__name__} comes from Keras 3 (module {cls.__module__}); syq_tf, "
-            "larq and tfmot use Keras 2: build the model with tf.keras after `import syq_tf`."
+            "larq and tfmot use Keras 2: build the model with tf.keras after `import syq_tf` (or use "
+            "`import syq_tf.keras3` in a Keras 3 program)."
+        )
+    if KERAS == 3 and package in ("tf_keras", "larq"):
+        raise TypeError(
+            f"syq_tf.keras3.quantize: {cls.__name__} comes from Keras 2 (module {cls.__module__}); this "
+            "process uses Keras 3: build the model with keras.layers."
         )

@@ -3,6 +3,7 @@
 import tensorflow as tf
 
 from syq_tf.layers import QuantizedLayerMixin, QuantizedMultiHeadAttention
+from syq_tf.quantizers._common import KERAS
 
 # larq layers: quantizer attribute -> kernel attribute
 _LARQ_KERNELS = (
@@ -29,16 +30,27 @@ def layer_kernels(layer):
     """{kernel attribute: (quantizer or None, float kernel variable)} of a syq_tf or larq layer."""
     if isinstance(layer, (QuantizedLayerMixin, QuantizedMultiHeadAttention)):
         return layer.float_kernels()
-    from syq_tf import tfmot  # noqa: PLC0415  (tfmot imports this module's neighbours)
+    if KERAS == 2:
+        from syq_tf import tfmot  # noqa: PLC0415  (tfmot imports this module's neighbours)
 
-    if tfmot.is_wrapper(layer):
-        return tfmot.wrapper_kernels(layer)
+        if tfmot.is_wrapper(layer):
+            return tfmot.wrapper_kernels(layer)
     out = {}
     for q_attr, k_attr in _LARQ_KERNELS:
         kernel = getattr(layer, k_attr, None)
         if kernel is not None:
             out[k_attr] = (getattr(layer, q_attr, None), _float_variable(kernel))
     return out
+
+
+def is_tfmot_model(model):
+    """True for a tfmot QAT model (a QuantizeWrapper among its layers); always False under Keras 3,
+    where tfmot does not run."""
+    if KERAS != 2:
+        return False
+    from syq_tf import tfmot  # noqa: PLC0415
+
+    return any(tfmot.is_wrapper(layer) for layer in model.layers)
 
 
 def quantized_kernels(model):

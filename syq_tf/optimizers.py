@@ -115,7 +115,7 @@ class LossAwareAdam(tf.keras.optimizers.Adam):
     def _curvature(self, variable):
         """d = sqrt(v_hat) + eps (curvature "raw": sqrt(v) + eps) for ``variable`` after this step's
         update."""
-        index = self._index_dict[self._var_key(variable)]
+        index = self._slot_index(variable)
         v = self._velocity_hats[index] if self.amsgrad else self._velocities[index]
         dtype = variable.dtype
         if self.curvature == "raw":
@@ -127,16 +127,23 @@ class LossAwareAdam(tf.keras.optimizers.Adam):
             return _curvature_xla(tf.convert_to_tensor(v), scale, tf.cast(self.epsilon, dtype))
         return tf.sqrt(v * scale) + tf.cast(self.epsilon, dtype)
 
-    def update_step(self, gradient, variable):
+    def _slot_index(self, variable):
+        """Position of ``variable``'s Adam slots (Keras 3 and tf_keras index them differently)."""
+        if hasattr(self, "_get_variable_index"):  # Keras 3
+            return self._get_variable_index(variable)
+        return self._index_dict[self._var_key(variable)]
+
+    def update_step(self, gradient, variable, *learning_rate):
+        """Adam's step (Keras 3 also passes the learning rate), then clip and project."""
         quantizer = self._loss_aware.get(self._var_key(variable))
         if quantizer is None:
-            return super().update_step(gradient, variable)
+            return super().update_step(gradient, variable, *learning_rate)
         projected = quantizer.curvature == "optimizer"
         # the last step's kernel: its support starts the approximate LAT iterations (LAB needs
         # nothing, LAQ starts from the stored scale; True just marks a warm start)
         warm_support = quantizer.mode in ("ternary", "ternary_two_scale")
         previous = (tf.identity(variable) if warm_support else True) if projected else None
-        super().update_step(gradient, variable)
+        super().update_step(gradient, variable, *learning_rate)
         if self.clip is not None:
             variable.assign(tf.clip_by_value(variable, -self.clip, self.clip))
         if projected:

@@ -6,8 +6,12 @@ switch the quantizers on, initialise their scales from the float weights, fine-t
 (:func:`finetune_from_float`). The first conv and the last dense keep float weights (the papers do).
 """
 
-import larq as lq
-import tensorflow as tf
+from syq_tf import _bootstrap
+
+_bootstrap.ensure_keras2()  # the recipes build larq layers: Keras 2 only
+
+import larq as lq  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from syq_tf import quantizers as Q
 from syq_tf.calibration import calibrate

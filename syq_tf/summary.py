@@ -59,7 +59,7 @@ def _ternary(quantizer):
 def _scale_count(quantizer):
     if quantizer is None or not hasattr(quantizer, "weights"):
         return 0
-    return int(sum(int(np.prod(w.shape)) for w in quantizer.weights if w.dtype.is_floating))
+    return int(sum(int(np.prod(w.shape)) for w in quantizer.weights if tf.as_dtype(w.dtype).is_floating))
 
 
 def _tfmot_bits(layer):
@@ -75,9 +75,19 @@ def _inner(layer):
     return getattr(layer, "layer", layer) if type(layer).__name__.startswith("QuantizeWrapper") else layer
 
 
+def _shape(layer, end):
+    """The layer's ``input`` / ``output`` shape (tf_keras: ``layer.output_shape``; Keras 3 keeps only
+    the symbolic tensor ``layer.output``), a list for several tensors."""
+    try:
+        return getattr(layer, f"{end}_shape")
+    except AttributeError:
+        tensors = getattr(layer, end)
+        return [tuple(t.shape) for t in tensors] if isinstance(tensors, (list, tuple)) else tuple(tensors.shape)
+
+
 def _output_positions(layer):
     """Spatial (or time) positions of the layer's output per example."""
-    shape = layer.output_shape
+    shape = _shape(layer, "output")
     if isinstance(shape, list):
         shape = shape[0]
     dims = [d for d in shape[1:-1] if d is not None]
@@ -87,7 +97,7 @@ def _output_positions(layer):
 def _macs(layer, kernels):
     inner = _inner(layer)
     if isinstance(inner, tf.keras.layers.RNN):  # every time step: input and recurrent products
-        steps = _output_positions(layer) if inner.return_sequences else int(layer.input_shape[1] or 1)
+        steps = _output_positions(layer) if inner.return_sequences else int(_shape(layer, "input")[1] or 1)
         return {name: steps * int(np.prod(v.shape)) for name, (_, v) in kernels.items()}
     positions = _output_positions(layer)
     return {name: positions * int(np.prod(v.shape)) for name, (_, v) in kernels.items()}
@@ -108,7 +118,7 @@ def summarize(model):
         params, nbytes = 0, 0.0
         for w in layer.weights:
             w = getattr(w, "latent_variable", w)  # larq's QuantizedVariable wraps the float kernel
-            if not w.dtype.is_floating:
+            if not tf.as_dtype(w.dtype).is_floating:
                 continue
             n = int(np.prod(w.shape))
             params += n

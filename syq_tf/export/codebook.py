@@ -79,7 +79,9 @@ def codebook_bits(quantizer, levels):
 def codebook_scales(quantizer, default):
     """Float scales of a quantizer's codebook: the sizes of its float variables (SYQ alpha, UniQ
     delta, LossAware alphas), else ``default`` (closed-form or fixed codebooks; the caller counts)."""
-    sizes = [int(np.prod(v.shape)) for v in getattr(quantizer, "weights", []) if v.dtype.is_floating]
+    # a variable's dtype: a tf.DType (tf_keras) or its name (Keras 3)
+    sizes = [int(np.prod(v.shape)) for v in getattr(quantizer, "weights", [])
+             if np.issubdtype(np.dtype(getattr(v.dtype, "as_numpy_dtype", v.dtype)), np.floating)]
     return sum(sizes) if sizes else int(default)
 
 

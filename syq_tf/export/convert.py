@@ -2,6 +2,9 @@
 calibration on representative data, and dynamic range (int8 weights, float activations) for models
 with a fused LSTM."""
 
+import contextlib
+import io
+
 import numpy as np
 import tensorflow as tf
 
@@ -28,6 +31,13 @@ def _as_input(x):
     return x if x.dtype.kind in "iub" else x.astype(np.float32)
 
 
+def _convert(converter):
+    """``converter.convert()``; for a Keras 3 model TensorFlow saves it first and Keras prints the
+    saved signature to stdout, which is held back here."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return converter.convert()
+
+
 def int8(inference_model, representative_data, count=200):
     """Full-integer int8 conversion (int8 inputs and outputs)."""
     reps = samples(representative_data, count)
@@ -44,7 +54,7 @@ def int8(inference_model, representative_data, count=200):
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = tf.int8
     converter.inference_output_type = tf.int8
-    return converter.convert()
+    return _convert(converter)
 
 
 def dynamic_range(inference_model):
@@ -52,7 +62,7 @@ def dynamic_range(inference_model):
     activations; an LSTM stays one fused UNIDIRECTIONAL_SEQUENCE_LSTM op."""
     converter = tf.lite.TFLiteConverter.from_keras_model(inference_model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    return converter.convert()
+    return _convert(converter)
 
 
 def recurrent_layers(model):

@@ -18,9 +18,8 @@ import numpy as np
 import tensorflow as tf
 
 from syq_tf.layers import QUANTIZED_CLASSES
-from syq_tf.models import layer_kernels
+from syq_tf.models import is_tfmot_model, layer_kernels
 from syq_tf.quantizers import ActivationQuantizer, int8_fake_quant
-from syq_tf.tfmot import QuantizeConfig, is_wrapper, quantize_scope, wrapper_kernels
 
 # Config keys of larq / syq_tf layers that the plain Keras layer does not take.
 QUANT_KEYS = ("kernel_quantizer", "input_quantizer", "recurrent_quantizer", "depthwise_quantizer",
@@ -54,6 +53,12 @@ def quantized_value(quantizer, variable):
 
 def leaf(name):
     return name.split("/")[-1]
+
+
+def path_of(variable):
+    """A variable's full name: "dense/kernel:0" (tf_keras' name) or "dense/kernel" (Keras 3's path;
+    its name is only the leaf)."""
+    return getattr(variable, "path", None) or variable.name
 
 
 def inner_path(name, layer_name):
@@ -116,6 +121,11 @@ class QuantizedStandIn(tf.keras.layers.Layer):
         self.inner = inner
         self.input_stand_in = input_stand_in
 
+    def build(self, *shapes):
+        """Nothing of its own: the inner layer builds on its first call (Keras 3 would otherwise try
+        to trace ``call`` to find the state)."""
+        self.built = True
+
     def call(self, inputs, *args, **kwargs):
         if self.input_stand_in is not None:
             inputs = self.input_stand_in(inputs)
@@ -124,7 +134,7 @@ class QuantizedStandIn(tf.keras.layers.Layer):
     def transfer(self, old):
         """The trained layer's weights, with every kernel replaced by its quantized value (matched by
         name: the leaf, or the path inside the layer where leaves repeat, as in MultiHeadAttention)."""
-        if len({leaf(v.name) for v in old.weights}) == len(old.weights):
+        if len({leaf(path_of(v)) for v in old.weights}) == len(old.weights):
             old_key = new_key = leaf
         else:
             def old_key(name):
@@ -132,11 +142,11 @@ class QuantizedStandIn(tf.keras.layers.Layer):
 
             def new_key(name):
                 return inner_path(name, self.inner.name)
-        values = {old_key(v.name): v.numpy() for v in old.weights}
+        values = {old_key(path_of(v)): v.numpy() for v in old.weights}
         for quantizer, variable in layer_kernels(old).values():
-            values[old_key(variable.name)] = quantized_value(quantizer, variable)
+            values[old_key(path_of(variable))] = quantized_value(quantizer, variable)
         for variable in self.inner.weights:
-            variable.assign(values[new_key(variable.name)])
+            variable.assign(values[new_key(path_of(variable))])
 
 
 class TableStandIn(QuantizedStandIn):
@@ -170,7 +180,7 @@ def build(model, *, batch_size=None, stand_in=None):
     stand_in: ``layer -> Layer or None`` for quantized layers (None: :func:`int8_stand_in`); the
         layer it returns gets its values through ``transfer(old_layer)``.
     """
-    if any(is_wrapper(layer) for layer in model.layers):
+    if is_tfmot_model(model):
         return _tfmot_form(model)
     made = set()
 
@@ -201,6 +211,8 @@ def _tfmot_form(model):
     """A copy of a tfmot model quantized with syq_tf configs, ready for TFLite conversion: every
     syq_tf weight quantizer's kernel holds its quantized values and only marks their int8 range;
     activation quantizers become int8 fake-quants on their grid; tfmot's own quantizers unchanged."""
+    from syq_tf.tfmot import QuantizeConfig, is_wrapper, quantize_scope, wrapper_kernels  # noqa: PLC0415  (Keras 2)
+
     with quantize_scope():
         def clone(layer):
             config = layer.get_config()

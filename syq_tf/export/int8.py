@@ -10,8 +10,8 @@ from syq_tf.export import codebook, convert, flatbuffer, inference
 from syq_tf.export.match import kernel_matches
 from syq_tf.export.report import ExportResult, layer_reports
 from syq_tf.export.runtime import quantize_input
+from syq_tf.models import is_tfmot_model
 from syq_tf.quantizers import ActivationQuantizer
-from syq_tf.tfmot import is_wrapper, quantize_scope
 
 
 @dataclasses.dataclass
@@ -25,9 +25,11 @@ def build(model, options):
     """Convert ``model`` (syq_tf / larq layers, or a tfmot QAT model) to the int8 flatbuffer with
     exact codebooks. Models with LSTM layers get int8 weights and float activations (dynamic range:
     TFLite's full-integer fused LSTM gives wrong outputs on this stack), batch size 1."""
-    if any(is_wrapper(layer) for layer in model.layers):
+    if is_tfmot_model(model):
         # tfmot QAT model: its fake-quant ranges are kept; syq_tf kernels become their quantized
         # constants with their int8 range, syq_tf activation quantizers int8 grids.
+        from syq_tf.tfmot import quantize_scope  # noqa: PLC0415  (Keras 2 only)
+
         with quantize_scope():
             buffer = convert.int8(inference.build(model), options.representative_data, options.representative_samples)
     elif convert.recurrent_layers(model):

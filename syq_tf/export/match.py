@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from syq_tf.export import flatbuffer
 from syq_tf.export.codebook import to_tflite_layout
-from syq_tf.export.inference import inner_path, is_quantized, leaf, quantized_value
+from syq_tf.export.inference import inner_path, is_quantized, leaf, path_of, quantized_value
 from syq_tf.models import layer_kernels
 
 SINGLE_WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "CONV_3D", "GATHER")
@@ -19,11 +19,12 @@ def match_tensor(layer, kernel, tensors, used, attr=None):
     an op that can hold it (a ``depthwise_kernel`` only a DEPTHWISE_CONV_2D, other kernels only the
     other ops). Weight ops are stored in execution order, which follows the model's layer order."""
     size = int(np.prod(kernel.shape))
-    attr = attr or leaf(kernel.name).split(":")[0]
-    depthwise = attr == "depthwise_kernel"
+    attr = attr or leaf(path_of(kernel)).split(":")[0]
+    # Keras 3 names a DepthwiseConv2D's kernel "kernel" (tf_keras "depthwise_kernel")
+    depthwise = attr == "depthwise_kernel" or (attr == "kernel" and isinstance(layer, tf.keras.layers.DepthwiseConv2D))
     free = [t for t in tensors if id(t) not in used and t.values.size == size
             and (t.op == "DEPTHWISE_CONV_2D") == depthwise]
-    inner = inner_path(kernel.name, layer.name)  # "query/kernel:0" for a sublayer's kernel
+    inner = inner_path(path_of(kernel), layer.name)  # "query/kernel:0" for a sublayer's kernel
     sub = inner.rsplit("/", 1)[0] if "/" in inner else ""
     for scopes in ((layer.name, sub), (layer.name,)) if sub else ((layer.name,),):
         for t in free:  # the sublayer's scope under the layer's first, then the layer's
@@ -53,7 +54,7 @@ class KernelMatch:
     def label(self):
         """Report name of the kernel: the layer's name, plus the kernel's for layers with several."""
         if self.several or isinstance(self.layer, tf.keras.layers.RNN):
-            return f"{self.layer.name}/{self.attr or leaf(self.variable.name).split(':')[0]}"
+            return f"{self.layer.name}/{self.attr or leaf(path_of(self.variable)).split(':')[0]}"
         return self.layer.name
 
 

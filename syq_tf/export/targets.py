@@ -14,6 +14,8 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
+from syq_tf import _bootstrap
+
 
 @dataclasses.dataclass(frozen=True)
 class Target:
@@ -82,6 +84,9 @@ def options(model, *, target="litert", weights="int8", representative_data=None,
     if weights not in REGISTRY[target].weights:
         raise ValueError(f"to_tflite: weights={weights!r} is for target {WEIGHTS[weights]!r} (got "
                          f"target={target!r}): " + WEIGHTS_WHY[weights])
+    if target == "lce" and _bootstrap.frontend() == 3:
+        raise ValueError("to_tflite: target 'lce' is Keras 2 only (larq-compute-engine's converter and larq "
+                         "run on tf_keras); from Keras 3 use target 'litert' (weights int8, int4, int2) or 'tflm'.")
     if not isinstance(model, tf.keras.Model):
         raise ValueError(f"to_tflite: expected a Keras model, got {type(model).__name__}.")
     if not model.built or not model.inputs:

@@ -6,9 +6,26 @@ Kernel layouts (Keras): Dense ``[c_in, c_out]``, Conv1D ``[k, c_in, c_out]``, Co
 
 import numbers
 
-import larq as lq
-import numpy as np
-import tensorflow as tf
+from syq_tf import _bootstrap
+
+KERAS = _bootstrap.frontend()  # 2 (tf_keras, larq) or 3 (keras): tf.keras below is that Keras
+
+import numpy as np  # noqa: E402  (after the frontend is chosen)
+import tensorflow as tf  # noqa: E402
+
+if KERAS == 2:
+    import larq as lq  # noqa: E402
+
+    QuantizerBase = lq.quantizers.Quantizer  # larq's models.summary and quantizers.get know it
+else:
+
+    class QuantizerBase(tf.keras.layers.Layer):
+        """Keras 3: a layer with larq's one extra attribute, the output's bit width."""
+
+        precision = None
+
+# add_weight(aggregation=...) for variables every replica writes alone (Keras 3 takes the name).
+NO_AGGREGATION = tf.VariableAggregation.NONE if KERAS == 2 else "none"
 
 GRANULARITIES = ("layer", "row", "pixel", "channel")
 
@@ -47,7 +64,7 @@ def register(alias=None):
     return decorate
 
 
-class WeightQuantizer(lq.quantizers.Quantizer):
+class WeightQuantizer(QuantizerBase):
     """Base of quantizers meant for kernels (``kernel_quantizer``), never for activations."""
 
     role = "weight"
@@ -129,12 +146,12 @@ class LearnedScaleQuantizer(WeightQuantizer):
             if not bool(self._scale_initialized.numpy()):
                 init()
             return tf.identity(self._scale)
-        ready = tf.cond(self._scale_initialized, lambda: tf.constant(True), init)
+        ready = tf.cond(tf.convert_to_tensor(self._scale_initialized), lambda: tf.constant(True), init)
         with tf.control_dependencies([ready]):
             return tf.identity(self._scale)
 
 
-class ActivationQuantizer(lq.quantizers.Quantizer):
+class ActivationQuantizer(QuantizerBase):
     """Base of quantizers meant for layer inputs (``input_quantizer``)."""
 
     role = "activation"

@@ -552,7 +552,7 @@ class LeastSquaresActivation(ActivationQuantizer):
         def moving():
             return tf.cast(self.moving_scalars, x2d.dtype)[None, :] * tf.ones_like(x2d[:, :1])
 
-        return tf.cond(self.moving_initialized, moving, lambda: self._per_sample(x2d))
+        return tf.cond(tf.convert_to_tensor(self.moving_initialized), moving, lambda: self._per_sample(x2d))
 
     def call(self, inputs, training=None):
         x = tf.convert_to_tensor(inputs)

@@ -75,6 +75,7 @@ import numpy as np
 import tensorflow as tf
 
 from syq_tf.quantizers._common import (
+    NO_AGGREGATION,
     WeightQuantizer,
     register,
     scale_shape,
@@ -593,7 +594,7 @@ class LossAware(WeightQuantizer):
             shape = scale_shape(input_shape, self._reduce_axes)
             # Every replica computes the same scales from the same (mirrored) weights and curvature:
             # each writes its own copy (no cross-replica merge, which tf.cond would not allow).
-            first = tf.VariableAggregation.NONE
+            first = NO_AGGREGATION
             self.alpha = self.add_weight(
                 name="alpha", shape=shape, initializer="zeros", trainable=False, aggregation=first
             )
@@ -703,7 +704,7 @@ class LossAware(WeightQuantizer):
             if not bool(self.alpha_initialized.numpy()):
                 init()
             return tuple(tf.identity(s) for s in self._scales())
-        ready = tf.cond(self.alpha_initialized, lambda: tf.constant(True), init)
+        ready = tf.cond(tf.convert_to_tensor(self.alpha_initialized), lambda: tf.constant(True), init)
         with tf.control_dependencies([ready]):
             return tuple(tf.identity(s) for s in self._scales())
 

@@ -362,7 +362,7 @@ class UniQActivation(ActivationQuantizer):
             self._observer.append(float(tf.sqrt(2.0 * tf.reduce_mean(tf.square(a)))))
             return a  # float pass-through while calibrating
         check = tf.debugging.Assert(
-            self.delta_initialized,
+            tf.convert_to_tensor(self.delta_initialized),  # a Keras 3 variable is no bool
             [f"UniQActivation '{self.name}': the activation step was never set; run "
              "syq_tf.calibrate(model, data) (or the syq_tf.Calibrate callback) before training or "
              "inference, or pass initial_step=..."],

@@ -27,6 +27,11 @@ the wrapper layer, then quantize a tensor). Here:
     model = syq_tf.quantize_model(float_model, scheme="syq-w2a8")      # or the whole model at once
 """
 
+from syq_tf import _bootstrap
+
+_bootstrap.ensure_keras2()  # tfmot is Keras 2 only: a clear error in a syq_tf.keras3 process
+
+
 
 from syq_tf.tfmot.adapter import TfmotQuantizer
 from syq_tf.tfmot.configs import (
