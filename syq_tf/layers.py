@@ -357,11 +357,19 @@ def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None, recurr
     if isinstance(target, tf.keras.layers.MultiHeadAttention) and not isinstance(target, QuantizedMultiHeadAttention):
         if recurrent_quantizer is not None or depthwise_quantizer is not None:
             raise ValueError("syq_tf.quantize: MultiHeadAttention takes kernel_quantizer and input_quantizer only.")
-        if target.built:
+        if target.built and KERAS == 2:
             raise ValueError(f"syq_tf.quantize: layer '{target.name}' (MultiHeadAttention) is already built; "
                              "quantize it before its first call.")
         config = {k: v for k, v in target.get_config().items() if k not in ("query_shape", "key_shape", "value_shape")}
-        return QuantizedMultiHeadAttention(**config, kernel_quantizer=kernel_quantizer, input_quantizer=input_quantizer)
+        layer = QuantizedMultiHeadAttention(**config, kernel_quantizer=kernel_quantizer, input_quantizer=input_quantizer)
+        if target.built:  # Keras 3: same shapes, then each projection's float weights
+            layer.build_from_config(target.get_build_config())
+            for attr in layer.PROJECTIONS:
+                float_weights = getattr(target, attr).weights
+                quantized = getattr(layer, attr)
+                for old, new in zip(float_weights, quantized.weights[:len(float_weights)]):
+                    new.assign(old)
+        return layer
     if recurrent_quantizer is not None and not (
         isinstance(cls, type) and issubclass(cls, tf.keras.layers.RNN)
     ):

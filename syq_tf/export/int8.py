@@ -71,7 +71,7 @@ def activation_notes(model):
     notes = []
     for layer in model.layers:
         quantizer = getattr(layer, "input_quantizer", None)
-        if isinstance(quantizer, ActivationQuantizer) and quantizer.export_grid() is None:
+        if isinstance(quantizer, ActivationQuantizer) and not quantizer.exact_in_int8():
             low, high = quantizer.export_range()
             notes.append(
                 f"layer '{layer.name}': {type(quantizer).__name__} levels are not a fixed uniform grid, "

@@ -1,6 +1,7 @@
 """Which stored weight tensor of a flatbuffer holds which Keras kernel."""
 
 import dataclasses
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -9,6 +10,7 @@ from syq_tf.export import flatbuffer
 from syq_tf.export.codebook import to_tflite_layout
 from syq_tf.export.inference import inner_path, is_quantized, leaf, path_of, quantized_value
 from syq_tf.models import layer_kernels
+from syq_tf.quantizers._common import KERAS
 
 SINGLE_WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "CONV_3D", "GATHER")
 
@@ -28,9 +30,19 @@ def match_tensor(layer, kernel, tensors, used, attr=None):
     sub = inner.rsplit("/", 1)[0] if "/" in inner else ""
     for scopes in ((layer.name, sub), (layer.name,)) if sub else ((layer.name,),):
         for t in free:  # the sublayer's scope under the layer's first, then the layer's
-            if any(all(f"/{s}/" in f"/{part}/" for s in scopes) for part in t.name.split(";")):
+            if any(all(_in_scope(s, part) for s in scopes) for part in t.name.split(";")):
                 return t
     return free[0] if free else None
+
+
+def _in_scope(name, tensor_name):
+    """True if the op name ``tensor_name`` lies under the Keras name scope of the layer ``name``:
+    ``.../name/...`` (tf_keras), ``.../name_<n>/...`` (Keras 3 numbers every scope it opens)."""
+    tokens = tensor_name.split("/")
+    if KERAS == 2:
+        return name in tokens
+    scope = re.compile(re.escape(name) + r"_\d+")
+    return any(scope.fullmatch(token) for token in tokens)
 
 
 @dataclasses.dataclass

@@ -1,7 +1,13 @@
 """Quantizers, each a larq ``Quantizer`` (a Keras layer) usable as kernel/input quantizer."""
 
 from syq_tf.quantizers._common import ActivationQuantizer, WeightQuantizer, int8_fake_quant
-from syq_tf.quantizers.activations import DoReFa, DoReFaActivation, dorefa_quantize
+from syq_tf.quantizers.activations import (
+    DoReFa,
+    DoReFaActivation,
+    MovingAverageActivation,
+    dorefa_quantize,
+    range_quantize,
+)
 from syq_tf.quantizers.least_squares import (
     LeastSquares,
     LeastSquaresActivation,
@@ -10,6 +16,7 @@ from syq_tf.quantizers.least_squares import (
 )
 from syq_tf.quantizers.loss_aware import LossAware, loss_aware_project
 from syq_tf.quantizers.syq import SYQ, syq_quantize
+from syq_tf.quantizers.uniform import MaxAbsWeight, max_abs_quantize
 from syq_tf.quantizers.uniq import (
     NotCalibratedError,
     UniQ,
@@ -35,6 +42,10 @@ __all__ = [
     "DoReFa",
     "DoReFaActivation",
     "dorefa_quantize",
+    "MovingAverageActivation",
+    "MaxAbsWeight",
+    "max_abs_quantize",
+    "range_quantize",
     "WeightQuantizer",
     "ActivationQuantizer",
     "int8_fake_quant",

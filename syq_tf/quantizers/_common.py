@@ -164,6 +164,10 @@ class ActivationQuantizer(QuantizerBase):
         (export then stores them exactly: an int8 tensor of scale ``step``), else None."""
         return None
 
+    def exact_in_int8(self):
+        """True if int8 TFLite computes exactly this quantizer's levels (it has an export grid)."""
+        return self.export_grid() is not None
+
     def export_range(self):
         """(min, max) int8 range for quantizers without an exact grid (an approximation)."""
         raise NotImplementedError(f"{type(self).__name__} has no int8 export range")

@@ -31,8 +31,6 @@ from syq_tf import _bootstrap
 
 _bootstrap.ensure_keras2()  # tfmot is Keras 2 only: a clear error in a syq_tf.keras3 process
 
-
-
 from syq_tf.tfmot.adapter import TfmotQuantizer
 from syq_tf.tfmot.configs import (
     ActivationConfig,

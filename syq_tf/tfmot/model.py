@@ -11,32 +11,10 @@ from syq_tf.tfmot.schemes import (
     SchemeRegistry,
     SyqQuantizeScheme,
     has_kernel,
-    parse_scheme,
     separable_parts,
 )
 from syq_tf.tfmot.wrappers import is_wrapper
-
-@dataclasses.dataclass
-class Unsupported:
-    """A layer :func:`quantize_model` cannot quantize under the scheme, and why."""
-
-    layer: str
-    type: str
-    why: str
-
-
-class UnsupportedLayersError(ValueError):
-    """Raised by :func:`quantize_model` (``on_unsupported="raise"``) naming every unsupported layer."""
-
-    def __init__(self, unsupported):
-        self.unsupported = list(unsupported)
-        lines = "; ".join(f"'{u.layer}' ({u.type}): {u.why}" for u in self.unsupported)
-        super().__init__(
-            f"quantize_model: {len(self.unsupported)} layer(s) cannot be quantized: {lines}. Pass "
-            "on_unsupported='keep_float' to leave them in float, or keep_float=[names]."
-        )
-
-
+from syq_tf.schemes import Unsupported, UnsupportedLayersError, parse_scheme
 
 def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="error", return_report=False):
     """Quantize a float Sequential or functional Keras model with tfmot and a syq_tf scheme.

@@ -1,9 +1,6 @@
 """Whole-model schemes: names such as ``syq-w2a8`` (:func:`parse_scheme`), the tfmot registry and
 ``QuantizeScheme`` that apply them."""
 
-import dataclasses
-import re
-
 import tensorflow as tf
 from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
     default_8bit_quantize_configs as default_configs,  # (its output-only config is not public)
@@ -15,61 +12,10 @@ from tensorflow_model_optimization.python.core.quantization.keras.graph_transfor
     model_transformer,
 )
 
-from syq_tf.quantizers import SYQ, DoReFaActivation, LeastSquares, LossAware, UniQ, UniQActivation
+from syq_tf.quantizers import UniQ
+from syq_tf.schemes import Scheme, parse_scheme
 from syq_tf.tfmot.adapter import kernel_attr, tq
 from syq_tf.tfmot.configs import ActivationConfig, QuantizeConfig
-
-@dataclasses.dataclass(frozen=True)
-class Scheme:
-    """A parsed scheme name ``<method>-w<bits>[a<bits>]``, e.g. syq-w2a8, uniq-w4a4, ls-w1a2, lab-w1."""
-
-    name: str
-    method: str
-    weight_bits: int
-    activation_bits: int  # 8: tfmot's default 8-bit activations
-
-    def weight_quantizer(self):
-        m, b = self.method, self.weight_bits
-        if m == "syq":
-            return SYQ(b, "channel")
-        if m == "uniq":
-            return UniQ(b, "channel")
-        if m == "ls":
-            return LeastSquares({1: "ls1", 2: "ls2"}[b])
-        if m == "lab":
-            return LossAware("binary")
-        if m == "lat":
-            return LossAware("ternary")
-        return LossAware("linear", bits=b)  # laq
-
-    def activation_quantizer(self):
-        if self.activation_bits >= 8:
-            return None  # tfmot's default 8-bit output quantization
-        if self.method == "uniq":
-            return UniQActivation(self.activation_bits)
-        return DoReFaActivation(self.activation_bits)
-
-
-_SCHEME = re.compile(r"^(syq|uniq|ls|lab|lat|laq)-w(\d)(?:a(\d))?$")
-_WEIGHT_BITS = {"syq": (1, 2), "uniq": tuple(range(1, 9)), "ls": (1, 2), "lab": (1,), "lat": (2,),
-                "laq": tuple(range(2, 9))}
-
-
-def parse_scheme(name):
-    """:class:`Scheme` from a name like ``syq-w2a8`` (activations default to 8 bits); ValueError
-    naming what is allowed otherwise."""
-    match = _SCHEME.match(str(name).strip().lower())
-    allowed = ("<method>-w<bits>[a<bits>] with method syq (w1, w2), uniq (w1..w8), ls (w1 ls1, w2 ls2), "
-               "lab (w1), lat (w2), laq (w2..w8) and activation bits 1..8, e.g. syq-w2a8, uniq-w4a4, "
-               "ls-w1a2, lab-w1")
-    if not match:
-        raise ValueError(f"quantize_model: unknown scheme {name!r}; expected {allowed}.")
-    method, wb, ab = match.group(1), int(match.group(2)), int(match.group(3) or 8)
-    if wb not in _WEIGHT_BITS[method] or not 1 <= ab <= 8:
-        raise ValueError(f"quantize_model: scheme {name!r} has unsupported bit widths; expected {allowed}.")
-    return Scheme(str(name), method, wb, ab)
-
-
 
 ACTIVATION_LAYERS = (tf.keras.layers.ReLU, tf.keras.layers.Activation)
 # Not in tfmot's registry, but handled by the default scheme's layout transforms.
