@@ -425,8 +425,8 @@ def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None, recurr
             for src, dst in zip(target.weights, own):
                 dst.assign(src)
         return layer
-    if type(target).__module__.startswith("keras"):
-        _check_keras2(type(target))
+    if type(target).__module__.split(".")[0] in ("keras", "tf_keras", "larq"):
+        _check_keras2(type(target))  # a layer of the other frontend's Keras
     raise TypeError(
         f"syq_tf.quantize: expected a tf.keras layer class or instance, got {type(target).__name__}."
     )
