@@ -5,6 +5,7 @@ them. Then the report of what was stored (:func:`result`)."""
 import dataclasses
 
 import numpy as np
+import tensorflow as tf
 
 from syq_tf.export import codebook, convert, flatbuffer, inference
 from syq_tf.export.match import kernel_matches
@@ -12,6 +13,7 @@ from syq_tf.export.report import ExportResult, layer_reports
 from syq_tf.export.runtime import quantize_input
 from syq_tf.models import is_tfmot_model
 from syq_tf.quantizers import ActivationQuantizer
+from syq_tf.quantizers._common import KERAS
 
 
 @dataclasses.dataclass
@@ -39,6 +41,11 @@ def build(model, options):
     buffer, bias_fixed = flatbuffer.consistent_biases(buffer)
     buffer, rescaled = exact_codebooks(model, buffer)
     notes = activation_notes(model)
+    if KERAS == 3:
+        notes += [f"layer '{layer.name}': TensorFlow's converter fuses only tf_keras' LSTM into TFLite's "
+                  "UNIDIRECTIONAL_SEQUENCE_LSTM; this Keras 3 recurrent layer becomes a WHILE loop with float "
+                  "weights (it runs, but its kernels are not stored at low bit: use the Keras 2 frontend to "
+                  "deploy recurrent models)" for layer in model.layers if isinstance(layer, tf.keras.layers.RNN)]
     notes += [f"bias {name!r}: the converter stored it at {factor:.4g}x the scale its op computes with "
               "(input x weight scale); re-expressed" for name, factor in bias_fixed]
     return Int8Model(buffer, rescaled, notes)
