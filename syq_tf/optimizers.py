@@ -112,16 +112,17 @@ class LossAwareAdam(tf.keras.optimizers.Adam):
         """The LossAware quantizers whose kernels this optimizer trains."""
         return list(self._loss_aware.values())
 
-    def _curvature(self, variable):
-        """d = sqrt(v_hat) + eps (curvature "raw": sqrt(v) + eps) for ``variable`` after this step's
-        update."""
+    def _curvature(self, variable, step=None):
+        """d = sqrt(v_hat) + eps (curvature "raw": sqrt(v) + eps) for ``variable`` after update number
+        ``step`` (default: the step being applied, ``iterations + 1``; after training, pass
+        ``iterations``, the last step applied)."""
         index = self._slot_index(variable)
         v = self._velocity_hats[index] if self.amsgrad else self._velocities[index]
         dtype = variable.dtype
         if self.curvature == "raw":
             scale = tf.ones([], dtype)
         else:
-            step = tf.cast(self.iterations + 1, dtype)
+            step = tf.cast(self.iterations + 1 if step is None else step, dtype)
             scale = 1.0 / (1.0 - tf.pow(tf.cast(self.beta_2, dtype), step))
         if use_xla(variable.shape):
             return _curvature_xla(tf.convert_to_tensor(v), scale, tf.cast(self.epsilon, dtype))

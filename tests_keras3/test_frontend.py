@@ -196,3 +196,31 @@ def test_keras2_only_parts_say_so_in_one_line():
     assert r.returncode != 0
     assert "Dense comes from Keras 2 (module tf_keras" in r.stderr
     assert REPO  # the snippets run against this checkout
+
+
+def test_quantizer_logger_reads_keras3_scales_and_adam_curvature(tmp_path):
+    import glob  # noqa: PLC0415
+
+    x, y = separable_data(64)
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)),
+        syq.quantize(keras.layers.Conv2D(4, 3, name="conv"), kernel_quantizer=Q.SYQ(2, "channel")),
+        keras.layers.Flatten(),
+        syq.quantize(keras.layers.Dense(4, name="fc"), kernel_quantizer=Q.LossAware("ternary_exact")),
+    ])
+    optimizer = syq.LossAwareAdam(1e-2)
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[syq.QuantizerLogger(str(tmp_path))])
+    found = {}
+    for path in glob.glob(f"{tmp_path}/events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                found.setdefault(value.tag, []).append((event.step, tf.make_ndarray(value.tensor)))
+    assert [step for step, _ in found["conv/kernel/alpha/3"]] == [1, 2]
+    assert np.isclose(float(found["conv/kernel/alpha/3"][-1][1]),
+                      model.get_layer("conv").kernel_quantizer.alpha.numpy().ravel()[3])
+    # d = sqrt(v_hat) + eps from Keras 3's Adam slots, as LossAwareAdam's projection uses it
+    kernel = model.get_layer("fc").float_kernels()["kernel"][1]
+    v = optimizer._velocities[optimizer._get_variable_index(kernel)].numpy()
+    d = np.sqrt(v / (1 - 0.999 ** int(optimizer.iterations.numpy()))) + 1e-8
+    np.testing.assert_allclose(float(found["fc/kernel/curvature/mean"][-1][1]), d.mean(), rtol=1e-5)
