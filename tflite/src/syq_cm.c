@@ -171,23 +171,27 @@ SYQ_CINLINE void syq_cm_block(const syq_cctx *c, const uint8_t *base, const size
     }
 }
 
-/* syq_requantize, exactly, with a short path for multiplier >= 0 and -31 <= shift <= 0 (what
- * TFLite's QuantizeMultiplier gives for output scales < 1): SaturatingRoundingDoublingHighMul (no
- * saturation possible with multiplier >= 0) as one SMULL and a truncating shift, then
- * RoundingDivideByPOT.  Other shifts take the generic code. */
+/* TFLite's MultiplyByQuantizedMultiplier for multiplier >= 0 and -23 <= shift <= -1 (what
+ * QuantizeMultiplier gives for output scales in [2^-24, 0.5)), exactly, before the clamp to an int8
+ * range.  SaturatingRoundingDoublingHighMul (no saturation possible with multiplier >= 0) is
+ * floor((acc * mult + 2^30) / 2^31) for either sign (TFLite's nudge and truncating division): one
+ * SMLAL and two shifts.  RoundingDivideByPOT (half away from zero) by 2^e is
+ * (x - [x < 0] + 2^(e-1)) >> e; the addition saturates (QADD) only where the exact result is
+ * >= 2^(31-e) - 1 >= 255, which any clamp to act_max <= 127 (output zero point >= -128) maps to
+ * act_max either way. */
+SYQ_CINLINE int32_t syq_cm_rq(int32_t acc, int32_t mult, int32_t shift) {
+    const int32_t x = (int32_t)(((int64_t)acc * mult + ((int64_t)1 << 30)) >> 31); /* arithmetic shift */
+    return __qadd(x + (x >> 31), (int32_t)(1u << (-shift - 1))) >> -shift;
+}
+SYQ_CINLINE int syq_cm_rq_ok(int32_t mult, int32_t shift) { return mult >= 0 && shift <= -1 && shift >= -23; }
+
+/* syq_requantize, exactly: syq_cm_rq (shift 0: the high multiply alone) where it applies, the
+ * generic code otherwise */
 SYQ_CINLINE int8_t syq_cm_requant(const syq_conv_params *p, int32_t o, int32_t acc) {
     const int32_t mult = p->out_multiplier[o], shift = p->out_shift[o];
-    int64_t ab;
-    int32_t x, e, v;
-    uint32_t mask;
-    if (mult < 0 || shift > 0 || shift < -31) return syq_requantize(p, o, acc);
-    ab = (int64_t)acc * mult;
-    ab += ab >= 0 ? ((int64_t)1 << 30) : (1 - ((int64_t)1 << 30));
-    if (ab < 0) ab += 0x7FFFFFFF; /* division by 2^31 truncating toward zero */
-    x = (int32_t)(ab >> 31);      /* arithmetic shift (GCC / Clang) */
-    e = -shift;
-    mask = (uint32_t)(((uint64_t)1 << e) - 1u);
-    v = (x >> e) + (((int32_t)((uint32_t)x & mask) > (int32_t)(mask >> 1) + (x < 0)) ? 1 : 0);
+    int32_t v;
+    if (mult < 0 || shift > 0 || shift < -23) return syq_requantize(p, o, acc);
+    v = shift ? syq_cm_rq(acc, mult, shift) : (int32_t)(((int64_t)acc * mult + ((int64_t)1 << 30)) >> 31);
     v += p->output_zero_point;
     return (int8_t)(v < p->act_min ? p->act_min : (v > p->act_max ? p->act_max : v));
 }
@@ -241,6 +245,238 @@ static syq_cm_fn syq_cm_pick4(size_t sw, int tern) {
     static const syq_cm_fn t[5] = {syq_cm_t4, syq_cm_t4_32, syq_cm_t4_64, syq_cm_t4_96, syq_cm_t4_128};
     const size_t i = sw % 32u == 0 && sw <= 128u ? sw / 32u : 0u;
     return tern ? t[i] : b[i];
+}
+
+/* ---- 1x1 convolutions and FullyConnected: tables of subset sums -----------------------------
+ * With a 1x1 kernel every output pixel reads one input pixel, shared by all out_c output channels.
+ * For each group of 4 input channels of that pixel a table of the 16 subset sums of d = x - zp
+ * (int16, |.| <= 1020; 32 bytes, built in pairs with SADD16: 8 words) turns the group's nibble of
+ * a code plane into its partial sum with one load:
+ *   binary:  sum_i c_i d_i = D - 2 T[s]      (D = sum_i d_i, s = sign nibble)
+ *   ternary: sum_i c_i d_i = T[z] - 2 T[s]   (z = non-zero nibble; the sign bits are a subset)
+ * so an output channel costs per 4 channels UBFX + LDRSH + ADD per plane: no correction term (the
+ * zero point is in the tables), no padded copy of the input.  Output channels go in blocks of
+ * SYQ_TNR (binary) / SYQ_TNR2 (ternary) sharing the table address and loop; input words in chunks
+ * that fit in the scratch (256 bytes of tables per word; partial sums kept per output channel). */
+#define SYQ_TNR 4
+#define SYQ_TNR2 2
+
+/* tables of input pixel x, words j0..j0+nwc-1 (channels past in_c: d = 0); returns sum of d */
+static int32_t syq_cm_tab_build(const int8_t *x, int32_t in_c, int32_t zp, size_t j0, size_t nwc, uint32_t *t) {
+    const uint32_t zp2 = ((uint32_t)zp & 0xFFFFu) * 0x00010001u, zpb = ((uint32_t)zp & 0xFFu) * 0x01010101u;
+    const int32_t cend = (int32_t)(32u * (j0 + nwc)), c1 = cend < in_c ? cend : in_c;
+    int32_t c = (int32_t)(32u * j0), dsum = 0;
+    for (; c < c1; c += 4, t += 8) {
+        uint32_t v, d02, d13, q1, q2, q3, p0, p1, p2, p3;
+        if (c + 4 <= c1) {
+            __builtin_memcpy(&v, x + c, 4);
+        } else { /* channels past in_c read as the zero point (d = 0) */
+            int32_t k;
+            v = zpb;
+            for (k = 0; c + k < c1; ++k) v = (v & ~(0xFFu << (8 * k))) | ((uint32_t)(uint8_t)x[c + k] << (8 * k));
+        }
+        d02 = __ssub16(__sxtb16(v), zp2);      /* (d0, d2) */
+        d13 = __ssub16(__sxtb16(v >> 8), zp2); /* (d1, d3) */
+        q1 = (d13 & 0xFFFFu) * 0x00010001u;    /* (d1, d1) */
+        q2 = (d02 >> 16) * 0x00010001u;        /* (d2, d2) */
+        q3 = (d13 >> 16) * 0x00010001u;        /* (d3, d3) */
+        p0 = d02 << 16;                        /* T[0] = 0, T[1] = d0 */
+        p1 = __sadd16(p0, q1);
+        p2 = __sadd16(p0, q2);
+        p3 = __sadd16(p1, q2);
+        t[0] = p0;
+        t[1] = p1;
+        t[2] = p2;
+        t[3] = p3;
+        t[4] = __sadd16(p0, q3);
+        t[5] = __sadd16(p1, q3);
+        t[6] = __sadd16(p2, q3);
+        p3 = __sadd16(p3, q3);
+        t[7] = p3;
+        dsum += (int32_t)p3 >> 16; /* T[15] */
+    }
+    for (; c < cend; c += 4, t += 8) { /* whole groups past in_c: never read (their nibbles are 0) */
+    }
+    return dsum;
+}
+
+#define SYQ_TL(tk, v, k) ((int32_t)(tk)[((v) >> (4 * (k))) & 0xFu])
+#define SYQ_TS(k, NR)                                                                              \
+    do {                                                                                           \
+        const int16_t *tk = t + 16 * (k);                                                          \
+        if (tern) {                                                                                \
+            a0 += SYQ_TL(tk, z0, k) - 2 * SYQ_TL(tk, s0, k);                                       \
+            if (NR > 1) a1 += SYQ_TL(tk, z1, k) - 2 * SYQ_TL(tk, s1, k);                           \
+        } else {                                                                                   \
+            a0 += SYQ_TL(tk, s0, k);                                                               \
+            if (NR > 1) a1 += SYQ_TL(tk, s1, k);                                                   \
+            if (NR > 2) {                                                                          \
+                a2 += SYQ_TL(tk, s2, k);                                                           \
+                a3 += SYQ_TL(tk, s3, k);                                                           \
+            }                                                                                      \
+        }                                                                                          \
+    } while (0)
+#define SYQ_TW(cw, NR)                                                                             \
+    const uint32_t s0 = (cw)[0], z0 = tern ? (cw)[nw] : 0u;                                        \
+    const uint32_t s1 = NR > 1 ? (cw)[pw] : 0u, z1 = NR > 1 && tern ? (cw)[pw + nw] : 0u;          \
+    const uint32_t s2 = NR > 2 ? (cw)[2 * pw] : 0u, s3 = NR > 2 ? (cw)[3 * pw] : 0u;               \
+    (void)z0; (void)z1; (void)s1; (void)s2; (void)s3
+
+/* what the table path reads per output channel, loaded once per call */
+typedef struct {
+    const syq_conv_params *p;
+    const uint32_t *codes;
+    const uint8_t *mag;
+    const int32_t *bias, *mult, *shift;
+    size_t nw, pw, ms;
+    int32_t oc, zp, lo, hi, fast;
+} syq_tq;
+
+/* sums s (sum_i c_i d_i, binary: sum over the sign bits) of output channel o -> out[o] */
+SYQ_CINLINE void syq_cm_tab_out(const syq_tq *q, int32_t o, int32_t s, int32_t dsum, int8_t *out, const int tern) {
+    int32_t acc, v;
+    if (!tern) s = dsum - 2 * s;
+    acc = (int32_t)((uint32_t)q->mag[(size_t)o * q->ms] * (uint32_t)s + (q->bias ? (uint32_t)q->bias[o] : 0u));
+    if (!q->fast) {
+        out[o] = syq_requantize(q->p, o, acc);
+        return;
+    }
+    v = syq_cm_rq(acc, q->mult[o], q->shift[o]) + q->zp;
+    out[o] = (int8_t)(v < q->lo ? q->lo : (v > q->hi ? q->hi : v));
+}
+
+/* NR output channels from o: their sums over words 0..nwc-1 of the tables t (the last word with
+ * ng groups) into a0..a3 */
+#define SYQ_TROWS(NRV)                                                                             \
+    do {                                                                                           \
+        const uint32_t *cw = cw0 + (size_t)o * pw;                                                 \
+        const int16_t *t = tab;                                                                    \
+        size_t j;                                                                                  \
+        for (j = 1; j < nwc; ++j, t += 128, ++cw) {                                                \
+            SYQ_TW(cw, NRV);                                                                       \
+            SYQ_TS(0, NRV); SYQ_TS(1, NRV); SYQ_TS(2, NRV); SYQ_TS(3, NRV);                        \
+            SYQ_TS(4, NRV); SYQ_TS(5, NRV); SYQ_TS(6, NRV); SYQ_TS(7, NRV);                        \
+        }                                                                                          \
+        {                                                                                          \
+            SYQ_TW(cw, NRV);                                                                       \
+            switch (ng) { /* groups past in_c: nibbles 0, skipped */                               \
+            case 8: SYQ_TS(7, NRV); /* fall through */                                             \
+            case 7: SYQ_TS(6, NRV); /* fall through */                                             \
+            case 6: SYQ_TS(5, NRV); /* fall through */                                             \
+            case 5: SYQ_TS(4, NRV); /* fall through */                                             \
+            case 4: SYQ_TS(3, NRV); /* fall through */                                             \
+            case 3: SYQ_TS(2, NRV); /* fall through */                                             \
+            case 2: SYQ_TS(1, NRV); /* fall through */                                             \
+            default: SYQ_TS(0, NRV);                                                               \
+            }                                                                                      \
+        }                                                                                          \
+    } while (0)
+
+/* all output channels of one input pixel, words j0..j0+nwc-1 of its tables tab (the last of them
+ * with ng groups); chunked: partial sums in sums (first chunk starts them, the last requantizes) */
+SYQ_CINLINE void syq_cm_tab_pixel(const syq_tq *q, const int16_t *tab, size_t j0, size_t nwc, int ng, int first,
+                                  int last, int32_t dsum, int32_t *sums, int8_t *out, const int tern,
+                                  const int chunked) {
+    const int32_t NR0 = tern ? SYQ_TNR2 : SYQ_TNR, oc = q->oc;
+    const size_t nw = q->nw, pw = q->pw;
+    const uint32_t *cw0 = q->codes + j0;
+    int32_t o = 0, r;
+    if (!chunked) first = last = 1;
+    while (o < oc) {
+        int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, acc[4];
+        const int32_t nr = oc - o >= NR0 ? NR0 : 1;
+        if (nr == 1) SYQ_TROWS(1);
+        else if (tern) SYQ_TROWS(SYQ_TNR2);
+        else SYQ_TROWS(SYQ_TNR);
+        if (!chunked) {
+            syq_cm_tab_out(q, o, a0, dsum, out, tern);
+            if (nr > 1) {
+                syq_cm_tab_out(q, o + 1, a1, dsum, out, tern);
+                if (!tern) {
+                    syq_cm_tab_out(q, o + 2, a2, dsum, out, tern);
+                    syq_cm_tab_out(q, o + 3, a3, dsum, out, tern);
+                }
+            }
+            o += nr;
+            continue;
+        }
+        acc[0] = a0;
+        acc[1] = a1;
+        acc[2] = a2;
+        acc[3] = a3;
+        for (r = 0; r < nr; ++r, ++o) {
+            const int32_t s = acc[r] + (first ? 0 : sums[o]);
+            if (last) syq_cm_tab_out(q, o, s, dsum, out, tern);
+            else sums[o] = s;
+        }
+    }
+}
+
+static void syq_cm_tab_pixel_b(const syq_tq *q, const int16_t *t, size_t j0, size_t nwc, int ng, int first, int last,
+                               int32_t dsum, int32_t *sums, int8_t *out) {
+    syq_cm_tab_pixel(q, t, j0, nwc, ng, first, last, dsum, sums, out, 0, 0);
+}
+static void syq_cm_tab_pixel_t(const syq_tq *q, const int16_t *t, size_t j0, size_t nwc, int ng, int first, int last,
+                               int32_t dsum, int32_t *sums, int8_t *out) {
+    syq_cm_tab_pixel(q, t, j0, nwc, ng, first, last, dsum, sums, out, 1, 0);
+}
+static void syq_cm_tab_pixel_bc(const syq_tq *q, const int16_t *t, size_t j0, size_t nwc, int ng, int first, int last,
+                                int32_t dsum, int32_t *sums, int8_t *out) {
+    syq_cm_tab_pixel(q, t, j0, nwc, ng, first, last, dsum, sums, out, 0, 1);
+}
+static void syq_cm_tab_pixel_tc(const syq_tq *q, const int16_t *t, size_t j0, size_t nwc, int ng, int first, int last,
+                                int32_t dsum, int32_t *sums, int8_t *out) {
+    syq_cm_tab_pixel(q, t, j0, nwc, ng, first, last, dsum, sums, out, 1, 1);
+}
+
+/* 1x1 kernel: returns 0 (nothing done) when the scratch cannot hold one word's tables */
+static int syq_conv2d_cm_tab(const syq_cctx *c, const int8_t *input, int8_t *output) {
+    const syq_conv_params *p = c->p;
+    const syq_packed_weights *w = c->w;
+    const size_t nw = c->nw, oc = (size_t)w->out_c;
+    const size_t room = SYQ_ALIGN64(c->hp * c->wp * c->ip) + SYQ_ALIGN64(c->ip); /* tables; sums after */
+    const size_t cwmax = room / 256u;
+    const int32_t groups = (w->in_c + 3) / 4;
+    uint32_t *tab = (uint32_t *)(void *)c->u;
+    int32_t *sums = (int32_t *)(void *)(c->u + room);
+    void (*fn)(const syq_tq *, const int16_t *, size_t, size_t, int, int, int, int32_t, int32_t *, int8_t *);
+    syq_tq q;
+    size_t n, oy, ox, j0;
+    int32_t o;
+    if (cwmax == 0) return 0;
+    q.p = p;
+    q.codes = w->codes;
+    q.mag = w->mag;
+    q.bias = p->bias;
+    q.mult = p->out_multiplier;
+    q.shift = p->out_shift;
+    q.nw = nw;
+    q.pw = nw * (size_t)w->bits;
+    q.ms = w->granularity == SYQ_GRAN_LAYER ? 0u : 1u; /* 1x1: pixel granularity indexes as channel */
+    q.oc = w->out_c;
+    q.zp = p->output_zero_point;
+    q.lo = p->act_min;
+    q.hi = p->act_max;
+    q.fast = 1;
+    for (o = 0; o < w->out_c; ++o) q.fast &= syq_cm_rq_ok(p->out_multiplier[o], p->out_shift[o]);
+    fn = w->bits == 2 ? (nw <= cwmax ? syq_cm_tab_pixel_t : syq_cm_tab_pixel_tc)
+                      : (nw <= cwmax ? syq_cm_tab_pixel_b : syq_cm_tab_pixel_bc);
+    for (n = 0; n < (size_t)p->batch; ++n)
+        for (oy = 0; oy < (size_t)p->out_h; ++oy)
+            for (ox = 0; ox < (size_t)p->out_w; ++ox) {
+                const int8_t *x = input + (((n * (size_t)p->in_h + oy * (size_t)p->stride_h) * (size_t)p->in_w) +
+                                           ox * (size_t)p->stride_w) * (size_t)w->in_c;
+                int8_t *out = output + ((n * (size_t)p->out_h + oy) * (size_t)p->out_w + ox) * oc;
+                int32_t dsum = 0;
+                for (j0 = 0; j0 < nw; j0 += cwmax) {
+                    const size_t nwc = nw - j0 < cwmax ? nw - j0 : cwmax;
+                    const int last = j0 + nwc == nw;
+                    dsum += syq_cm_tab_build(x, w->in_c, p->input_zero_point, j0, nwc, tab);
+                    fn(&q, (const int16_t *)(const void *)tab, j0, nwc, last ? groups - (int32_t)(8u * (nw - 1u)) : 8,
+                       j0 == 0, last, dsum, sums, out);
+                }
+            }
+    return 1;
 }
 
 #if SYQ_HAVE_MVE
@@ -411,6 +647,7 @@ int syq_conv2d_cm(const syq_conv_params *p, const syq_packed_weights *w, const i
     c.corr = (int32_t *)(void *)(base + SYQ_ALIGN64(c.hp * c.wp * c.ip));
     sw = (size_t)p->stride_w * c.ip;
     blk4 = syq_cm_pick4(sw, tern);
+    if (w->k_h == 1 && w->k_w == 1 && syq_conv2d_cm_tab(&c, input, output)) return SYQ_OK;
 #if SYQ_HAVE_MVE
     if (p->out_w >= 4) return syq_conv2d_mve(&c, input, output);
 #endif
