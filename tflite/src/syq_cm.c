@@ -171,26 +171,26 @@ SYQ_CINLINE void syq_cm_block(const syq_cctx *c, const uint8_t *base, const size
     }
 }
 
-/* TFLite's MultiplyByQuantizedMultiplier for multiplier >= 0 and -23 <= shift <= -1 (what
- * QuantizeMultiplier gives for output scales in [2^-24, 0.5)), exactly, before the clamp to an int8
- * range.  SaturatingRoundingDoublingHighMul (no saturation possible with multiplier >= 0) is
- * floor((acc * mult + 2^30) / 2^31) for either sign (TFLite's nudge and truncating division): one
- * SMLAL and two shifts.  RoundingDivideByPOT (half away from zero) by 2^e is
- * (x - [x < 0] + 2^(e-1)) >> e; the addition saturates (QADD) only where the exact result is
- * >= 2^(31-e) - 1 >= 255, which any clamp to act_max <= 127 (output zero point >= -128) maps to
- * act_max either way. */
+/* TFLite's MultiplyByQuantizedMultiplier for multiplier >= 0 and -31 <= shift <= -1 (what
+ * QuantizeMultiplier gives for output scales in [2^-32, 0.5)), exactly.  SaturatingRounding-
+ * DoublingHighMul (no saturation possible with multiplier >= 0) is floor((acc * mult + 2^30) / 2^31)
+ * for either sign (TFLite's nudge and truncating division): one SMLAL and two shifts.
+ * RoundingDivideByPOT (half away from zero) by 2^e is floor((x' + 2^(e-1)) / 2^e) with
+ * x' = x - [x < 0], that is floor((y + 1) / 2) = (y >> 1) + (y & 1) with y = x' >> (e - 1): no
+ * overflow anywhere. */
 SYQ_CINLINE int32_t syq_cm_rq(int32_t acc, int32_t mult, int32_t shift) {
-    const int32_t x = (int32_t)(((int64_t)acc * mult + ((int64_t)1 << 30)) >> 31); /* arithmetic shift */
-    return __qadd(x + (x >> 31), (int32_t)(1u << (-shift - 1))) >> -shift;
+    const int32_t x = (int32_t)(((int64_t)acc * mult + ((int64_t)1 << 30)) >> 31); /* arithmetic shifts */
+    const int32_t y = (x + (x >> 31)) >> (-shift - 1);
+    return (y >> 1) + (y & 1);
 }
-SYQ_CINLINE int syq_cm_rq_ok(int32_t mult, int32_t shift) { return mult >= 0 && shift <= -1 && shift >= -23; }
+SYQ_CINLINE int syq_cm_rq_ok(int32_t mult, int32_t shift) { return mult >= 0 && shift <= -1 && shift >= -31; }
 
 /* syq_requantize, exactly: syq_cm_rq (shift 0: the high multiply alone) where it applies, the
  * generic code otherwise */
 SYQ_CINLINE int8_t syq_cm_requant(const syq_conv_params *p, int32_t o, int32_t acc) {
     const int32_t mult = p->out_multiplier[o], shift = p->out_shift[o];
     int32_t v;
-    if (mult < 0 || shift > 0 || shift < -23) return syq_requantize(p, o, acc);
+    if (mult < 0 || shift > 0 || shift < -31) return syq_requantize(p, o, acc);
     v = shift ? syq_cm_rq(acc, mult, shift) : (int32_t)(((int64_t)acc * mult + ((int64_t)1 << 30)) >> 31);
     v += p->output_zero_point;
     return (int8_t)(v < p->act_min ? p->act_min : (v > p->act_max ? p->act_max : v));
@@ -332,17 +332,19 @@ typedef struct {
     int32_t oc, zp, lo, hi, fast;
 } syq_tq;
 
+/* int32 accumulator of output channel o -> int8 (q: a local copy, out of reach of the output stores) */
+SYQ_CINLINE int8_t syq_cm_out(const syq_tq *q, int32_t o, int32_t acc) {
+    int32_t v;
+    if (!q->fast) return syq_requantize(q->p, o, acc);
+    v = syq_cm_rq(acc, q->mult[o], q->shift[o]) + q->zp;
+    return (int8_t)(v < q->lo ? q->lo : (v > q->hi ? q->hi : v));
+}
+
 /* sums s (sum_i c_i d_i, binary: sum over the sign bits) of output channel o -> out[o] */
 SYQ_CINLINE void syq_cm_tab_out(const syq_tq *q, int32_t o, int32_t s, int32_t dsum, int8_t *out, const int tern) {
-    int32_t acc, v;
     if (!tern) s = dsum - 2 * s;
-    acc = (int32_t)((uint32_t)q->mag[(size_t)o * q->ms] * (uint32_t)s + (q->bias ? (uint32_t)q->bias[o] : 0u));
-    if (!q->fast) {
-        out[o] = syq_requantize(q->p, o, acc);
-        return;
-    }
-    v = syq_cm_rq(acc, q->mult[o], q->shift[o]) + q->zp;
-    out[o] = (int8_t)(v < q->lo ? q->lo : (v > q->hi ? q->hi : v));
+    out[o] = syq_cm_out(q, o, (int32_t)((uint32_t)q->mag[(size_t)o * q->ms] * (uint32_t)s +
+                                        (q->bias ? (uint32_t)q->bias[o] : 0u)));
 }
 
 /* NR output channels from o: their sums over words 0..nwc-1 of the tables t (the last word with
@@ -374,9 +376,10 @@ SYQ_CINLINE void syq_cm_tab_out(const syq_tq *q, int32_t o, int32_t s, int32_t d
 
 /* all output channels of one input pixel, words j0..j0+nwc-1 of its tables tab (the last of them
  * with ng groups); chunked: partial sums in sums (first chunk starts them, the last requantizes) */
-SYQ_CINLINE void syq_cm_tab_pixel(const syq_tq *q, const int16_t *tab, size_t j0, size_t nwc, int ng, int first,
+SYQ_CINLINE void syq_cm_tab_pixel(const syq_tq *qp, const int16_t *tab, size_t j0, size_t nwc, int ng, int first,
                                   int last, int32_t dsum, int32_t *sums, int8_t *out, const int tern,
                                   const int chunked) {
+    const syq_tq qc = *qp, *q = &qc;
     const int32_t NR0 = tern ? SYQ_TNR2 : SYQ_TNR, oc = q->oc;
     const size_t nw = q->nw, pw = q->pw;
     const uint32_t *cw0 = q->codes + j0;
@@ -429,6 +432,99 @@ static void syq_cm_tab_pixel_tc(const syq_tq *q, const int16_t *t, size_t j0, si
     syq_cm_tab_pixel(q, t, j0, nwc, ng, first, last, dsum, sums, out, 1, 1);
 }
 
+/* ---- 1x1 convolutions with rows of >= 4 output pixels ----------------------------------------
+ * The masks of a code nibble are shared by 4 pixels (as syq_cm_block, without the kernel-pixel loop
+ * and its per-group multiply: 1x1 layers have one group per output channel): the input pixels are
+ * copied once, in output order, as u = x + 128 (x XOR 0x80), 32 * nw bytes each (channels past in_c
+ * 0); nibbles past in_c are skipped; the correction (zero point, USADA8's 255 per -1, bias) comes
+ * from syq_cm_corr. */
+static void syq_cm_pw_copy(const syq_cctx *c, const int8_t *img, uint8_t *u) {
+    const syq_conv_params *p = c->p;
+    const int32_t in_c = c->w->in_c, n4 = in_c / 4;
+    size_t oy, ox;
+    int32_t k;
+    for (oy = 0; oy < (size_t)p->out_h; ++oy)
+        for (ox = 0; ox < (size_t)p->out_w; ++ox, u += c->ip) {
+            const int8_t *x = img + (oy * (size_t)p->stride_h * (size_t)p->in_w + ox * (size_t)p->stride_w) * (size_t)in_c;
+            uint32_t *d = (uint32_t *)(void *)u;
+            for (k = 0; k < n4; ++k) {
+                uint32_t v;
+                __builtin_memcpy(&v, x + 4 * k, 4);
+                d[k] = v ^ 0x80808080u;
+            }
+            for (k = 4 * n4; k < (int32_t)c->ip; ++k) u[k] = k < in_c ? (uint8_t)(x[k] ^ 0x80) : 0u;
+        }
+}
+
+/* all output channels of NP (1 or 4) pixels SW bytes apart in u; out: the first pixel's outputs */
+SYQ_CINLINE void syq_cm_pw_block(const syq_tq *qp, const int32_t *corr, const uint8_t *u, int ng, int8_t *out,
+                                 const size_t SW, const int NP, const int tern) {
+    const syq_tq qc = *qp, *q = &qc;
+    const size_t nw = q->nw, pw = q->pw, oc = (size_t)q->oc;
+    int32_t o;
+    for (o = 0; o < q->oc; ++o) {
+        const uint32_t *sg = q->codes + (size_t)o * pw;
+        const uint8_t *xb = u;
+        const uint32_t m = q->mag[(size_t)o * q->ms], cr = (uint32_t)corr[o];
+        uint32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+        size_t j;
+        for (j = 1; j < nw; ++j, ++sg, xb += 32) {
+            const uint32_t s = sg[0], z = tern ? sg[nw] : 0u;
+            SYQ_CM_NIB(0); SYQ_CM_NIB(1); SYQ_CM_NIB(2); SYQ_CM_NIB(3);
+            SYQ_CM_NIB(4); SYQ_CM_NIB(5); SYQ_CM_NIB(6); SYQ_CM_NIB(7);
+        }
+        {
+            const uint32_t s = sg[0], z = tern ? sg[nw] : 0u;
+            switch (ng) { /* nibbles past in_c are 0 (u there is 0 too), skipped */
+            case 8: SYQ_CM_NIB(7); /* fall through */
+            case 7: SYQ_CM_NIB(6); /* fall through */
+            case 6: SYQ_CM_NIB(5); /* fall through */
+            case 5: SYQ_CM_NIB(4); /* fall through */
+            case 4: SYQ_CM_NIB(3); /* fall through */
+            case 3: SYQ_CM_NIB(2); /* fall through */
+            case 2: SYQ_CM_NIB(1); /* fall through */
+            default: SYQ_CM_NIB(0);
+            }
+        }
+        out[o] = syq_cm_out(q, o, (int32_t)(m * a0 - cr));
+        if (NP > 1) {
+            out[oc + (size_t)o] = syq_cm_out(q, o, (int32_t)(m * a1 - cr));
+            out[2 * oc + (size_t)o] = syq_cm_out(q, o, (int32_t)(m * a2 - cr));
+            out[3 * oc + (size_t)o] = syq_cm_out(q, o, (int32_t)(m * a3 - cr));
+        }
+    }
+}
+
+typedef void (*syq_cm_pw_fn)(const syq_tq *, const int32_t *, const uint8_t *, int, int8_t *, size_t);
+#define SYQ_CM_PW(name, SWC, NP, TERN)                                                             \
+    static void name(const syq_tq *q, const int32_t *corr, const uint8_t *u, int ng, int8_t *out, size_t sw) { \
+        syq_cm_pw_block(q, corr, u, ng, out, (SWC) ? (size_t)(SWC) : sw, NP, TERN);                \
+    }
+SYQ_CM_PW(syq_cm_pwb4_32, 32, 4, 0)
+SYQ_CM_PW(syq_cm_pwb4, 0, 4, 0)
+SYQ_CM_PW(syq_cm_pwb1, 0, 1, 0)
+SYQ_CM_PW(syq_cm_pwt4_32, 32, 4, 1)
+SYQ_CM_PW(syq_cm_pwt4, 0, 4, 1)
+SYQ_CM_PW(syq_cm_pwt1, 0, 1, 1)
+
+static void syq_conv2d_cm_pw(const syq_cctx *c, const syq_tq *q, const int8_t *input, int8_t *output) {
+    const syq_conv_params *p = c->p;
+    const syq_packed_weights *w = c->w;
+    const int tern = w->bits == 2;
+    const size_t npix = (size_t)p->out_h * (size_t)p->out_w, oc = (size_t)w->out_c, ip = c->ip;
+    const int ng = (w->in_c + 3) / 4 - (int)(8u * (c->nw - 1u));
+    const syq_cm_pw_fn f4 = tern ? (ip == 32u ? syq_cm_pwt4_32 : syq_cm_pwt4) : (ip == 32u ? syq_cm_pwb4_32 : syq_cm_pwb4);
+    const syq_cm_pw_fn f1 = tern ? syq_cm_pwt1 : syq_cm_pwb1;
+    size_t n, i;
+    syq_cm_corr(c);
+    for (n = 0; n < (size_t)p->batch; ++n) {
+        int8_t *out = output + n * npix * oc;
+        syq_cm_pw_copy(c, input + n * (size_t)p->in_h * (size_t)p->in_w * (size_t)w->in_c, c->u);
+        for (i = 0; i + 4u <= npix; i += 4u) f4(q, c->corr, c->u + i * ip, ng, out + i * oc, ip);
+        for (; i < npix; ++i) f1(q, c->corr, c->u + i * ip, ng, out + i * oc, ip);
+    }
+}
+
 /* 1x1 kernel: returns 0 (nothing done) when the scratch cannot hold one word's tables */
 static int syq_conv2d_cm_tab(const syq_cctx *c, const int8_t *input, int8_t *output) {
     const syq_conv_params *p = c->p;
@@ -443,7 +539,7 @@ static int syq_conv2d_cm_tab(const syq_cctx *c, const int8_t *input, int8_t *out
     syq_tq q;
     size_t n, oy, ox, j0;
     int32_t o;
-    if (cwmax == 0) return 0;
+    if (cwmax == 0 && p->out_w < 4) return 0;
     q.p = p;
     q.codes = w->codes;
     q.mag = w->mag;
@@ -459,6 +555,10 @@ static int syq_conv2d_cm_tab(const syq_cctx *c, const int8_t *input, int8_t *out
     q.hi = p->act_max;
     q.fast = 1;
     for (o = 0; o < w->out_c; ++o) q.fast &= syq_cm_rq_ok(p->out_multiplier[o], p->out_shift[o]);
+    if (p->out_w >= 4) { /* pixels to share the masks with */
+        syq_conv2d_cm_pw(c, &q, input, output);
+        return 1;
+    }
     fn = w->bits == 2 ? (nw <= cwmax ? syq_cm_tab_pixel_t : syq_cm_tab_pixel_tc)
                       : (nw <= cwmax ? syq_cm_tab_pixel_b : syq_cm_tab_pixel_bc);
     for (n = 0; n < (size_t)p->batch; ++n)
