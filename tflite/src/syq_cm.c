@@ -260,42 +260,79 @@ static syq_cm_fn syq_cm_pick4(size_t sw, int tern) {
  * that fit in the scratch (256 bytes of tables per word; partial sums kept per output channel). */
 #define SYQ_TNR 4
 #define SYQ_TNR2 2
+#define SYQ_T8_MIN_OC 48 /* ternary: byte tables (8 channels per load) from this many output channels */
 
-/* tables of input pixel x, words j0..j0+nwc-1 (channels past in_c: d = 0); returns sum of d */
+/* the 16 subset sums of 4 channels (bytes of v, d = v - zp) as 8 words of int16 pairs; returns T[15] */
+SYQ_CINLINE int32_t syq_cm_tab4(uint32_t v, uint32_t zp2, uint32_t *t) {
+    const uint32_t d02 = __ssub16(__sxtb16(v), zp2);      /* (d0, d2) */
+    const uint32_t d13 = __ssub16(__sxtb16(v >> 8), zp2); /* (d1, d3) */
+    const uint32_t q1 = (d13 & 0xFFFFu) * 0x00010001u;    /* (d1, d1) */
+    const uint32_t q2 = (d02 >> 16) * 0x00010001u;        /* (d2, d2) */
+    const uint32_t q3 = (d13 >> 16) * 0x00010001u;        /* (d3, d3) */
+    const uint32_t p0 = d02 << 16;                        /* T[0] = 0, T[1] = d0 */
+    const uint32_t p1 = __sadd16(p0, q1), p2 = __sadd16(p0, q2), p3 = __sadd16(p1, q2);
+    t[0] = p0;
+    t[1] = p1;
+    t[2] = p2;
+    t[3] = p3;
+    t[4] = __sadd16(p0, q3);
+    t[5] = __sadd16(p1, q3);
+    t[6] = __sadd16(p2, q3);
+    t[7] = __sadd16(p3, q3);
+    return (int32_t)t[7] >> 16;
+}
+
+/* channels c..c+3 of x as a word, channels from c1 on read as the zero point (d = 0) */
+SYQ_CINLINE uint32_t syq_cm_x4(const int8_t *x, int32_t c, int32_t c1, uint32_t zpb) {
+    uint32_t v;
+    int32_t k;
+    if (c + 4 <= c1) {
+        __builtin_memcpy(&v, x + c, 4);
+        return v;
+    }
+    v = zpb;
+    for (k = 0; c + k < c1; ++k) v = (v & ~(0xFFu << (8 * k))) | ((uint32_t)(uint8_t)x[c + k] << (8 * k));
+    return v;
+}
+
+/* nibble tables of input pixel x, words j0..j0+nwc-1 (channels past in_c: d = 0; whole groups
+ * past in_c are never read: their nibbles are 0); returns the sum of d */
 static int32_t syq_cm_tab_build(const int8_t *x, int32_t in_c, int32_t zp, size_t j0, size_t nwc, uint32_t *t) {
     const uint32_t zp2 = ((uint32_t)zp & 0xFFFFu) * 0x00010001u, zpb = ((uint32_t)zp & 0xFFu) * 0x01010101u;
     const int32_t cend = (int32_t)(32u * (j0 + nwc)), c1 = cend < in_c ? cend : in_c;
     int32_t c = (int32_t)(32u * j0), dsum = 0;
-    for (; c < c1; c += 4, t += 8) {
-        uint32_t v, d02, d13, q1, q2, q3, p0, p1, p2, p3;
-        if (c + 4 <= c1) {
-            __builtin_memcpy(&v, x + c, 4);
-        } else { /* channels past in_c read as the zero point (d = 0) */
-            int32_t k;
-            v = zpb;
-            for (k = 0; c + k < c1; ++k) v = (v & ~(0xFFu << (8 * k))) | ((uint32_t)(uint8_t)x[c + k] << (8 * k));
+    for (; c < c1; c += 4, t += 8) dsum += syq_cm_tab4(syq_cm_x4(x, c, c1, zpb), zp2, t);
+    return dsum;
+}
+
+/* byte tables (256 subset sums of 8 channels, 512 bytes) of input pixel x, words j0..j0+nwc-1:
+ * T8[b] = T[b & 15] + T'[b >> 4] from the two nibble tables, 8 SADD16 per high nibble */
+static int32_t syq_cm_tab8_build(const int8_t *x, int32_t in_c, int32_t zp, size_t j0, size_t nwc, uint32_t *t) {
+    const uint32_t zp2 = ((uint32_t)zp & 0xFFFFu) * 0x00010001u, zpb = ((uint32_t)zp & 0xFFu) * 0x01010101u;
+    const int32_t cend = (int32_t)(32u * (j0 + nwc)), c1 = cend < in_c ? cend : in_c;
+    int32_t c = (int32_t)(32u * j0), dsum = 0, h;
+    uint32_t lo[8], hi[8];
+    for (; c < c1; c += 8) {
+        const uint16_t *hh = (const uint16_t *)(const void *)hi;
+        uint32_t l0, l1, l2, l3, l4, l5, l6, l7;
+        dsum += syq_cm_tab4(syq_cm_x4(x, c, c1, zpb), zp2, lo);
+        dsum += syq_cm_tab4(syq_cm_x4(x, c + 4, c1, zpb), zp2, hi);
+        l0 = lo[0]; l1 = lo[1]; l2 = lo[2]; l3 = lo[3]; l4 = lo[4]; l5 = lo[5]; l6 = lo[6]; l7 = lo[7];
+        for (h = 0; h < 16; ++h, t += 8) {
+            const uint32_t d = (uint32_t)hh[h] * 0x00010001u;
+            const uint32_t e0 = (uint32_t)__sadd16(l0, d), e1 = (uint32_t)__sadd16(l1, d);
+            const uint32_t e2 = (uint32_t)__sadd16(l2, d), e3 = (uint32_t)__sadd16(l3, d);
+            const uint32_t e4 = (uint32_t)__sadd16(l4, d), e5 = (uint32_t)__sadd16(l5, d);
+            const uint32_t e6 = (uint32_t)__sadd16(l6, d), e7 = (uint32_t)__sadd16(l7, d);
+            t[0] = e0;
+            t[1] = e1;
+            t[2] = e2;
+            t[3] = e3;
+            t[4] = e4;
+            t[5] = e5;
+            t[6] = e6;
+            t[7] = e7;
         }
-        d02 = __ssub16(__sxtb16(v), zp2);      /* (d0, d2) */
-        d13 = __ssub16(__sxtb16(v >> 8), zp2); /* (d1, d3) */
-        q1 = (d13 & 0xFFFFu) * 0x00010001u;    /* (d1, d1) */
-        q2 = (d02 >> 16) * 0x00010001u;        /* (d2, d2) */
-        q3 = (d13 >> 16) * 0x00010001u;        /* (d3, d3) */
-        p0 = d02 << 16;                        /* T[0] = 0, T[1] = d0 */
-        p1 = __sadd16(p0, q1);
-        p2 = __sadd16(p0, q2);
-        p3 = __sadd16(p1, q2);
-        t[0] = p0;
-        t[1] = p1;
-        t[2] = p2;
-        t[3] = p3;
-        t[4] = __sadd16(p0, q3);
-        t[5] = __sadd16(p1, q3);
-        t[6] = __sadd16(p2, q3);
-        p3 = __sadd16(p3, q3);
-        t[7] = p3;
-        dsum += (int32_t)p3 >> 16; /* T[15] */
-    }
-    for (; c < cend; c += 4, t += 8) { /* whole groups past in_c: never read (their nibbles are 0) */
     }
     return dsum;
 }
@@ -354,12 +391,12 @@ SYQ_CINLINE void syq_cm_tab_out(const syq_tq *q, int32_t o, int32_t s, int32_t d
         const uint32_t *cw = cw0 + (size_t)o * pw;                                                 \
         const int16_t *t = tab;                                                                    \
         size_t j;                                                                                  \
-        for (j = 1; j < nwc; ++j, t += 128, ++cw) {                                                \
+        for (j = last; j < nwc; ++j, t += 128, ++cw) {                                             \
             SYQ_TW(cw, NRV);                                                                       \
             SYQ_TS(0, NRV); SYQ_TS(1, NRV); SYQ_TS(2, NRV); SYQ_TS(3, NRV);                        \
             SYQ_TS(4, NRV); SYQ_TS(5, NRV); SYQ_TS(6, NRV); SYQ_TS(7, NRV);                        \
         }                                                                                          \
-        {                                                                                          \
+        if (last) {                                                                                \
             SYQ_TW(cw, NRV);                                                                       \
             switch (ng) { /* groups past in_c: nibbles 0, skipped */                               \
             case 8: SYQ_TS(7, NRV); /* fall through */                                             \
@@ -374,62 +411,120 @@ SYQ_CINLINE void syq_cm_tab_out(const syq_tq *q, int32_t o, int32_t s, int32_t d
         }                                                                                          \
     } while (0)
 
+/* byte tables: 8 channels per load (t: 256 entries per group, 4 groups per word) */
+#define SYQ_TL8(tk, v, k) ((int32_t)(tk)[((v) >> (8 * (k))) & 0xFFu])
+#define SYQ_TB(k, NR)                                                                              \
+    do {                                                                                           \
+        const int16_t *tk = t + 256 * (k);                                                         \
+        if (tern) {                                                                                \
+            a0 += SYQ_TL8(tk, z0, k) - 2 * SYQ_TL8(tk, s0, k);                                     \
+            if (NR > 1) a1 += SYQ_TL8(tk, z1, k) - 2 * SYQ_TL8(tk, s1, k);                         \
+        } else {                                                                                   \
+            a0 += SYQ_TL8(tk, s0, k);                                                              \
+            if (NR > 1) a1 += SYQ_TL8(tk, s1, k);                                                  \
+            if (NR > 2) {                                                                          \
+                a2 += SYQ_TL8(tk, s2, k);                                                          \
+                a3 += SYQ_TL8(tk, s3, k);                                                          \
+            }                                                                                      \
+        }                                                                                          \
+    } while (0)
+#define SYQ_TROWS8(NRV)                                                                            \
+    do {                                                                                           \
+        const uint32_t *cw = cw0 + (size_t)o * pw;                                                 \
+        const int16_t *t = tab;                                                                    \
+        size_t j;                                                                                  \
+        for (j = last; j < nwc; ++j, t += 1024, ++cw) {                                            \
+            SYQ_TW(cw, NRV);                                                                       \
+            SYQ_TB(0, NRV); SYQ_TB(1, NRV); SYQ_TB(2, NRV); SYQ_TB(3, NRV);                        \
+        }                                                                                          \
+        if (last) {                                                                                \
+            SYQ_TW(cw, NRV);                                                                       \
+            switch ((ng + 1) / 2) {                                                                \
+            case 4: SYQ_TB(3, NRV); /* fall through */                                             \
+            case 3: SYQ_TB(2, NRV); /* fall through */                                             \
+            case 2: SYQ_TB(1, NRV); /* fall through */                                             \
+            default: SYQ_TB(0, NRV);                                                               \
+            }                                                                                      \
+        }                                                                                          \
+    } while (0)
+
 /* all output channels of one input pixel, words j0..j0+nwc-1 of its tables tab (the last of them
  * with ng groups); chunked: partial sums in sums (first chunk starts them, the last requantizes) */
 SYQ_CINLINE void syq_cm_tab_pixel(const syq_tq *qp, const int16_t *tab, size_t j0, size_t nwc, int ng, int first,
                                   int last, int32_t dsum, int32_t *sums, int8_t *out, const int tern,
-                                  const int chunked) {
+                                  const int chunked, const int byte) {
     const syq_tq qc = *qp, *q = &qc;
     const int32_t NR0 = tern ? SYQ_TNR2 : SYQ_TNR, oc = q->oc;
     const size_t nw = q->nw, pw = q->pw;
     const uint32_t *cw0 = q->codes + j0;
-    int32_t o = 0, r;
+    int32_t o = 0;
     if (!chunked) first = last = 1;
     while (o < oc) {
-        int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, acc[4];
         const int32_t nr = oc - o >= NR0 ? NR0 : 1;
-        if (nr == 1) SYQ_TROWS(1);
-        else if (tern) SYQ_TROWS(SYQ_TNR2);
-        else SYQ_TROWS(SYQ_TNR);
-        if (!chunked) {
-            syq_cm_tab_out(q, o, a0, dsum, out, tern);
+        int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+        if (chunked && !first) { /* the sums so far */
+            a0 = sums[o];
             if (nr > 1) {
-                syq_cm_tab_out(q, o + 1, a1, dsum, out, tern);
+                a1 = sums[o + 1];
                 if (!tern) {
-                    syq_cm_tab_out(q, o + 2, a2, dsum, out, tern);
-                    syq_cm_tab_out(q, o + 3, a3, dsum, out, tern);
+                    a2 = sums[o + 2];
+                    a3 = sums[o + 3];
+                }
+            }
+        }
+        if (byte) {
+            if (nr == 1) SYQ_TROWS8(1);
+            else if (tern) SYQ_TROWS8(SYQ_TNR2);
+            else SYQ_TROWS8(SYQ_TNR);
+        } else {
+            if (nr == 1) SYQ_TROWS(1);
+            else if (tern) SYQ_TROWS(SYQ_TNR2);
+            else SYQ_TROWS(SYQ_TNR);
+        }
+        if (chunked && !last) {
+            sums[o] = a0;
+            if (nr > 1) {
+                sums[o + 1] = a1;
+                if (!tern) {
+                    sums[o + 2] = a2;
+                    sums[o + 3] = a3;
                 }
             }
             o += nr;
             continue;
         }
-        acc[0] = a0;
-        acc[1] = a1;
-        acc[2] = a2;
-        acc[3] = a3;
-        for (r = 0; r < nr; ++r, ++o) {
-            const int32_t s = acc[r] + (first ? 0 : sums[o]);
-            if (last) syq_cm_tab_out(q, o, s, dsum, out, tern);
-            else sums[o] = s;
+        syq_cm_tab_out(q, o, a0, dsum, out, tern);
+        if (nr > 1) {
+            syq_cm_tab_out(q, o + 1, a1, dsum, out, tern);
+            if (!tern) {
+                syq_cm_tab_out(q, o + 2, a2, dsum, out, tern);
+                syq_cm_tab_out(q, o + 3, a3, dsum, out, tern);
+            }
         }
+        o += nr;
     }
 }
 
 static void syq_cm_tab_pixel_b(const syq_tq *q, const int16_t *t, size_t j0, size_t nwc, int ng, int first, int last,
                                int32_t dsum, int32_t *sums, int8_t *out) {
-    syq_cm_tab_pixel(q, t, j0, nwc, ng, first, last, dsum, sums, out, 0, 0);
+    syq_cm_tab_pixel(q, t, j0, nwc, ng, first, last, dsum, sums, out, 0, 0, 0);
 }
 static void syq_cm_tab_pixel_t(const syq_tq *q, const int16_t *t, size_t j0, size_t nwc, int ng, int first, int last,
                                int32_t dsum, int32_t *sums, int8_t *out) {
-    syq_cm_tab_pixel(q, t, j0, nwc, ng, first, last, dsum, sums, out, 1, 0);
+    syq_cm_tab_pixel(q, t, j0, nwc, ng, first, last, dsum, sums, out, 1, 0, 0);
 }
 static void syq_cm_tab_pixel_bc(const syq_tq *q, const int16_t *t, size_t j0, size_t nwc, int ng, int first, int last,
                                 int32_t dsum, int32_t *sums, int8_t *out) {
-    syq_cm_tab_pixel(q, t, j0, nwc, ng, first, last, dsum, sums, out, 0, 1);
+    syq_cm_tab_pixel(q, t, j0, nwc, ng, first, last, dsum, sums, out, 0, 1, 0);
 }
 static void syq_cm_tab_pixel_tc(const syq_tq *q, const int16_t *t, size_t j0, size_t nwc, int ng, int first, int last,
                                 int32_t dsum, int32_t *sums, int8_t *out) {
-    syq_cm_tab_pixel(q, t, j0, nwc, ng, first, last, dsum, sums, out, 1, 1);
+    syq_cm_tab_pixel(q, t, j0, nwc, ng, first, last, dsum, sums, out, 1, 1, 0);
+}
+
+static void syq_cm_tab_pixel_t8(const syq_tq *q, const int16_t *t, size_t j0, size_t nwc, int ng, int first, int last,
+                                int32_t dsum, int32_t *sums, int8_t *out) {
+    syq_cm_tab_pixel(q, t, j0, nwc, ng, first, last, dsum, sums, out, 1, 1, 1);
 }
 
 /* ---- 1x1 convolutions with rows of >= 4 output pixels ----------------------------------------
@@ -531,10 +626,11 @@ static int syq_conv2d_cm_tab(const syq_cctx *c, const int8_t *input, int8_t *out
     const syq_packed_weights *w = c->w;
     const size_t nw = c->nw, oc = (size_t)w->out_c;
     const size_t room = SYQ_ALIGN64(c->hp * c->wp * c->ip) + SYQ_ALIGN64(c->ip); /* tables; sums after */
-    const size_t cwmax = room / 256u;
+    size_t cwmax = room / 256u;
     const int32_t groups = (w->in_c + 3) / 4;
     uint32_t *tab = (uint32_t *)(void *)c->u;
     int32_t *sums = (int32_t *)(void *)(c->u + room);
+    int byte;
     void (*fn)(const syq_tq *, const int16_t *, size_t, size_t, int, int, int, int32_t, int32_t *, int8_t *);
     syq_tq q;
     size_t n, oy, ox, j0;
@@ -559,8 +655,14 @@ static int syq_conv2d_cm_tab(const syq_cctx *c, const int8_t *input, int8_t *out
         syq_conv2d_cm_pw(c, &q, input, output);
         return 1;
     }
-    fn = w->bits == 2 ? (nw <= cwmax ? syq_cm_tab_pixel_t : syq_cm_tab_pixel_tc)
-                      : (nw <= cwmax ? syq_cm_tab_pixel_b : syq_cm_tab_pixel_bc);
+    byte = w->bits == 2 && w->out_c >= SYQ_T8_MIN_OC && cwmax >= 8u;
+    if (byte) {
+        cwmax /= 8u;
+        fn = syq_cm_tab_pixel_t8;
+    } else {
+        fn = w->bits == 2 ? (nw <= cwmax ? syq_cm_tab_pixel_t : syq_cm_tab_pixel_tc)
+                          : (nw <= cwmax ? syq_cm_tab_pixel_b : syq_cm_tab_pixel_bc);
+    }
     for (n = 0; n < (size_t)p->batch; ++n)
         for (oy = 0; oy < (size_t)p->out_h; ++oy)
             for (ox = 0; ox < (size_t)p->out_w; ++ox) {
@@ -571,7 +673,7 @@ static int syq_conv2d_cm_tab(const syq_cctx *c, const int8_t *input, int8_t *out
                 for (j0 = 0; j0 < nw; j0 += cwmax) {
                     const size_t nwc = nw - j0 < cwmax ? nw - j0 : cwmax;
                     const int last = j0 + nwc == nw;
-                    dsum += syq_cm_tab_build(x, w->in_c, p->input_zero_point, j0, nwc, tab);
+                    dsum += (byte ? syq_cm_tab8_build : syq_cm_tab_build)(x, w->in_c, p->input_zero_point, j0, nwc, tab);
                     fn(&q, (const int16_t *)(const void *)tab, j0, nwc, last ? groups - (int32_t)(8u * (nw - 1u)) : 8,
                        j0 == 0, last, dsum, sums, out);
                 }
