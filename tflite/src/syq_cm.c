@@ -369,12 +369,16 @@ typedef struct {
     int32_t oc, zp, lo, hi, fast;
 } syq_tq;
 
-/* int32 accumulator of output channel o -> int8 (q: a local copy, out of reach of the output stores) */
-SYQ_CINLINE int8_t syq_cm_out(const syq_tq *q, int32_t o, int32_t acc) {
+/* int32 accumulator of output channel o (multiplier mu, shift sh) -> int8 (q: a local copy, out of
+ * reach of the output stores) */
+SYQ_CINLINE int8_t syq_cm_out2(const syq_tq *q, int32_t o, int32_t mu, int32_t sh, int32_t acc) {
     int32_t v;
     if (!q->fast) return syq_requantize(q->p, o, acc);
-    v = syq_cm_rq(acc, q->mult[o], q->shift[o]) + q->zp;
+    v = syq_cm_rq(acc, mu, sh) + q->zp;
     return (int8_t)(v < q->lo ? q->lo : (v > q->hi ? q->hi : v));
+}
+SYQ_CINLINE int8_t syq_cm_out(const syq_tq *q, int32_t o, int32_t acc) {
+    return syq_cm_out2(q, o, q->mult[o], q->shift[o], acc);
 }
 
 /* sums s (sum_i c_i d_i, binary: sum over the sign bits) of output channel o -> out[o] */
@@ -581,11 +585,18 @@ SYQ_CINLINE void syq_cm_pw_block(const syq_tq *qp, const int32_t *corr, const ui
             default: SYQ_CM_NIB(0);
             }
         }
-        out[o] = syq_cm_out(q, o, (int32_t)(m * a0 - cr));
-        if (NP > 1) {
-            out[oc + (size_t)o] = syq_cm_out(q, o, (int32_t)(m * a1 - cr));
-            out[2 * oc + (size_t)o] = syq_cm_out(q, o, (int32_t)(m * a2 - cr));
-            out[3 * oc + (size_t)o] = syq_cm_out(q, o, (int32_t)(m * a3 - cr));
+        {
+            const int32_t mu = q->mult[o], sh = q->shift[o];
+            const int8_t r0 = syq_cm_out2(q, o, mu, sh, (int32_t)(m * a0 - cr));
+            if (NP > 1) {
+                const int8_t r1 = syq_cm_out2(q, o, mu, sh, (int32_t)(m * a1 - cr));
+                const int8_t r2 = syq_cm_out2(q, o, mu, sh, (int32_t)(m * a2 - cr));
+                const int8_t r3 = syq_cm_out2(q, o, mu, sh, (int32_t)(m * a3 - cr));
+                out[oc + (size_t)o] = r1;
+                out[2 * oc + (size_t)o] = r2;
+                out[3 * oc + (size_t)o] = r3;
+            }
+            out[o] = r0;
         }
     }
 }
