@@ -347,17 +347,16 @@ static int32_t syq_cm_tab8_build(const int8_t *x, int32_t in_c, int32_t zp, size
         } else {                                                                                   \
             a0 += SYQ_TL(tk, s0, k);                                                               \
             if (NR > 1) a1 += SYQ_TL(tk, s1, k);                                                   \
-            if (NR > 2) {                                                                          \
-                a2 += SYQ_TL(tk, s2, k);                                                           \
-                a3 += SYQ_TL(tk, s3, k);                                                           \
-            }                                                                                      \
+            if (NR > 2) a2 += SYQ_TL(tk, s2, k);                                                   \
+            if (NR > 3) a3 += SYQ_TL(tk, s3, k);                                                   \
         }                                                                                          \
     } while (0)
 #define SYQ_TW(cw, NR)                                                                             \
     const uint32_t s0 = (cw)[0], z0 = tern ? (cw)[nw] : 0u;                                        \
     const uint32_t s1 = NR > 1 ? (cw)[pw] : 0u, z1 = NR > 1 && tern ? (cw)[pw + nw] : 0u;          \
-    const uint32_t s2 = NR > 2 ? (cw)[2 * pw] : 0u, s3 = NR > 2 ? (cw)[3 * pw] : 0u;               \
-    (void)z0; (void)z1; (void)s1; (void)s2; (void)s3
+    const uint32_t s2 = NR > 2 ? (cw)[2 * pw] : 0u, z2 = NR > 2 && tern ? (cw)[2 * pw + nw] : 0u;  \
+    const uint32_t s3 = NR > 3 ? (cw)[3 * pw] : 0u;                                                \
+    (void)z0; (void)z1; (void)z2; (void)s1; (void)s2; (void)s3
 
 /* what the table path reads per output channel, loaded once per call */
 typedef struct {
@@ -423,13 +422,12 @@ SYQ_CINLINE void syq_cm_tab_out(const syq_tq *q, int32_t o, int32_t s, int32_t d
         if (tern) {                                                                                \
             a0 += SYQ_TL8(tk, z0, k) - 2 * SYQ_TL8(tk, s0, k);                                     \
             if (NR > 1) a1 += SYQ_TL8(tk, z1, k) - 2 * SYQ_TL8(tk, s1, k);                         \
+            if (NR > 2) a2 += SYQ_TL8(tk, z2, k) - 2 * SYQ_TL8(tk, s2, k);                         \
         } else {                                                                                   \
             a0 += SYQ_TL8(tk, s0, k);                                                              \
             if (NR > 1) a1 += SYQ_TL8(tk, s1, k);                                                  \
-            if (NR > 2) {                                                                          \
-                a2 += SYQ_TL8(tk, s2, k);                                                          \
-                a3 += SYQ_TL8(tk, s3, k);                                                          \
-            }                                                                                      \
+            if (NR > 2) a2 += SYQ_TL8(tk, s2, k);                                                  \
+            if (NR > 3) a3 += SYQ_TL8(tk, s3, k);                                                  \
         }                                                                                          \
     } while (0)
 #define SYQ_TROWS8(NRV)                                                                            \
@@ -453,28 +451,24 @@ SYQ_CINLINE void syq_cm_tab_out(const syq_tq *q, int32_t o, int32_t s, int32_t d
     } while (0)
 
 /* all output channels of one input pixel, words j0..j0+nwc-1 of its tables tab (the last of them
- * with ng groups); chunked: partial sums in sums (first chunk starts them, the last requantizes) */
+ * with ng groups): partial sums of a chunk of words in sums (the first chunk starts them, the last
+ * requantizes them) */
 SYQ_CINLINE void syq_cm_tab_pixel(const syq_tq *qp, const int16_t *tab, size_t j0, size_t nwc, int ng, int first,
                                   int last, int32_t dsum, int32_t *sums, int8_t *out, const int tern,
-                                  const int chunked, const int byte) {
+                                  const int byte) {
     const syq_tq qc = *qp, *q = &qc;
     const int32_t NR0 = tern ? SYQ_TNR2 : SYQ_TNR, oc = q->oc;
     const size_t nw = q->nw, pw = q->pw;
     const uint32_t *cw0 = q->codes + j0;
     int32_t o = 0;
-    if (!chunked) first = last = 1;
     while (o < oc) {
         const int32_t nr = oc - o >= NR0 ? NR0 : 1;
         int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-        if (chunked && !first) { /* the sums so far */
+        if (!first) { /* the sums so far */
             a0 = sums[o];
-            if (nr > 1) {
-                a1 = sums[o + 1];
-                if (!tern) {
-                    a2 = sums[o + 2];
-                    a3 = sums[o + 3];
-                }
-            }
+            if (nr > 1) a1 = sums[o + 1];
+            if (nr > 2) a2 = sums[o + 2];
+            if (nr > 3) a3 = sums[o + 3];
         }
         if (byte) {
             if (nr == 1) SYQ_TROWS8(1);
@@ -485,50 +479,34 @@ SYQ_CINLINE void syq_cm_tab_pixel(const syq_tq *qp, const int16_t *tab, size_t j
             else if (tern) SYQ_TROWS(SYQ_TNR2);
             else SYQ_TROWS(SYQ_TNR);
         }
-        if (chunked && !last) {
+        if (!last) {
             sums[o] = a0;
-            if (nr > 1) {
-                sums[o + 1] = a1;
-                if (!tern) {
-                    sums[o + 2] = a2;
-                    sums[o + 3] = a3;
-                }
-            }
+            if (nr > 1) sums[o + 1] = a1;
+            if (nr > 2) sums[o + 2] = a2;
+            if (nr > 3) sums[o + 3] = a3;
             o += nr;
             continue;
         }
         syq_cm_tab_out(q, o, a0, dsum, out, tern);
-        if (nr > 1) {
-            syq_cm_tab_out(q, o + 1, a1, dsum, out, tern);
-            if (!tern) {
-                syq_cm_tab_out(q, o + 2, a2, dsum, out, tern);
-                syq_cm_tab_out(q, o + 3, a3, dsum, out, tern);
-            }
-        }
+        if (nr > 1) syq_cm_tab_out(q, o + 1, a1, dsum, out, tern);
+        if (nr > 2) syq_cm_tab_out(q, o + 2, a2, dsum, out, tern);
+        if (nr > 3) syq_cm_tab_out(q, o + 3, a3, dsum, out, tern);
         o += nr;
     }
 }
 
 static void syq_cm_tab_pixel_b(const syq_tq *q, const int16_t *t, size_t j0, size_t nwc, int ng, int first, int last,
-                               int32_t dsum, int32_t *sums, int8_t *out) {
-    syq_cm_tab_pixel(q, t, j0, nwc, ng, first, last, dsum, sums, out, 0, 0, 0);
+                                int32_t dsum, int32_t *sums, int8_t *out) {
+    syq_cm_tab_pixel(q, t, j0, nwc, ng, first, last, dsum, sums, out, 0, 0);
 }
 static void syq_cm_tab_pixel_t(const syq_tq *q, const int16_t *t, size_t j0, size_t nwc, int ng, int first, int last,
-                               int32_t dsum, int32_t *sums, int8_t *out) {
-    syq_cm_tab_pixel(q, t, j0, nwc, ng, first, last, dsum, sums, out, 1, 0, 0);
-}
-static void syq_cm_tab_pixel_bc(const syq_tq *q, const int16_t *t, size_t j0, size_t nwc, int ng, int first, int last,
                                 int32_t dsum, int32_t *sums, int8_t *out) {
-    syq_cm_tab_pixel(q, t, j0, nwc, ng, first, last, dsum, sums, out, 0, 1, 0);
-}
-static void syq_cm_tab_pixel_tc(const syq_tq *q, const int16_t *t, size_t j0, size_t nwc, int ng, int first, int last,
-                                int32_t dsum, int32_t *sums, int8_t *out) {
-    syq_cm_tab_pixel(q, t, j0, nwc, ng, first, last, dsum, sums, out, 1, 1, 0);
+    syq_cm_tab_pixel(q, t, j0, nwc, ng, first, last, dsum, sums, out, 1, 0);
 }
 
 static void syq_cm_tab_pixel_t8(const syq_tq *q, const int16_t *t, size_t j0, size_t nwc, int ng, int first, int last,
                                 int32_t dsum, int32_t *sums, int8_t *out) {
-    syq_cm_tab_pixel(q, t, j0, nwc, ng, first, last, dsum, sums, out, 1, 1, 1);
+    syq_cm_tab_pixel(q, t, j0, nwc, ng, first, last, dsum, sums, out, 1, 1);
 }
 
 /* ---- 1x1 convolutions with rows of >= 4 output pixels ----------------------------------------
@@ -671,8 +649,7 @@ static int syq_conv2d_cm_tab(const syq_cctx *c, const int8_t *input, int8_t *out
         cwmax /= 8u;
         fn = syq_cm_tab_pixel_t8;
     } else {
-        fn = w->bits == 2 ? (nw <= cwmax ? syq_cm_tab_pixel_t : syq_cm_tab_pixel_tc)
-                          : (nw <= cwmax ? syq_cm_tab_pixel_b : syq_cm_tab_pixel_bc);
+        fn = w->bits == 2 ? syq_cm_tab_pixel_t : syq_cm_tab_pixel_b;
     }
     for (n = 0; n < (size_t)p->batch; ++n)
         for (oy = 0; oy < (size_t)p->out_h; ++oy)
