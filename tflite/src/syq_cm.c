@@ -16,7 +16,14 @@
  * of u and one USADA8 (ternary: one AND more).  Positions stride_w * 32 * nw bytes apart; for distances
  * of 32..128 bytes specialised copies use immediate load offsets.
  * No multiply per weight; one multiply per group m_g.  Requantization: syq_cm_requant (TFLite's
- * arithmetic, one SMULL). */
+ * arithmetic, one SMLAL and shifts: syq_cm_rq).
+ *
+ * 1x1 kernels (pointwise convolutions, FullyConnected) take their own paths, chosen per layer:
+ * rows of >= 4 output pixels share each mask among 4 pixels as above, without the kernel-pixel loop
+ * and skipping the nibbles past in_c (syq_conv2d_cm_pw); narrower layers (FullyConnected with a
+ * batch < 4), where a mask would serve one pixel only, share the input pixel among all output
+ * channels instead: tables of its subset sums, one load per 4 channels and plane, 8 channels for
+ * ternary layers with >= 48 output channels (syq_conv2d_cm_tab). */
 #include "syq_internal.h"
 
 #if SYQ_HAVE_CM_DSP
