@@ -136,11 +136,12 @@ SYQ_CINLINE void syq_cm_block(const syq_cctx *c, const uint8_t *base, const size
                               const int NP, const int tern) {
     const syq_packed_weights *w = c->w;
     const int32_t kk = w->k_h * w->k_w, pixel = w->granularity == SYQ_GRAN_PIXEL, k_w = w->k_w;
-    const size_t nw = c->nw, pw = nw * (size_t)w->bits, ip = c->ip, row_step = c->wp * c->ip;
+    const size_t nw = SW == 32u ? 1u : c->nw; /* distance 32: stride 1, one word per pixel */
+    const size_t pw = nw * (size_t)w->bits, ip = SW == 32u ? 32u : c->ip, row_step = c->wp * ip;
     const uint32_t *sg = w->codes + (size_t)o * (size_t)kk * pw;
     const uint8_t *mg = w->mag + (pixel ? (size_t)o * (size_t)kk : 0u);
     const uint8_t *row = base;
-    uint32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    uint32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, t0 = 0, t1 = 0, t2 = 0, t3 = 0;
     int32_t pix, kx = 0;
     size_t j;
     for (pix = 0; pix < kk; ++pix, sg += pw) {
@@ -157,24 +158,22 @@ SYQ_CINLINE void syq_cm_block(const syq_cctx *c, const uint8_t *base, const size
             SYQ_CM_NIB(6);
             SYQ_CM_NIB(7);
         }
-        if (pixel) { /* one multiply per group; the totals live in res (registers stay for the sums) */
+        if (pixel) { /* one multiply per group */
             const uint32_t m = mg[pix];
-            res[0] = (pix ? res[0] : 0u) + m * a0;
-            if (NP > 1) res[1] = (pix ? res[1] : 0u) + m * a1;
+            t0 += m * a0;
+            if (NP > 1) t1 += m * a1;
             if (NP > 2) {
-                res[2] = (pix ? res[2] : 0u) + m * a2;
-                res[3] = (pix ? res[3] : 0u) + m * a3;
+                t2 += m * a2;
+                t3 += m * a3;
             }
             a0 = a1 = a2 = a3 = 0;
         }
     }
-    if (!pixel) {
-        res[0] = a0;
-        if (NP > 1) res[1] = a1;
-        if (NP > 2) {
-            res[2] = a2;
-            res[3] = a3;
-        }
+    res[0] = pixel ? t0 : a0;
+    if (NP > 1) res[1] = pixel ? t1 : a1;
+    if (NP > 2) {
+        res[2] = pixel ? t2 : a2;
+        res[3] = pixel ? t3 : a3;
     }
 }
 
