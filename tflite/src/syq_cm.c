@@ -13,8 +13,8 @@
  * The correction depends on the weights only (popcounts, once per call and output channel).
  * Masks of 4 channels come from one nibble of a code word through a 16-entry table (64 bytes of
  * flash; UBFX + LDR), shared by a block of 4 output positions: per 4 channels and position one LDR
- * of u and one USADA8 (ternary: one AND more).  Positions stride_w * 32 * nw bytes apart; for distances
- * of 32..128 bytes specialised copies use immediate load offsets.
+ * of u and one USADA8 (ternary: one AND more).  Positions stride_w * 32 * nw bytes apart; stride-1
+ * layers with 1-4 words per pixel have specialised copies (immediate load offsets, nw known).
  * No multiply per weight; one multiply per group m_g.  Requantization: syq_cm_requant (TFLite's
  * arithmetic, one SMLAL and shifts: syq_cm_rq).
  *
@@ -133,11 +133,11 @@ static void syq_cm_corr(const syq_cctx *c) {
  * SW bytes apart from base; accumulators in named variables (registers, not an array).  SW is a
  * compile-time constant in the specialised copies (immediate load offsets, LDRD). */
 SYQ_CINLINE void syq_cm_block(const syq_cctx *c, const uint8_t *base, const size_t SW, int32_t o, uint32_t *res,
-                              const int NP, const int tern) {
+                              const int NP, const int tern, const int SWK) {
     const syq_packed_weights *w = c->w;
     const int32_t kk = w->k_h * w->k_w, pixel = w->granularity == SYQ_GRAN_PIXEL, k_w = w->k_w;
-    const size_t nw = SW == 32u ? 1u : c->nw; /* distance 32: stride 1, one word per pixel */
-    const size_t pw = nw * (size_t)w->bits, ip = SW == 32u ? 32u : c->ip, row_step = c->wp * ip;
+    const size_t nw = SWK ? SW / 32u : c->nw; /* SWK: stride 1, SW = 32 nw known at compile time */
+    const size_t pw = nw * (size_t)w->bits, ip = SWK ? SW : c->ip, row_step = c->wp * ip;
     const uint32_t *sg = w->codes + (size_t)o * (size_t)kk * pw;
     const uint8_t *mg = w->mag + (pixel ? (size_t)o * (size_t)kk : 0u);
     const uint8_t *row = base;
@@ -205,7 +205,7 @@ SYQ_CINLINE int8_t syq_cm_requant(const syq_conv_params *p, int32_t o, int32_t a
 /* all output channels of NP positions: window sums, m_g, corrections, requantization; out: the
  * first position's output pixel (positions out_c bytes apart) */
 SYQ_CINLINE void syq_cm_channels(const syq_cctx *c, const uint8_t *base, const size_t SW, int8_t *out, const int NP,
-                                 const int tern) {
+                                 const int SWK, const int tern) {
     const syq_conv_params *p = c->p;
     const syq_packed_weights *w = c->w;
     const int pixel = w->granularity == SYQ_GRAN_PIXEL;
@@ -214,7 +214,7 @@ SYQ_CINLINE void syq_cm_channels(const syq_cctx *c, const uint8_t *base, const s
     for (o = 0; o < w->out_c; ++o) {
         const uint32_t m = pixel ? 1u : (uint32_t)w->mag[syq_mag_index(w, o, 0)], corr = (uint32_t)c->corr[o];
         uint32_t r[SYQ_CNP] = {0u, 0u, 0u, 0u};
-        syq_cm_block(c, base, SW, o, r, NP, tern);
+        syq_cm_block(c, base, SW, o, r, NP, tern, SWK);
         out[o] = syq_cm_requant(p, o, (int32_t)(m * r[0] - corr));
         if (NP > 1) out[oc + (size_t)o] = syq_cm_requant(p, o, (int32_t)(m * r[1] - corr));
         if (NP > 2) {
@@ -227,10 +227,10 @@ SYQ_CINLINE void syq_cm_channels(const syq_cctx *c, const uint8_t *base, const s
 typedef void (*syq_cm_fn)(const syq_cctx *, const uint8_t *, size_t, int8_t *);
 #define SYQ_CM_FN(name, SWC, NP, TERN)                                                             \
     static void name(const syq_cctx *c, const uint8_t *b, size_t sw, int8_t *out) {                \
-        syq_cm_channels(c, b, (SWC) ? (size_t)(SWC) : sw, out, NP, TERN);                          \
+        syq_cm_channels(c, b, (SWC) ? (size_t)(SWC) : sw, out, NP, (SWC) != 0, TERN);              \
     }
-/* 4 positions at a constant distance of 32, 64, 96 or 128 bytes (stride_w * 32 * nw), any
- * distance, and single positions; binary and ternary */
+/* 4 positions of a stride-1 layer with 1-4 code words per pixel (distance 32 * nw bytes, immediate
+ * load offsets, nw known), any distance, and single positions; binary and ternary */
 SYQ_CM_FN(syq_cm_b4_32, 32, 4, 0)
 SYQ_CM_FN(syq_cm_b4_64, 64, 4, 0)
 SYQ_CM_FN(syq_cm_b4_96, 96, 4, 0)
@@ -246,10 +246,10 @@ SYQ_CM_FN(syq_cm_t4, 0, 4, 1)
 SYQ_CM_FN(syq_cm_t2, 0, 2, 1)
 SYQ_CM_FN(syq_cm_t1, 0, 1, 1)
 
-static syq_cm_fn syq_cm_pick4(size_t sw, int tern) {
+static syq_cm_fn syq_cm_pick4(size_t sw, size_t nw, int tern) {
     static const syq_cm_fn b[5] = {syq_cm_b4, syq_cm_b4_32, syq_cm_b4_64, syq_cm_b4_96, syq_cm_b4_128};
     static const syq_cm_fn t[5] = {syq_cm_t4, syq_cm_t4_32, syq_cm_t4_64, syq_cm_t4_96, syq_cm_t4_128};
-    const size_t i = sw % 32u == 0 && sw <= 128u ? sw / 32u : 0u;
+    const size_t i = sw == 32u * nw && nw <= 4u ? nw : 0u; /* stride 1, 1-4 words per pixel */
     return tern ? t[i] : b[i];
 }
 
@@ -842,7 +842,7 @@ int syq_conv2d_cm(const syq_conv_params *p, const syq_packed_weights *w, const i
     c.u = base;
     c.corr = (int32_t *)(void *)(base + SYQ_ALIGN64(c.hp * c.wp * c.ip));
     sw = (size_t)p->stride_w * c.ip;
-    blk4 = syq_cm_pick4(sw, tern);
+    blk4 = syq_cm_pick4(sw, c.nw, tern);
     if (w->k_h == 1 && w->k_w == 1 && syq_conv2d_cm_tab(&c, input, output)) return SYQ_OK;
 #if SYQ_HAVE_MVE
     if (p->out_w >= 4) return syq_conv2d_mve(&c, input, output);
