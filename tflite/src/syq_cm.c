@@ -615,6 +615,10 @@ static void syq_conv2d_cm_pw(const syq_cctx *c, const syq_tq *q, const int8_t *i
     }
 }
 
+#if SYQ_HAVE_MVE
+static void syq_mve_fc(const syq_cctx *c, const syq_tq *q, const int8_t *input, int8_t *output);
+#endif
+
 /* 1x1 kernel: returns 0 (nothing done) when the scratch cannot hold one word's tables */
 static int syq_conv2d_cm_tab(const syq_cctx *c, const int8_t *input, int8_t *output) {
     const syq_conv_params *p = c->p;
@@ -630,7 +634,7 @@ static int syq_conv2d_cm_tab(const syq_cctx *c, const int8_t *input, int8_t *out
     syq_tq q;
     size_t n, oy, ox, j0;
     int32_t o;
-    if (cwmax == 0 && p->out_w < 4) return 0;
+    if (cwmax == 0 && p->out_w < 4 && !SYQ_HAVE_MVE) return 0;
     q.p = p;
     q.codes = w->codes;
     q.mag = w->mag;
@@ -646,6 +650,12 @@ static int syq_conv2d_cm_tab(const syq_cctx *c, const int8_t *input, int8_t *out
     q.hi = p->act_max;
     q.fast = 1;
     for (o = 0; o < w->out_c; ++o) q.fast &= syq_cm_rq_ok(p->out_multiplier[o], p->out_shift[o]);
+#if SYQ_HAVE_MVE
+    if (p->out_w < 4) { /* Helium: predicated sums, no tables */
+        syq_mve_fc(c, &q, input, output);
+        return 1;
+    }
+#endif
     if (p->out_w >= 4) { /* pixels to share the masks with */
         syq_conv2d_cm_pw(c, &q, input, output);
         return 1;
@@ -819,6 +829,64 @@ static int syq_conv2d_mve(syq_cctx *cp, const int8_t *input, int8_t *output) {
         }
     }
     return SYQ_OK;
+}
+
+/* 1x1 layers with rows of < 4 output pixels (FullyConnected): per output channel and 16 input
+ * channels the codes as int8 lanes c in {-1, 0, +1} selected (VPSEL) by predicates straight from the
+ * code bits (VMSR P0), VMLADAVA.S8 adds the 16 products c x and VADDVA the 16 codes:
+ *   sum_i c_i (x_i - zp) = sum_i c_i x_i - zp sum_i c_i.
+ * The input pixel is copied once into scratch, zero-padded to 32 * nw channels. */
+SYQ_CINLINE void syq_mve_fc_k(const syq_cctx *c, const syq_tq *qp, const int8_t *input, int8_t *output,
+                              const int tern) {
+    const syq_tq qc = *qp, *q = &qc;
+    const syq_conv_params *p = c->p;
+    const syq_packed_weights *w = c->w;
+    const size_t nw = c->nw, pw = q->pw, oc = (size_t)w->out_c;
+    const int32_t zp = p->input_zero_point, in_c = w->in_c;
+    const int8x16_t one = vdupq_n_s8(1), mone = vdupq_n_s8(-1), zero = vdupq_n_s8(0);
+    int8_t *xs = (int8_t *)(void *)c->u;
+    size_t n, oy, ox, j;
+    int32_t o, k;
+    for (n = 0; n < (size_t)p->batch; ++n)
+        for (oy = 0; oy < (size_t)p->out_h; ++oy)
+            for (ox = 0; ox < (size_t)p->out_w; ++ox) {
+                const int8_t *x = input + (((n * (size_t)p->in_h + oy * (size_t)p->stride_h) * (size_t)p->in_w) +
+                                           ox * (size_t)p->stride_w) * (size_t)in_c;
+                int8_t *out = output + ((n * (size_t)p->out_h + oy) * (size_t)p->out_w + ox) * oc;
+                for (k = 0; k < (int32_t)(32u * nw); k += 16) /* lanes past in_c: not read, 0 */
+                    vst1q_s8(xs + k, vld1q_z_s8(x + k, vctp8q((uint32_t)(in_c - k > 0 ? in_c - k : 0))));
+                for (o = 0; o < w->out_c; ++o) {
+                    const uint32_t *sg = w->codes + (size_t)o * pw;
+                    int32_t sx = 0, sc = 0;
+                    for (j = 0; j < nw; ++j) {
+                        const uint32_t neg = sg[j], nz = tern ? sg[nw + j] : 0u;
+                        const int8x16_t x0 = vld1q_s8(xs + 32u * j), x1 = vld1q_s8(xs + 32u * j + 16u);
+                        int8x16_t c0 = vpselq_s8(mone, one, (mve_pred16_t)(neg & 0xFFFFu));
+                        int8x16_t c1 = vpselq_s8(mone, one, (mve_pred16_t)(neg >> 16));
+                        if (tern) {
+                            c0 = vpselq_s8(c0, zero, (mve_pred16_t)(nz & 0xFFFFu));
+                            c1 = vpselq_s8(c1, zero, (mve_pred16_t)(nz >> 16));
+                        }
+                        sx = vmladavaq_s8(sx, x0, c0);
+                        sx = vmladavaq_s8(sx, x1, c1);
+                        sc = vaddvaq_s8(sc, c0);
+                        sc = vaddvaq_s8(sc, c1);
+                    }
+                    if (!tern) sc -= (int32_t)(32u * nw) - in_c; /* the padding's +1 codes (x = 0 there) */
+                    out[o] = syq_cm_out(q, o, (int32_t)((uint32_t)q->mag[(size_t)o * q->ms] *
+                                                            ((uint32_t)sx - (uint32_t)zp * (uint32_t)sc) +
+                                                        (q->bias ? (uint32_t)q->bias[o] : 0u)));
+                }
+            }
+}
+static void syq_mve_fc_b(const syq_cctx *c, const syq_tq *q, const int8_t *in, int8_t *out) {
+    syq_mve_fc_k(c, q, in, out, 0);
+}
+static void syq_mve_fc_t(const syq_cctx *c, const syq_tq *q, const int8_t *in, int8_t *out) {
+    syq_mve_fc_k(c, q, in, out, 1);
+}
+static void syq_mve_fc(const syq_cctx *c, const syq_tq *q, const int8_t *input, int8_t *output) {
+    (c->w->bits == 2 ? syq_mve_fc_t : syq_mve_fc_b)(c, q, input, output);
 }
 #endif
 
