@@ -24,6 +24,7 @@ import numpy as np
 
 import tensorflow as tf
 
+from syq_tf.quantizers._common import shown
 from syq_tf.quantizers.loss_aware import LossAware, use_xla
 
 _MARK = "_syq_quantizer"
@@ -85,7 +86,7 @@ class LossAwareAdam(tf.keras.optimizers.Adam):
             )
         if clip is not None and not (isinstance(clip, numbers.Real) and not isinstance(clip, (bool, np.bool_))
                                      and 0 < clip < float("inf")):
-            raise ValueError(f"LossAwareAdam: clip={clip!r} must be a finite number > 0 or None.")
+            raise ValueError(f"LossAwareAdam: clip={shown(clip)!r} must be a finite number > 0 or None.")
         super().__init__(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
                          name=name, **kwargs)
         self.clip = None if clip is None else float(clip)

@@ -41,6 +41,12 @@ def is_real(value):
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
+def shown(value):
+    """``value`` for an error message: numpy scalars as the Python value (numpy 2's repr would print
+    ``np.float32(nan)`` and ``np.True_`` where numpy 1 printed ``nan`` and ``True``)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def register(alias=None):
     """Register a quantizer as a Keras custom object so saved models load without a scope.
 

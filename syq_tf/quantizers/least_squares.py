@@ -62,6 +62,7 @@ from syq_tf.quantizers._common import (
     WeightQuantizer,
     register,
     from_groups,
+    shown,
     sign_pm1,
     subgroup_reduce_axes,
     to_groups,
@@ -504,13 +505,13 @@ class LeastSquaresActivation(ActivationQuantizer):
             not is_real(clip)
             or not 0.0 < float(clip) < float("inf")
         ):
-            raise ValueError(f"{owner}: clip={clip!r} must be a finite number > 0 (window [-clip, clip]).")
+            raise ValueError(f"{owner}: clip={shown(clip)!r} must be a finite number > 0 (window [-clip, clip]).")
         if momentum is not None and (
             not is_real(momentum)
             or not 0.0 < float(momentum) < 1.0
         ):
             raise ValueError(
-                f"{owner}: momentum={momentum!r} must be None (per-sample scalars always) or a number "
+                f"{owner}: momentum={shown(momentum)!r} must be None (per-sample scalars always) or a number "
                 "in (0, 1) (moving average of the scalars for inference)."
             )
         super().__init__(**kwargs)

@@ -18,6 +18,7 @@ from syq_tf.quantizers._common import (
     GRANULARITIES,
     LearnedScaleQuantizer,
     register,
+    shown,
     sign_pm1,
     subgroup_reduce_axes,
 )
@@ -77,7 +78,7 @@ class SYQ(LearnedScaleQuantizer):
     def __init__(self, bits=2, granularity="layer", eta=0.05, depthwise=False, **kwargs):
         if not is_int(bits) or bits not in (1, 2):
             raise ValueError(
-                f"SYQ {kwargs.get('name', '')!s}: bits={bits!r} is not supported; allowed: 1 (binary) "
+                f"SYQ {kwargs.get('name', '')!s}: bits={shown(bits)!r} is not supported; allowed: 1 (binary) "
                 "or 2 (ternary)."
             )
         if granularity not in GRANULARITIES:
@@ -87,7 +88,7 @@ class SYQ(LearnedScaleQuantizer):
             )
         if not is_real(eta) or not 0.0 <= float(eta) < 1.0:
             raise ValueError(
-                f"SYQ {kwargs.get('name', '')!s}: eta={eta!r} must be a number in [0, 1) (threshold "
+                f"SYQ {kwargs.get('name', '')!s}: eta={shown(eta)!r} must be a number in [0, 1) (threshold "
                 "as a fraction of max|W|)."
             )
         super().__init__(**kwargs)

@@ -37,6 +37,7 @@ from syq_tf.quantizers._common import (
     ActivationQuantizer,
     LearnedScaleQuantizer,
     register,
+    shown,
     subgroup_reduce_axes,
 )
 
@@ -129,7 +130,7 @@ class PositiveStep(tf.keras.constraints.Constraint):
 
 def _check_bits(bits, owner):
     if not is_int(bits) or bits not in BITS:
-        raise ValueError(f"{owner}: bits={bits!r} is not supported; allowed: integers 1 to 8.")
+        raise ValueError(f"{owner}: bits={shown(bits)!r} is not supported; allowed: integers 1 to 8.")
 
 
 # ---- the math --------------------------------------------------------------------------------
@@ -302,7 +303,7 @@ class UniQActivation(ActivationQuantizer):
             or not math.isfinite(initial_step)
             or initial_step <= 0
         ):
-            raise ValueError(f"{owner}: initial_step={initial_step!r} must be a positive number or None.")
+            raise ValueError(f"{owner}: initial_step={shown(initial_step)!r} must be a positive number or None.")
         super().__init__(**kwargs)
         self.bits = int(bits)
         self.precision = int(bits)
