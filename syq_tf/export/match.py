@@ -10,7 +10,7 @@ from syq_tf.export.codebook import to_tflite_layout
 from syq_tf.export.inference import inner_path, is_quantized, leaf, quantized_value
 from syq_tf.models import layer_kernels
 
-SINGLE_WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "CONV_3D", "GATHER")
+SINGLE_WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "CONV_3D", "GATHER", "TRANSPOSE_CONV")
 
 
 def match_tensor(layer, kernel, tensors, used, attr=None):
