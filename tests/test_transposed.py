@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import syq_tf
-from conftest import separable_data
+from conftest import compiled_classifier, separable_data, trained_classifier
 from syq_tf import tfmot as st
 from syq_tf.export import flatbuffer
 from syq_tf.quantizers import SYQ, DoReFa, LeastSquares, LossAware, UniQ
@@ -132,19 +132,12 @@ def small_transposed_model(seed=0):
                         kernel_quantizer=UniQ(3, "channel"), input_quantizer=DoReFa(8))(h)
     h = tf.keras.layers.ReLU(name="r1")(h)
     h = tf.keras.layers.GlobalAveragePooling1D(name="gap")(h)
-    model = tf.keras.Model(inp, tf.keras.layers.Dense(4, name="head")(h))
-    model.compile(tf.keras.optimizers.Adam(1e-2), tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
-    return model
+    return compiled_classifier(tf.keras.Model(inp, tf.keras.layers.Dense(4, name="head")(h)))
 
 
 @pytest.fixture(scope="module")
 def trained():
-    x, y = separable_data(768, seed=5)
-    model = small_transposed_model()
-    syq_tf.reinitialize_scales(model)
-    history = model.fit(x[:640], y[:640], epochs=10, batch_size=32, verbose=0)
-    return model, x, y, history.history["accuracy"][-1]
+    return trained_classifier(small_transposed_model(), seed=5, epochs=10)
 
 
 def test_config_h5_and_savedmodel_round_trips(trained, tmp_path):
