@@ -56,14 +56,13 @@ class QuantizeConfig(tq.QuantizeConfig):
         attr = self._attr(layer)
         kernel = getattr(layer, attr)
         self.weight_quantizer.variable = kernel
-        if isinstance(self.weight_quantizer.quantizer, (SYQ, LeastSquares, LossAware)) and isinstance(
-                layer, tf.keras.layers.DepthwiseConv2D):
-            config = {**self.weight_quantizer.quantizer.get_config(), "depthwise": True}
-            self.weight_quantizer.quantizer = type(self.weight_quantizer.quantizer).from_config(config)
+        # Kernels whose output channels are not the last axis: DepthwiseConv2D (the last two),
+        # Conv1D/2DTranspose (axis -2); quantizers with per-channel scales take a flag for them.
         config = self.weight_quantizer.quantizer.get_config()
-        if isinstance(layer, TRANSPOSED) and "transposed" in config:  # output channel: axis -2
-            self.weight_quantizer.quantizer = type(self.weight_quantizer.quantizer).from_config(
-                {**config, "transposed": True})
+        kinds = (("depthwise", tf.keras.layers.DepthwiseConv2D), ("transposed", TRANSPOSED))
+        flags = {flag: True for flag, kind in kinds if isinstance(layer, kind) and flag in config}
+        if flags:
+            self.weight_quantizer.quantizer = type(self.weight_quantizer.quantizer).from_config({**config, **flags})
         return [(kernel, self.weight_quantizer)]
 
     def get_activations_and_quantizers(self, layer):
