@@ -430,10 +430,13 @@ class LeastSquares(WeightQuantizer):
     kernel (``"layer"``); nothing is trained, so there are no weights. Straight-through (identity)
     gradient (``backward="ste"``, default) or the authors' (``backward="official"``: the sum of the
     scalars times g where |w| <= 1; README, Fidelity). ``depthwise=True`` marks a DepthwiseConv2D
-    kernel ``[kh, kw, c_in, mult]`` so that ``channel`` means one set per (c_in, mult).
+    kernel ``[kh, kw, c_in, mult]`` so that ``channel`` means one set per (c_in, mult);
+    ``transposed=True`` a Conv1DTranspose / Conv2DTranspose kernel ``[.., c_out, c_in]`` (one set per
+    c_out, axis -2). ``syq_tf.quantize`` and ``quantize_model`` set both.
     """
 
-    def __init__(self, mode="ls1", granularity="channel", depthwise=False, backward="ste", **kwargs):
+    def __init__(self, mode="ls1", granularity="channel", depthwise=False, backward="ste", transposed=False,
+                 **kwargs):
         name = kwargs.get("name", "")
         _check_mode(mode, owner=f"LeastSquares {name!s}")
         _check_backward(backward, f"LeastSquares {name!s}".rstrip())
@@ -446,13 +449,15 @@ class LeastSquares(WeightQuantizer):
         self.mode = mode
         self.granularity = granularity
         self.depthwise = bool(depthwise)
+        self.transposed = bool(transposed)
         self.backward = backward
         self.bits = MODE_BITS[mode]
         self.precision = MODE_BITS[mode]
 
     def reduce_axes(self, kernel_shape):
         return subgroup_reduce_axes(
-            self.granularity, kernel_shape, self.depthwise, owner=f"LeastSquares quantizer '{self.name}'"
+            self.granularity, kernel_shape, self.depthwise, owner=f"LeastSquares quantizer '{self.name}'",
+            transposed=self.transposed,
         )
 
     def call(self, inputs):
@@ -468,6 +473,7 @@ class LeastSquares(WeightQuantizer):
             "mode": self.mode,
             "granularity": self.granularity,
             "depthwise": self.depthwise,
+            "transposed": self.transposed,
             "backward": self.backward,
         }
 

@@ -512,7 +512,8 @@ class LossAware(WeightQuantizer):
     """Loss-aware weight quantizer (LAB / LAT / LAQ), ``mode`` one of :data:`MODES`.
 
     Q = alpha b with alpha the minimiser of sum d (alpha b - w)^2 (module docstring), one scale per
-    kernel (``granularity="layer"``, the papers' choice) or per output channel (``"channel"``).
+    kernel (``granularity="layer"``, the papers' choice) or per output channel (``"channel"``;
+    ``transposed=True``, set by ``syq_tf.quantize``, for a transposed convolution's axis -2).
 
     ``curvature="optimizer"`` (default, the paper's method): d = sqrt(v_hat) + eps comes from Adam's
     second moments, so the model must be trained with :class:`syq_tf.optimizers.LossAwareAdam`. That
@@ -537,7 +538,8 @@ class LossAware(WeightQuantizer):
     """
 
     def __init__(self, mode="binary", bits=None, granularity="layer", curvature="optimizer",
-                 iterations=10, depthwise=False, tol=1e-6, warm_iterations=None, **kwargs):
+                 iterations=10, depthwise=False, tol=1e-6, warm_iterations=None, transposed=False,
+                 **kwargs):
         owner = f"LossAware {kwargs.get('name', '')!s}".rstrip()
         if mode not in MODES:
             raise ValueError(f"{owner}: unknown mode {mode!r}; allowed: {MODES}.")
@@ -575,13 +577,15 @@ class LossAware(WeightQuantizer):
         self.tol = float(tol)
         self.warm_iterations = None if warm_iterations is None else int(warm_iterations)
         self.depthwise = bool(depthwise)
+        self.transposed = bool(transposed)
         object.__setattr__(self, "_bound", None)
 
     # -- shapes -----------------------------------------------------------------------------------
 
     def reduce_axes(self, kernel_shape):
         return subgroup_reduce_axes(
-            self.granularity, kernel_shape, self.depthwise, owner=f"LossAware quantizer '{self.name}'"
+            self.granularity, kernel_shape, self.depthwise, owner=f"LossAware quantizer '{self.name}'",
+            transposed=self.transposed,
         )
 
     @property
@@ -736,4 +740,5 @@ class LossAware(WeightQuantizer):
             "tol": self.tol,
             "warm_iterations": self.warm_iterations,
             "depthwise": self.depthwise,
+            "transposed": self.transposed,
         }
