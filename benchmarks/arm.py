@@ -252,6 +252,15 @@ def table(results):
     return "\n".join(rows)
 
 
+def _cmsis_version(cmsis):
+    """Which CMSIS-NN the column was built from: its git commit (a local path says nothing elsewhere)."""
+    r = subprocess.run(["git", "-C", str(cmsis), "log", "-1", "--format=%H %cs"], capture_output=True, text=True)
+    if r.returncode == 0 and r.stdout.strip():
+        commit, date = r.stdout.split()
+        return f"ARM-software/CMSIS-NN {commit} ({date})"
+    return f"ARM-software/CMSIS-NN, a checkout without git history ({cmsis.name})"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="reduced set for CI: random + depthwise-separable layers")
@@ -289,7 +298,7 @@ def main(argv=None):
             v["out_bytes"] *= d
     n_random = 40 if a.quick else 300
     results = dict(method=__doc__.split("\n\n")[2].strip(), versions=_versions(), cflags=CFLAGS,
-                   cmsis_nn=str(cmsis) if cmsis else None, vectors=vectors, cortex_m={})
+                   cmsis_nn=_cmsis_version(cmsis) if cmsis else None, vectors=vectors, cortex_m={})
     print("[arm] aarch64 (qemu-aarch64)", flush=True)
     results["aarch64"] = run_aarch64(build, build, n_random)
     for core in a.cores.split(","):

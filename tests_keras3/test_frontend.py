@@ -40,6 +40,11 @@ LAYERS = [
     (keras.layers.DepthwiseConv2D, {"kernel_size": 3}, (2, 6, 6, 3), Q.SYQ(1, "channel")),
     (keras.layers.SeparableConv2D, {"filters": 4, "kernel_size": 3}, (2, 6, 6, 3), Q.LossAware("ternary", curvature="constant")),
     (keras.layers.EinsumDense, {"equation": "abc,cd->abd", "output_shape": (None, 6), "bias_axes": "d"}, (2, 5, 3), Q.SYQ(2)),
+    (keras.layers.Conv1DTranspose, {"filters": 4, "kernel_size": 3, "strides": 2}, (2, 5, 3), Q.SYQ(2, "channel")),
+    (keras.layers.Conv2DTranspose, {"filters": 4, "kernel_size": 3, "strides": 2, "padding": "same"}, (2, 4, 4, 3),
+     Q.LeastSquares("ls1", "channel")),
+    (keras.layers.Conv3D, {"filters": 2, "kernel_size": 2}, (2, 3, 4, 4, 2), Q.SYQ(2, "channel")),
+    (keras.layers.SimpleRNN, {"units": 4}, (2, 5, 3), Q.UniQ(2, "channel")),
     (keras.layers.LSTM, {"units": 4}, (2, 5, 3), Q.LeastSquares("ls2")),
     (keras.layers.GRU, {"units": 4}, (2, 5, 3), Q.SYQ(2, "channel")),
 ]
@@ -224,3 +229,39 @@ def test_quantizer_logger_reads_keras3_scales_and_adam_curvature(tmp_path):
     v = optimizer._velocities[optimizer._get_variable_index(kernel)].numpy()
     d = np.sqrt(v / (1 - 0.999 ** int(optimizer.iterations.numpy()))) + 1e-8
     np.testing.assert_allclose(float(found["fc/kernel/curvature/mean"][-1][1]), d.mean(), rtol=1e-5)
+
+
+def test_conv2d_transpose_scales_per_output_channel_and_exports_exactly():
+    """Keras 3 Conv2DTranspose: SYQ 'channel' scales run along c_out (kernel axis -2, as under Keras
+    2), and the TRANSPOSE_CONV weights of the litert and tflm files hold the codebook exactly."""
+    x = np.random.default_rng(2).uniform(0, 1, (16, 6, 6, 2)).astype(np.float32)
+    inputs = keras.Input((6, 6, 2))
+    h = syq.quantize(keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv"),
+                     kernel_quantizer=Q.SYQ(2, "channel"), input_quantizer=Q.DoReFa(8))(inputs)
+    out = syq.quantize(keras.layers.Conv2DTranspose(3, 3, strides=2, padding="same", name="up"),
+                       kernel_quantizer=Q.SYQ(2, "channel"), input_quantizer=Q.DoReFa(8))(h)
+    model = keras.Model(inputs, out)
+    up = model.get_layer("up")
+    q, kernel = up.float_kernels()["kernel"]
+    assert up.kernel_quantizer.transposed
+    levels = np.asarray(q(kernel))                       # (kh, kw, c_out, c_in)
+    alpha = up.kernel_quantizer.alpha.numpy().ravel()
+    assert alpha.shape == (3,)
+    for o in range(3):  # ternary: 0 and one magnitude per output channel, the channel's own alpha
+        np.testing.assert_allclose(np.unique(np.abs(levels[:, :, o, :])), [0.0, alpha[o]], rtol=1e-6)
+    for target in ("litert", "tflm"):
+        result = syq.export.to_tflite(model, x, target=target, verify_data=x)
+        rows = {r.layer: r for r in result.layers}
+        assert rows["up"].op == "TRANSPOSE_CONV" and rows["up"].exact, (target, rows["up"])
+        assert result.verification["max_abs_diff"] < 0.02
+    assert result.verification["tflm_equals_litert_ref"]
+
+
+def test_embedding_looks_up_its_quantized_table():
+    ids = np.array([[0, 3, 3, 7], [9, 1, 0, 2]], np.int32)
+    layer = syq.quantize(keras.layers.Embedding(10, 6), kernel_quantizer=Q.SYQ(2, "channel"))
+    out = np.asarray(layer(ids))
+    q, table = list(layer.float_kernels().values())[0]
+    levels = np.asarray(q(table))
+    assert np.max(np.abs(levels - table.numpy())) > 1e-3 and len(np.unique(np.abs(levels))) <= 7
+    np.testing.assert_array_equal(out, levels[ids])

@@ -1,0 +1,28 @@
+"""Test helpers that import neither frontend, shared by tests/ (Keras 2) and tests_keras3/ (Keras 3)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(code, env=None, args=(), timeout=600):
+    """Run a Python snippet (or a script, with ``args``) in a fresh interpreter with this checkout
+    on the path and no Keras selected by the environment (each snippet selects its own)."""
+    full_env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    full_env.pop("TF_USE_LEGACY_KERAS", None)
+    full_env.update(env or {})
+    command = [sys.executable, *args] if args else [sys.executable, "-c", code]
+    return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def separable_data(n, shape=(8, 8, 1), classes=4, seed=0, noise=0.15):
+    """Synthetic images: one fixed random template per class plus noise, values in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    templates = np.random.default_rng(99).uniform(0, 1, (classes, *shape)).astype(np.float32)
+    y = rng.integers(0, classes, n)
+    x = np.clip(templates[y] + rng.normal(0, noise, (n, *shape)), 0, 1).astype(np.float32)
+    return x, y
