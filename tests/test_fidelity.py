@@ -67,8 +67,11 @@ def test_uniq_official_step_gradient_trains_inside_a_model():
 def test_uniq_weight_step_starts_from_the_unbiased_std():
     w = tf.constant([[1.0], [2.0], [3.0], [4.0]])
     # mean 2.5, squared deviations 5 -> unbiased std sqrt(5/3), biased sqrt(5/4)
-    assert float(uniq_initial_step(w, 2, (0, 1))) == pytest.approx(0.99569 * math.sqrt(5 / 3), rel=1e-6)
-    assert float(uniq_initial_step(w, 2, (0, 1), unbiased=False)) == pytest.approx(
+    # one step group, kept as [1, 1] (it broadcasts against w); .item(), not float(): numpy 2 (3.13)
+    # deprecates converting an array of ndim > 0 to a scalar
+    step = uniq_initial_step(w, 2, (0, 1)).numpy()
+    assert step.shape == (1, 1) and step.item() == pytest.approx(0.99569 * math.sqrt(5 / 3), rel=1e-6)
+    assert uniq_initial_step(w, 2, (0, 1), unbiased=False).numpy().item() == pytest.approx(
         0.99569 * math.sqrt(5 / 4), rel=1e-6)
     q = UniQ(2)
     q(w)
