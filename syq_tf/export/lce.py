@@ -58,8 +58,8 @@ from syq_tf.export.lce_plan import inference_model, plan_layers
 from syq_tf.export.match import match_tensor
 from syq_tf.export.report import ExportResult, describe
 from syq_tf.export.runtime import agreement, keras_outputs
-from syq_tf.models import layer_kernels
-from syq_tf.tfmot import is_wrapper
+from syq_tf.export.tfmot_layers import as_quantized_layers
+from syq_tf.models import is_tfmot_model, layer_kernels
 
 _FLOAT_BYTES = codebook.SCALE_BYTES
 
@@ -327,13 +327,13 @@ class LceExportResult(ExportResult):
 
 
 def _check_model(model):
-    """Refuse what this target cannot export before converting (clear errors naming the layers)."""
+    """The model to plan: ``model``, or a tfmot model as syq_tf quantized layers
+    (:func:`~syq_tf.export.tfmot_layers.as_quantized_layers`). Refuses what this target cannot export
+    before converting (clear errors naming the layers)."""
     if not isinstance(model, tf.keras.Model):
         raise ValueError(f"to_tflite(target='lce'): expected a tf.keras Model, got {type(model).__name__}")
-    wrapped = [layer.name for layer in model.layers if is_wrapper(layer)]
-    if wrapped:
-        raise ValueError(f"to_tflite(target='lce'): layers {wrapped} are tfmot QAT wrappers; target 'lce' "
-                         "exports syq_tf / larq quantized layers. Use target='litert' for tfmot models.")
+    if is_tfmot_model(model):
+        model = as_quantized_layers(model)
     recurrent = [layer.name for layer in model.layers if isinstance(layer, tf.keras.layers.RNN)]
     if recurrent:
         raise ValueError(f"to_tflite(target='lce'): layers {recurrent} are recurrent; LCE packs binary "
@@ -342,6 +342,7 @@ def _check_model(model):
     if nested:
         raise ValueError(f"to_tflite(target='lce'): layers {nested} are nested models; flatten the model "
                          "first.")
+    return model
 
 
 def export(model, options, verify_samples=32):
@@ -351,16 +352,19 @@ def export(model, options, verify_samples=32):
     store their weights, ``"int8"`` (default) or ``"float32"``. Verifies with LCE's interpreter on
     ``verify_data``, else on up to ``verify_samples`` representative examples."""
     weights, require_exact = options.weights, options.require_exact
-    _check_model(model)
-    plans = plan_layers(model)
+    layers = _check_model(model)
+    plans = plan_layers(layers)
     packable = [p for p in plans if p.packable]
     if not packable:
         detail = "; ".join(f"'{p.layer.name}': {p.reason}" for p in plans) or "the model has no kernel layers"
+        hint = (". quantize_model schemes with 1-bit weights and 1-bit activations (syq-w1a1, lab-w1a1, "
+                "ls-w1a1, uniq-w1a1) give binary layers; use target='litert' for the others"
+                if layers is not model else "")
         raise ValueError(
             "to_tflite(target='lce'): no layer can be bit-packed into LceBconv2d (LCE needs a Conv2D "
-            "with a ±alpha-per-output-channel kernel and a binary input quantizer): " + detail
+            "with a ±alpha-per-output-channel kernel and a binary input quantizer): " + detail + hint
         )
-    inference_form = inference_model(model, plans)
+    inference_form = inference_model(layers, plans)
     lce = import_lce()  # optional: no wheel on Python 3.13
 
     with warnings.catch_warnings(record=True) as caught:
@@ -369,10 +373,10 @@ def export(model, options, verify_samples=32):
             buffer = bytes(lce.convert_keras_model(inference_form))
         except Exception as err:
             raise RuntimeError(f"to_tflite(target='lce'): LCE's converter failed: {err}") from err
-    reports = layer_reports(model, plans, buffer)
+    reports = layer_reports(layers, plans, buffer)
     if weights == "int8":
         buffer = store_int8(buffer, reports)
-        reports = layer_reports(model, plans, buffer)  # read back from what was written
+        reports = layer_reports(layers, plans, buffer)  # read back from what was written
     notes = [f"layer '{r.layer}': {r.note}" for r in reports if not r.packed and r.quantizer != "float"]
     fallback = [str(w.message) for w in caught if "falling back" in str(w.message)]
     if fallback:

@@ -106,10 +106,10 @@ def binary_kernel(layer):
     mags = np.abs(q).reshape(-1, q.shape[-1])
     zeros = int(np.count_nonzero(mags == 0))
     granularity = getattr(quantizer, "granularity", None)
-    if zeros:
+    levels = max(np.unique(q[..., c]).size for c in range(q.shape[-1]))
+    if zeros and levels <= 3:
         return None, None, (f"kernel has {zeros} zero weights (ternary or pruned codebook): LceBconv2d "
                             "holds ±1 only")
-    levels = max(np.unique(q[..., c]).size for c in range(q.shape[-1]))
     mixed = [c for c in range(q.shape[-1]) if np.unique(mags[:, c]).size > 1]
     if mixed:
         why = (f"granularity '{granularity}': one scale per {granularity}, so up to {levels} values per "
