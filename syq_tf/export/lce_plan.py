@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from syq_tf.export.inference import QuantizedStandIn, build, plain_class, plain_copy, quantized_value
+from syq_tf.export.inference import Int8Input, QuantizedStandIn, build, plain_class, plain_copy, quantized_value
 from syq_tf.models import layer_kernels
 
 
@@ -76,6 +76,9 @@ def binary_input(layer):
     if isinstance(quantizer, lq.quantizers.SteHeaviside):
         return InputForm("step", 1.0, index=lambda x: tf.sign(tf.nn.relu(x)),
                          description="SteHeaviside ({0, 1})"), None
+    if isinstance(quantizer, Int8Input):
+        return None, ("int8 inputs (an 8-bit activation range, tfmot's in a quantize_model model): LceBconv2d "
+                      "needs binary inputs")
     bits = getattr(quantizer, "bits", getattr(quantizer, "k_bit", None))
     extra = f" ({bits} bits)" if bits else ""
     return None, f"input quantizer {name}{extra} is not a binary quantizer LCE can binarize"
