@@ -45,6 +45,8 @@ def _trained(scheme, seed=0):
     model.compile(optimizer, tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     syq_tf.reinitialize_scales(model)
     x, y = separable_data(512, seed=seed)
+    if scheme.startswith("uniq"):
+        syq_tf.calibrate(model, x[:128])  # UniQ's activation steps
     history = model.fit(x[:384], y[:384], epochs=3, batch_size=32, verbose=0)
     return model, x[384:], history.history["accuracy"][-1]
 
@@ -151,11 +153,17 @@ def test_lce_interpreter_agrees_with_the_tfmot_model(w1a1):
 
 
 @needs_lce
-def test_lab_w1a1_packs_the_same_layers():
-    model, x, _ = _trained("lab-w1a1", seed=1)
+@pytest.mark.parametrize("scheme, kernel", [("lab-w1a1", "LossAware mode=binary"), ("uniq-w1a1", "UniQ bits=1")])
+def test_other_binary_schemes_pack_the_same_layers(scheme, kernel):
+    """Loss-aware binary weights; UniQ's 1-bit weights and calibrated {0, delta} activations (the
+    step copied into each packed layer's input quantizer)."""
+    model, x, _ = _trained(scheme, seed=1)
     result = to_tflite(model, x[:32], target="lce", verify_data=x)
     assert [r.layer for r in result.layers if r.packed] == PACKED
-    assert all(_report(result, n).quantizer.startswith("LossAware mode=binary") for n in PACKED)
+    assert all(_report(result, n).quantizer.startswith(kernel) for n in PACKED)
+    if scheme.startswith("uniq"):
+        delta = model.get_layer("quant_relu0").quantize_config.output_quantizer.impl.delta.numpy()
+        assert _report(result, "conv1").input_quantizer == f"UniQActivation(1) ({{0, {float(delta):.6g}}})"
     assert result.verification["top1_agreement"] >= 0.99 and result.verification["max_abs_diff"] < 1e-4
 
 

@@ -184,14 +184,28 @@ def plan_layers(model):
 # ---- the inference form -------------------------------------------------------------------------
 
 
+# LCE's converter keeps a conv float when a channel's filter magnitude is <= float32's epsilon
+# (1.2e-7: a dead channel, e.g. a UniQ step at its floor); such channels get a ±1 filter and their
+# magnitude as a per-channel MUL after the conv, which the converter folds into the multiplier.
+TINY_MAGNITUDE = 1e-6
+
+
 class _LceBinaryConv2D(tf.keras.layers.Layer):
     """Inference form of a packable layer: binarize (sign form LCE recognises), optional explicit
-    +1 padding, plain Conv2D with a ±scale kernel, per-sample scale, bias, activation."""
+    +1 padding, plain Conv2D with a ±scale kernel (± 1 and a MUL for channels of a tiny scale,
+    :data:`TINY_MAGNITUDE`), per-sample scale, bias, activation."""
 
     def __init__(self, plan, conv_config, pad_values, bias, activation, **kwargs):
         super().__init__(**kwargs)
         self.plan = plan
         self.form = plan.form
+        form = plan.form
+        coef = (-form.scale / 2.0) if form.kind == "step" else (
+            1.0 if form.per_sample_clip is not None else form.scale)
+        magnitude = plan.alpha.astype(np.float64) * abs(coef)  # per output channel
+        tiny = magnitude <= TINY_MAGNITUDE
+        self._filter_scale = np.where(tiny, 1.0, magnitude) * np.sign(coef)  # the kernel: signs x this
+        self._rescale = np.where(tiny, magnitude, 1.0).astype(np.float32) if tiny.any() else None
         self.explicit_pad = pad_values == 1 and conv_config["padding"] == "same"
         self.conv = tf.keras.layers.Conv2D(
             filters=conv_config["filters"], kernel_size=conv_config["kernel_size"],
@@ -210,11 +224,7 @@ class _LceBinaryConv2D(tf.keras.layers.Layer):
 
     def transfer(self, old):
         """The ±scale kernel (signs x alpha x the input form's coefficient) and the bias."""
-        form = self.form
-        coef = (-form.scale / 2.0) if form.kind == "step" else (
-            1.0 if form.per_sample_clip is not None else form.scale)
-        kernel = self.plan.signs * (self.plan.alpha.astype(np.float64) * coef)
-        self.conv.kernel.assign(kernel.astype(np.float32))
+        self.conv.kernel.assign((self.plan.signs * self._filter_scale).astype(np.float32))
         if self._bias_value is not None:
             self.bias.assign(self._bias_value)
 
@@ -236,6 +246,8 @@ class _LceBinaryConv2D(tf.keras.layers.Layer):
                     self._same_pads(int(x.shape[2]), k[1], st[1], dl[1]), [0, 0]]
             s = tf.pad(s, pads, constant_values=1.0)
         y = self.conv(s)
+        if self._rescale is not None:
+            y = y * self._rescale
         if form.per_sample_clip is not None:
             flat = tf.reshape(x, [tf.shape(x)[0], -1])
             v = tf.reduce_mean(tf.abs(tf.clip_by_value(flat, -form.per_sample_clip, form.per_sample_clip)),
