@@ -28,6 +28,11 @@ a plain Conv2D. Results are exact, not just close:
   ``pad_values=1``), ``conv(q, W) = h/2 sum(W_c) + conv_pad1(t, -h/2 W)``: a Bconv2d with the
   negated kernel and a per-channel bias.
 
+A tfmot model (``quantize_model``) is first turned into syq_tf quantized layers computing the same
+(:mod:`syq_tf.export.tfmot_layers`): its binary schemes (``syq-w1a1``, ``lab-w1a1`` ...) then pack
+like hand-built binary layers, its 8-bit first / last layers keep tfmot's int8 weights and its 8-bit
+activation ranges become FakeQuants the converter turns into int8 QUANTIZE / DEQUANTIZE.
+
 Quantized layers LCE cannot pack (pixel / row scales, ternary or multi-bit kernels, Dense on
 rank > 2 inputs, depthwise, non-binary or float inputs) are reported with the reason and, with ``weights="int8"``
 (the default), their weights are stored as int8 -- symmetric, one scale per output channel -- and
@@ -134,8 +139,7 @@ def _packed_report(model, plan, bconv):
         exact = False
         note.append(f"channels_in {bconv.options.get('channels_in')} != {c_in}")
     form = plan.form
-    scale = form.scale / 2.0 if form.kind == "step" else (1.0 if form.per_sample_clip is not None else form.scale)
-    expected = plan.alpha.astype(np.float64) * scale
+    expected = plan.alpha.astype(np.float64) * abs(form.filter_coefficient)
     mult = None if bconv.multiplier is None else bconv.multiplier.astype(np.float64).ravel()
     if mult is None and bconv.thresholds is not None and bconv.thresholds.size == c_out:
         note.append("binary output: the next layer's sign is fused into the op, so alpha and the ops "

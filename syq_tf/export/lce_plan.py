@@ -24,6 +24,14 @@ class InputForm:
     index: object = None  # callable x -> {0., 1.} tensor (kind "step")
     description: str = ""
 
+    @property
+    def filter_coefficient(self):
+        """What the ±1 filter is multiplied by besides alpha: -h/2 (kind "step": the negated kernel),
+        1 (per-sample scale, applied after the op) or b (kind "sign")."""
+        if self.kind == "step":
+            return -self.scale / 2.0
+        return 1.0 if self.per_sample_clip is not None else self.scale
+
 
 def _larq_sign_classes():
     import larq as lq  # noqa: PLC0415
@@ -199,9 +207,7 @@ class _LceBinaryConv2D(tf.keras.layers.Layer):
         super().__init__(**kwargs)
         self.plan = plan
         self.form = plan.form
-        form = plan.form
-        coef = (-form.scale / 2.0) if form.kind == "step" else (
-            1.0 if form.per_sample_clip is not None else form.scale)
+        coef = plan.form.filter_coefficient
         magnitude = plan.alpha.astype(np.float64) * abs(coef)  # per output channel
         tiny = magnitude <= TINY_MAGNITUDE
         self._filter_scale = np.where(tiny, 1.0, magnitude) * np.sign(coef)  # the kernel: signs x this
