@@ -195,3 +195,31 @@ def test_untrained_tfmot_ranges_are_refused():
     model = syq_tf.quantize_model(_cnn(), scheme="syq-w1a1")
     with pytest.raises(ValueError, match=r"layer 'quantize_layer': tfmot's activation range \[0, 0\] is empty"):
         to_tflite(model, np.zeros((2, 8, 8, 1), np.float32), target="lce")
+
+
+@needs_lce
+def test_residual_block_with_depthwise_and_int8_ops():
+    """A residual Add (two inputs), a DepthwiseConv2D (LCE packs no depthwise: int8 weights, with the reason) and a last Dense
+    between two tfmot FakeQuant ranges, which LCE's converter makes a full int8 op."""
+    layers = tf.keras.layers
+    tf.keras.utils.set_random_seed(3)
+    inp = tf.keras.Input((8, 8, 1))
+    h = layers.ReLU(name="r0")(layers.BatchNormalization(name="bn0")(layers.Conv2D(32, 3, padding="same", name="stem")(inp)))
+    r = layers.Conv2D(32, 3, padding="same", use_bias=False, name="c1")(h)
+    r = layers.ReLU(name="r1")(layers.BatchNormalization(name="bn1")(r))
+    r = layers.BatchNormalization(name="bn2")(layers.Conv2D(32, 3, padding="same", use_bias=False, name="c2")(r))
+    h = layers.ReLU(name="r2")(layers.Add(name="add")([h, r]))
+    h = layers.ReLU(name="r3")(layers.DepthwiseConv2D(3, padding="same", name="dw")(h))
+    out = layers.Dense(4, name="fc")(layers.GlobalAveragePooling2D(name="gap")(h))
+    model = syq_tf.quantize_model(tf.keras.Model(inp, out), scheme="syq-w1a1")
+    model.compile("adam", tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    syq_tf.reinitialize_scales(model)
+    x, y = separable_data(256, seed=3)
+    model.fit(x, y, epochs=1, verbose=0)
+    np.testing.assert_array_equal(as_quantized_layers(model).predict(x, verbose=0), model.predict(x, verbose=0))
+    result = to_tflite(model, x[:16], target="lce", verify_data=x)
+    assert [r.layer for r in result.layers if r.packed] == ["c1", "c2"]
+    dw, fc = _report(result, "dw"), _report(result, "fc")
+    assert "DepthwiseConv2D layer" in dw.note and dw.storage == "int8" and dw.exact
+    assert fc.op == "FULLY_CONNECTED" and "an int8 op" in fc.note and fc.exact and fc.scale_bytes == 4
+    assert result.verification["top1_agreement"] >= 0.99 and result.verification["max_abs_diff"] < 1e-4

@@ -192,11 +192,13 @@ def _float_report(plan, tensors, used):
                               note=f"not packed: {plan.reason}; weight tensor not found in the flatbuffer")
     used.add(id(tensor))
     expected = codebook.to_tflite_layout(inference.quantized_value(quantizer, variable), tensor.op, tensor.values.shape)
-    int8 = tensor.dequantized
+    int8 = tensor.dequantized or tensor.dtype == "INT8"
     if int8:
         check = dataclasses.replace(tensor, values=codebook.dequantized(tensor))
         kept = ("stored int8, one scale per output channel, dequantized to float when the interpreter "
-                "prepares (the op computes in float)")
+                "prepares (the op computes in float)" if tensor.dequantized else
+                "an int8 op: the converter quantized it between the FakeQuant ranges on its input and "
+                f"output (tfmot's 8-bit activations), int8 weights with {tensor.scales.size} scale(s)")
         scale_bytes = _FLOAT_BYTES * int(tensor.scales.size)
     else:
         check = tensor
