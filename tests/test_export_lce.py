@@ -475,3 +475,28 @@ def test_quicknet_style_block_with_a_float_larq_depthwise_exports():
     assert not layers["transition_dw"].packed and layers["transition_dw"].storage == "float32"
     assert "DepthwiseConv2D layer" in layers["transition_dw"].note
     assert result.verification["top1_agreement"] >= 0.99, result.verification
+
+
+@needs_lce
+def test_channel_with_a_tiny_scale_still_packs():
+    """LCE's converter keeps a conv float if a channel's filter magnitude is <= float32 epsilon (a
+    dead channel: a UniQ step at its floor, 1e-8): that channel gets a ±1 filter and its scale as a
+    per-channel MUL, which the converter folds into the multiplier."""
+    tf.keras.utils.set_random_seed(6)
+    inp = tf.keras.Input((6, 6, 32))
+    h = lq.layers.QuantConv2D(8, 3, padding="same", use_bias=False, name="bin", kernel_quantizer=Q.SYQ(1, "channel"),
+                              input_quantizer="ste_sign")(inp)
+    model = tf.keras.Model(inp, tf.keras.layers.Dense(3, name="head")(tf.keras.layers.Flatten()(h)))
+    quantizer = model.get_layer("bin").kernel_quantizer
+    alpha = np.full((1, 1, 1, 8), 0.05, np.float32)
+    alpha[..., 2] = 5e-9
+    quantizer.alpha.assign(alpha)
+    quantizer.alpha_initialized.assign(True)
+    x = np.random.default_rng(6).normal(size=(32, 6, 6, 32)).astype(np.float32)
+    result = to_tflite(model, x[:8], target="lce", verify_data=x)
+    assert [r.layer for r in result.layers if r.packed] == ["bin"] and _report(result, "bin").exact
+    bconv, = lce_format.bconv_ops(result.flatbuffer)
+    np.testing.assert_allclose(bconv.multiplier, alpha.ravel(), rtol=1e-6)
+    q = _keras_kernel(model, "bin")
+    np.testing.assert_array_equal(lce_format.unpack_signs(bconv.filter, 32), np.sign(q))
+    assert result.verification["top1_agreement"] == 1.0 and result.verification["max_abs_diff"] < 1e-5

@@ -102,7 +102,10 @@ def int8_input(layer):
 
 class Int8Input(tf.keras.layers.Layer):
     """Inference stand-in for an activation quantizer: its int8 range and clip
-    (:func:`~syq_tf.quantizers._common.int8_fake_quant`)."""
+    (:func:`~syq_tf.quantizers._common.int8_fake_quant`); also tfmot's trained 8-bit activation
+    ranges in a tfmot model's syq_tf form (:mod:`syq_tf.export.tfmot_layers`)."""
+
+    bits = 8
 
     def __init__(self, low, high, top=None, **kwargs):
         super().__init__(**kwargs)
@@ -111,6 +114,9 @@ class Int8Input(tf.keras.layers.Layer):
 
     def call(self, inputs):
         return int8_fake_quant(inputs, self.low, self.high, self.top)
+
+    def get_config(self):
+        return {**super().get_config(), "low": self.low, "high": self.high, "top": self.top}
 
 
 class QuantizedStandIn(tf.keras.layers.Layer):

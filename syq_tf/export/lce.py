@@ -28,6 +28,11 @@ a plain Conv2D. Results are exact, not just close:
   ``pad_values=1``), ``conv(q, W) = h/2 sum(W_c) + conv_pad1(t, -h/2 W)``: a Bconv2d with the
   negated kernel and a per-channel bias.
 
+A tfmot model (``quantize_model``) is first turned into syq_tf quantized layers computing the same
+(:mod:`syq_tf.export.tfmot_layers`): its binary schemes (``syq-w1a1``, ``lab-w1a1`` ...) then pack
+like hand-built binary layers, its 8-bit first / last layers keep tfmot's int8 weights and its 8-bit
+activation ranges become FakeQuants the converter turns into int8 QUANTIZE / DEQUANTIZE.
+
 Quantized layers LCE cannot pack (pixel / row scales, ternary or multi-bit kernels, Dense on
 rank > 2 inputs, depthwise, non-binary or float inputs) are reported with the reason and, with ``weights="int8"``
 (the default), their weights are stored as int8 -- symmetric, one scale per output channel -- and
@@ -58,8 +63,8 @@ from syq_tf.export.lce_plan import inference_model, plan_layers
 from syq_tf.export.match import match_tensor
 from syq_tf.export.report import ExportResult, describe
 from syq_tf.export.runtime import agreement, keras_outputs
-from syq_tf.models import layer_kernels
-from syq_tf.tfmot import is_wrapper
+from syq_tf.export.tfmot_layers import as_quantized_layers
+from syq_tf.models import is_tfmot_model, layer_kernels
 
 _FLOAT_BYTES = codebook.SCALE_BYTES
 
@@ -134,8 +139,7 @@ def _packed_report(model, plan, bconv):
         exact = False
         note.append(f"channels_in {bconv.options.get('channels_in')} != {c_in}")
     form = plan.form
-    scale = form.scale / 2.0 if form.kind == "step" else (1.0 if form.per_sample_clip is not None else form.scale)
-    expected = plan.alpha.astype(np.float64) * scale
+    expected = plan.alpha.astype(np.float64) * abs(form.filter_coefficient)
     mult = None if bconv.multiplier is None else bconv.multiplier.astype(np.float64).ravel()
     if mult is None and bconv.thresholds is not None and bconv.thresholds.size == c_out:
         note.append("binary output: the next layer's sign is fused into the op, so alpha and the ops "
@@ -188,11 +192,13 @@ def _float_report(plan, tensors, used):
                               note=f"not packed: {plan.reason}; weight tensor not found in the flatbuffer")
     used.add(id(tensor))
     expected = codebook.to_tflite_layout(inference.quantized_value(quantizer, variable), tensor.op, tensor.values.shape)
-    int8 = tensor.dequantized
+    int8 = tensor.dequantized or tensor.dtype == "INT8"
     if int8:
         check = dataclasses.replace(tensor, values=codebook.dequantized(tensor))
         kept = ("stored int8, one scale per output channel, dequantized to float when the interpreter "
-                "prepares (the op computes in float)")
+                "prepares (the op computes in float)" if tensor.dequantized else
+                "an int8 op: the converter quantized it between the FakeQuant ranges on its input and "
+                f"output (tfmot's 8-bit activations), int8 weights with {tensor.scales.size} scale(s)")
         scale_bytes = _FLOAT_BYTES * int(tensor.scales.size)
     else:
         check = tensor
@@ -327,13 +333,13 @@ class LceExportResult(ExportResult):
 
 
 def _check_model(model):
-    """Refuse what this target cannot export before converting (clear errors naming the layers)."""
+    """The model to plan: ``model``, or a tfmot model as syq_tf quantized layers
+    (:func:`~syq_tf.export.tfmot_layers.as_quantized_layers`). Refuses what this target cannot export
+    before converting (clear errors naming the layers)."""
     if not isinstance(model, tf.keras.Model):
         raise ValueError(f"to_tflite(target='lce'): expected a tf.keras Model, got {type(model).__name__}")
-    wrapped = [layer.name for layer in model.layers if is_wrapper(layer)]
-    if wrapped:
-        raise ValueError(f"to_tflite(target='lce'): layers {wrapped} are tfmot QAT wrappers; target 'lce' "
-                         "exports syq_tf / larq quantized layers. Use target='litert' for tfmot models.")
+    if is_tfmot_model(model):
+        model = as_quantized_layers(model)
     recurrent = [layer.name for layer in model.layers if isinstance(layer, tf.keras.layers.RNN)]
     if recurrent:
         raise ValueError(f"to_tflite(target='lce'): layers {recurrent} are recurrent; LCE packs binary "
@@ -342,6 +348,7 @@ def _check_model(model):
     if nested:
         raise ValueError(f"to_tflite(target='lce'): layers {nested} are nested models; flatten the model "
                          "first.")
+    return model
 
 
 def export(model, options, verify_samples=32):
@@ -351,16 +358,19 @@ def export(model, options, verify_samples=32):
     store their weights, ``"int8"`` (default) or ``"float32"``. Verifies with LCE's interpreter on
     ``verify_data``, else on up to ``verify_samples`` representative examples."""
     weights, require_exact = options.weights, options.require_exact
-    _check_model(model)
-    plans = plan_layers(model)
+    layers = _check_model(model)
+    plans = plan_layers(layers)
     packable = [p for p in plans if p.packable]
     if not packable:
         detail = "; ".join(f"'{p.layer.name}': {p.reason}" for p in plans) or "the model has no kernel layers"
+        hint = (". quantize_model schemes with 1-bit weights and 1-bit activations (syq-w1a1, lab-w1a1, "
+                "ls-w1a1, uniq-w1a1) give binary layers; use target='litert' for the others"
+                if layers is not model else "")
         raise ValueError(
             "to_tflite(target='lce'): no layer can be bit-packed into LceBconv2d (LCE needs a Conv2D "
-            "with a ±alpha-per-output-channel kernel and a binary input quantizer): " + detail
+            "with a ±alpha-per-output-channel kernel and a binary input quantizer): " + detail + hint
         )
-    inference_form = inference_model(model, plans)
+    inference_form = inference_model(layers, plans)
     lce = import_lce()  # optional: no wheel on Python 3.13
 
     with warnings.catch_warnings(record=True) as caught:
@@ -369,10 +379,10 @@ def export(model, options, verify_samples=32):
             buffer = bytes(lce.convert_keras_model(inference_form))
         except Exception as err:
             raise RuntimeError(f"to_tflite(target='lce'): LCE's converter failed: {err}") from err
-    reports = layer_reports(model, plans, buffer)
+    reports = layer_reports(layers, plans, buffer)
     if weights == "int8":
         buffer = store_int8(buffer, reports)
-        reports = layer_reports(model, plans, buffer)  # read back from what was written
+        reports = layer_reports(layers, plans, buffer)  # read back from what was written
     notes = [f"layer '{r.layer}': {r.note}" for r in reports if not r.packed and r.quantizer != "float"]
     fallback = [str(w.message) for w in caught if "falling back" in str(w.message)]
     if fallback:

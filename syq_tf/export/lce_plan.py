@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from syq_tf.export.inference import QuantizedStandIn, build, plain_class, plain_copy, quantized_value
+from syq_tf.export.inference import Int8Input, QuantizedStandIn, build, plain_class, plain_copy, quantized_value
 from syq_tf.models import layer_kernels
 
 
@@ -23,6 +23,14 @@ class InputForm:
     per_sample_clip: float = None
     index: object = None  # callable x -> {0., 1.} tensor (kind "step")
     description: str = ""
+
+    @property
+    def filter_coefficient(self):
+        """What the ±1 filter is multiplied by besides alpha: -h/2 (kind "step": the negated kernel),
+        1 (per-sample scale, applied after the op) or b (kind "sign")."""
+        if self.kind == "step":
+            return -self.scale / 2.0
+        return 1.0 if self.per_sample_clip is not None else self.scale
 
 
 def _larq_sign_classes():
@@ -76,6 +84,9 @@ def binary_input(layer):
     if isinstance(quantizer, lq.quantizers.SteHeaviside):
         return InputForm("step", 1.0, index=lambda x: tf.sign(tf.nn.relu(x)),
                          description="SteHeaviside ({0, 1})"), None
+    if isinstance(quantizer, Int8Input):
+        return None, ("int8 inputs (an 8-bit activation range, tfmot's in a quantize_model model): LceBconv2d "
+                      "needs binary inputs")
     bits = getattr(quantizer, "bits", getattr(quantizer, "k_bit", None))
     extra = f" ({bits} bits)" if bits else ""
     return None, f"input quantizer {name}{extra} is not a binary quantizer LCE can binarize"
@@ -106,10 +117,10 @@ def binary_kernel(layer):
     mags = np.abs(q).reshape(-1, q.shape[-1])
     zeros = int(np.count_nonzero(mags == 0))
     granularity = getattr(quantizer, "granularity", None)
-    if zeros:
+    levels = max(np.unique(q[..., c]).size for c in range(q.shape[-1]))
+    if zeros and levels <= 3:
         return None, None, (f"kernel has {zeros} zero weights (ternary or pruned codebook): LceBconv2d "
                             "holds ±1 only")
-    levels = max(np.unique(q[..., c]).size for c in range(q.shape[-1]))
     mixed = [c for c in range(q.shape[-1]) if np.unique(mags[:, c]).size > 1]
     if mixed:
         why = (f"granularity '{granularity}': one scale per {granularity}, so up to {levels} values per "
@@ -181,14 +192,26 @@ def plan_layers(model):
 # ---- the inference form -------------------------------------------------------------------------
 
 
+# LCE's converter keeps a conv float when a channel's filter magnitude is <= float32's epsilon
+# (1.2e-7: a dead channel, e.g. a UniQ step at its floor); such channels get a ±1 filter and their
+# magnitude as a per-channel MUL after the conv, which the converter folds into the multiplier.
+TINY_MAGNITUDE = 1e-6
+
+
 class _LceBinaryConv2D(tf.keras.layers.Layer):
     """Inference form of a packable layer: binarize (sign form LCE recognises), optional explicit
-    +1 padding, plain Conv2D with a ±scale kernel, per-sample scale, bias, activation."""
+    +1 padding, plain Conv2D with a ±scale kernel (± 1 and a MUL for channels of a tiny scale,
+    :data:`TINY_MAGNITUDE`), per-sample scale, bias, activation."""
 
     def __init__(self, plan, conv_config, pad_values, bias, activation, **kwargs):
         super().__init__(**kwargs)
         self.plan = plan
         self.form = plan.form
+        coef = plan.form.filter_coefficient
+        magnitude = plan.alpha.astype(np.float64) * abs(coef)  # per output channel
+        tiny = magnitude <= TINY_MAGNITUDE
+        self._filter_scale = np.where(tiny, 1.0, magnitude) * np.sign(coef)  # the kernel: signs x this
+        self._rescale = np.where(tiny, magnitude, 1.0).astype(np.float32) if tiny.any() else None
         self.explicit_pad = pad_values == 1 and conv_config["padding"] == "same"
         self.conv = tf.keras.layers.Conv2D(
             filters=conv_config["filters"], kernel_size=conv_config["kernel_size"],
@@ -207,11 +230,7 @@ class _LceBinaryConv2D(tf.keras.layers.Layer):
 
     def transfer(self, old):
         """The ±scale kernel (signs x alpha x the input form's coefficient) and the bias."""
-        form = self.form
-        coef = (-form.scale / 2.0) if form.kind == "step" else (
-            1.0 if form.per_sample_clip is not None else form.scale)
-        kernel = self.plan.signs * (self.plan.alpha.astype(np.float64) * coef)
-        self.conv.kernel.assign(kernel.astype(np.float32))
+        self.conv.kernel.assign((self.plan.signs * self._filter_scale).astype(np.float32))
         if self._bias_value is not None:
             self.bias.assign(self._bias_value)
 
@@ -233,6 +252,8 @@ class _LceBinaryConv2D(tf.keras.layers.Layer):
                     self._same_pads(int(x.shape[2]), k[1], st[1], dl[1]), [0, 0]]
             s = tf.pad(s, pads, constant_values=1.0)
         y = self.conv(s)
+        if self._rescale is not None:
+            y = y * self._rescale
         if form.per_sample_clip is not None:
             flat = tf.reshape(x, [tf.shape(x)[0], -1])
             v = tf.reduce_mean(tf.abs(tf.clip_by_value(flat, -form.per_sample_clip, form.per_sample_clip)),
