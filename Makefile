@@ -1,5 +1,13 @@
 # The two commands of the README. Both do all set-up first (scripts/setup.sh is idempotent).
-PY := .venv/bin/python
+# Python 3.11 in .venv by default; PYTHON=python3.12 or python3.13 (or a path ending in python3.N) uses
+# that Python in its own virtualenv, .venv-3.12 / .venv-3.13 (VENV=dir overrides).
+ifdef PYTHON
+VENV ?= $(if $(filter python3.11,$(notdir $(PYTHON))),.venv,.venv-$(patsubst python%,%,$(notdir $(PYTHON))))
+else
+VENV ?= .venv
+endif
+export VENV
+PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: setup demo test arm

@@ -89,7 +89,8 @@ def _curvature(optimizer, quantizer, kernel):
     if not getattr(optimizer, "_built", getattr(optimizer, "built", False)):  # tf_keras / Keras 3
         return None
     try:
-        return optimizer._curvature(kernel).numpy().ravel()  # noqa: SLF001 (same package)
+        # the curvature the last update projected with (iterations counts the updates applied)
+        return optimizer._curvature(kernel, step=optimizer.iterations).numpy().ravel()  # noqa: SLF001
     except KeyError:
         return None
 

@@ -1027,7 +1027,8 @@ def _inspect_tflite(path):
           + ", ".join(f"{op} x{n}" for op, n in sorted(counts.items())))
     print()
     if not rows:
-        print("no constant weight tensors of CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED / LSTM ops found")
+        print("no constant weight tensors of CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED / TRANSPOSE_CONV / LSTM "
+              "ops found")
         return 0
     wt = min(44, max([8] + [len(r["tensor"]) + 2 for r in rows]))
     wo = max([6] + [len(r["op"]) + 2 for r in rows])

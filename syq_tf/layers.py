@@ -22,6 +22,10 @@ KERNEL_ATTR = {
     tf.keras.layers.Conv1D: "kernel",
     tf.keras.layers.Conv2D: "kernel",
     tf.keras.layers.Conv3D: "kernel",
+    # Transposed convolutions: kernels [k, c_out, c_in] / [kh, kw, c_out, c_in], the output channel
+    # one before last (their quantizers get transposed=True, see TRANSPOSED).
+    tf.keras.layers.Conv1DTranspose: "kernel",
+    tf.keras.layers.Conv2DTranspose: "kernel",
     tf.keras.layers.Dense: "kernel",
     tf.keras.layers.EinsumDense: "kernel",  # e.g. MultiHeadAttention's projections
     tf.keras.layers.Embedding: "embeddings",  # the table (its rows are looked up, not multiplied)
@@ -32,12 +36,12 @@ KERNEL_ATTR = {
 }
 # Kernel layers whose layouts or kernels differ; quantizing them needs work not done yet.
 _UNSUPPORTED = (
-    tf.keras.layers.Conv1DTranspose,
-    tf.keras.layers.Conv2DTranspose,
     tf.keras.layers.Conv3DTranspose,
     tf.keras.layers.SeparableConv1D,
 )
 SUPPORTED_LAYERS = tuple(cls.__name__ for cls in KERNEL_ATTR)
+# Layers whose kernel has the output channel one before last ([.., c_out, c_in]).
+TRANSPOSED = (tf.keras.layers.Conv1DTranspose, tf.keras.layers.Conv2DTranspose)
 
 
 def _kernel_attr_for(cls, what):
@@ -89,6 +93,7 @@ class QuantizedLayerMixin:
 
     _syq_kernel_attr = "kernel"
     _syq_depthwise = False
+    _syq_transposed = False
     _syq_defaults = {}
 
     def __init__(self, *args, kernel_quantizer=None, input_quantizer=None, **kwargs):
@@ -96,6 +101,7 @@ class QuantizedLayerMixin:
         kernel_quantizer = kernel_quantizer or self._syq_defaults.get("kernel_quantizer")
         input_quantizer = input_quantizer or self._syq_defaults.get("input_quantizer")
         extra = {"depthwise": True} if self._syq_depthwise and _has_depthwise_arg(kernel_quantizer) else {}
+        extra.update(_transposed_override(kernel_quantizer, self))
         self.kernel_quantizer = _copy_quantizer(kernel_quantizer, "kernel_quantizer", self.name, **extra)
         self.input_quantizer = _copy_quantizer(input_quantizer, "input_quantizer", self.name)
 
@@ -213,6 +219,23 @@ def _has_depthwise_arg(quantizer):
     return isinstance(quantizer, WeightQuantizer) and "depthwise" in quantizer.get_config()
 
 
+def _transposed_override(quantizer, layer):
+    """``{"transposed": True}`` for a quantizer with per-channel scales on a transposed
+    convolution (its output channel is the kernel's axis -2); a ValueError for one marked
+    transposed on another layer (its scales would run along the input channels)."""
+    if not (isinstance(quantizer, WeightQuantizer) and "transposed" in quantizer.get_config()):
+        return {}
+    if layer._syq_transposed:
+        return {"transposed": True}
+    if quantizer.get_config()["transposed"]:
+        raise ValueError(
+            f"layer '{layer.name}' ({type(layer).__name__}): kernel_quantizer {type(quantizer).__name__} "
+            f"has transposed=True, which is for {' / '.join(c.__name__ for c in TRANSPOSED)} kernels "
+            "[.., c_out, c_in]; leave it False (syq_tf.quantize sets it for those layers)."
+        )
+    return {}
+
+
 def deserialize_quantizer(config):
     """A quantizer from its serialized dict, in either Keras serialization format (h5 files use the
     legacy one, where only the plain class name is looked up; ours are registered under it too)."""
@@ -274,6 +297,7 @@ def _quantized_class(base):
             "_syq_kernel_attr": attr,
             "_syq_kernels": kernels,
             "_syq_depthwise": issubclass(base, tf.keras.layers.DepthwiseConv2D),
+            "_syq_transposed": issubclass(base, TRANSPOSED),
             "__module__": base.__module__ if base not in KERNEL_ATTR else __name__,
             "__qualname__": name,
             "__doc__": f"{base.__name__} with SYQ-style kernel and input quantizers.",
@@ -324,6 +348,8 @@ QuantizedConv1D = _quantized_class(tf.keras.layers.Conv1D)
 QuantizedSeparableConv2D = _quantized_class(tf.keras.layers.SeparableConv2D)
 QuantizedConv2D = _quantized_class(tf.keras.layers.Conv2D)
 QuantizedConv3D = _quantized_class(tf.keras.layers.Conv3D)
+QuantizedConv1DTranspose = _quantized_class(tf.keras.layers.Conv1DTranspose)
+QuantizedConv2DTranspose = _quantized_class(tf.keras.layers.Conv2DTranspose)
 QuantizedDepthwiseConv2D = _quantized_class(tf.keras.layers.DepthwiseConv2D)
 QuantizedDense = _quantized_class(tf.keras.layers.Dense)
 QuantizedLSTM = _quantized_class(tf.keras.layers.LSTM)
@@ -345,6 +371,8 @@ def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None, recurr
     - SeparableConv2D: ``kernel_quantizer`` quantizes the pointwise kernel and
       ``depthwise_quantizer`` (default: a copy of ``kernel_quantizer``) the depthwise kernel, each
       with its own granularity.
+    - Conv1DTranspose, Conv2DTranspose: kernels ``[k, c_out, c_in]`` / ``[kh, kw, c_out, c_in]``;
+      the kernel quantizer gets ``transposed=True`` so ``channel`` scales run along c_out.
 
     Quantizers with scales are copied per layer, so one ``SYQ(...)`` can configure many layers.
     """
@@ -425,8 +453,8 @@ def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None, recurr
             for src, dst in zip(target.weights, own):
                 dst.assign(src)
         return layer
-    if type(target).__module__.startswith("keras"):
-        _check_keras2(type(target))
+    if type(target).__module__.split(".")[0] in ("keras", "tf_keras", "larq"):
+        _check_keras2(type(target))  # a layer of the other frontend's Keras
     raise TypeError(
         f"syq_tf.quantize: expected a tf.keras layer class or instance, got {type(target).__name__}."
     )

@@ -24,6 +24,7 @@ import numpy as np
 
 import tensorflow as tf
 
+from syq_tf.quantizers._common import shown
 from syq_tf.quantizers.loss_aware import LossAware, use_xla
 
 _MARK = "_syq_quantizer"
@@ -85,7 +86,7 @@ class LossAwareAdam(tf.keras.optimizers.Adam):
             )
         if clip is not None and not (isinstance(clip, numbers.Real) and not isinstance(clip, (bool, np.bool_))
                                      and 0 < clip < float("inf")):
-            raise ValueError(f"LossAwareAdam: clip={clip!r} must be a finite number > 0 or None.")
+            raise ValueError(f"LossAwareAdam: clip={shown(clip)!r} must be a finite number > 0 or None.")
         super().__init__(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
                          name=name, **kwargs)
         self.clip = None if clip is None else float(clip)
@@ -112,16 +113,17 @@ class LossAwareAdam(tf.keras.optimizers.Adam):
         """The LossAware quantizers whose kernels this optimizer trains."""
         return list(self._loss_aware.values())
 
-    def _curvature(self, variable):
-        """d = sqrt(v_hat) + eps (curvature "raw": sqrt(v) + eps) for ``variable`` after this step's
-        update."""
+    def _curvature(self, variable, step=None):
+        """d = sqrt(v_hat) + eps (curvature "raw": sqrt(v) + eps) for ``variable`` after update number
+        ``step`` (default: the step being applied, ``iterations + 1``; after training, pass
+        ``iterations``, the last step applied)."""
         index = self._slot_index(variable)
         v = self._velocity_hats[index] if self.amsgrad else self._velocities[index]
         dtype = variable.dtype
         if self.curvature == "raw":
             scale = tf.ones([], dtype)
         else:
-            step = tf.cast(self.iterations + 1, dtype)
+            step = tf.cast(self.iterations + 1 if step is None else step, dtype)
             scale = 1.0 / (1.0 - tf.pow(tf.cast(self.beta_2, dtype), step))
         if use_xla(variable.shape):
             return _curvature_xla(tf.convert_to_tensor(v), scale, tf.cast(self.epsilon, dtype))

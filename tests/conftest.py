@@ -34,3 +34,22 @@ def separable_data(n, shape=(8, 8, 1), classes=4, seed=0, noise=0.15):
     y = rng.integers(0, classes, n)
     x = np.clip(templates[y] + rng.normal(0, noise, (n, *shape)), 0, 1).astype(np.float32)
     return x, y
+
+
+def compiled_classifier(model, learning_rate=1e-2):
+    """``model`` compiled as the tests' small classifiers are: Adam, cross-entropy on logits, accuracy."""
+    model.compile(tf.keras.optimizers.Adam(learning_rate),
+                  tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    return model
+
+
+def trained_classifier(model, seed, epochs, n=768, train=640):
+    """``model`` trained on :func:`separable_data` (the first ``train`` of ``n`` examples) from scales
+    set on its initial weights: (model, x, y, last training accuracy)."""
+    import syq_tf  # noqa: PLC0415
+
+    x, y = separable_data(n, seed=seed)
+    syq_tf.reinitialize_scales(model)
+    history = model.fit(x[:train], y[:train], epochs=epochs, batch_size=32, verbose=0)
+    return model, x, y, history.history["accuracy"][-1]
+

@@ -29,7 +29,8 @@ def test_logger_writes_scales_codebooks_and_curvature(tmp_path):
         tf.keras.layers.Flatten(),
         syq_tf.quantize(tf.keras.layers.Dense(4, name="fc"), kernel_quantizer=LossAware("ternary_exact")),
     ])
-    model.compile(syq_tf.LossAwareAdam(1e-2), tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    optimizer = syq_tf.LossAwareAdam(1e-2)
+    model.compile(optimizer, tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, epochs=2, verbose=0, callbacks=[QuantizerLogger(str(tmp_path))])
     events = _events(str(tmp_path))
     for tag in ("conv/kernel/alpha", "conv/kernel/alpha/mean", "conv/kernel/alpha/3", "conv/kernel/codebook",
@@ -42,3 +43,8 @@ def test_logger_writes_scales_codebooks_and_curvature(tmp_path):
     _, levels = events["conv/kernel/levels"][-1]
     assert float(levels) == np.unique(model.get_layer("conv").quantized_kernel().numpy()).size <= 9
     assert "conv/kernel/curvature" not in events  # SYQ has no curvature
+    # d = sqrt(v_hat) + eps of the last update (t = iterations), from Adam's own second moments
+    kernel = model.get_layer("fc").float_kernels()["kernel"][1]
+    v = optimizer._velocities[optimizer._index_dict[optimizer._var_key(kernel)]].numpy()
+    d = np.sqrt(v / (1 - 0.999 ** int(optimizer.iterations.numpy()))) + 1e-8
+    np.testing.assert_allclose(float(events["fc/kernel/curvature/mean"][-1][1]), d.mean(), rtol=1e-5)

@@ -1,7 +1,9 @@
 """to_tflite(..., target="lce"): binary layers as bit-packed LceBconv2d, run with LCE's interpreter."""
 
+import importlib.util
 import json
 import os
+import sys
 
 import larq as lq
 import numpy as np
@@ -12,6 +14,12 @@ import syq_tf
 from syq_tf.export import TARGETS, codebook, lce_format, to_tflite
 
 Q = syq_tf.quantizers
+PYTHON = "%d.%d" % sys.version_info[:2]
+# larq-compute-engine is optional where it has no wheel (Python 3.13): the tests that convert or run
+# with it are skipped there; packing, refusals and the missing-package error still run.
+HAVE_LCE = importlib.util.find_spec("larq_compute_engine") is not None
+NO_LCE = f"larq-compute-engine is not installed on Python {PYTHON} (0.16.0 publishes no wheel for 3.13)"
+needs_lce = pytest.mark.skipif(not HAVE_LCE, reason=NO_LCE)
 
 
 # ---- packing ----------------------------------------------------------------------------------------
@@ -77,6 +85,8 @@ def _model():
 @pytest.fixture(scope="module")
 def exported():
     """weights='float32': the layers LCE cannot pack keep float32 kernels (bit-exact outputs)."""
+    if not HAVE_LCE:
+        pytest.skip(NO_LCE)
     tf.keras.utils.set_random_seed(7)
     model = _model()
     x = np.random.default_rng(0).uniform(0, 1, (200, 8, 8, 3)).astype(np.float32)
@@ -227,6 +237,29 @@ def test_recurrent_model_is_refused():
         to_tflite(model, np.zeros((2, 5, 3), np.float32), target="lce")
 
 
+def test_missing_lce_is_one_line_naming_the_package_and_python(monkeypatch):
+    """Where larq-compute-engine is not installed (on 3.13 for real; elsewhere hidden from import),
+    target 'lce' plans the model, then refuses in one line naming the package and the Python."""
+    if HAVE_LCE:
+        monkeypatch.setitem(sys.modules, "larq_compute_engine", None)  # import raises ModuleNotFoundError
+    inp = tf.keras.Input((8, 8, 3))
+    h = lq.layers.QuantConv2D(32, 3, padding="same", name="bin", kernel_quantizer=Q.SYQ(1, "channel"),
+                              input_quantizer="ste_sign")(inp)
+    model = tf.keras.Model(inp, tf.keras.layers.Dense(3)(tf.keras.layers.Flatten()(h)))
+    x = np.random.default_rng(2).normal(size=(4, 8, 8, 3)).astype(np.float32)
+    with pytest.raises(ModuleNotFoundError) as err:
+        to_tflite(model, x, target="lce")
+    msg = str(err.value)
+    assert "\n" not in msg and err.value.name == "larq_compute_engine"
+    assert msg.startswith("to_tflite(target='lce') needs the package larq-compute-engine, which ")
+    if sys.version_info >= (3, 13):
+        assert f"publishes no wheel for Python {PYTHON}" in msg and "target 'litert'" in msg
+    else:
+        assert "is not installed: pip install 'syq_tf[lce]'" in msg
+    with pytest.raises(ModuleNotFoundError, match="larq-compute-engine"):
+        lce_format.lce_predict(b"", x)
+
+
 # ---- int8 weights for the layers LCE cannot pack (the default) --------------------------------------
 
 
@@ -302,6 +335,7 @@ def test_int8_model_is_smaller_and_still_matches_keras(exported, exported_int8):
         np.testing.assert_array_equal(a.filter, b.filter)
 
 
+@needs_lce
 def test_int8_with_exact_codebooks_computes_like_keras():
     tf.keras.utils.set_random_seed(3)
     inp = tf.keras.Input((8, 8, 3))
@@ -364,6 +398,7 @@ def test_dequantize_weights_refuses_bad_updates(exported, exported_int8):
 # ---- binary Dense layers: a 1x1 LceBconv2d --------------------------------------------------------
 
 
+@needs_lce
 def test_binary_dense_layers_become_1x1_bconvs():
     """The demo CNN at W1A1 ({0, 1} DoReFa(1) inputs): conv2-4 and the flat fc1 are packed; fc1 as a
     1x1 LceBconv2d on [batch, 1, 1, features]; outputs equal Keras'."""
@@ -385,6 +420,7 @@ def test_binary_dense_layers_become_1x1_bconvs():
     assert result.verification["top1_agreement"] == 1.0 and result.verification["max_abs_diff"] < 1e-4
 
 
+@needs_lce
 def test_binary_dense_with_sign_inputs_and_non_flat_dense():
     tf.keras.utils.set_random_seed(5)
     inp = tf.keras.Input((6, 24))
@@ -413,6 +449,7 @@ def test_binary_dense_with_sign_inputs_and_non_flat_dense():
     np.testing.assert_allclose(lce_format.lce_predict(result.flatbuffer, x), model.predict(x, verbose=0), atol=1e-4)
 
 
+@needs_lce
 def test_quicknet_style_block_with_a_float_larq_depthwise_exports():
     # larq-zoo's QuickNet transition blocks use QuantDepthwiseConv2D without quantizers (a float
     # layer of larq's class): it is kept float, the binary conv after it is packed

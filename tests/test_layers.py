@@ -177,8 +177,9 @@ def test_layer_without_kernel():
 
 
 def test_unsupported_kernel_layer():
-    with pytest.raises(TypeError, match="Conv2DTranspose, which is not supported yet"):
-        syq_tf.quantize(tf.keras.layers.Conv2DTranspose(2, 3), kernel_quantizer=SYQ())
+    for cls in (tf.keras.layers.Conv3DTranspose, tf.keras.layers.SeparableConv1D):
+        with pytest.raises(TypeError, match=f"{cls.__name__}, which is not supported yet"):
+            syq_tf.quantize(cls(2, 3), kernel_quantizer=SYQ())
 
 
 def test_granularity_not_fitting_layer_names_the_layer():

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 import syq_tf
-from conftest import separable_data
+from conftest import compiled_classifier, separable_data, trained_classifier
 from syq_tf import tfmot as st
 from syq_tf.quantizers import SYQ, DoReFa, UniQ
 
@@ -35,19 +35,12 @@ def mobilenet_block_model():
                         input_quantizer=DoReFa(8))(h)
     h = tf.keras.layers.ReLU(name="r3")(h)
     h = tf.keras.layers.GlobalAveragePooling2D(name="gap")(h)
-    model = tf.keras.Model(inp, tf.keras.layers.Dense(4, name="head")(h))
-    model.compile(tf.keras.optimizers.Adam(1e-2), tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
-    return model
+    return compiled_classifier(tf.keras.Model(inp, tf.keras.layers.Dense(4, name="head")(h)))
 
 
 @pytest.fixture(scope="module")
 def trained():
-    x, y = separable_data(768, seed=3)
-    model = mobilenet_block_model()
-    syq_tf.reinitialize_scales(model)
-    history = model.fit(x[:640], y[:640], epochs=8, batch_size=32, verbose=0)
-    return model, x, y, history.history["accuracy"][-1]
+    return trained_classifier(mobilenet_block_model(), seed=3, epochs=8)
 
 
 def test_separable_kernels_have_their_own_quantizers():

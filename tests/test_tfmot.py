@@ -228,3 +228,24 @@ def test_the_scheme_works_with_tfmots_own_quantize_apply():
     # tfmot's Conv+BatchNorm(+ReLU) transforms did their usual work around the low-bit convs
     assert type(configs["bn1"]).__name__ == "NoOpQuantizeConfig"
     assert type(configs["bn2"]).__name__ == "Default8BitOutputQuantizeConfig"
+
+
+@pytest.mark.parametrize("scheme", ["uniq-w4a8", "syq-w2a8"])
+def test_depthwise_scales_are_per_channel_for_every_scheme(scheme):
+    """A DepthwiseConv2D [3, 3, 4, 1] under a per-channel scheme gets one scale per channel, UniQ
+    too (it once got one step for the whole kernel)."""
+    inp = tf.keras.Input((8, 8, 4))
+    h = tf.keras.layers.Conv2D(4, 3, name="a")(inp)
+    h = tf.keras.layers.DepthwiseConv2D(3, name="dw", depthwise_initializer="random_normal")(h)
+    model = st.quantize_model(tf.keras.Model(inp, tf.keras.layers.Conv2D(4, 1, name="z")(h)), scheme)
+    (impl, kernel), = st.wrapper_kernels(model.get_layer("quant_dw")).values()
+    assert impl.depthwise and tuple(impl._scale.shape) == (1, 1, 4, 1)
+    w = kernel.numpy()
+    q = impl(tf.convert_to_tensor(w)).numpy()
+    scaled = w.copy()
+    scaled[:, :, 0] *= 3.0  # channel 0 only: a fresh quantizer's levels of the other channels stay
+    fresh = type(impl).from_config(impl.get_config())
+    q2 = fresh(tf.constant(scaled)).numpy()
+    if scheme.startswith("uniq"):  # (SYQ's ternary threshold is a fraction of the whole kernel's max|W|)
+        np.testing.assert_allclose(q2[:, :, 1:], q[:, :, 1:], rtol=1e-5)
+    np.testing.assert_allclose(fresh._scale.numpy()[0, 0, 1:], impl._scale.numpy()[0, 0, 1:], rtol=1e-5)

@@ -50,7 +50,8 @@ class StorageForm:
 
 STORAGE = {
     "int8": StorageForm("int8", "INT8", 8, 127),
-    # LiteRT's builtin and reference kernels take INT4 filters with int8 inputs in these ops.
+    # LiteRT's builtin and reference kernels take INT4 filters with int8 inputs in these ops (not in
+    # TRANSPOSE_CONV: LiteRT 2.3 refuses them when preparing, "weights->type != kTfLiteInt8", measured).
     "int4": StorageForm("int4", "INT4", 4, 7, (("CONV_2D", 7), ("DEPTHWISE_CONV_2D", 7), ("FULLY_CONNECTED", 10))),
     # INT2: FULLY_CONNECTED only (LiteRT 2.3 has no INT2 convolution); any version >= 10 loads, as
     # measured (tests/test_export_int2.py); 10 is the one that announces sub-byte filters.
@@ -100,7 +101,8 @@ def distinct_magnitudes(kernel):
 
 
 def output_channel_axis(op):
-    """The output-channel axis of a stored weight tensor (TFLite layout)."""
+    """The output-channel axis of a stored weight tensor (TFLite layout; TRANSPOSE_CONV's
+    [c_out, kh, kw, c_in] has it first, as CONV_2D)."""
     return {"DEPTHWISE_CONV_2D": 3, "CONV_3D": 4}.get(op, 0)
 
 
@@ -126,6 +128,10 @@ def to_tflite_layout(kernel, op, stored_shape, part=None):
         k = k.reshape(int(np.prod(k.shape[:lead])), -1).T
     elif op == "DEPTHWISE_CONV_2D":
         k = k.reshape((1,) + k.shape[:-2] + (-1,))  # [kh, kw, cin, m] -> [1, kh, kw, cin*m]
+    elif op == "TRANSPOSE_CONV":  # [kh, kw, cout, cin] -> [cout, kh, kw, cin]
+        if k.ndim == 3:  # Conv1DTranspose is converted as a 1xk Conv2DTranspose
+            k = k[None]
+        k = np.transpose(k, (2, 0, 1, 3))
     else:  # CONV_2D: [.., cin, cout] -> [cout, .., cin]
         if k.ndim == 3:  # Conv1D is converted as a 1xk Conv2D
             k = k[None]

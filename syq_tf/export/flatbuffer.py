@@ -22,9 +22,28 @@ WEIGHT_OPS = {
     "DEPTHWISE_CONV_2D": (1,),
     "FULLY_CONNECTED": (1,),
     "CONV_3D": (1,),  # float in LiteRT (no int8 kernel): the converter keeps its filter float32
+    "TRANSPOSE_CONV": (1,),  # inputs (output_shape, weights [c_out, kh, kw, c_in], input, bias)
     "GATHER": (0,),  # an Embedding's table (constant params; GATHERs of shapes have no constant params)
     "UNIDIRECTIONAL_SEQUENCE_LSTM": (1, 2, 3, 4, 5, 6, 7, 8),
 }
+# (activation input, bias) positions of the single-weight ops whose inputs are not (input, weights, bias).
+_IO_POSITIONS = {"TRANSPOSE_CONV": (2, 3)}
+
+
+def io_positions(name):
+    """(activation input, bias) input positions of a single-weight op ``name``."""
+    return _IO_POSITIONS.get(name, (0, 2))
+
+
+def _bias_position(model, op):
+    """The input position of a single-weight op's bias, None for other ops or without a bias."""
+    name = _op_name(model, op)
+    position = io_positions(name)[1]
+    if WEIGHT_OPS.get(name) != (1,) or len(op.inputs) <= position or op.inputs[position] < 0:
+        return None
+    return position
+
+
 @dataclasses.dataclass
 class WeightTensor:
     op: str
@@ -268,7 +287,7 @@ def _weight_tensor(model, graph, op, name, position, dequantized_from=None):
             raise MalformedModelError(f"{name} weight tensor {index} {label!r}: {len(raw)} bytes of data for "
                                       f"shape {shape} of {dtype} (needs {size * int(np.prod(shape))})")
         values = np.frombuffer(raw, NUMPY_TYPES[dtype]).reshape(shape)
-    act = graph.tensors[op.inputs[0]].quantization
+    act = graph.tensors[op.inputs[io_positions(name)[0]]].quantization
     act_scale = float(act.scale[0]) if act is not None and act.scale is not None and len(act.scale) else float("nan")
     act_zero = int(act.zeroPoint[0]) if act is not None and act.zeroPoint is not None and len(act.zeroPoint) else 0
     quant = tensor.quantization
@@ -278,7 +297,7 @@ def _weight_tensor(model, graph, op, name, position, dequantized_from=None):
     if scales.size > 1 and not (0 <= axis < len(shape) and shape[axis] == scales.size):
         raise MalformedModelError(f"{name} weight tensor {index} {label!r}: {scales.size} scales along quantized "
                                   f"dimension {axis} of shape {shape}")
-    single = WEIGHT_OPS[name] == (1,)
+    bias = _bias_position(model, op)
     return WeightTensor(
         op=name,
         name=label,
@@ -291,7 +310,7 @@ def _weight_tensor(model, graph, op, name, position, dequantized_from=None):
         input_scale=act_scale,
         input_zero_point=act_zero,
         tensor_index=index,
-        bias_index=int(op.inputs[2]) if single and len(op.inputs) > 2 else -1,
+        bias_index=-1 if bias is None else int(op.inputs[bias]),
         position=position,
         stored_bytes=len(raw),
         dequantized=dequantized_from is not None,
@@ -305,16 +324,18 @@ def bias_tensors(buffer):
     graph = model.subgraphs[0]
     out, budget = {}, data_budget(buffer)
     for op in graph.operators:
-        if WEIGHT_OPS.get(_op_name(model, op)) != (1,) or len(op.inputs) < 3 or op.inputs[2] < 0:
+        position = _bias_position(model, op)
+        if position is None:
             continue
-        tensor = graph.tensors[op.inputs[2]]
+        index = int(op.inputs[position])
+        tensor = graph.tensors[index]
         data = model.buffers[tensor.buffer].data
-        budget -= 0 if data is None or int(op.inputs[2]) in out else len(data)
+        budget -= 0 if data is None or index in out else len(data)
         if budget < 0:
             raise MalformedModelError(f"the bias tensors read exceed {data_budget(buffer)} bytes (4 x the file "
                                       "size + 64 MiB: tensors sharing buffers)")
         if data is not None and tensor.type == schema.TensorType.INT32:
-            out[int(op.inputs[2])] = np.frombuffer(bytes(bytearray(data)), np.int32).copy()
+            out[index] = np.frombuffer(bytes(bytearray(data)), np.int32).copy()
     return out
 
 
@@ -373,6 +394,7 @@ def rewrite_weights(buffer, updates, packed=None):
 
     for op in graph.operators:
         positions = WEIGHT_OPS.get(_op_name(model, op), ())
+        x_at, b_at = io_positions(_op_name(model, op))
         for position in positions:
             index = int(op.inputs[position]) if position < len(op.inputs) else -1
             if index not in updates:
@@ -380,7 +402,7 @@ def rewrite_weights(buffer, updates, packed=None):
             values, scales, bias = updates[index]
             if bias is not None and positions != (1,):
                 raise ValueError(f"tensor {graph.tensors[index].name!r}: bias rewrite needs a single-weight op")
-            for t in [index] + ([int(op.inputs[2])] if bias is not None else []):
+            for t in [index] + ([int(op.inputs[b_at])] if bias is not None else []):
                 if users.get(t, 0) > 1:
                     raise ValueError(f"tensor {graph.tensors[t].name!r} is shared by several ops; not rewritten")
             weight = graph.tensors[index]
@@ -398,8 +420,8 @@ def rewrite_weights(buffer, updates, packed=None):
             weight.quantization.scale = [float(s) for s in scales]
             weight.quantization.zeroPoint = [0] * len(scales)
             if bias is not None:
-                b = graph.tensors[int(op.inputs[2])]
-                in_scale = float(graph.tensors[int(op.inputs[0])].quantization.scale[0])
+                b = graph.tensors[int(op.inputs[b_at])]
+                in_scale = float(graph.tensors[int(op.inputs[x_at])].quantization.scale[0])
                 store(b, bias.astype(np.int32))
                 b.quantization.scale = [float(np.float32(in_scale) * np.float32(s)) for s in scales]
                 b.quantization.zeroPoint = [0] * len(scales)
@@ -478,8 +500,8 @@ def dequantize_weights(buffer, updates):
 
 @reader
 def consistent_biases(buffer, rtol=1e-5):
-    """Make every int32 bias of an int8 CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED mean what the
-    kernels compute with: TFLite's int8 kernels add the int32 bias as if its scale were
+    """Make every int32 bias of an int8 CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED /
+    TRANSPOSE_CONV mean what the kernels compute with: TFLite's int8 kernels add the int32 bias as if its scale were
     ``input scale x weight scale`` (per channel) and ignore the bias tensor's own scale. The
     converter can store a bias at the scale its input had before a later pass changed it (seen on
     this stack: a FULLY_CONNECTED after MINIMUM + FakeQuant of a 2-bit activation grid, bias scale
@@ -495,9 +517,11 @@ def consistent_biases(buffer, rtol=1e-5):
     fixed, rewritten = [], False
     tensor_users, buffer_users = _use_counts(model)
     for op in graph.operators:
-        if WEIGHT_OPS.get(_op_name(model, op)) != (1,) or len(op.inputs) < 3 or op.inputs[2] < 0:
+        b_at = _bias_position(model, op)
+        if b_at is None:
             continue
-        x, w, b = (graph.tensors[int(i)] for i in op.inputs[:3])
+        x_at = io_positions(_op_name(model, op))[0]
+        x, w, b = (graph.tensors[int(op.inputs[i])] for i in (x_at, 1, b_at))
         if b.type != schema.TensorType.INT32 or x.type != schema.TensorType.INT8:
             continue
         data = model.buffers[b.buffer].data
@@ -514,7 +538,7 @@ def consistent_biases(buffer, rtol=1e-5):
             continue
         if np.any(values):  # an all-zero bias only gets its scale corrected
             name = b.name.decode(errors="replace")
-            if tensor_users.get(int(op.inputs[2]), 0) > 1:
+            if tensor_users.get(int(op.inputs[b_at]), 0) > 1:
                 raise ValueError(f"bias {name!r} is used by several ops and stored at the wrong scale for one "
                                  "of them; cannot re-express it")
             new = np.clip(np.round(values * ratio), -(2**31), 2**31 - 1).astype(np.int32)

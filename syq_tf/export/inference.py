@@ -181,7 +181,7 @@ def build(model, *, batch_size=None, stand_in=None):
         layer it returns gets its values through ``transfer(old_layer)``.
     """
     if is_tfmot_model(model):
-        return _tfmot_form(model)
+        return _tfmot_form(model, batch_size)
     made = set()
 
     def clone(layer):
@@ -191,11 +191,7 @@ def build(model, *, batch_size=None, stand_in=None):
         made.add(layer.name)
         return new
 
-    inputs = None
-    if batch_size is not None:
-        inputs = [tf.keras.Input(batch_shape=(batch_size, *t.shape[1:]), dtype=t.dtype) for t in model.inputs]
-        inputs = inputs[0] if len(inputs) == 1 else inputs
-    inference = tf.keras.models.clone_model(model, input_tensors=inputs, clone_function=clone)
+    inference = tf.keras.models.clone_model(model, input_tensors=_inputs(model, batch_size), clone_function=clone)
     for new in inference.layers:
         old = find_layer(model, new.name)
         if old is None or not old.weights:
@@ -207,7 +203,15 @@ def build(model, *, batch_size=None, stand_in=None):
     return inference
 
 
-def _tfmot_form(model):
+def _inputs(model, batch_size):
+    """New inputs of ``model`` with the batch dimension fixed to ``batch_size`` (None: as they are)."""
+    if batch_size is None:
+        return None
+    inputs = [tf.keras.Input(batch_shape=(batch_size, *t.shape[1:]), dtype=t.dtype) for t in model.inputs]
+    return inputs[0] if len(inputs) == 1 else inputs
+
+
+def _tfmot_form(model, batch_size=None):
     """A copy of a tfmot model quantized with syq_tf configs, ready for TFLite conversion: every
     syq_tf weight quantizer's kernel holds its quantized values and only marks their int8 range;
     activation quantizers become int8 fake-quants on their grid; tfmot's own quantizers unchanged."""
@@ -223,7 +227,7 @@ def _tfmot_form(model):
                         qc[key] = {**qc[key], "export": True}
             return layer.__class__.from_config(config)
 
-        exported = tf.keras.models.clone_model(model, clone_function=clone)
+        exported = tf.keras.models.clone_model(model, input_tensors=_inputs(model, batch_size), clone_function=clone)
     for old, new in zip(model.layers, exported.layers):
         quantized = {}
         if is_wrapper(old) and isinstance(old.quantize_config, QuantizeConfig):

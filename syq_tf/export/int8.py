@@ -5,13 +5,16 @@ them. Then the report of what was stored (:func:`result`)."""
 import dataclasses
 
 import numpy as np
+import tensorflow as tf
 
 from syq_tf.export import codebook, convert, flatbuffer, inference
 from syq_tf.export.match import kernel_matches
 from syq_tf.export.report import ExportResult, layer_reports
 from syq_tf.export.runtime import quantize_input
+from syq_tf.layers import TRANSPOSED
 from syq_tf.models import is_tfmot_model
 from syq_tf.quantizers import ActivationQuantizer
+from syq_tf.quantizers._common import KERAS
 
 
 @dataclasses.dataclass
@@ -25,23 +28,39 @@ def build(model, options):
     """Convert ``model`` (syq_tf / larq layers, or a tfmot QAT model) to the int8 flatbuffer with
     exact codebooks. Models with LSTM layers get int8 weights and float activations (dynamic range:
     TFLite's full-integer fused LSTM gives wrong outputs on this stack), batch size 1."""
+    # TRANSPOSE_CONV takes its output shape as a tensor: with a free batch dimension the converter
+    # computes it at run time (SHAPE, STRIDED_SLICE, PACK) and stores placeholder shapes, which
+    # TFLite Micro (static shapes, no resizing) runs into wrong outputs; batch 1 makes it a constant.
+    batch = 1 if options.target == "tflm" and transposed_convolutions(model) else None
     if is_tfmot_model(model):
         # tfmot QAT model: its fake-quant ranges are kept; syq_tf kernels become their quantized
         # constants with their int8 range, syq_tf activation quantizers int8 grids.
         from syq_tf.tfmot import quantize_scope  # noqa: PLC0415  (Keras 2 only)
 
         with quantize_scope():
-            buffer = convert.int8(inference.build(model), options.representative_data, options.representative_samples)
+            buffer = convert.int8(inference.build(model, batch_size=batch), options.representative_data,
+                                  options.representative_samples)
     elif convert.recurrent_layers(model):
         buffer = convert.dynamic_range(inference.build(model, batch_size=1))
     else:
-        buffer = convert.int8(inference.build(model), options.representative_data, options.representative_samples)
+        buffer = convert.int8(inference.build(model, batch_size=batch), options.representative_data,
+                              options.representative_samples)
     buffer, bias_fixed = flatbuffer.consistent_biases(buffer)
     buffer, rescaled = exact_codebooks(model, buffer)
     notes = activation_notes(model)
+    if KERAS == 3:
+        notes += [f"layer '{layer.name}': TensorFlow's converter fuses only tf_keras' LSTM into TFLite's "
+                  "UNIDIRECTIONAL_SEQUENCE_LSTM; this Keras 3 recurrent layer becomes a WHILE loop with float "
+                  "weights (it runs, but its kernels are not stored at low bit: use the Keras 2 frontend to "
+                  "deploy recurrent models)" for layer in model.layers if isinstance(layer, tf.keras.layers.RNN)]
     notes += [f"bias {name!r}: the converter stored it at {factor:.4g}x the scale its op computes with "
               "(input x weight scale); re-expressed" for name, factor in bias_fixed]
     return Int8Model(buffer, rescaled, notes)
+
+
+def transposed_convolutions(model):
+    """Names of the model's Conv1DTranspose / Conv2DTranspose layers (plain, quantized, tfmot-wrapped)."""
+    return [layer.name for layer in model.layers if isinstance(getattr(layer, "layer", layer), TRANSPOSED)]
 
 
 def exact_codebooks(model, buffer):

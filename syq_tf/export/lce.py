@@ -53,7 +53,7 @@ import numpy as np
 import tensorflow as tf
 
 from syq_tf.export import codebook, convert, flatbuffer, inference
-from syq_tf.export.lce_format import BCONV_OP, WORD_BITS, bconv_ops, lce_predict, pack_signs, unpack_signs
+from syq_tf.export.lce_format import BCONV_OP, WORD_BITS, bconv_ops, import_lce, lce_predict, pack_signs, unpack_signs
 from syq_tf.export.lce_plan import inference_model, plan_layers
 from syq_tf.export.match import match_tensor
 from syq_tf.export.report import ExportResult, describe
@@ -361,7 +361,7 @@ def export(model, options, verify_samples=32):
             "with a ±alpha-per-output-channel kernel and a binary input quantizer): " + detail
         )
     inference_form = inference_model(model, plans)
-    import larq_compute_engine as lce  # noqa: PLC0415
+    lce = import_lce()  # optional: no wheel on Python 3.13
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -2,6 +2,8 @@
 of ``LceBconv2d`` (in numpy), reading those ops back, and running a model with LCE's interpreter."""
 
 import dataclasses
+import importlib
+import sys
 
 import numpy as np
 
@@ -10,6 +12,22 @@ from syq_tf.export import flatbuffer
 BCONV_OP = "LceBconv2d"
 QUANTIZE_OP = "LceQuantize"
 WORD_BITS = 32
+
+
+def import_lce(module="larq_compute_engine"):
+    """``module`` of larq-compute-engine (an optional dependency), or ModuleNotFoundError in one line
+    saying why it is missing: LCE 0.16.0 publishes wheels for Python 3.10-3.12 only."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name is None or err.name.split(".")[0] != "larq_compute_engine":
+            raise
+        version = "%d.%d" % sys.version_info[:2]
+        why = (f"publishes no wheel for Python {version} (0.16.0: 3.10-3.12); use Python 3.11 or 3.12, or "
+               "target 'litert' or 'tflm'" if sys.version_info >= (3, 13) else
+               "is not installed: pip install 'syq_tf[lce]'")
+        raise ModuleNotFoundError(f"to_tflite(target='lce') needs the package larq-compute-engine, which {why}.",
+                                  name=err.name) from None
 
 
 def pack_signs(kernel):
@@ -84,8 +102,7 @@ def bconv_ops(buffer):
 
 def lce_predict(buffer, x):
     """Outputs of LCE's interpreter (reference kernels on x86), one example at a time."""
-    from larq_compute_engine import testing  # noqa: PLC0415
-
+    testing = import_lce().testing
     interpreter = testing.Interpreter(bytes(buffer), num_threads=1)
     x = np.asarray(x, np.float32)
     if len(x) == 0:

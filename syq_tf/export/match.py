@@ -12,7 +12,7 @@ from syq_tf.export.inference import inner_path, is_quantized, leaf, path_of, qua
 from syq_tf.models import layer_kernels
 from syq_tf.quantizers._common import KERAS
 
-SINGLE_WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "CONV_3D", "GATHER")
+SINGLE_WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "CONV_3D", "GATHER", "TRANSPOSE_CONV")
 
 
 def match_tensor(layer, kernel, tensors, used, attr=None):

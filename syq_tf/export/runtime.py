@@ -70,16 +70,23 @@ def litert_interpreter(buffer, kernels="xnnpack", num_threads=1):
 
 
 def litert_int8_outputs(buffer, x_int8, kernels="xnnpack"):
-    """Raw int8 outputs, one row per example, of a model with int8 input run on a batch."""
+    """Raw int8 outputs, one row per example, of a model with int8 input run on a batch (a model
+    with a fixed batch dimension, e.g. target 'tflm' with a TRANSPOSE_CONV, one batch at a time)."""
     interpreter = litert_interpreter(buffer, kernels)
     inp = interpreter.get_input_details()[0]
     x_int8 = np.asarray(x_int8).astype(inp["dtype"])
-    interpreter.resize_tensor_input(inp["index"], list(x_int8.shape))
+    batch = int(inp["shape"][0]) if inp["shape_signature"][0] != -1 else len(x_int8)
+    if batch != len(x_int8) and len(x_int8) % batch:
+        raise ValueError(f"litert_int8_outputs: the model takes batches of exactly {batch}; got {len(x_int8)} "
+                         "examples (not a multiple).")
+    interpreter.resize_tensor_input(inp["index"], [batch, *x_int8.shape[1:]])
     interpreter.allocate_tensors()
-    interpreter.set_tensor(inp["index"], x_int8)
-    interpreter.invoke()
-    y = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-    return y.reshape(len(x_int8), -1)
+    out = []
+    for start in range(0, len(x_int8), max(batch, 1)):
+        interpreter.set_tensor(inp["index"], x_int8[start : start + batch])
+        interpreter.invoke()
+        out.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).reshape(batch, -1))
+    return np.concatenate(out) if out else np.zeros((0, 0), np.int8)
 
 
 def keras_outputs(model, x, batch_size=256):

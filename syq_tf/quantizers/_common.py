@@ -41,6 +41,12 @@ def is_real(value):
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
+def shown(value):
+    """``value`` for an error message: numpy scalars as the Python value (numpy 2's repr would print
+    ``np.float32(nan)`` and ``np.True_`` where numpy 1 printed ``nan`` and ``True``)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def register(alias=None):
     """Register a quantizer as a Keras custom object so saved models load without a scope.
 
@@ -195,11 +201,12 @@ def int8_fake_quant(x, low, high, top=None):
                                                         narrow_range=False)
 
 
-def subgroup_reduce_axes(granularity, kernel_shape, depthwise=False, owner="quantizer"):
+def subgroup_reduce_axes(granularity, kernel_shape, depthwise=False, owner="quantizer", transposed=False):
     """Axes of the kernel that one scale is shared over, for a given granularity.
 
     layer   -> every axis (one scale)
-    channel -> every axis but the output channel (last; last two for depthwise kernels)
+    channel -> every axis but the output channel (last; last two for depthwise kernels; the one
+               before last for transposed convolutions, ``transposed=True``: [.., c_out, c_in])
     pixel   -> the two channel axes: one scale per spatial position (kh*kw for Conv2D)
     row     -> every axis but the kernel row: one scale per row i (kh for Conv2D)
     """
@@ -214,11 +221,16 @@ def subgroup_reduce_axes(granularity, kernel_shape, depthwise=False, owner="quan
         raise ValueError(f"{owner}: unknown granularity {granularity!r}; allowed: {GRANULARITIES}.")
     if rank < 2:
         raise ValueError(f"{owner}: kernel of rank {rank} (shape {shape}); expected rank >= 2.")
+    if transposed and (depthwise or rank not in (3, 4)):
+        raise ValueError(
+            f"{owner}: transposed=True marks a Conv1DTranspose / Conv2DTranspose kernel [k, c_out, c_in] "
+            f"or [kh, kw, c_out, c_in], got shape {shape}" + (" with depthwise=True" if depthwise else "") + "."
+        )
     all_axes = tuple(range(rank))
     if granularity == "layer":
         return all_axes
     if granularity == "channel":
-        keep = (rank - 2, rank - 1) if depthwise else (rank - 1,)
+        keep = (rank - 2, rank - 1) if depthwise else (rank - 2,) if transposed else (rank - 1,)
         return tuple(a for a in all_axes if a not in keep)
     if granularity == "pixel":
         if rank < 3:
@@ -230,7 +242,8 @@ def subgroup_reduce_axes(granularity, kernel_shape, depthwise=False, owner="quan
     # row
     if rank != 4:
         raise ValueError(
-            f"{owner}: granularity 'row' needs a 2-D convolution kernel [kh, kw, c_in, c_out], got "
+            f"{owner}: granularity 'row' needs a 2-D convolution kernel [kh, kw, c_in, c_out] (or "
+            f"[kh, kw, c_out, c_in]), got "
             f"shape {shape}; allowed here: 'layer', 'channel'" + (", 'pixel'." if rank >= 3 else ".")
         )
     return (1, 2, 3)

@@ -9,7 +9,7 @@ activation is bit-identical to an int8 tensor with range [0, 1] after export.
 
 import tensorflow as tf
 
-from syq_tf.quantizers._common import ActivationQuantizer, is_int, register
+from syq_tf.quantizers._common import ActivationQuantizer, is_int, register, shown
 
 
 def dorefa_quantize(x, bits=8):
@@ -39,7 +39,7 @@ class DoReFaActivation(ActivationQuantizer):
     def __init__(self, bits=8, **kwargs):
         if not is_int(bits) or not 1 <= bits <= 8:
             raise ValueError(
-                f"DoReFa {kwargs.get('name', '')!s}: bits={bits!r} is not supported; allowed: "
+                f"DoReFa {kwargs.get('name', '')!s}: bits={shown(bits)!r} is not supported; allowed: "
                 "integers 1 to 8."
             )
         super().__init__(**kwargs)

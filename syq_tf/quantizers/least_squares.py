@@ -62,6 +62,7 @@ from syq_tf.quantizers._common import (
     WeightQuantizer,
     register,
     from_groups,
+    shown,
     sign_pm1,
     subgroup_reduce_axes,
     to_groups,
@@ -429,10 +430,13 @@ class LeastSquares(WeightQuantizer):
     kernel (``"layer"``); nothing is trained, so there are no weights. Straight-through (identity)
     gradient (``backward="ste"``, default) or the authors' (``backward="official"``: the sum of the
     scalars times g where |w| <= 1; README, Fidelity). ``depthwise=True`` marks a DepthwiseConv2D
-    kernel ``[kh, kw, c_in, mult]`` so that ``channel`` means one set per (c_in, mult).
+    kernel ``[kh, kw, c_in, mult]`` so that ``channel`` means one set per (c_in, mult);
+    ``transposed=True`` a Conv1DTranspose / Conv2DTranspose kernel ``[.., c_out, c_in]`` (one set per
+    c_out, axis -2). ``syq_tf.quantize`` and ``quantize_model`` set both.
     """
 
-    def __init__(self, mode="ls1", granularity="channel", depthwise=False, backward="ste", **kwargs):
+    def __init__(self, mode="ls1", granularity="channel", depthwise=False, backward="ste", transposed=False,
+                 **kwargs):
         name = kwargs.get("name", "")
         _check_mode(mode, owner=f"LeastSquares {name!s}")
         _check_backward(backward, f"LeastSquares {name!s}".rstrip())
@@ -445,13 +449,15 @@ class LeastSquares(WeightQuantizer):
         self.mode = mode
         self.granularity = granularity
         self.depthwise = bool(depthwise)
+        self.transposed = bool(transposed)
         self.backward = backward
         self.bits = MODE_BITS[mode]
         self.precision = MODE_BITS[mode]
 
     def reduce_axes(self, kernel_shape):
         return subgroup_reduce_axes(
-            self.granularity, kernel_shape, self.depthwise, owner=f"LeastSquares quantizer '{self.name}'"
+            self.granularity, kernel_shape, self.depthwise, owner=f"LeastSquares quantizer '{self.name}'",
+            transposed=self.transposed,
         )
 
     def call(self, inputs):
@@ -467,6 +473,7 @@ class LeastSquares(WeightQuantizer):
             "mode": self.mode,
             "granularity": self.granularity,
             "depthwise": self.depthwise,
+            "transposed": self.transposed,
             "backward": self.backward,
         }
 
@@ -504,13 +511,13 @@ class LeastSquaresActivation(ActivationQuantizer):
             not is_real(clip)
             or not 0.0 < float(clip) < float("inf")
         ):
-            raise ValueError(f"{owner}: clip={clip!r} must be a finite number > 0 (window [-clip, clip]).")
+            raise ValueError(f"{owner}: clip={shown(clip)!r} must be a finite number > 0 (window [-clip, clip]).")
         if momentum is not None and (
             not is_real(momentum)
             or not 0.0 < float(momentum) < 1.0
         ):
             raise ValueError(
-                f"{owner}: momentum={momentum!r} must be None (per-sample scalars always) or a number "
+                f"{owner}: momentum={shown(momentum)!r} must be None (per-sample scalars always) or a number "
                 "in (0, 1) (moving average of the scalars for inference)."
             )
         super().__init__(**kwargs)

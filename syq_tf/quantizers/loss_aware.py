@@ -79,6 +79,7 @@ from syq_tf.quantizers._common import (
     WeightQuantizer,
     register,
     scale_shape,
+    shown,
     sign_pm1,
     subgroup_reduce_axes,
     to_groups,
@@ -96,7 +97,7 @@ MIN_BITS, MAX_BITS = 2, 8
 def _check_bits(bits, owner):
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(
-            f"{owner}: bits={bits!r} must be an integer in {MIN_BITS}..{MAX_BITS} (k = 2^(bits-1) - 1 "
+            f"{owner}: bits={shown(bits)!r} must be an integer in {MIN_BITS}..{MAX_BITS} (k = 2^(bits-1) - 1 "
             "non-zero magnitudes per sign)."
         )
 
@@ -108,12 +109,12 @@ def _check_kind(kind, owner):
 
 def _check_tol(tol, owner):
     if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating, np.integer)) or not 0 <= tol < np.inf:
-        raise ValueError(f"{owner}: tol={tol!r} must be a finite number >= 0 (0: iterate to a fixed point).")
+        raise ValueError(f"{owner}: tol={shown(tol)!r} must be a finite number >= 0 (0: iterate to a fixed point).")
 
 
 def _check_iterations(iterations, minimum, owner):
     if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < minimum:
-        raise ValueError(f"{owner}: iterations={iterations!r} must be an integer >= {minimum}.")
+        raise ValueError(f"{owner}: iterations={shown(iterations)!r} must be an integer >= {minimum}.")
 
 
 def _inputs(w, d, owner):
@@ -389,7 +390,7 @@ def loss_aware_project(w, d, mode, bits=None, **kw):
         _check_bits(bits, f"{owner} (mode {mode!r})")
     elif bits is not None:
         raise ValueError(
-            f"{owner}: mode {mode!r} has a fixed bit width; bits={bits!r} must not be given (bits are "
+            f"{owner}: mode {mode!r} has a fixed bit width; bits={shown(bits)!r} must not be given (bits are "
             "for the 'linear' and 'log' modes)."
         )
     w, d = _inputs(w, d, owner)
@@ -511,7 +512,8 @@ class LossAware(WeightQuantizer):
     """Loss-aware weight quantizer (LAB / LAT / LAQ), ``mode`` one of :data:`MODES`.
 
     Q = alpha b with alpha the minimiser of sum d (alpha b - w)^2 (module docstring), one scale per
-    kernel (``granularity="layer"``, the papers' choice) or per output channel (``"channel"``).
+    kernel (``granularity="layer"``, the papers' choice) or per output channel (``"channel"``;
+    ``transposed=True``, set by ``syq_tf.quantize``, for a transposed convolution's axis -2).
 
     ``curvature="optimizer"`` (default, the paper's method): d = sqrt(v_hat) + eps comes from Adam's
     second moments, so the model must be trained with :class:`syq_tf.optimizers.LossAwareAdam`. That
@@ -536,7 +538,8 @@ class LossAware(WeightQuantizer):
     """
 
     def __init__(self, mode="binary", bits=None, granularity="layer", curvature="optimizer",
-                 iterations=10, depthwise=False, tol=1e-6, warm_iterations=None, **kwargs):
+                 iterations=10, depthwise=False, tol=1e-6, warm_iterations=None, transposed=False,
+                 **kwargs):
         owner = f"LossAware {kwargs.get('name', '')!s}".rstrip()
         if mode not in MODES:
             raise ValueError(f"{owner}: unknown mode {mode!r}; allowed: {MODES}.")
@@ -548,7 +551,7 @@ class LossAware(WeightQuantizer):
             _check_bits(bits, f"{owner} (mode {mode!r})")
         elif bits is not None and bits != _PRECISION[mode]:
             raise ValueError(
-                f"{owner}: mode {mode!r} has a fixed bit width ({_PRECISION[mode]}); bits={bits!r} is "
+                f"{owner}: mode {mode!r} has a fixed bit width ({_PRECISION[mode]}); bits={shown(bits)!r} is "
                 "only for the LAQ modes 'linear' and 'log'."
             )
         if granularity not in LOSS_AWARE_GRANULARITIES:
@@ -574,13 +577,15 @@ class LossAware(WeightQuantizer):
         self.tol = float(tol)
         self.warm_iterations = None if warm_iterations is None else int(warm_iterations)
         self.depthwise = bool(depthwise)
+        self.transposed = bool(transposed)
         object.__setattr__(self, "_bound", None)
 
     # -- shapes -----------------------------------------------------------------------------------
 
     def reduce_axes(self, kernel_shape):
         return subgroup_reduce_axes(
-            self.granularity, kernel_shape, self.depthwise, owner=f"LossAware quantizer '{self.name}'"
+            self.granularity, kernel_shape, self.depthwise, owner=f"LossAware quantizer '{self.name}'",
+            transposed=self.transposed,
         )
 
     @property
@@ -735,4 +740,5 @@ class LossAware(WeightQuantizer):
             "tol": self.tol,
             "warm_iterations": self.warm_iterations,
             "depthwise": self.depthwise,
+            "transposed": self.transposed,
         }

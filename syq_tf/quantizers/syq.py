@@ -18,6 +18,7 @@ from syq_tf.quantizers._common import (
     GRANULARITIES,
     LearnedScaleQuantizer,
     register,
+    shown,
     sign_pm1,
     subgroup_reduce_axes,
 )
@@ -70,14 +71,16 @@ class SYQ(LearnedScaleQuantizer):
 
     ``depthwise=True`` marks a DepthwiseConv2D kernel ``[kh, kw, c_in, mult]`` so that ``channel``
     means one scale per (c_in, mult) output channel; ``syq_tf.quantize`` sets it automatically.
+    ``transposed=True`` (set the same way) marks a Conv1DTranspose / Conv2DTranspose kernel
+    ``[.., c_out, c_in]``: ``channel`` then means one scale per c_out (axis -2).
     """
 
     SCALE_NAME = "alpha"
 
-    def __init__(self, bits=2, granularity="layer", eta=0.05, depthwise=False, **kwargs):
+    def __init__(self, bits=2, granularity="layer", eta=0.05, depthwise=False, transposed=False, **kwargs):
         if not is_int(bits) or bits not in (1, 2):
             raise ValueError(
-                f"SYQ {kwargs.get('name', '')!s}: bits={bits!r} is not supported; allowed: 1 (binary) "
+                f"SYQ {kwargs.get('name', '')!s}: bits={shown(bits)!r} is not supported; allowed: 1 (binary) "
                 "or 2 (ternary)."
             )
         if granularity not in GRANULARITIES:
@@ -87,7 +90,7 @@ class SYQ(LearnedScaleQuantizer):
             )
         if not is_real(eta) or not 0.0 <= float(eta) < 1.0:
             raise ValueError(
-                f"SYQ {kwargs.get('name', '')!s}: eta={eta!r} must be a number in [0, 1) (threshold "
+                f"SYQ {kwargs.get('name', '')!s}: eta={shown(eta)!r} must be a number in [0, 1) (threshold "
                 "as a fraction of max|W|)."
             )
         super().__init__(**kwargs)
@@ -96,6 +99,7 @@ class SYQ(LearnedScaleQuantizer):
         self.granularity = granularity
         self.eta = float(eta)
         self.depthwise = bool(depthwise)
+        self.transposed = bool(transposed)
 
     @property
     def ternary(self):
@@ -104,7 +108,8 @@ class SYQ(LearnedScaleQuantizer):
 
     def reduce_axes(self, kernel_shape):
         return subgroup_reduce_axes(
-            self.granularity, kernel_shape, self.depthwise, owner=f"SYQ quantizer '{self.name}'"
+            self.granularity, kernel_shape, self.depthwise, owner=f"SYQ quantizer '{self.name}'",
+            transposed=self.transposed,
         )
 
     def initial_scale(self, w):
@@ -122,4 +127,5 @@ class SYQ(LearnedScaleQuantizer):
             "granularity": self.granularity,
             "eta": self.eta,
             "depthwise": self.depthwise,
+            "transposed": self.transposed,
         }

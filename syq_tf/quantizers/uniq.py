@@ -37,6 +37,7 @@ from syq_tf.quantizers._common import (
     ActivationQuantizer,
     LearnedScaleQuantizer,
     register,
+    shown,
     subgroup_reduce_axes,
 )
 
@@ -129,7 +130,7 @@ class PositiveStep(tf.keras.constraints.Constraint):
 
 def _check_bits(bits, owner):
     if not is_int(bits) or bits not in BITS:
-        raise ValueError(f"{owner}: bits={bits!r} is not supported; allowed: integers 1 to 8.")
+        raise ValueError(f"{owner}: bits={shown(bits)!r} is not supported; allowed: integers 1 to 8.")
 
 
 # ---- the math --------------------------------------------------------------------------------
@@ -230,7 +231,9 @@ def uniq_initial_step(w, bits, reduce_axes, unbiased=True):
 @register(alias="uniq")
 class UniQ(LearnedScaleQuantizer):
     """UniQ weight quantizer, ``bits`` 1..8, one learnable step per tensor (``granularity="layer"``)
-    or per output channel (``"channel"``). Binary (``bits=1``) gives ``+-delta/2``.
+    or per output channel (``"channel"``; ``depthwise=True`` / ``transposed=True``, set by
+    ``syq_tf.quantize``, mark DepthwiseConv2D / transposed-convolution kernels, whose output
+    channels are the last two axes / axis -2). Binary (``bits=1``) gives ``+-delta/2``.
 
     The step starts at ``k_b * std(W)`` the first time the quantizer sees real weights (so a
     float checkpoint loaded before training is used); :func:`syq_tf.reinitialize_scales` sets it
@@ -240,7 +243,7 @@ class UniQ(LearnedScaleQuantizer):
     SCALE_NAME = "delta"
     SCALE_CONSTRAINT = PositiveStep
 
-    def __init__(self, bits=2, granularity="layer", depthwise=False, **kwargs):
+    def __init__(self, bits=2, granularity="layer", depthwise=False, transposed=False, **kwargs):
         owner = f"UniQ {kwargs.get('name', '')!s}".rstrip()
         _check_bits(bits, owner)
         if granularity not in GRANULARITIES:
@@ -252,10 +255,12 @@ class UniQ(LearnedScaleQuantizer):
         self.precision = int(bits)
         self.granularity = granularity
         self.depthwise = bool(depthwise)
+        self.transposed = bool(transposed)
 
     def reduce_axes(self, kernel_shape):
         return subgroup_reduce_axes(
-            self.granularity, kernel_shape, self.depthwise, owner=f"UniQ quantizer '{self.name}'"
+            self.granularity, kernel_shape, self.depthwise, owner=f"UniQ quantizer '{self.name}'",
+            transposed=self.transposed,
         )
 
     def initial_scale(self, w):
@@ -273,6 +278,7 @@ class UniQ(LearnedScaleQuantizer):
             "bits": self.bits,
             "granularity": self.granularity,
             "depthwise": self.depthwise,
+            "transposed": self.transposed,
         }
 
 
@@ -302,7 +308,7 @@ class UniQActivation(ActivationQuantizer):
             or not math.isfinite(initial_step)
             or initial_step <= 0
         ):
-            raise ValueError(f"{owner}: initial_step={initial_step!r} must be a positive number or None.")
+            raise ValueError(f"{owner}: initial_step={shown(initial_step)!r} must be a positive number or None.")
         super().__init__(**kwargs)
         self.bits = int(bits)
         self.precision = int(bits)

@@ -3,6 +3,7 @@ quantizer on its output, one config per method, and the scope that deserializes 
 
 import tensorflow as tf
 
+from syq_tf.layers import TRANSPOSED
 from syq_tf.quantizers import (
     SYQ,
     DoReFaActivation,
@@ -18,7 +19,9 @@ from syq_tf.tfmot.adapter import TfmotQuantizer, as_tfmot, kernel_attr, register
 class QuantizeConfig(tq.QuantizeConfig):
     """Kernel quantized by ``weight_quantizer``, output by ``output_quantizer`` (either may be None).
 
-    Works for Conv1D/Conv2D/DepthwiseConv2D/Dense (the kernel attribute is found from the layer).
+    Works for Conv1D/Conv2D/DepthwiseConv2D/Dense and Conv1DTranspose/Conv2DTranspose (the kernel
+    attribute is found from the layer; a transposed convolution's quantizer gets ``transposed=True``,
+    so per-channel scales run along its output channels, the kernel's axis -2).
     A layer's own ``activation`` is left as it is; to quantize after an activation function, put the
     activation in its own layer with an :class:`ActivationConfig`.
     """
@@ -42,8 +45,8 @@ class QuantizeConfig(tq.QuantizeConfig):
         if attr is None:
             raise ValueError(
                 f"{type(self).__name__}: layer '{layer.name}' ({type(layer).__name__}) has no kernel to "
-                "quantize; supported: Conv1D, Conv2D, DepthwiseConv2D, Dense (ActivationConfig quantizes "
-                "only outputs)."
+                "quantize; supported: Conv1D, Conv2D, DepthwiseConv2D, Dense, Conv1DTranspose, Conv2DTranspose "
+                "(ActivationConfig quantizes only outputs)."
             )
         return attr
 
@@ -53,10 +56,13 @@ class QuantizeConfig(tq.QuantizeConfig):
         attr = self._attr(layer)
         kernel = getattr(layer, attr)
         self.weight_quantizer.variable = kernel
-        if isinstance(self.weight_quantizer.quantizer, (SYQ, LeastSquares, LossAware)) and isinstance(
-                layer, tf.keras.layers.DepthwiseConv2D):
-            config = {**self.weight_quantizer.quantizer.get_config(), "depthwise": True}
-            self.weight_quantizer.quantizer = type(self.weight_quantizer.quantizer).from_config(config)
+        # Kernels whose output channels are not the last axis: DepthwiseConv2D (the last two),
+        # Conv1D/2DTranspose (axis -2); quantizers with per-channel scales take a flag for them.
+        config = self.weight_quantizer.quantizer.get_config()
+        kinds = (("depthwise", tf.keras.layers.DepthwiseConv2D), ("transposed", TRANSPOSED))
+        flags = {flag: True for flag, kind in kinds if isinstance(layer, kind) and flag in config}
+        if flags:
+            self.weight_quantizer.quantizer = type(self.weight_quantizer.quantizer).from_config({**config, **flags})
         return [(kernel, self.weight_quantizer)]
 
     def get_activations_and_quantizers(self, layer):

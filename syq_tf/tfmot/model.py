@@ -19,10 +19,12 @@ from syq_tf.schemes import Unsupported, UnsupportedLayersError, parse_scheme
 def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="error", return_report=False):
     """Quantize a float Sequential or functional Keras model with tfmot and a syq_tf scheme.
 
-    - Weighted layers (Conv1D/Conv2D/DepthwiseConv2D/Dense) between the first and the last get the
-      scheme's weight quantizer (SYQ per channel, UniQ per channel, ls1/ls2, LAB/LAT/LAQ); the first
-      and last weighted layers get tfmot's default 8-bit configs, as the papers keep them (8-bit
-      UniQ per channel where tfmot has none, e.g. Conv1D).
+    - Weighted layers (Conv1D/Conv2D/DepthwiseConv2D/Dense, Conv1DTranspose/Conv2DTranspose)
+      between the first and the last get the scheme's weight quantizer (SYQ per channel, UniQ per
+      channel, ls1/ls2, LAB/LAT/LAQ; per output channel, which is the kernel's axis -2 for the
+      transposed convolutions); the first and last weighted layers get tfmot's default 8-bit
+      configs, as the papers keep them (8-bit UniQ per channel where tfmot has none, e.g. Conv1D),
+      weights only when a ReLU follows (it is fused into the layer).
     - Activations: ``a8`` uses tfmot's default 8-bit output quantization everywhere; below 8 bits the
       outputs of ReLU/Activation layers get the scheme's activation quantizer (DoReFa, or UniQ's for
       uniq: calibrate with :func:`syq_tf.calibrate`), other layers tfmot's default.
@@ -68,7 +70,8 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
             passed.append(layer.name)
             continue
         why = ("tfmot's default 8-bit registry does not support it and syq_tf has no config for it "
-               "(syq_tf quantizes Conv1D, Conv2D, DepthwiseConv2D and Dense kernels)")
+               "(syq_tf quantizes Conv1D, Conv2D, DepthwiseConv2D, Dense, Conv1DTranspose and "
+               "Conv2DTranspose kernels)")
         unsupported.append(Unsupported(layer.name, type(layer).__name__, why))
     if unsupported and on_unsupported == "error":
         raise UnsupportedLayersError(unsupported)

@@ -82,10 +82,11 @@ class LayoutTransform(tq.default_8bit.Default8BitQuantizeLayoutTransform):
     """tfmot's default 8-bit layout transforms, with two changes:
 
     - a SeparableConv2D is split into parts named after it (:class:`NamedSeparableConvQuantize`);
-    - a low-bit kernel layer directly followed by a ReLU keeps its weight quantizer. tfmot gives
-      such a layer a no-op config (no fake-quant between the layer and its ReLU), which would leave
-      the kernel float while the scheme says low bit; the scheme's weight-only config puts no
-      fake-quant on the output either."""
+    - a kernel layer directly followed by a ReLU keeps its weight quantizer. tfmot gives such a
+      layer a no-op config (no fake-quant between the layer and its ReLU), which would leave the
+      kernel float while the scheme says low bit (or 8 bit, for the first and last layers); the
+      scheme's weight-only configs (:func:`eight_bit_weights` for 8 bits) put no fake-quant on the
+      output either."""
 
     TRANSFORMS = (
         default_transforms.InputLayerQuantize,
@@ -116,12 +117,25 @@ class LayoutTransform(tq.default_8bit.Default8BitQuantizeLayoutTransform):
     def apply(self, model, layer_quantize_map):
         transformed, quantize_map = model_transformer.ModelTransformer(
             model, [t() for t in self.TRANSFORMS], set(layer_quantize_map), layer_quantize_map).transform()
+        registry = tq.default_8bit.Default8BitQuantizeRegistry()
         for layer in transformed.layers:
             config = quantize_map.get(layer.name, {}).get("quantize_config")
-            if isinstance(config, default_configs.NoOpQuantizeConfig) and has_kernel(layer) \
-                    and layer.name not in self.eight_bit:
-                quantize_map[layer.name]["quantize_config"] = None  # the registry's weight-only config
+            if isinstance(config, default_configs.NoOpQuantizeConfig) and has_kernel(layer):
+                # the registry's weight-only low-bit config; an 8-bit layer keeps 8-bit weights (the
+                # report says so) without the output fake-quant the fused ReLU must not have
+                quantize_map[layer.name]["quantize_config"] = (
+                    eight_bit_weights(layer, registry) if layer.name in self.eight_bit else None)
         return transformed, quantize_map
+
+
+def eight_bit_weights(layer, registry):
+    """The 8-bit config of a kernel layer without output quantization: tfmot's default (per-channel
+    for Conv2D / DepthwiseConv2D, per-tensor for Conv2DTranspose and Dense) with its weights only,
+    else 8-bit UniQ per output channel (Conv1D, Conv1DTranspose)."""
+    if registry.supports(layer):
+        config = registry.get_quantize_config(layer)
+        return type(config)(config.weight_attrs, [], False)
+    return QuantizeConfig(UniQ(8, "channel"))
 
 
 class SyqQuantizeScheme(tq.QuantizeScheme):

@@ -158,11 +158,13 @@ static void one_case(int t) {
 }
 
 /* FullyConnected layers (the 1x1 narrow-output AVX2 kernel: blocks of 8 channels, overlapping last
- * block, single channels below 8, odd/even word counts, > 64 words per flush, left shifts) */
+ * block, single channels below 8, odd/even word counts, > 64 words per flush, left shifts; the
+ * Cortex-M tables: chunks of input words, byte tables from 48 output channels) */
 static void fc_case(int t) {
     const int32_t bits = rint_in(1, 2), gran = rint_in(0, 2);
     const int big = t % 4 == 3, extreme = t % 16 == 15;
-    const int32_t ic = big ? rint_in(2040, 2600) : rint_in(1, 400), oc = rint_in(1, 40), batch = rint_in(1, 5);
+    const int32_t ic = big ? rint_in(2040, 2600) : rint_in(1, 400), batch = rint_in(1, 5);
+    const int32_t oc = t % 8 == 7 ? rint_in(48, 80) : rint_in(1, 40); /* >= 48: Cortex-M ternary byte tables */
     syq_conv_params p;
     syq_packed_weights w;
     size_t nwts = (size_t)oc * ic, nin = (size_t)batch * ic, nout = (size_t)batch * oc, i, fb;

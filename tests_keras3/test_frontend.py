@@ -1,0 +1,226 @@
+"""The Keras 3 frontend: quantized Keras 3 layers compute with their quantized kernels, train with
+plain ``fit``, save to ``.keras`` and reload without custom objects, and export through the one
+export pipeline; wrong inputs get one clear error."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import REPO, run_python, separable_data
+
+import keras
+import syq_tf.keras3 as syq
+from syq_tf.quantizers.syq import syq_initial_alpha
+
+Q = syq.quantizers
+
+
+def _reference(layer, x, *args):
+    """The stock Keras 3 layer with the same weights, each kernel replaced by its quantized value and
+    the input by the input quantizer's output: computed without syq_tf's layer code."""
+    stock_class = [c for c in type(layer).__mro__ if c.__module__.startswith("keras.")][0]
+    config = {k: v for k, v in layer.get_config().items()
+              if k not in ("kernel_quantizer", "input_quantizer", "recurrent_quantizer", "depthwise_quantizer")}
+    stock = stock_class.from_config({**config, "name": "reference"})
+    stock(x, *args)
+    quantized = {id(v): q(v) for q, v in (layer.float_kernels().values())}
+    own = [w for w in layer.weights if not any(w is qw for q in (getattr(layer, a, None) for a in
+           ("kernel_quantizer", "input_quantizer", "recurrent_quantizer", "depthwise_quantizer"))
+           if q is not None for qw in q.weights)]
+    assert len(own) == len(stock.weights)
+    for src, dst in zip(own, stock.weights):
+        dst.assign(quantized.get(id(src), src))
+    inputs = layer.input_quantizer(x) if layer.input_quantizer is not None else x
+    return np.asarray(stock(inputs, *args))
+
+
+LAYERS = [
+    (keras.layers.Dense, {"units": 5}, (4, 7), Q.SYQ(2, "channel")),
+    (keras.layers.Conv1D, {"filters": 4, "kernel_size": 3}, (2, 9, 3), Q.UniQ(4, "channel")),
+    (keras.layers.Conv2D, {"filters": 4, "kernel_size": 3}, (2, 6, 6, 3), Q.SYQ(2, "pixel")),
+    (keras.layers.DepthwiseConv2D, {"kernel_size": 3}, (2, 6, 6, 3), Q.SYQ(1, "channel")),
+    (keras.layers.SeparableConv2D, {"filters": 4, "kernel_size": 3}, (2, 6, 6, 3), Q.LossAware("ternary", curvature="constant")),
+    (keras.layers.EinsumDense, {"equation": "abc,cd->abd", "output_shape": (None, 6), "bias_axes": "d"}, (2, 5, 3), Q.SYQ(2)),
+    (keras.layers.LSTM, {"units": 4}, (2, 5, 3), Q.LeastSquares("ls2")),
+    (keras.layers.GRU, {"units": 4}, (2, 5, 3), Q.SYQ(2, "channel")),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,shape,quantizer", LAYERS, ids=[c[0].__name__ for c in LAYERS])
+def test_quantized_keras3_layer_computes_with_its_quantized_kernels(cls, kwargs, shape, quantizer):
+    x = np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32)
+    layer = syq.quantize(cls(**kwargs), kernel_quantizer=quantizer, input_quantizer=Q.DoReFa(4))
+    out = np.asarray(layer(x))
+    kernels = layer.float_kernels()
+    assert kernels and all(q is not None for q, _ in kernels.values())
+    for q, variable in kernels.values():  # quantizing changes the kernel: a float call would differ
+        assert np.max(np.abs(np.asarray(q(variable)) - variable.numpy())) > 1e-3
+    np.testing.assert_allclose(out, _reference(layer, x), rtol=1e-5, atol=1e-6)
+
+
+def test_syq_scale_starts_at_mean_abs_and_quantize_keeps_weights():
+    dense = keras.layers.Dense(3)
+    dense.build((None, 4))
+    layer = syq.quantize(dense, kernel_quantizer=Q.SYQ(2, "channel"))
+    np.testing.assert_array_equal(layer.float_kernels()["kernel"][1].numpy(), dense.kernel.numpy())
+    layer(np.ones((1, 4), np.float32))
+    alpha = layer.kernel_quantizer.alpha.numpy().ravel()
+    np.testing.assert_allclose(alpha, np.mean(np.abs(dense.kernel.numpy()), axis=0), rtol=1e-6)
+    np.testing.assert_allclose(alpha, np.asarray(syq_initial_alpha(tf.constant(dense.kernel.numpy()), (0,))).ravel())
+
+
+def test_multi_head_attention_quantizes_all_four_projections():
+    x = np.random.default_rng(1).normal(size=(2, 5, 8)).astype(np.float32)
+    mha = syq.quantize(keras.layers.MultiHeadAttention(2, 4), kernel_quantizer=Q.SYQ(1))
+    mha(x, x)
+    kernels = mha.float_kernels()
+    assert sorted(kernels) == ["attention_output", "key", "query", "value"]
+    for q, variable in kernels.values():
+        assert len(np.unique(np.abs(np.asarray(q(variable))))) == 1  # binary, one scale per layer
+    # the float projections are not also listed: 4 x (kernel, bias, alpha, alpha_initialized)
+    assert len(mha.weights) == 16
+
+
+def _cnn():
+    inp = keras.Input((8, 8, 1))
+    h = syq.quantize(keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
+                     kernel_quantizer=Q.SYQ(2, "channel"), input_quantizer=Q.DoReFa(8))(inp)
+    h = keras.layers.MaxPooling2D()(h)
+    h = syq.quantize(keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
+                     kernel_quantizer=Q.LossAware("ternary"), input_quantizer=Q.DoReFa(8))(h)
+    h = keras.layers.Flatten()(h)
+    out = syq.quantize(keras.layers.Dense(4), kernel_quantizer=Q.UniQ(4, "channel"),
+                       input_quantizer=Q.UniQActivation(4))(h)
+    return keras.Model(inp, out)
+
+
+def test_fit_save_and_reload_in_a_fresh_process(tmp_path):
+    x, y = separable_data(256)
+    model = _cnn()
+    assert syq.calibrate(model, x)  # UniQ's activation step from data
+    model.compile(syq.LossAwareAdam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    before = model.evaluate(x, y, verbose=0)[0]
+    history = model.fit(x, y, epochs=4, batch_size=32, verbose=0, callbacks=[syq.CheckFinite()])
+    assert history.history["loss"][-1] < before
+    quantizer = model.layers[3].kernel_quantizer  # LossAware: its scale set by the optimizer
+    assert quantizer in model.optimizer.loss_aware_quantizers and float(quantizer.alpha.numpy().ravel()[0]) > 0
+    path = str(tmp_path / "m.keras")
+    syq.save_model(model, path)
+    np.save(tmp_path / "x.npy", x[:16])
+    np.save(tmp_path / "y.npy", model.predict(x[:16], verbose=0))
+    code = (f"import keras, numpy as np\nimport syq_tf.keras3\n"
+            f"m = keras.saving.load_model({path!r})\n"
+            f"x = np.load({str(tmp_path / 'x.npy')!r}); y = np.load({str(tmp_path / 'y.npy')!r})\n"
+            "assert np.array_equal(m.predict(x, verbose=0), y)\n"
+            "print(type(m.layers[1]).__name__, type(m.layers[1].kernel_quantizer).__name__)")
+    r = run_python(code)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["QuantizedConv2D", "SYQ"]
+
+
+def test_summary_and_reinitialize_scales(capsys):
+    model = _cnn()
+    syq.calibrate(model, separable_data(32)[0])
+    assert syq.reinitialize_scales(model) == ["conv2d", "conv2d_1", "dense"]  # SYQ, LossAware, UniQ
+    syq.summary(model)
+    out = capsys.readouterr().out
+    assert "SYQ" in out and "UniQ" in out and "ternary" in out
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_export_from_keras3_is_exact_and_agrees(weights):
+    x, y = separable_data(512)
+    model = _cnn()
+    syq.calibrate(model, x)
+    model.compile(syq.LossAwareAdam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=6, batch_size=32, verbose=0)
+    result = syq.export.to_tflite(model, x[:200], target="litert", weights=weights, verify_data=x, verify_labels=y)
+    rows = {r.layer: r for r in result.layers}
+    assert sorted(rows) == ["conv2d", "conv2d_1", "dense"]
+    assert all(r.exact for r in rows.values()), [r for r in rows.values() if not r.exact]
+    assert result.verification["top1_agreement"] >= 0.99
+    if weights == "int4":
+        assert result.verification["int4_equals_int8_twin_builtin"] is True
+
+
+def test_quantize_model_report_and_exact_export():
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Rescaling(2.0, offset=-1.0)(inp)
+    h = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(h)
+    h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.ReLU()(h)
+    h = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(h)
+    h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.ReLU()(h)
+    h = keras.layers.SeparableConv2D(8, 3, padding="same", activation="relu")(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    out = keras.layers.Dense(4)(h)
+    model, report = syq.quantize_model(keras.Model(inp, out), "syq-w2a4", return_report=True)
+    assert report["low_bit"] == ["conv2d_1", "separable_conv2d"]
+    assert report["low_bit_activations"] == ["conv2d_1", "separable_conv2d"]  # after a ReLU
+    assert report["eight_bit"] == ["conv2d", "dense"]
+    assert report["normalization"] == ["batch_normalization", "batch_normalization_1"]
+    assert report["passed_through"] == ["global_average_pooling2d", "re_lu", "re_lu_1", "rescaling"]
+    assert isinstance(model.get_layer("conv2d").kernel_quantizer, Q.MaxAbsWeight)
+    assert isinstance(model.get_layer("conv2d").input_quantizer, Q.MovingAverageActivation)
+    assert isinstance(model.get_layer("conv2d_1").input_quantizer, Q.DoReFa)
+    x, y = separable_data(512)
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=4, batch_size=32, verbose=0)
+    low, high = model.get_layer("conv2d").input_quantizer.export_range()
+    assert low == pytest.approx(-1.0, abs=0.05) and high > 0.5  # the rescaled inputs' range, learned
+    result = syq.export.to_tflite(model, x[:200], target="litert", verify_data=x, verify_labels=y)
+    rows = {r.layer: r for r in result.layers}
+    assert all(r.exact for r in rows.values()), [r for r in rows.values() if not r.exact]
+    assert set(rows) == {"conv2d", "conv2d_1", "separable_conv2d/depthwise_kernel",
+                         "separable_conv2d/pointwise_kernel", "dense"}
+    assert result.verification["top1_agreement"] >= 0.98
+
+
+def test_quantize_model_refuses_what_it_cannot_quantize():
+    inp = keras.Input((4,))
+    out = keras.layers.Dense(2)(keras.layers.PReLU()(keras.layers.Dense(3)(inp)))
+    with pytest.raises(ValueError, match=r"'p_re_lu' \(PReLU\): syq_tf has no quantized form"):
+        syq.quantize_model(keras.Model(inp, out), "syq-w2a8")
+    with pytest.raises(ValueError, match="scheme 'syq-w3a8' has unsupported bit widths"):
+        syq.quantize_model(keras.Model(inp, out), "syq-w3a8")
+
+
+def test_keras2_only_parts_say_so_in_one_line():
+    model = _cnn()
+    syq.calibrate(model, np.zeros((4, 8, 8, 1), np.float32))
+    with pytest.raises(ValueError, match="target 'lce' is Keras 2 only"):
+        syq.export.to_tflite(model, np.zeros((4, 8, 8, 1), np.float32), target="lce")
+    r = run_python("import syq_tf.keras3 as syq, tf_keras\n"
+                   "syq.quantize(tf_keras.layers.Dense(2), kernel_quantizer=syq.quantizers.SYQ())")
+    assert r.returncode != 0
+    assert "Dense comes from Keras 2 (module tf_keras" in r.stderr
+    assert REPO  # the snippets run against this checkout
+
+
+def test_quantizer_logger_reads_keras3_scales_and_adam_curvature(tmp_path):
+    import glob  # noqa: PLC0415
+
+    x, y = separable_data(64)
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)),
+        syq.quantize(keras.layers.Conv2D(4, 3, name="conv"), kernel_quantizer=Q.SYQ(2, "channel")),
+        keras.layers.Flatten(),
+        syq.quantize(keras.layers.Dense(4, name="fc"), kernel_quantizer=Q.LossAware("ternary_exact")),
+    ])
+    optimizer = syq.LossAwareAdam(1e-2)
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[syq.QuantizerLogger(str(tmp_path))])
+    found = {}
+    for path in glob.glob(f"{tmp_path}/events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                found.setdefault(value.tag, []).append((event.step, tf.make_ndarray(value.tensor)))
+    assert [step for step, _ in found["conv/kernel/alpha/3"]] == [1, 2]
+    assert np.isclose(float(found["conv/kernel/alpha/3"][-1][1]),
+                      model.get_layer("conv").kernel_quantizer.alpha.numpy().ravel()[3])
+    # d = sqrt(v_hat) + eps from Keras 3's Adam slots, as LossAwareAdam's projection uses it
+    kernel = model.get_layer("fc").float_kernels()["kernel"][1]
+    v = optimizer._velocities[optimizer._get_variable_index(kernel)].numpy()
+    d = np.sqrt(v / (1 - 0.999 ** int(optimizer.iterations.numpy()))) + 1e-8
+    np.testing.assert_allclose(float(found["fc/kernel/curvature/mean"][-1][1]), d.mean(), rtol=1e-5)
