@@ -168,8 +168,15 @@ class TableStandIn(QuantizedStandIn):
         super().__init__(inner, None, **kwargs)
         self.step = float(step)
 
+    def build(self, input_shape):
+        self.inner.build(input_shape)
+        self.built = True
+
     def call(self, inputs, *args, **kwargs):
-        return int8_fake_quant(self.inner(inputs, *args, **kwargs), -128.0 * self.step, 127.0 * self.step)
+        # a plain GATHER: Keras 3's Embedding wraps negative ids first (LESS, ADD, SELECT), and
+        # SELECT has no TFLite Micro kernel
+        table = tf.gather(self.inner.embeddings, tf.cast(inputs, tf.int32))
+        return int8_fake_quant(table, -128.0 * self.step, 127.0 * self.step)
 
 
 def int8_stand_in(layer):
