@@ -48,6 +48,8 @@ from syq_tf.data import load_fashion_mnist
 from syq_tf.recipes import build_cnn, compile_model, transfer_float_weights
 from syq_tf.summary import summarize
 
+from machine import cpu_name as _cpu  # noqa: E402  (benchmarks/machine.py)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 PROFILES = {
@@ -379,17 +381,6 @@ def _versions():
         except md.PackageNotFoundError:
             out[pkg] = "not installed"
     return out
-
-
-def _cpu():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def aggregate(profile_dir, rows):

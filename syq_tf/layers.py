@@ -470,7 +470,10 @@ class QuantizedMultiHeadAttention(tf.keras.layers.MultiHeadAttention):
 
     def __init__(self, *args, kernel_quantizer=None, input_quantizer=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._syq_quantizers = {"kernel_quantizer": kernel_quantizer, "input_quantizer": input_quantizer}
+        # untracked: the templates (each projection gets its own copy) are no sub-layers of the attention,
+        # which Keras would otherwise list, calibrate (never called: "saw no inputs") and save
+        object.__setattr__(self, "_syq_quantizers", {"kernel_quantizer": kernel_quantizer,
+                                                     "input_quantizer": input_quantizer})
         _copy_quantizer(kernel_quantizer, "kernel_quantizer", self.name)  # role errors now
         _copy_quantizer(input_quantizer, "input_quantizer", self.name)
 

@@ -11,6 +11,13 @@ tensor's int8 scale and zero point; a target may pass its own stand-ins (``stand
 wrappers and ranges; its syq_tf quantizers switch to their export form (the kernel holds the
 quantized values, activation quantizers become the same int8 FakeQuant).
 
+A tensor that a quantized layer's input range reads and other layers read too (a residual block's
+input, read by its first convolution and by the Add) gets that range once, at its producer, for all
+its readers (:class:`OutputRange`, as tfmot quantizes layer outputs): TensorFlow's converter leaves
+the producer of a tensor read both through a FakeQuant and directly in float (DEQUANTIZE, float op
+and float32 kernel, QUANTIZE; measured). The other readers then see the tensor on that int8 grid,
+which int8 TFLite stores it on anyway, and clipped to its range.
+
 Every stand-in takes its values from the trained layer through ``transfer(old_layer)``.
 """
 
@@ -126,6 +133,7 @@ class QuantizedStandIn(tf.keras.layers.Layer):
         super().__init__(**kwargs)
         self.inner = inner
         self.input_stand_in = input_stand_in
+        self.output_stand_in = None  # set where other layers read this output too (OutputRange)
 
     def build(self, *shapes):
         """Nothing of its own: the inner layer builds on its first call (Keras 3 would otherwise try
@@ -135,7 +143,8 @@ class QuantizedStandIn(tf.keras.layers.Layer):
     def call(self, inputs, *args, **kwargs):
         if self.input_stand_in is not None:
             inputs = self.input_stand_in(inputs)
-        return self.inner(inputs, *args, **kwargs)
+        outputs = self.inner(inputs, *args, **kwargs)
+        return outputs if self.output_stand_in is None else self.output_stand_in(outputs)
 
     def transfer(self, old):
         """The trained layer's weights, with every kernel replaced by its quantized value (matched by
@@ -165,8 +174,15 @@ class TableStandIn(QuantizedStandIn):
         super().__init__(inner, None, **kwargs)
         self.step = float(step)
 
+    def build(self, input_shape):
+        self.inner.build(input_shape)
+        self.built = True
+
     def call(self, inputs, *args, **kwargs):
-        return int8_fake_quant(self.inner(inputs, *args, **kwargs), -128.0 * self.step, 127.0 * self.step)
+        # a plain GATHER: Keras 3's Embedding wraps negative ids first (LESS, ADD, SELECT), and
+        # SELECT has no TFLite Micro kernel
+        table = tf.gather(self.inner.embeddings, tf.cast(inputs, tf.int32))
+        return int8_fake_quant(table, -128.0 * self.step, 127.0 * self.step)
 
 
 def int8_stand_in(layer):
@@ -179,6 +195,69 @@ def int8_stand_in(layer):
     return QuantizedStandIn(plain_copy(layer), int8_input(layer), name=layer.name)
 
 
+class OutputRange(tf.keras.layers.Layer):
+    """A plain layer (``inner``, a copy of a float layer) whose output goes through the int8 stand-in of a
+    reader's input quantizer, when other layers read that output too (module docstring)."""
+
+    def __init__(self, inner, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = inner
+        self.output_stand_in = None
+
+    def build(self, *shapes):
+        self.built = True
+
+    def call(self, *args, **kwargs):
+        return self.output_stand_in(self.inner(*args, **kwargs))
+
+    def transfer(self, old):
+        self.inner.set_weights(old.get_weights())
+
+
+def _history(tensor):
+    """(producing layer, node index, tensor index) of a functional model's tensor, or None."""
+    history = getattr(tensor, "_keras_history", None)
+    return None if history is None else tuple(history)[:3]
+
+
+def shared_input_ranges(model, stand_ins):
+    """``{producer name: (Int8Input, reader names)}``: where a quantized layer whose stand-in reads
+    its input through an int8 range (``stand_ins``: name -> stand-in) takes a tensor that other
+    layers (or the model's outputs) read too, that range moves to the tensor's producer (the first
+    such reader's range when several read it). Producers with several nodes or outputs, tables
+    and model inputs keep the ranges at their readers."""
+    readers, keys = {}, {}
+    for layer in model.layers:
+        for node in getattr(layer, "_inbound_nodes", []):
+            for tensor in tf.nest.flatten(node.input_tensors):
+                history = _history(tensor)
+                if history is not None:
+                    key = (id(history[0]), history[1], history[2])
+                    readers.setdefault(key, []).append(layer.name)
+                    keys.setdefault(layer.name, []).append((key, history[0]))
+    for tensor in tf.nest.flatten(model.outputs):
+        history = _history(tensor)
+        if history is not None:
+            readers.setdefault((id(history[0]), history[1], history[2]), []).append(None)
+    moved = {}
+    for name, new in stand_ins.items():
+        if not isinstance(new, QuantizedStandIn) or not isinstance(new.input_stand_in, Int8Input):
+            continue
+        if len(keys.get(name, [])) != 1 or len(model.get_layer(name)._inbound_nodes) != 1:
+            continue
+        (key, producer), = keys[name]
+        if (len(readers[key]) < 2 or producer.name in moved or isinstance(producer, tf.keras.layers.InputLayer)
+                or isinstance(stand_ins.get(producer.name), TableStandIn)
+                or len(producer._inbound_nodes) != 1 or len(tf.nest.flatten(producer.output)) != 1):
+            continue
+        moved[producer.name] = (new.input_stand_in, readers[key])
+    return moved
+
+
+def _range_of(stand_in):
+    return (stand_in.low, stand_in.high, stand_in.top)
+
+
 def build(model, *, batch_size=None, stand_in=None):
     """The inference form of ``model`` (see the module docstring).
 
@@ -189,11 +268,25 @@ def build(model, *, batch_size=None, stand_in=None):
     if is_tfmot_model(model):
         return _tfmot_form(model, batch_size)
     made = set()
+    stand_ins = {layer.name: (stand_in(layer) if stand_in is not None else None) or int8_stand_in(layer)
+                 for layer in model.layers if is_quantized(layer)}
+    moved = shared_input_ranges(model, stand_ins)
+    for output_range, readers in moved.values():
+        for name in readers:  # readers on the same range read the producer's output as it is
+            new = stand_ins.get(name)
+            if isinstance(getattr(new, "input_stand_in", None), Int8Input) and (
+                    _range_of(new.input_stand_in) == _range_of(output_range)):
+                new.input_stand_in = None
 
     def clone(layer):
-        if not is_quantized(layer):
+        new = stand_ins.get(layer.name)
+        if layer.name in moved:
+            if new is None:
+                new = OutputRange(layer.__class__.from_config({**layer.get_config(), "name": f"{layer.name}_inner"}),
+                                  name=layer.name)
+            new.output_stand_in = moved[layer.name][0]
+        if new is None:
             return layer.__class__.from_config(layer.get_config())
-        new = (stand_in(layer) if stand_in is not None else None) or int8_stand_in(layer)
         made.add(layer.name)
         return new
 

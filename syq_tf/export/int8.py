@@ -11,7 +11,6 @@ from syq_tf.export import codebook, convert, flatbuffer, inference
 from syq_tf.export.match import kernel_matches
 from syq_tf.export.report import ExportResult, layer_reports
 from syq_tf.export.runtime import quantize_input
-from syq_tf.layers import TRANSPOSED
 from syq_tf.models import is_tfmot_model
 from syq_tf.quantizers import ActivationQuantizer
 from syq_tf.quantizers._common import KERAS
@@ -28,10 +27,12 @@ def build(model, options):
     """Convert ``model`` (syq_tf / larq layers, or a tfmot QAT model) to the int8 flatbuffer with
     exact codebooks. Models with LSTM layers get int8 weights and float activations (dynamic range:
     TFLite's full-integer fused LSTM gives wrong outputs on this stack), batch size 1."""
-    # TRANSPOSE_CONV takes its output shape as a tensor: with a free batch dimension the converter
-    # computes it at run time (SHAPE, STRIDED_SLICE, PACK) and stores placeholder shapes, which
-    # TFLite Micro (static shapes, no resizing) runs into wrong outputs; batch 1 makes it a constant.
-    batch = 1 if options.target == "tflm" and transposed_convolutions(model) else None
+    # TFLite Micro runs one example with static shapes: the model is converted at batch 1. With a
+    # free batch dimension the converter computes shapes at run time where an op takes one as a
+    # tensor -- TRANSPOSE_CONV's output shape (SHAPE, STRIDED_SLICE, PACK: placeholder shapes, wrong
+    # outputs in TFLM), the RESHAPE around a Keras 3 Dense on a sequence (SHAPE, GATHER, REDUCE_PROD,
+    # which TFLM has no kernel for: "failed to allocate tensors"); at batch 1 they are constants.
+    batch = 1 if options.target == "tflm" else None
     if is_tfmot_model(model):
         # tfmot QAT model: its fake-quant ranges are kept; syq_tf kernels become their quantized
         # constants with their int8 range, syq_tf activation quantizers int8 grids.
@@ -56,11 +57,6 @@ def build(model, options):
     notes += [f"bias {name!r}: the converter stored it at {factor:.4g}x the scale its op computes with "
               "(input x weight scale); re-expressed" for name, factor in bias_fixed]
     return Int8Model(buffer, rescaled, notes)
-
-
-def transposed_convolutions(model):
-    """Names of the model's Conv1DTranspose / Conv2DTranspose layers (plain, quantized, tfmot-wrapped)."""
-    return [layer.name for layer in model.layers if isinstance(getattr(layer, "layer", layer), TRANSPOSED)]
 
 
 def exact_codebooks(model, buffer):

@@ -103,7 +103,9 @@ def layer_reports(model, buffer, rescaled=(), packed=None):
         exact = codebook.is_exact(err, zeros_ok)
         note = ""
         tensor = matches[0].tensor
-        if not exact:
+        if not exact and "FLOAT32" in dtypes:
+            note = f"stored as float32 (the converter kept this op in float), up to {err:.2%} off the codebook"
+        elif not exact:
             note = (f"int8 {'per-channel' if tensor.scales.size > 1 else 'per-tensor'} scales "
                     f"cannot hold this codebook exactly: stored levels off by up to {err:.2%}"
                     + ("" if zeros_ok else "; zero weights were not kept at zero"))

@@ -263,8 +263,33 @@ def _tflm():
 
 
 def tflm_interpreter(buffer, arena_size=None):
-    """TFLite Micro's (Python) interpreter for ``buffer``, with a generous host arena."""
-    return _tflm().Interpreter.from_bytes(bytes(buffer), arena_size=arena_size or _arena_for(buffer))
+    """TFLite Micro's (Python) interpreter for ``buffer``, with a generous host arena. An op TFLM has
+    no kernel for is named in the error, with the tensor it computes (TFLM itself only prints it and
+    raises "failed to allocate tensors")."""
+    import sys  # noqa: PLC0415
+
+    made = {}
+
+    def create():
+        try:
+            made["interpreter"] = _tflm().Interpreter.from_bytes(bytes(buffer),
+                                                                 arena_size=arena_size or _arena_for(buffer))
+        except RuntimeError as err:
+            made["error"] = err
+
+    printed = _capture_fd2(create)
+    if "error" not in made:
+        sys.stderr.write(printed)
+        return made["interpreter"]
+    missing = re.findall(r"Didn't find op for builtin opcode '(\w+)'", printed)
+    if not missing:
+        raise made["error"]
+    model = flatbuffer.read(bytes(buffer))
+    graph = model.subgraphs[0]
+    where = next((graph.tensors[op.outputs[0]].name.decode(errors="replace") for op in graph.operators
+                  if flatbuffer.op_name(model, op) == missing[0] and len(op.outputs)), "?")
+    raise RuntimeError(f"TFLite Micro has no kernel for op {missing[0]} (first computing tensor '{where}'); "
+                       "the model cannot run in TFLM") from made["error"]
 
 
 def tflm_predict_int8(buffer, x_int8, arena_size=None):
