@@ -429,3 +429,12 @@ def test_insert_decodes_refuses_bad_indices_and_tensors_without_data(converted):
     first = int(syq_tf.export.flatbuffer.read(buffer).subgraphs[0].inputs[0])  # the model's input
     out, skipped = tflm.insert_decodes(buffer, {first: (b"\x00", b"\x00" * 17)})
     assert out == buffer and skipped == {first: "it has no data"}
+
+
+def test_insert_decodes_refuses_malformed_files(converted):
+    from syq_tf.errors import MalformedModelError
+
+    _, buffer, _ = converted["syq"]
+    for bad in (b"\x00" * 64, buffer[:200], buffer[:8] + bytes(len(buffer) - 8)):
+        with pytest.raises(MalformedModelError):
+            tflm.insert_decodes(bad, {1: (b"\x00", b"\x00" * 17)})

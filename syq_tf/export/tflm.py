@@ -60,9 +60,8 @@ def unpack_indices(data, bits, count):
     raw = np.unpackbits(np.frombuffer(bytes(data), np.uint8), bitorder="big")
     if raw.size < bits * count:
         raise ValueError(f"unpack_indices: {len(data)} bytes hold fewer than {count} {bits}-bit indices")
-    fields = raw[: bits * count].reshape(count, bits)
-    weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.uint8)
-    return (fields * weights).sum(axis=1).astype(np.uint8)
+    fields = raw[: bits * count].reshape(count, bits)  # MSB first: packed into a byte's top bits
+    return (np.packbits(fields, axis=1, bitorder="big")[:, 0] >> (8 - bits)).astype(np.uint8)
 
 
 def lut_encode(values, axis):
@@ -97,11 +96,20 @@ def _lut_encode_unique(values, axis):
     return tables, np.moveaxis(np.stack(parts), 0, axis).astype(np.uint8)
 
 
+def padded_tables(tables, stride=None):
+    """The tables as rows of a (channels, stride) array, each zero-padded to ``stride`` (default:
+    the longest table)."""
+    lengths = np.array([len(t) for t in tables])
+    stride = int(lengths.max()) if stride is None else stride
+    out = np.zeros((len(tables), stride), np.result_type(*tables))
+    out[np.arange(stride) < lengths[:, None]] = np.concatenate(tables)  # row-major, as concatenated
+    return out
+
+
 def lut_decode(tables, indices, axis):
     """Inverse of :func:`lut_encode`."""
     indices = np.asarray(indices, np.intp)
-    stride = max(len(t) for t in tables)
-    padded = np.stack([np.pad(t, (0, stride - len(t))) for t in tables])
+    padded = padded_tables(tables)
     if axis is None:
         return padded[0][indices]
     shape = [1] * indices.ndim
@@ -123,7 +131,7 @@ def pack(values, axis, bits=None):
     header[4] = 1  # LUT version
     header[5] = ((_PER_TENSOR_AXIS if axis is None else axis) << 4) | bits
     header[6] = stride
-    body = b"".join(np.pad(t, (0, stride - len(t))).astype(np.int8).tobytes() for t in tables)
+    body = padded_tables(tables, stride).astype(np.int8).tobytes()
     return pack_indices(indices, bits), bytes(header) + body
 
 
