@@ -111,6 +111,22 @@ def test_packing_is_tflms_own_format(shape, axis):
                                                    value_table_stride=stride).to_user_data()
 
 
+@pytest.mark.parametrize("shape,axis", [((4, 3, 3, 6), 0), ((2, 5, 7), 2), ((9, 11), None), ((0, 3), None)])
+def test_lut_encode_is_np_unique_per_slice(shape, axis):
+    w = np.random.default_rng(3).integers(-128, 128, shape).astype(np.int8)
+    w.flat[:2] = [-128, 127][: w.size]
+    tables, indices = tflm.lut_encode(w, axis)
+    slices = [w] if axis is None else list(np.moveaxis(w, axis, 0))
+    index_slices = [indices] if axis is None else list(np.moveaxis(indices, axis, 0))
+    assert len(tables) == len(slices) and indices.dtype == np.uint8 and indices.shape == w.shape
+    for table, values, idx in zip(tables, slices, index_slices):
+        expected, inverse = np.unique(values, return_inverse=True)
+        np.testing.assert_array_equal(table, expected)
+        np.testing.assert_array_equal(idx.ravel(), inverse.ravel())
+    with pytest.raises(TypeError, match="int8 values expected"):
+        tflm.lut_encode(w.astype(np.int16), axis)
+
+
 def test_unpack_rejects_foreign_ancillary():
     with pytest.raises(ValueError, match="not a TFLM LUT ancillary tensor"):
         tflm.unpack(b"\x00", b"\x01" * 20, (8,))

@@ -70,7 +70,7 @@ def lut_encode(values, axis):
     (what ``np.unique(..., return_inverse=True)`` gives per slice, for all slices at once)."""
     values = np.asarray(values)
     if values.dtype != np.int8:
-        return _lut_encode_unique(values, axis)
+        raise TypeError(f"lut_encode: int8 values expected, not {values.dtype}")
     rows = values.reshape(1, -1) if axis is None else np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
     codes = rows.astype(np.int16) + 128  # 0..255
     present = np.zeros((rows.shape[0], 256), bool)
@@ -82,18 +82,6 @@ def lut_encode(values, axis):
         return tables, indices.reshape(values.shape)
     moved = np.moveaxis(values, axis, 0).shape
     return tables, np.moveaxis(indices.reshape(moved), 0, axis)
-
-
-def _lut_encode_unique(values, axis):
-    if axis is None:
-        table, inverse = np.unique(values, return_inverse=True)
-        return [table], inverse.reshape(values.shape).astype(np.uint8)
-    tables, parts = [], []
-    for channel in np.moveaxis(values, axis, 0):
-        table, inverse = np.unique(channel, return_inverse=True)
-        tables.append(table)
-        parts.append(inverse.reshape(channel.shape))
-    return tables, np.moveaxis(np.stack(parts), 0, axis).astype(np.uint8)
 
 
 def padded_tables(tables, stride=None):
