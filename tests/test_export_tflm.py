@@ -111,6 +111,22 @@ def test_packing_is_tflms_own_format(shape, axis):
                                                    value_table_stride=stride).to_user_data()
 
 
+@pytest.mark.parametrize("shape,axis", [((4, 3, 3, 6), 0), ((2, 5, 7), 2), ((9, 11), None), ((0, 3), None)])
+def test_lut_encode_is_np_unique_per_slice(shape, axis):
+    w = np.random.default_rng(3).integers(-128, 128, shape).astype(np.int8)
+    w.flat[:2] = [-128, 127][: w.size]
+    tables, indices = tflm.lut_encode(w, axis)
+    slices = [w] if axis is None else list(np.moveaxis(w, axis, 0))
+    index_slices = [indices] if axis is None else list(np.moveaxis(indices, axis, 0))
+    assert len(tables) == len(slices) and indices.dtype == np.uint8 and indices.shape == w.shape
+    for table, values, idx in zip(tables, slices, index_slices):
+        expected, inverse = np.unique(values, return_inverse=True)
+        np.testing.assert_array_equal(table, expected)
+        np.testing.assert_array_equal(idx.ravel(), inverse.ravel())
+    with pytest.raises(TypeError, match="int8 values expected"):
+        tflm.lut_encode(w.astype(np.int16), axis)
+
+
 def test_unpack_rejects_foreign_ancillary():
     with pytest.raises(ValueError, match="not a TFLM LUT ancillary tensor"):
         tflm.unpack(b"\x00", b"\x01" * 20, (8,))
@@ -242,3 +258,199 @@ def test_bad_targets_and_models(data):
     out = tf.keras.layers.Dense(2)(syq_tf.quantize(tf.keras.layers.LSTM(4), kernel_quantizer=SYQ(2, "channel"))(inp))
     with pytest.raises(ValueError, match="target='tflm'.*recurrent.*TFLite Micro does not run"):
         syq_tf.export.to_tflite(tf.keras.Model(inp, out), np.zeros((4, 5, 3), np.float32), target="tflm")
+
+
+# ---- syq_tf's compressor against TFLM's ----------------------------------------------------------
+
+
+def shared_dense_model():
+    """One quantized Dense layer (per-tensor table) read by two FULLY_CONNECTED ops."""
+    inp = tf.keras.Input((8, 8, 1))
+    x = tf.keras.layers.Conv2D(4, 3, strides=2, name="first")(inp)
+    x = tf.keras.layers.Flatten()(x)
+    shared = syq_tf.quantize(tf.keras.layers.Dense(36, name="shared"), kernel_quantizer=SYQ(1, "layer"),
+                             input_quantizer=DoReFa(8))
+    y = shared(x)
+    z = shared(tf.keras.layers.Lambda(lambda v: v * 0.5)(x))
+    out = tf.keras.layers.Dense(4, name="logits")(tf.keras.layers.Concatenate()([y, z]))
+    return tf.keras.Model(inp, out)
+
+
+def _per_tensor_scales(buffer):
+    """The int8 model with one scale (the first channel's) for every weight tensor: the plan then
+    takes one value table per tensor. (The export's models have per-channel scales. One table for
+    a tensor with per-channel scales is no use: TFLM's runtime then does not reproduce the
+    uncompressed outputs, whichever compressor wrote the file.)"""
+    fb = syq_tf.export.flatbuffer
+    model = fb.read(buffer)
+    for t in fb.weight_tensors(buffer):
+        q = model.subgraphs[0].tensors[t.tensor_index].quantization
+        if t.dtype != "INT8" or q is None or q.scale is None:
+            continue
+        q.scale, q.zeroPoint, q.quantizedDimension = [q.scale[0]], [0], 0
+    return fb._serialize(model, len(buffer))
+
+
+def _compress_both(model, buffer, bits=None):
+    """(ours, TFLM's) compressed flatbuffers of the tensors _plan picks, at ``bits`` if given
+    (a wider index than needed is allowed by both), and the weights {tensor name: int8 values}."""
+    from tflite_micro.tensorflow.lite.micro.compression import compress as tflm_compress
+    from tflite_micro.tensorflow.lite.micro.compression import spec
+
+    encodings, specs, weights = {}, [], {}
+    for report, tensor, axis in tflm._plan(model, buffer):
+        if tensor is None:
+            continue
+        b = report.bits if bits is None else max(bits, report.bits)
+        encodings[tensor.tensor_index] = tflm.pack(tensor.values, axis, b)
+        mode = spec.PerTensor() if axis is None else spec.PerChannel(axis)
+        specs.append(spec.Tensor(0, tensor.tensor_index, [spec.LookUpTableCompression(b, mode)]))
+        weights[tensor.name] = tensor.values
+    ours, skipped = tflm.insert_decodes(buffer, encodings)
+    assert not skipped
+    return ours, bytes(tflm_compress(buffer, specs)), weights
+
+
+def _graph(buffer):
+    """The model as TFLite Micro sees it: ops (name, input and output tensor names) in order, and
+    per tensor (name, type, shape, quantization, data). Empty shapes count as none (TFLM's
+    compressor rewrites the file with the C++ object API, which omits empty vectors)."""
+    model = syq_tf.export.flatbuffer.read(buffer)
+    graph = model.subgraphs[0]
+
+    def name(i):
+        return None if i < 0 else graph.tensors[i].name.decode()
+
+    ops = [(syq_tf.export.flatbuffer.op_name(model, op), [name(i) for i in op.inputs], [name(i) for i in op.outputs])
+           for op in graph.operators]
+    tensors = []
+    for t in graph.tensors:
+        q, data = t.quantization, model.buffers[t.buffer].data
+        quant = None if q is None or q.scale is None else (list(q.scale), list(q.zeroPoint), q.quantizedDimension)
+        tensors.append((t.name.decode(), t.type, [] if t.shape is None else list(t.shape), quant,
+                        b"" if data is None else bytes(data), bool(t.isVariable)))
+    metadata = {m.name: bytes(model.buffers[m.buffer].data) for m in model.metadata or []}
+    return ops, tensors, metadata, [graph.tensors[i].buffer for i in range(len(graph.tensors))]
+
+
+def _aligned_data(buffer):
+    """Every non-empty buffer's data starts at a multiple of 16 bytes of the file."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    raw = schema.Model.GetRootAsModel(bytearray(buffer), 0)
+    for i in range(raw.BuffersLength()):
+        b = raw.Buffers(i)
+        if b.DataLength():
+            start = b._tab.Vector(b._tab.Offset(4))
+            if start % 16:
+                return False
+    return True
+
+
+def _check_same_as_tflms(ours, theirs, weights, uncompressed, xq):
+    a, b = _graph(ours), _graph(theirs)
+    # The same graph: DECODE ops before each consumer, the same tensors in the same order with the
+    # same types, shapes, quantization and data; buffers shared the same way; the same metadata.
+    assert a[0] == b[0]
+    assert a[1] == b[1]
+    assert a[2] == b[2]
+    assert len(set(a[3])) == len(set(b[3])) and [a[3].index(k) for k in a[3]] == [b[3].index(k) for k in b[3]]
+    # Not byte-identical: TFLM's compressor writes with the Python object API, then re-packs the
+    # whole file with the C++ object API (tflite_flatbuffer_align_wrapper) for the 16-byte data
+    # alignment, so its table layout (field order, vtables, omitted empty vectors) is the C++
+    # builder's; syq_tf packs with the Python builder and aligns the data vectors itself. The
+    # operator codes are listed in another order (TFLM: order of first use; syq_tf: the existing
+    # ones, then TFLM_DECODE). The sizes differ by the layout only.
+    assert abs(len(ours) - len(theirs)) <= 64 + len(ours) // 100, (len(ours), len(theirs))
+    assert _aligned_data(ours) and _aligned_data(theirs)
+    pairs = tflm.decode_pairs(ours)
+    assert set(pairs) == set(weights)
+    for name, (encoded, ancillary, shape) in pairs.items():
+        np.testing.assert_array_equal(tflm.unpack(encoded, ancillary, shape), weights[name])
+    plain = tflm.tflm_predict_int8(uncompressed, xq)
+    np.testing.assert_array_equal(tflm.tflm_predict_int8(ours, xq), plain)
+    np.testing.assert_array_equal(tflm.tflm_predict_int8(theirs, xq), plain)
+
+
+@pytest.fixture(scope="module")
+def converted(data):
+    """int8 flatbuffers (and a probe batch) of a per-channel model (Conv2D, DepthwiseConv2D, Dense),
+    a per-channel/per-tensor one (UniQ), and a per-tensor Dense read by two ops."""
+    x, _ = data
+    out = {}
+    for key, build in (("syq", lambda: syq_model(2, "channel")), ("uniq", lambda: uniq_model(3)),
+                       ("shared", shared_dense_model)):
+        tf.keras.utils.set_random_seed(11)
+        model = build()
+        if key == "uniq":
+            syq_tf.calibrate(model, x[:64], batches=1)
+        else:
+            model(x[:1])
+        result = syq_tf.export.to_tflite(model, representative_data=x[:32], target="litert")
+        out[key] = (model, bytes(result.flatbuffer), int8_stage.probe(bytes(result.flatbuffer), x[:32], 4))
+    return out
+
+
+def test_the_models_cover_the_channel_axes(converted):
+    kinds = {(key, r.op, r.axis) for key, (model, buffer, _) in converted.items()
+             for r, t, _ in tflm._plan(model, buffer) if t is not None}
+    assert {("syq", "CONV_2D", 0), ("syq", "DEPTHWISE_CONV_2D", 3), ("syq", "FULLY_CONNECTED", 0),
+            ("uniq", "CONV_2D", 0), ("shared", "FULLY_CONNECTED", 0)} <= kinds, kinds
+
+
+# 1..7-bit indices: the plan's widths (binary, ternary, 3-bit UniQ), wider ones forced, and one
+# table per tensor (the kernels given one scale each)
+@pytest.mark.parametrize("key,bits,per_tensor", [("shared", None, False), ("syq", None, False), ("uniq", None, False),
+                                                 ("shared", 4, False), ("syq", 5, False), ("uniq", 6, False),
+                                                 ("syq", 7, False), ("shared", None, True), ("syq", None, True),
+                                                 ("uniq", 6, True)])
+def test_compressor_builds_tflms_graph(converted, key, bits, per_tensor):
+    model, buffer, xq = converted[key]
+    buffer = _per_tensor_scales(buffer) if per_tensor else buffer
+    ours, theirs, weights = _compress_both(model, buffer, bits)
+    _check_same_as_tflms(ours, theirs, weights, buffer, xq)
+    pairs = tflm.decode_pairs(ours).values()
+    assert {ancillary[5] >> 4 == 15 for _, ancillary, _ in pairs} == {per_tensor}  # axis 15: one table
+    if bits is not None:
+        assert {ancillary[5] & 7 for _, ancillary, _ in pairs} == {bits}
+    elif not per_tensor:
+        assert {ancillary[5] & 7 for _, ancillary, _ in pairs} == {{"shared": 1, "syq": 2, "uniq": 3}[key]}
+    if key == "shared":  # one DECODE before each of the two FULLY_CONNECTED ops reading the kernel
+        ops = _graph(ours)[0]
+        decodes = [k for k, op in enumerate(ops) if op[0] == "TFLM_DECODE"]
+        assert len(decodes) == 2 and all(ops[k + 1][0] == "FULLY_CONNECTED" for k in decodes)
+        assert ops[decodes[0]][1] == ops[decodes[1]][1]  # the same encoded and ancillary tensors
+
+
+def test_export_uses_syq_tfs_compressor(converted, monkeypatch):
+    """to_tflite(target='tflm') no longer needs TFLM's Python compressor."""
+    import importlib
+
+    theirs = importlib.import_module("tflite_micro.tensorflow.lite.micro.compression.compress")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("TFLM's compressor was called")
+
+    monkeypatch.setattr(theirs, "compress", refuse)
+    model, buffer, xq = converted["syq"]
+    out, reports = tflm.compress(model, buffer)
+    assert sum(r.compressed for r in reports) == 3
+    np.testing.assert_array_equal(tflm.tflm_predict_int8(out, xq), tflm.tflm_predict_int8(buffer, xq))
+
+
+def test_insert_decodes_refuses_bad_indices_and_tensors_without_data(converted):
+    model, buffer, _ = converted["syq"]
+    with pytest.raises(ValueError, match="is not below"):
+        tflm.insert_decodes(buffer, {10**6: (b"\x00", b"\x00" * 17)})
+    first = int(syq_tf.export.flatbuffer.read(buffer).subgraphs[0].inputs[0])  # the model's input
+    out, skipped = tflm.insert_decodes(buffer, {first: (b"\x00", b"\x00" * 17)})
+    assert out == buffer and skipped == {first: "it has no data"}
+
+
+def test_insert_decodes_refuses_malformed_files(converted):
+    from syq_tf.errors import MalformedModelError
+
+    _, buffer, _ = converted["syq"]
+    for bad in (b"\x00" * 64, buffer[:200], buffer[:8] + bytes(len(buffer) - 8)):
+        with pytest.raises(MalformedModelError):
+            tflm.insert_decodes(bad, {1: (b"\x00", b"\x00" * 17)})

@@ -365,12 +365,43 @@ def _store(model, buffer_users, tensor, data):
     buffer_users[tensor.buffer] = 1
 
 
-def _serialize(model, size_hint):
+def _serialize(model, size_hint, align=False):
+    """The flatbuffer of a ``schema.ModelT``; ``align``: every buffer's data starts at a multiple of
+    DATA_ALIGNMENT bytes of the file (the schema's ``force_align: 16``, which the Python flatbuffers
+    runtime ignores; the converter and TFLM's tools honour it, and MCU kernels may rely on it)."""
     import flatbuffers  # noqa: PLC0415  (the runtime of the generated schema; installed with tensorflow)
 
+    if align:
+        model.buffers = [_AlignedBuffer(b) for b in model.buffers]
     builder = flatbuffers.Builder(max(1024, size_hint))
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
+
+
+DATA_ALIGNMENT = 16  # schema.fbs: Buffer.data (force_align: 16)
+
+
+class _AlignedBuffer(schema.BufferT):
+    """A BufferT whose data vector is written aligned to DATA_ALIGNMENT, one whole-buffer copy."""
+
+    def __init__(self, source):
+        super().__init__()
+        self.data, self.offset, self.size = source.data, source.offset, source.size
+
+    def Pack(self, builder):  # noqa: N802  (the generated object API's name)
+        data = None
+        if self.data is not None:
+            raw = np.ascontiguousarray(self.data, np.uint8).tobytes()
+            builder.StartVector(1, len(raw), DATA_ALIGNMENT)
+            builder.head -= len(raw)
+            builder.Bytes[builder.head : builder.head + len(raw)] = raw
+            data = builder.EndVector()
+        schema.BufferStart(builder)
+        if data is not None:
+            schema.BufferAddData(builder, data)
+        schema.BufferAddOffset(builder, self.offset)
+        schema.BufferAddSize(builder, self.size)
+        return schema.BufferEnd(builder)
 
 
 def rewrite_weights(buffer, updates, packed=None):

@@ -9,17 +9,19 @@ whole byte; its paired ancillary UINT8 tensor holds a 16-byte header (byte 0 dec
 version 1, byte 4 LUT version 1, byte 5 ``axis << 4 | bits`` with axis 15 meaning one table,
 byte 6 table stride) and then one int8 value table per channel of the quantized axis, each padded
 to the stride. A ``TFLM_DECODE`` custom op in front of each consumer expands it into the arena.
-The compressed flatbuffer itself is produced by TFLM's public ``tflite_micro.compression.compress``;
-this module chooses the tensors and bit widths, checks the result with its own numpy decoder and
-runs both models with the TFLite Micro interpreter.
+This module chooses the tensors and bit widths, encodes them (:func:`pack`) and writes the
+compressed flatbuffer itself (:func:`insert_decodes`: the graph TFLM's public compressor
+``tflite_micro...compression.compress`` builds, written with numpy and whole-buffer copies; the
+tests compare the two), checks the result with its own numpy decoder and runs both models with the
+TFLite Micro interpreter.
 """
 
+import copy
 import dataclasses
 import math
 import os
 import re
 import tempfile
-import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -58,31 +60,44 @@ def unpack_indices(data, bits, count):
     raw = np.unpackbits(np.frombuffer(bytes(data), np.uint8), bitorder="big")
     if raw.size < bits * count:
         raise ValueError(f"unpack_indices: {len(data)} bytes hold fewer than {count} {bits}-bit indices")
-    fields = raw[: bits * count].reshape(count, bits)
-    weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.uint8)
-    return (fields * weights).sum(axis=1).astype(np.uint8)
+    fields = raw[: bits * count].reshape(count, bits)  # MSB first: packed into a byte's top bits
+    return (np.packbits(fields, axis=1, bitorder="big")[:, 0] >> (8 - bits)).astype(np.uint8)
 
 
 def lut_encode(values, axis):
     """(tables, indices): one sorted table of the distinct values per slice along ``axis`` (one
-    table for the whole tensor if ``axis`` is None) and each element's index into its table."""
+    table for the whole tensor if ``axis`` is None) and each element's index into its table
+    (what ``np.unique(..., return_inverse=True)`` gives per slice, for all slices at once)."""
     values = np.asarray(values)
+    if values.dtype != np.int8:
+        raise TypeError(f"lut_encode: int8 values expected, not {values.dtype}")
+    rows = values.reshape(1, -1) if axis is None else np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
+    codes = rows.astype(np.int16) + 128  # 0..255
+    present = np.zeros((rows.shape[0], 256), bool)
+    present[np.arange(rows.shape[0])[:, None], codes] = True
+    rank = np.cumsum(present, axis=1, dtype=np.int16) - 1  # a value's position in its sorted table
+    indices = rank[np.arange(rows.shape[0])[:, None], codes].astype(np.uint8)
+    tables = [(np.flatnonzero(row) - 128).astype(np.int8) for row in present]
     if axis is None:
-        table, inverse = np.unique(values, return_inverse=True)
-        return [table], inverse.reshape(values.shape).astype(np.uint8)
-    tables, parts = [], []
-    for channel in np.moveaxis(values, axis, 0):
-        table, inverse = np.unique(channel, return_inverse=True)
-        tables.append(table)
-        parts.append(inverse.reshape(channel.shape))
-    return tables, np.moveaxis(np.stack(parts), 0, axis).astype(np.uint8)
+        return tables, indices.reshape(values.shape)
+    moved = np.moveaxis(values, axis, 0).shape
+    return tables, np.moveaxis(indices.reshape(moved), 0, axis)
+
+
+def padded_tables(tables, stride=None):
+    """The tables as rows of a (channels, stride) array, each zero-padded to ``stride`` (default:
+    the longest table)."""
+    lengths = np.array([len(t) for t in tables])
+    stride = int(lengths.max()) if stride is None else stride
+    out = np.zeros((len(tables), stride), np.result_type(*tables))
+    out[np.arange(stride) < lengths[:, None]] = np.concatenate(tables)  # row-major, as concatenated
+    return out
 
 
 def lut_decode(tables, indices, axis):
     """Inverse of :func:`lut_encode`."""
     indices = np.asarray(indices, np.intp)
-    stride = max(len(t) for t in tables)
-    padded = np.stack([np.pad(t, (0, stride - len(t))) for t in tables])
+    padded = padded_tables(tables)
     if axis is None:
         return padded[0][indices]
     shape = [1] * indices.ndim
@@ -104,7 +119,7 @@ def pack(values, axis, bits=None):
     header[4] = 1  # LUT version
     header[5] = ((_PER_TENSOR_AXIS if axis is None else axis) << 4) | bits
     header[6] = stride
-    body = b"".join(np.pad(t, (0, stride - len(t))).astype(np.int8).tobytes() for t in tables)
+    body = padded_tables(tables, stride).astype(np.int8).tobytes()
     return pack_indices(indices, bits), bytes(header) + body
 
 
@@ -442,35 +457,178 @@ def ops_of(buffer):
     return sorted(set(flatbuffer.op_names(buffer)))
 
 
+def _decode_code(model):
+    """Index of the ``TFLM_DECODE`` custom operator code, added if the model has none."""
+    schema = flatbuffer.schema
+    for i, code in enumerate(model.operatorCodes):
+        if (max(code.builtinCode, code.deprecatedBuiltinCode) == schema.BuiltinOperator.CUSTOM
+                and code.customCode == DECODE_OP.encode()):
+            return i
+    code = schema.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.CUSTOM
+    code.customCode = DECODE_OP.encode()
+    code.version = 1
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1
+
+
+def _new_tensor(graph, name, tensor_type, shape, buffer_index):
+    t = flatbuffer.schema.TensorT()
+    t.name, t.type, t.shape, t.buffer = name, tensor_type, list(shape), buffer_index
+    graph.tensors.append(t)
+    return len(graph.tensors) - 1
+
+
+def _dedupe_buffers(model, metadata_buffers):
+    """Point every tensor at the first buffer of its bytes (variable tensors keep their own), drop
+    the buffers nothing references but buffer 0 and the metadata, and renumber (TFLM's compressor
+    does the same: identical encodings, and the converter's empty buffers, end up shared)."""
+    first, canonical, keep = {}, {}, {0} | set(metadata_buffers)
+    for graph in model.subgraphs:
+        for t in graph.tensors or []:
+            if not 0 <= t.buffer < len(model.buffers):
+                raise flatbuffer.MalformedModelError(f"tensor {t.name!r}: buffer index {t.buffer} is out of range")
+            if t.buffer == 0 or t.isVariable:
+                keep.add(t.buffer)
+                continue
+            if t.buffer not in canonical:  # each buffer's bytes once, however many tensors name it
+                data = model.buffers[t.buffer].data
+                key = b"" if data is None else np.asarray(data, np.uint8).tobytes()
+                canonical[t.buffer] = first.setdefault(key, t.buffer)
+            t.buffer = canonical[t.buffer]
+            keep.add(t.buffer)
+    if not all(0 <= b < len(model.buffers) for b in keep):
+        raise flatbuffer.MalformedModelError(f"metadata buffer indices {sorted(metadata_buffers)[:8]} out of range")
+    order = sorted(keep)
+    renumber = {old: new for new, old in enumerate(order)}
+    model.buffers = [model.buffers[i] for i in order]
+    for graph in model.subgraphs:
+        for t in graph.tensors or []:
+            t.buffer = renumber[t.buffer]
+    for m in model.metadata or []:
+        m.buffer = renumber[m.buffer]
+
+
+@flatbuffer.reader
+def insert_decodes(buffer, encodings):
+    """(flatbuffer, {tensor index: reason not compressed}) of a model whose first-subgraph tensors
+    ``encodings = {tensor index: (encoded bytes, ancillary bytes)}`` are stored LUT-encoded and
+    decoded at run time by ``TFLM_DECODE`` ops, in the graph TFLM's compressor
+    (``tflite_micro...compression.compress``) builds:
+
+    * the encoded tensor keeps its index and its quantization fields; it becomes a 1-D UINT8
+      tensor of the packed indices, in a buffer of its own;
+    * before each operator that reads compressed tensors, one DECODE op with inputs (encoded,
+      ancillary) per compressed tensor it reads, in ``encodings`` order, and one output per pair:
+      a copy of the original tensor named ``<name>_decoded`` without data, which the operator
+      now reads instead (a tensor read by several operators is decoded once before each: a
+      DECODE output lives until the next operator only);
+    * ancillary tensors ``<name>_ancillary`` (UINT8, 1-D) are appended to the subgraph, one per
+      distinct ancillary content (DECODEs of identical tables share one), followed by the decoded
+      tensors, in the order the consumers are visited (last one first);
+    * buffers are deduplicated by content and the unreferenced ones dropped.
+
+    A tensor whose buffer another, uncompressed tensor shares, that no operator reads, or that is
+    a subgraph output is left as it is (the reason is returned). Buffer data is written 16-byte
+    aligned with whole-buffer copies."""
+    model = flatbuffer.read(buffer)
+    schema = flatbuffer.schema
+    graph = model.subgraphs[0]
+    graph.tensors, graph.operators = list(graph.tensors or []), list(graph.operators or [])
+    model.buffers = list(model.buffers or [])
+    n = len(graph.tensors)
+    for index in encodings:
+        if not 0 <= index < n:
+            raise ValueError(f"insert_decodes: tensor index {index} is not below {n}")
+    sharers = {}
+    for s, sub in enumerate(model.subgraphs):
+        for k, t in enumerate(sub.tensors or []):
+            sharers.setdefault(t.buffer, []).append((s, k))
+    consumers, skipped = {}, {}
+    outputs = {int(i) for i in (graph.outputs if graph.outputs is not None else [])}
+    for index in encodings:
+        tensor = graph.tensors[index]
+        if not 0 <= tensor.buffer < len(model.buffers):
+            raise flatbuffer.MalformedModelError(f"tensor {index}: buffer index {tensor.buffer} is out of range")
+        data = model.buffers[tensor.buffer].data
+        if tensor.buffer == 0 or data is None or not len(data):
+            skipped[index] = "it has no data"
+            continue
+        if any(s != 0 or k not in encodings for s, k in sharers[tensor.buffer]):
+            skipped[index] = "its buffer is shared with uncompressed tensors"
+            continue
+        if index in outputs:
+            skipped[index] = "it is a subgraph output"
+            continue
+        users = [p for p, op in enumerate(graph.operators)
+                 if op.inputs is not None and index in (int(i) for i in op.inputs)]
+        if not users:
+            skipped[index] = "no operator reads it"
+            continue
+        for p in users:
+            consumers.setdefault(p, []).append(index)
+    if not consumers:
+        return bytes(buffer), skipped
+    code = _decode_code(model)
+    ancillary_tensors = {}
+
+    def add_buffer(data):
+        b = schema.BufferT()
+        b.data = np.frombuffer(bytes(data), np.uint8)
+        model.buffers.append(b)
+        return len(model.buffers) - 1
+
+    originals = {}
+    for position in sorted(consumers, reverse=True):
+        consumer, inputs, outputs_ = graph.operators[position], [], []
+        for index in consumers[position]:
+            original = originals.setdefault(index, copy.deepcopy(graph.tensors[index]))
+            name = bytes(original.name or b"")
+            encoded, ancillary = encodings[index]
+            anc = ancillary_tensors.get(bytes(ancillary))
+            if anc is None:
+                anc = _new_tensor(graph, name + b"_ancillary", schema.TensorType.UINT8, [len(ancillary)],
+                                  add_buffer(ancillary))
+                ancillary_tensors[bytes(ancillary)] = anc
+            decoded = copy.deepcopy(original)
+            decoded.name, decoded.buffer = name + b"_decoded", 0
+            graph.tensors.append(decoded)
+            out = len(graph.tensors) - 1
+            inputs += [index, anc]
+            outputs_.append(out)
+            consumer.inputs = [out if int(i) == index else int(i) for i in consumer.inputs]
+        op = schema.OperatorT()
+        op.opcodeIndex, op.inputs, op.outputs = code, inputs, outputs_
+        graph.operators.insert(position, op)
+    for index in originals:
+        tensor = graph.tensors[index]
+        encoded = encodings[index][0]
+        tensor.type, tensor.shape, tensor.shapeSignature = schema.TensorType.UINT8, [len(encoded)], None
+        tensor.buffer = add_buffer(encoded)
+    _dedupe_buffers(model, [m.buffer for m in model.metadata or []])
+    return flatbuffer._serialize(model, len(buffer), align=True), skipped
+
+
 def compress(model, buffer):
     """(compressed flatbuffer, [CompressionReport]) of an int8 model: every quantized int8 weight
-    tensor with at most 128 levels per channel LUT-compressed by TFLM's compressor, then decoded
-    back with :func:`unpack` and compared with the int8 weights."""
-    from tflite_micro.tensorflow.lite.micro.compression import compress as tflm_compress  # noqa: PLC0415
-    from tflite_micro.tensorflow.lite.micro.compression import compressor, spec  # noqa: PLC0415
-
+    tensor with at most 128 levels per channel LUT-encoded (:func:`pack`) and decoded at run time
+    by TFLM's DECODE op (:func:`insert_decodes`, TFLM's compressor's format), then decoded back
+    with :func:`unpack` and compared with the int8 weights."""
     plans = _plan(model, buffer)
-    specs = []
-    for report, tensor, axis in plans:
-        if tensor is None:
-            continue
-        mode = spec.PerTensor() if axis is None else spec.PerChannel(axis)
-        specs.append(spec.Tensor(0, tensor.tensor_index, [spec.LookUpTableCompression(report.bits, mode)]))
     reports = [p[0] for p in plans]
-    if not specs:
+    encodings = {}
+    for report, tensor, axis in plans:
+        if tensor is not None:
+            encodings[tensor.tensor_index] = pack(tensor.values, axis, report.bits)
+    if not encodings:
         return bytes(buffer), reports
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            out = bytes(tflm_compress(bytes(buffer), specs))
-    except compressor.CompressionError as err:
-        raise ValueError(f"to_tflite(target='tflm'): TFLM compression failed: {err}") from err
+    out, skipped = insert_decodes(bytes(buffer), encodings)
     pairs = decode_pairs(out)
     for report, tensor, axis in plans:
         if tensor is None:
             continue
-        if tensor.name not in pairs:
-            report.note = "not compressed by TFLM: " + "; ".join(str(w.message) for w in caught)[:200]
+        if tensor.tensor_index in skipped:
+            report.note = "not compressed: " + skipped[tensor.tensor_index]
             continue
         encoded, ancillary, shape = pairs[tensor.name]
         if shape != tuple(tensor.values.shape) or not np.array_equal(unpack(encoded, ancillary, shape),
