@@ -17,6 +17,9 @@ its readers (:class:`OutputRange`, as tfmot quantizes layer outputs): TensorFlow
 the producer of a tensor read both through a FakeQuant and directly in float (DEQUANTIZE, float op
 and float32 kernel, QUANTIZE; measured). The other readers then see the tensor on that int8 grid,
 which int8 TFLite stores it on anyway, and clipped to its range.
+Only moving-average ranges (:class:`MovingAverageActivation`, estimated from the tensor itself)
+move: a quantizer that clips by design (DoReFa's [0, 1]) stays at its reader, since Keras does
+not clip the other readers' values.
 
 Every stand-in takes its values from the trained layer through ``transfer(old_layer)``.
 """
@@ -26,7 +29,7 @@ import tensorflow as tf
 
 from syq_tf.layers import QUANTIZED_CLASSES
 from syq_tf.models import is_tfmot_model, layer_kernels
-from syq_tf.quantizers import ActivationQuantizer, int8_fake_quant
+from syq_tf.quantizers import ActivationQuantizer, MovingAverageActivation, int8_fake_quant
 
 # Config keys of larq / syq_tf layers that the plain Keras layer does not take.
 QUANT_KEYS = ("kernel_quantizer", "input_quantizer", "recurrent_quantizer", "depthwise_quantizer",
@@ -242,6 +245,11 @@ def shared_input_ranges(model, stand_ins):
     moved = {}
     for name, new in stand_ins.items():
         if not isinstance(new, QuantizedStandIn) or not isinstance(new.input_stand_in, Int8Input):
+            continue
+        # only a range estimated from the tensor itself (tfmot-style moving averages) may serve all
+        # its readers; a quantizer that clips by design (DoReFa's [0, 1]) would clip the other
+        # readers' values too, which Keras does not do: that range stays at its reader
+        if not isinstance(getattr(model.get_layer(name), "input_quantizer", None), MovingAverageActivation):
             continue
         if len(keys.get(name, [])) != 1 or len(model.get_layer(name)._inbound_nodes) != 1:
             continue
