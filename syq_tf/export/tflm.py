@@ -71,17 +71,14 @@ def lut_encode(values, axis):
     values = np.asarray(values)
     if values.dtype != np.int8:
         raise TypeError(f"lut_encode: int8 values expected, not {values.dtype}")
-    rows = values.reshape(1, -1) if axis is None else np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
+    rows = codebook.channel_rows(values, axis)
     codes = rows.astype(np.int16) + 128  # 0..255
     present = np.zeros((rows.shape[0], 256), bool)
     present[np.arange(rows.shape[0])[:, None], codes] = True
     rank = np.cumsum(present, axis=1, dtype=np.int16) - 1  # a value's position in its sorted table
     indices = rank[np.arange(rows.shape[0])[:, None], codes].astype(np.uint8)
     tables = [(np.flatnonzero(row) - 128).astype(np.int8) for row in present]
-    if axis is None:
-        return tables, indices.reshape(values.shape)
-    moved = np.moveaxis(values, axis, 0).shape
-    return tables, np.moveaxis(indices.reshape(moved), 0, axis)
+    return tables, codebook.from_rows(indices, values.shape, axis)
 
 
 def padded_tables(tables, stride=None):
