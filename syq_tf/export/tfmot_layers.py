@@ -29,7 +29,7 @@ from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer
 from syq_tf.export.inference import Int8Input, leaf
 from syq_tf.layers import quantize
 from syq_tf.quantizers import ActivationQuantizer
-from syq_tf.tfmot import TfmotQuantizer, is_wrapper
+from syq_tf.tfmot import TfmotQuantizer, is_wrapper, wrapper_kernels
 from syq_tf.tfmot.adapter import kernel_attr
 
 # Layers whose outputs are values of their input: the grid of the quantizer before them holds.
@@ -149,7 +149,7 @@ class _Unwrapped:
         if not quantized:
             return copy
         attr = kernel_attr(inner)
-        names = [w.name.split("/")[-1].split(":")[0] for w, _, _ in quantized]
+        names = list(wrapper_kernels(layer))  # the attributes of the weights tfmot quantizes
         if attr is None or names != [attr]:
             raise ValueError(f"to_tflite(target='lce'): layer '{inner.name}' ({type(inner).__name__}): tfmot "
                              f"quantizes its weights {names}; only the kernel of a "
