@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+from machine import cpu_name  # benchmarks/machine.py (this script's folder is on sys.path)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 MARK = "KERAS3_STEP_TIME_RESULT "
@@ -193,24 +195,6 @@ def worker(args):
     }), flush=True)
 
 
-def cpu_model():
-    """The CPU's model name (and family / model / stepping) from /proc/cpuinfo, else platform's."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "cpu family", "model", "stepping") and key not in fields:
-                    fields[key] = value.strip()
-    except OSError:
-        pass
-    if "model name" not in fields:
-        return platform.processor() or platform.machine()
-    extra = ", ".join(f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields)
-    return f"{fields['model name']} ({extra})" if extra else fields["model name"]
-
-
 def run_worker(frontend, args, names):
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -299,7 +283,7 @@ def main(argv=None):
     stem = "keras3_step_time_quick" if args.quick else ("keras3_step_time_subset" if args.only else "keras3_step_time")
     path = os.path.join(args.out, stem + ".json")
     with open(path, "w") as f:
-        json.dump({"cpu": cpu_model(), "cpus": os.cpu_count(), "machine": platform.platform(),
+        json.dump({"cpu": cpu_name(detail=True), "cpus": os.cpu_count(), "machine": platform.platform(),
                    "python": platform.python_version(),
                    "tensorflow": runs[3][0]["tensorflow"], "keras3": runs[3][0]["keras"], "keras2": runs[2][0]["keras"],
                    "data": runs[2][0]["data"], "widths": QUICK_WIDTHS if args.tiny else DEMO_WIDTHS,

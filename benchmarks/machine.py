@@ -4,13 +4,25 @@ the Keras 3 benchmarks)."""
 import platform
 
 
-def cpu_name():
-    """The CPU's model name from /proc/cpuinfo (the platform's processor name elsewhere)."""
+def cpuinfo():
+    """{field: value} of /proc/cpuinfo's first processor block (the first line of each field; {}
+    where there is no /proc/cpuinfo)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
+
+
+def cpu_name(detail=False):
+    """The CPU's model name from /proc/cpuinfo (the platform's processor name elsewhere); ``detail``:
+    with its family / model / stepping, e.g. "AMD EPYC (cpu family 25, model 17, stepping 1)"."""
+    fields = cpuinfo()
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    extra = ", ".join(f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields)
+    return f"{fields['model name']} ({extra})" if detail and extra else fields["model name"]
