@@ -33,6 +33,8 @@ from ai_edge_litert.interpreter import Interpreter, OpResolverType
 from syq_tf import kernels as K
 from syq_tf.export.convert import int8 as convert_int8
 
+from machine import cpuinfo  # noqa: E402  (benchmarks/machine.py)
+
 LAYERS = [
     ("demo conv2 28x28x32->32 3x3", "conv", (28, 28, 32), 32),
     ("demo conv3 14x14x32->64 3x3", "conv", (14, 14, 32), 64),
@@ -126,17 +128,12 @@ ISA_FLAGS = ("sse4_2", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx
 def cpu_info():
     """CPU model and the ISA extensions that decide int8 kernel speed (ours use AVX2 / NEON+SDOT only;
     XNNPACK and LiteRT use AVX-512 VNNI / AMX where present)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, val = line.partition(":")
-            key = key.strip().lower()
-            if key in ("model name", "cpu model", "hardware") and model in ("", platform.machine()):
-                model = val.strip()
-            elif key in ("flags", "features") and not flags:
-                flags = set(val.split())
-    except OSError:
-        pass
+    # keys in lower case (x86 "flags", arm64 "Features"); reversed, so the first of two spellings wins
+    fields = {k.lower(): v for k, v in reversed(cpuinfo().items())}
+    model = platform.processor() or platform.machine()
+    if model in ("", platform.machine()):
+        model = next((fields[k] for k in ("model name", "cpu model", "hardware") if k in fields), model)
+    flags = set(next((fields[k] for k in ("flags", "features") if k in fields), "").split())
     return dict(cpu_model=model, isa=[f for f in ISA_FLAGS if f in flags])
 
 
