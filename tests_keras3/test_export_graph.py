@@ -46,6 +46,37 @@ def test_conv_bn_output_read_by_quantized_layer_and_add_stays_int8():
     assert result.verification["top1_agreement"] == 1.0
 
 
+def test_shared_tensors_are_ranged_in_training_as_in_the_export():
+    """quantize_model puts the 8-bit range of a tensor several layers read at its producer (an
+    output range, as tfmot does), so the Add trains on the int8 values TFLite gives it. Before, only
+    the expand conv's input was ranged in training while the export clipped and rounded the Add's
+    input too: the inference form and Keras differed by up to a range step."""
+    x = np.random.default_rng(0).uniform(0, 1, (32, 8, 8, 4)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 3, 32)
+    q, report = syq.quantize_model(shared_output_model(), scheme="syq-w2a8", return_report=True)
+    # project_bn: read by expand and add; expand: by add; add: by the pooling; the ReLU: by project
+    # alone (its input range is the tensor's)
+    assert report["output_ranges"] == ["add", "expand", "project_bn"]
+    assert q.get_layer("expand").input_quantizer is None  # its input is project_bn's ranged output
+    assert q.get_layer("project").input_quantizer is not None
+    syq.calibrate(q, x)
+    q.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    q.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    rng = q.get_layer("project_bn_output_range")
+    low, high = float(rng.low.numpy()), float(rng.high.numpy())
+    step = (high - low) / 255
+    # the Add reads project_bn's output on the range's grid (Keras's own forward pass; the grid
+    # holds 0 exactly, as an int8 zero point does)
+    probe = keras.Model(q.inputs, q.get_layer("add").input[0])
+    grid = probe.predict(x, verbose=0) / step
+    np.testing.assert_allclose(grid, np.round(grid), atol=1e-3)
+    form = syq.export.build_inference_model(q)
+    np.testing.assert_allclose(form.predict(x, verbose=0), q.predict(x, verbose=0), atol=1e-5)
+    result = syq.export.to_tflite(q, x, target="litert", verify_data=x)
+    assert "DEQUANTIZE" not in flatbuffer.op_names(bytes(result))
+    assert result.verification["max_abs_diff"] < 0.05
+
+
 def transformer(vocab=30, length=12, dim=16):
     tokens = keras.Input((length,), dtype="int32")
     x = keras.layers.Embedding(vocab, dim, name="embed")(tokens)
@@ -69,7 +100,13 @@ def test_transformer_encoder_exports_for_tflm():
     ops = set(flatbuffer.op_names(result.uncompressed))
     assert not ops & {"SHAPE", "REDUCE_PROD", "SELECT", "SELECT_V2", "LESS"}, sorted(ops)
     v = result.verification
-    assert v["examples"] == 16 and v["top1_agreement"] >= 0.9  # untrained: near ties on random ids
+    assert v["examples"] == 16 and v["max_abs_diff"] < 0.1
+    # untrained, on random ids: near ties may flip; every example with a clear top-1 margin agrees
+    # (LiteRT here: TFLM's outputs are within one int8 step of its reference kernels, checked above)
+    keras_out, runtime_out = q.predict(data, verbose=0), syq.export.litert_predict(bytes(result.uncompressed), data)
+    top2 = np.sort(keras_out, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * np.abs(keras_out - runtime_out).max()
+    assert clear.sum() >= 8 and (keras_out.argmax(1) == runtime_out.argmax(1))[clear].all()
     assert v["tflm_compressed_equals_uncompressed"]
     assert v["max_int8_diff_litert_ref"] <= 1  # rounding ties (FULLY_CONNECTED: TFLM rounds twice)
     assert all(r.exact for r in result.layers if r.quantizer != "float")

@@ -33,19 +33,37 @@ def test_mobilenetv2_quantize_fit_reload_export(tmp_path):
     assert result.verification["examples"] == 16
 
 
-def test_transformer_encoder_calibrates():
-    """A quantized MultiHeadAttention lists only its projections' quantizers (the templates it copies
-    them from are never called: calibrate() used to find them and fail, "saw no inputs")."""
+def encoder(mha):
     tokens = keras.Input((12,), dtype="int32")
     x = keras.layers.Embedding(30, 16)(tokens)
-    a = keras.layers.MultiHeadAttention(2, 8, name="mha")(x, x)
+    a = mha(x, x)
     x = keras.layers.LayerNormalization()(keras.layers.Add()([x, a]))
     x = keras.layers.Dense(16, activation="relu", name="ff")(x)
     out = keras.layers.Dense(3, name="head")(keras.layers.GlobalAveragePooling1D()(x))
-    q = syq.quantize_model(keras.Model(tokens, out), scheme="syq-w2a8")
+    return keras.Model(tokens, out)
+
+
+def test_transformer_encoder_calibrates():
+    """quantize_model ranges the tensors not read by one quantized layer alone (the attention's output,
+    read by the Add; the Add's output; the feed-forward's output, read by the pooling) at their
+    producers; MultiHeadAttention reads its inputs as they are (the Embedding's output here: on the
+    table's int8 scale), so its projections have no input ranges of their own."""
+    q = syq.quantize_model(encoder(keras.layers.MultiHeadAttention(2, 8, name="mha")), scheme="syq-w2a8")
     data = np.random.default_rng(0).integers(0, 30, (8, 12)).astype(np.int32)
     steps = syq.calibrate(q, data)
     names = sorted(quantizer.name for quantizer in calibratable_quantizers(q))
-    assert names == sorted(steps) == ["attention_output_input_quantizer", "ff_input_quantizer",
-                                      "head_input_quantizer", "key_input_quantizer", "query_input_quantizer",
-                                      "value_input_quantizer"]
+    assert names == sorted(steps) == ["add_output_range", "ff_input_quantizer", "ff_output_range",
+                                      "head_input_quantizer", "mha_output_range"]
+
+
+def test_quantized_attention_calibrates_its_projections_only():
+    """A quantized MultiHeadAttention lists only its projections' quantizers (the templates it copies
+    them from are never called: calibrate() used to find them and fail, "saw no inputs")."""
+    mha = syq.quantize(keras.layers.MultiHeadAttention(2, 8, name="mha"), kernel_quantizer=syq.quantizers.SYQ(2),
+                       input_quantizer=syq.quantizers.MovingAverageActivation(8))
+    model = encoder(mha)
+    data = np.random.default_rng(0).integers(0, 30, (8, 12)).astype(np.int32)
+    steps = syq.calibrate(model, data)
+    names = sorted(quantizer.name for quantizer in calibratable_quantizers(model))
+    assert names == sorted(steps) == ["attention_output_input_quantizer", "key_input_quantizer",
+                                      "query_input_quantizer", "value_input_quantizer"]

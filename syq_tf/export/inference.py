@@ -19,7 +19,8 @@ and float32 kernel, QUANTIZE; measured). The other readers then see the tensor o
 which int8 TFLite stores it on anyway, and clipped to its range.
 Only moving-average ranges (:class:`MovingAverageActivation`, estimated from the tensor itself)
 move: a quantizer that clips by design (DoReFa's [0, 1]) stays at its reader, since Keras does
-not clip the other readers' values.
+not clip the other readers' values. A model that already has such ranges as layers of its own (Keras 3
+``quantize_model`` puts them on shared tensors in training) gets each replaced by its int8 stand-in.
 
 Every stand-in takes its values from the trained layer through ``transfer(old_layer)``.
 """
@@ -127,6 +128,13 @@ class Int8Input(tf.keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "low": self.low, "high": self.high, "top": self.top}
+
+
+class RangeStandIn(Int8Input):
+    """The int8 stand-in of an activation quantizer that is a layer of the model's graph."""
+
+    def transfer(self, old):
+        pass  # its range is in its config
 
 
 class QuantizedStandIn(tf.keras.layers.Layer):
@@ -287,6 +295,9 @@ def build(model, *, batch_size=None, stand_in=None):
                 new.input_stand_in = None
 
     def clone(layer):
+        if isinstance(layer, ActivationQuantizer):  # a range of its own in the graph (Keras 3 output ranges)
+            made.add(layer.name)
+            return RangeStandIn(*layer.int8_form(), name=layer.name)
         new = stand_ins.get(layer.name)
         if layer.name in moved:
             if new is None:

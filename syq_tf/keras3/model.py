@@ -12,6 +12,16 @@ Keras 3).
   fewer activation bits, a low-bit layer whose input comes from a ReLU (through pooling, reshaping or
   dropout) gets the scheme's activation quantizer instead (DoReFa, or UniQ's: calibrate with
   :func:`syq_tf.keras3.calibrate`), where the papers quantize activations.
+- Output ranges (functional models, as tfmot quantizes layer outputs): a tensor that TFLite stores in
+  int8 and that is not only the input of one quantized layer -- a residual block's input, read by its
+  first convolution and by the Add; an Add's or a Concatenate's output; the BatchNormalization
+  output an Add reads -- gets an 8-bit moving-average range at its producer (a
+  :class:`~syq_tf.quantizers.MovingAverageActivation` layer after it, named
+  ``<producer>_output_range``), so training sees the int8 rounding every reader sees in TFLite; an
+  8-bit input range of a reader of that tensor is then left out (one range per tensor). Layers that
+  keep their input's int8 scale (pooling by max, reshaping, dropout, padding) and the interior of
+  a convolution -> BatchNormalization -> ReLU chain (the converter fuses it) get none. Sequential
+  models have no shared tensors: their layers' input ranges are every range.
 - Normalization layers (BatchNormalization, LayerNormalization) stay float in training; at export
   TensorFlow's converter folds a BatchNormalization into the convolution before it and computes a
   LayerNormalization in int8.
@@ -37,6 +47,13 @@ _SIGN_KEEPING = (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.lay
                  keras.layers.GlobalMaxPooling2D, keras.layers.Flatten, keras.layers.Reshape,
                  keras.layers.Dropout, keras.layers.ZeroPadding2D)
 _RELUS = ("relu", "relu6")
+# Layers whose output TFLite stores on their input's int8 scale: no range of their own.
+_SCALE_KEEPING = (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.MaxPooling3D,
+                  keras.layers.GlobalMaxPooling1D, keras.layers.GlobalMaxPooling2D, keras.layers.Flatten,
+                  keras.layers.Reshape, keras.layers.Dropout, keras.layers.SpatialDropout1D,
+                  keras.layers.SpatialDropout2D, keras.layers.ZeroPadding1D, keras.layers.ZeroPadding2D,
+                  keras.layers.ZeroPadding3D, keras.layers.Cropping1D, keras.layers.Cropping2D,
+                  keras.layers.Permute, keras.layers.Identity)
 
 
 def _producer(layer):
@@ -59,12 +76,83 @@ def _after_relu(layer):
     return getattr(activation, "__name__", activation) in _RELUS
 
 
+def _fused_activation(layer):
+    """True for an activation the converter fuses into the convolution / dense op before it."""
+    if isinstance(layer, keras.layers.ReLU):
+        return not layer.negative_slope and not layer.threshold and layer.max_value in (None, 6.0)
+    if isinstance(layer, keras.layers.Activation):
+        activation = layer.activation
+        return getattr(activation, "__name__", activation) in (*_RELUS, "linear")
+    return False
+
+
+def _graph(model):
+    """``(readers, single_node)``: ``readers[(producer name, tensor index)]`` lists the layers that
+    read that output of a single-node producer (a name, or None for a model output); ``single_node``
+    the names of layers called once (only they can get an output range)."""
+    single_node = {layer.name for layer in model.layers if len(getattr(layer, "_inbound_nodes", [])) == 1}
+    readers = {}
+    for layer in model.layers:
+        for node in getattr(layer, "_inbound_nodes", []):
+            for tensor in keras.tree.flatten(node.input_tensors):
+                history = getattr(tensor, "_keras_history", None)
+                if history is not None:
+                    readers.setdefault((history.operation.name, history.tensor_index), []).append(layer.name)
+    for tensor in keras.tree.flatten(model.outputs):
+        history = tensor._keras_history
+        readers.setdefault((history.operation.name, history.tensor_index), []).append(None)
+    return readers, single_node
+
+
+def _output_ranges(model, plan):
+    """``(ranged, covered)``: the names of the layers whose output gets an 8-bit range (module
+    docstring) and the names of the quantized layers whose 8-bit input range that makes redundant."""
+    readers, single_node = _graph(model)
+    layers = {layer.name: layer for layer in model.layers}
+
+    def quantizes_input(name):  # a reader whose own input quantizer ranges what it reads
+        layer = layers.get(name)
+        return name in plan and not isinstance(layer, (keras.layers.RNN, keras.layers.Embedding,
+                                                        keras.layers.MultiHeadAttention))
+
+    def final_readers(name):  # readers seen through scale-keeping layers called once
+        out = []
+        for reader in readers.get((name, 0), []):
+            if reader is not None and isinstance(layers[reader], _SCALE_KEEPING) and reader in single_node:
+                out.extend(final_readers(reader))
+            else:
+                out.append(reader)
+        return out
+
+    ranged, covered = set(), set()
+    for layer in model.layers:
+        name = layer.name
+        if (isinstance(layer, (keras.layers.InputLayer, keras.layers.Embedding, *_SCALE_KEEPING))
+                or name not in single_node or len(keras.tree.flatten(layer.output)) != 1):
+            continue
+        direct, final = readers.get((name, 0), []), final_readers(name)
+        if not final or all(r is None for r in final):
+            continue  # nothing reads it but the model's output (compared in float)
+        if len(direct) == 1 and direct[0] is not None:
+            reader = layers[direct[0]]
+            # inside a fused chain: kernel layer -> BatchNormalization / ReLU, BatchNormalization -> ReLU
+            if (isinstance(layer, KERNEL_LAYERS) and isinstance(reader, keras.layers.BatchNormalization)) or (
+                    isinstance(layer, (*KERNEL_LAYERS, keras.layers.BatchNormalization))
+                    and _fused_activation(reader)):
+                continue
+        if len(final) == 1 and quantizes_input(final[0]):
+            continue  # one quantized reader: its input range is the tensor's
+        ranged.add(name)
+        covered.update(r for r in final if r is not None and quantizes_input(r) and not plan[r][2])
+    return ranged, covered
+
+
 def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="error", return_report=False):
     """Quantize a float Keras 3 Sequential or functional model with a scheme (module docstring).
 
     Returns the quantized model (new layers, the float weights copied), or ``(model, report)`` with
     ``return_report=True``; report: {"scheme", "low_bit", "low_bit_activations", "eight_bit",
-    "normalization", "float", "passed_through", "unsupported"}.
+    "output_ranges" (layers whose output got a range), "normalization", "float", "passed_through", "unsupported"}.
     """
     if on_unsupported not in ("error", "keep_float"):
         raise ValueError(f"quantize_model: on_unsupported={on_unsupported!r}; allowed: 'error', 'keep_float'.")
@@ -105,19 +193,32 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
     if unsupported and on_unsupported == "error":
         raise UnsupportedLayersError(unsupported)
 
+    functional = not isinstance(model, keras.Sequential)
+    ranged, covered = _output_ranges(model, plan) if functional else (set(), set())
+
     def clone(layer):
         if layer.name not in plan:
             copy = layer.__class__.from_config(layer.get_config())
             return copy
         kernel_quantizer, input_quantizer, _ = plan[layer.name]
         # a recurrent layer's input quantizer would also see its states, an Embedding's takes token ids:
-        # only their kernels are quantized
-        plain = isinstance(layer, (keras.layers.RNN, keras.layers.Embedding))
+        # only their kernels are quantized; a layer whose input has an output range reads it as it is
+        # MultiHeadAttention's inputs are ranged at their producers (a tensor it reads is stored once,
+        # on one int8 scale, for the query, key and value projections alike; its output projection's
+        # input, inside the attention, gets the converter's calibrated range)
+        plain = isinstance(layer, (keras.layers.RNN, keras.layers.Embedding, keras.layers.MultiHeadAttention)
+                           ) or layer.name in covered
         return quantize(layer, kernel_quantizer=kernel_quantizer, input_quantizer=None if plain else input_quantizer)
 
-    quantized = keras.models.clone_model(model, clone_function=clone)
+    def call(layer, *args, **kwargs):
+        outputs = layer(*args, **kwargs)
+        if layer.name in ranged:
+            outputs = MovingAverageActivation(8, name=f"{layer.name}_output_range")(outputs)
+        return outputs
+
+    quantized = keras.models.clone_model(model, clone_function=clone, **({"call_function": call} if functional else {}))
     for layer in quantized.layers:
-        if layer.name not in plan and layer.weights:
+        if layer.name not in plan and layer.name in names and layer.weights:
             layer.set_weights(model.get_layer(layer.name).get_weights())
     if not return_report:
         return quantized
@@ -126,6 +227,7 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
         "low_bit": sorted(n for n in plan if n not in eight_bit),
         "low_bit_activations": sorted(n for n, (_, _, low) in plan.items() if low and n not in eight_bit),
         "eight_bit": sorted(eight_bit & set(plan)),
+        "output_ranges": sorted(ranged),
         "normalization": sorted(normalization),
         "float": sorted(set(keep_float) | {u.layer for u in unsupported}),
         "passed_through": sorted(passed),
