@@ -355,6 +355,11 @@ QuantizedDense = _quantized_class(tf.keras.layers.Dense)
 QuantizedLSTM = _quantized_class(tf.keras.layers.LSTM)
 QuantizedGRU = _quantized_class(tf.keras.layers.GRU)
 QuantizedSimpleRNN = _quantized_class(tf.keras.layers.SimpleRNN)
+QuantizedEmbedding = _quantized_class(tf.keras.layers.Embedding)
+QuantizedEinsumDense = _quantized_class(tf.keras.layers.EinsumDense)
+# Every class of KERNEL_ATTR exists (and is registered) once this module is imported: a saved model
+# holding one reloads in a fresh process (an Embedding's and an EinsumDense's used to be made on
+# their first quantize(), so loading failed with "Could not locate class 'QuantizedEmbedding'").
 
 
 def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None, recurrent_quantizer=None,

@@ -3,7 +3,7 @@ size): quantize_model -> fit -> .keras round trip (safe mode) -> LiteRT export w
 
 import keras
 import numpy as np
-from conftest import separable_data
+from conftest import run_python, separable_data
 
 import syq_tf.keras3 as syq
 from syq_tf.calibration import calibratable_quantizers
@@ -67,3 +67,27 @@ def test_quantized_attention_calibrates_its_projections_only():
     names = sorted(quantizer.name for quantizer in calibratable_quantizers(model))
     assert names == sorted(steps) == ["attention_output_input_quantizer", "key_input_quantizer",
                                       "query_input_quantizer", "value_input_quantizer"]
+
+
+def test_quantized_transformer_reloads_in_a_fresh_process(tmp_path):
+    """A quantize_model Transformer (quantized Embedding, attention projections, output ranges as
+    layers of the graph) saved as .keras loads in a new process in safe mode with the same outputs.
+    The quantized Embedding's class used to be made on the first quantize() only: loading failed
+    with "Could not locate class 'QuantizedEmbedding'"."""
+    q = syq.quantize_model(encoder(keras.layers.MultiHeadAttention(2, 8, name="mha")), scheme="uniq-w4a8")
+    data = np.random.default_rng(0).integers(0, 30, (8, 12)).astype(np.int32)
+    syq.calibrate(q, data)
+    path = str(tmp_path / "encoder.keras")
+    q.save(path)
+    np.save(tmp_path / "x.npy", data)
+    np.save(tmp_path / "y.npy", q.predict(data, verbose=0))
+    code = (f"import keras, numpy as np\nimport syq_tf.keras3\n"
+            f"m = keras.saving.load_model({path!r})\n"
+            f"x = np.load({str(tmp_path / 'x.npy')!r}); y = np.load({str(tmp_path / 'y.npy')!r})\n"
+            "assert np.array_equal(m.predict(x, verbose=0), y)\n"
+            "print(sorted({type(layer).__name__ for layer in m.layers if 'Quantized' in type(layer).__name__ "
+            "or layer.name.endswith('_output_range')}))")
+    r = run_python(code)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[-2] == "['MovingAverageActivation', 'QuantizedDense', 'QuantizedEmbedding', " \
+        "'QuantizedMultiHeadAttention']"
