@@ -93,3 +93,22 @@ def recurrent_layers(model):
                     "activation quantizers of recurrent models."
                 )
     return found
+
+
+def sequence_kernel_layers(model):
+    """Names of the layers that multiply a kernel along a sequence (a Dense on an input of rank > 2,
+    an EinsumDense, a MultiHeadAttention). With a free batch dimension TensorFlow's converter
+    computes the RESHAPE around them at run time and cannot fuse their bias: FULLY_CONNECTED
+    without bias, its int8 output rounded, then an int8 ADD of the bias quantized to int8 -- two
+    roundings Keras does not make (measured on the Transformer of benchmarks/keras3_models.py,
+    syq-w2a8: LiteRT agreement with Keras 0.992 at a free batch, 0.998 at batch 1, the same model)."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, (tf.keras.layers.EinsumDense, tf.keras.layers.MultiHeadAttention)):
+            found.append(layer.name)
+        elif isinstance(layer, tf.keras.layers.Dense):
+            ranks = [len(tf.nest.flatten(node.input_tensors)[0].shape)
+                     for node in getattr(layer, "_inbound_nodes", []) if tf.nest.flatten(node.input_tensors)]
+            if any(rank > 2 for rank in ranks):
+                found.append(layer.name)
+    return found

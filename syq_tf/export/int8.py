@@ -32,7 +32,10 @@ def build(model, options):
     # tensor -- TRANSPOSE_CONV's output shape (SHAPE, STRIDED_SLICE, PACK: placeholder shapes, wrong
     # outputs in TFLM), the RESHAPE around a Keras 3 Dense on a sequence (SHAPE, GATHER, REDUCE_PROD,
     # which TFLM has no kernel for: "failed to allocate tensors"); at batch 1 they are constants.
-    batch = 1 if options.target == "tflm" else None
+    # A kernel on a sequence (Dense on rank > 2, EinsumDense, attention) at a free batch loses its fused
+    # bias (convert.sequence_kernel_layers): such models are converted at batch 1 for every target.
+    sequence = convert.sequence_kernel_layers(model)
+    batch = 1 if options.target == "tflm" or sequence else None
     if is_tfmot_model(model):
         # tfmot QAT model: its fake-quant ranges are kept; syq_tf kernels become their quantized
         # constants with their int8 range, syq_tf activation quantizers int8 grids.
@@ -54,6 +57,10 @@ def build(model, options):
                   "UNIDIRECTIONAL_SEQUENCE_LSTM; this Keras 3 recurrent layer becomes a WHILE loop with float "
                   "weights (it runs, but its kernels are not stored at low bit: use the Keras 2 frontend to "
                   "deploy recurrent models)" for layer in model.layers if isinstance(layer, tf.keras.layers.RNN)]
+    if sequence and options.target != "tflm" and not convert.recurrent_layers(model):
+        notes.append(f"converted at batch size 1 (the model takes one example per invoke): layers {sequence} "
+                     "multiply kernels along a sequence, whose bias TensorFlow's converter cannot fuse at a free "
+                     "batch size (an int8 ADD of an int8 bias after a rounded FULLY_CONNECTED)")
     notes += [f"bias {name!r}: the converter stored it at {factor:.4g}x the scale its op computes with "
               "(input x weight scale); re-expressed" for name, factor in bias_fixed]
     return Int8Model(buffer, rescaled, notes)
