@@ -295,7 +295,9 @@ def build(model, *, batch_size=None, stand_in=None):
                 new.input_stand_in = None
 
     def clone(layer):
-        if isinstance(layer, ActivationQuantizer):  # a range of its own in the graph (Keras 3 output ranges)
+        if isinstance(layer, MovingAverageActivation):  # a range of its own in the graph (Keras 3 output
+            # ranges); other activation quantizers in the graph (the output quantizers of a tfmot model's
+            # syq_tf form, tfmot_layers) are the target's to plan
             made.add(layer.name)
             return RangeStandIn(*layer.int8_form(), name=layer.name)
         new = stand_ins.get(layer.name)
