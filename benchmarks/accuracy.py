@@ -594,10 +594,21 @@ def write_report(out, profile, rows, command):
                        next((r for r in table if r["row"] == "float"), None)) + [""]
     md = os.path.join(HERE, "BENCHMARKS.md" if profile == "full" else f"BENCHMARKS_{profile}.md")
     with open(md, "w") as f:
-        f.write("\n".join(lines))
+        f.write("\n".join(lines) + generated_sections(md))
     print("\n".join(lines[12:]))
     print(f"[accuracy] wrote {md} and {png}")
     return md
+
+
+# Sections other benchmarks generate at the end of BENCHMARKS.md (models.py, keras3_models.py): kept.
+GENERATED = ("<!-- models.py:", "<!-- keras3_models.py:")
+
+
+def generated_sections(md):
+    """The tail of ``md`` from the first section another benchmark generated ("" if none)."""
+    text = open(md).read() if os.path.exists(md) else ""
+    starts = [text.index(m) for m in GENERATED if m in text]
+    return "\n\n" + text[min(starts):] if starts else ""
 
 
 def main(argv=None):

@@ -24,11 +24,19 @@ class QuantizeConfig(tq.QuantizeConfig):
     so per-channel scales run along its output channels, the kernel's axis -2).
     A layer's own ``activation`` is left as it is; to quantize after an activation function, put the
     activation in its own layer with an :class:`ActivationConfig`.
+
+    ``output_8bit=True`` (without an ``output_quantizer``): the output (after the layer's activation
+    function) gets tfmot's default 8-bit range (a moving-average ``MovingAverageQuantizer`` on the
+    activation, as tfmot's own kernel configs; none where tfmot's layout transforms fused a following
+    BatchNormalization, which then carries the range). ``quantize_model`` sets it on kernel layers whose output no following layer
+    quantizes (a projection shortcut read by an Add): int8 TFLite stores that tensor on an 8-bit
+    range anyway, and Keras must compute with the same rounding.
     """
 
-    def __init__(self, weight_quantizer=None, output_quantizer=None):
+    def __init__(self, weight_quantizer=None, output_quantizer=None, output_8bit=False):
         self.weight_quantizer = as_tfmot(weight_quantizer, "QuantizeConfig weight_quantizer")
         self.output_quantizer = as_tfmot(output_quantizer, "QuantizeConfig output_quantizer")
+        self.output_8bit = bool(output_8bit) and self.output_quantizer is None
         if self.weight_quantizer is not None and self.weight_quantizer.role != "weight":
             raise ValueError(
                 f"QuantizeConfig: weight_quantizer {type(self.weight_quantizer.quantizer).__name__} "
@@ -66,14 +74,20 @@ class QuantizeConfig(tq.QuantizeConfig):
         return [(kernel, self.weight_quantizer)]
 
     def get_activations_and_quantizers(self, layer):
-        return []
+        if not self.output_8bit:
+            return []
+        # as tfmot's own kernel configs: the range is on the layer's activation, which tfmot's layout
+        # transforms replace by its NoOpActivation (no range) where a BatchNormalization follows
+        return [(layer.activation, tq.quantizers.MovingAverageQuantizer(num_bits=8, per_axis=False, symmetric=False,
+                                                                        narrow_range=False))]
 
     def set_quantize_weights(self, layer, quantize_weights):
         if self.weight_quantizer is not None:
             setattr(layer, self._attr(layer), quantize_weights[0])
 
     def set_quantize_activations(self, layer, quantize_activations):
-        pass
+        if self.output_8bit:
+            layer.activation = quantize_activations[0]
 
     def get_output_quantizers(self, layer):
         return [self.output_quantizer] if self.output_quantizer is not None else []
@@ -82,10 +96,13 @@ class QuantizeConfig(tq.QuantizeConfig):
         return [q for q in (self.weight_quantizer, self.output_quantizer) if q is not None]
 
     def get_config(self):
-        return {
+        config = {
             "weight_quantizer": None if self.weight_quantizer is None else self.weight_quantizer.get_config(),
             "output_quantizer": None if self.output_quantizer is None else self.output_quantizer.get_config(),
         }
+        if self.output_8bit:  # only when set: configs saved before the flag existed compare equal
+            config["output_8bit"] = True
+        return config
 
     @classmethod
     def from_config(cls, config):

@@ -45,12 +45,15 @@ class SchemeRegistry(tq.default_8bit.Default8BitQuantizeRegistry):
             super().supports(layer)
 
     def get_quantize_config(self, layer):
+        """A kernel layer's config here quantizes its output too (8 bits, tfmot's default range):
+        the layout transform gives the layers whose output a following BatchNormalization or ReLU
+        quantizes a weight-only config first (:class:`LayoutTransform`)."""
         if has_kernel(layer):
             if layer.name in self.eight_bit:
                 if super().supports(layer):
                     return super().get_quantize_config(layer)
-                return QuantizeConfig(UniQ(8, "channel"))
-            return QuantizeConfig(self.spec.weight_quantizer())
+                return QuantizeConfig(UniQ(8, "channel"), output_8bit=True)
+            return QuantizeConfig(self.spec.weight_quantizer(), output_8bit=True)
         if isinstance(layer, ACTIVATION_LAYERS) and self.spec.activation_quantizer() is not None:
             return ActivationConfig(self.spec.activation_quantizer())
         if isinstance(layer, TRANSFORMED) and not super().supports(layer):
@@ -82,7 +85,9 @@ class LayoutTransform(tq.default_8bit.Default8BitQuantizeLayoutTransform):
     """tfmot's default 8-bit layout transforms, with two changes:
 
     - a SeparableConv2D is split into parts named after it (:class:`NamedSeparableConvQuantize`);
-    - a kernel layer directly followed by a ReLU keeps its weight quantizer. tfmot gives such a
+    - a kernel layer directly followed by a ReLU (or a BatchNormalization) keeps its weight quantizer,
+      without output quantization (other kernel layers get an 8-bit output range from
+      :class:`SchemeRegistry`, as tfmot's default configs). tfmot gives such a
       layer a no-op config (no fake-quant between the layer and its ReLU), which would leave the
       kernel float while the scheme says low bit (or 8 bit, for the first and last layers); the
       scheme's weight-only configs (:func:`eight_bit_weights` for 8 bits) put no fake-quant on the
@@ -110,8 +115,9 @@ class LayoutTransform(tq.default_8bit.Default8BitQuantizeLayoutTransform):
         default_transforms.LayerReluActivationQuantize,
     )
 
-    def __init__(self, eight_bit=()):
+    def __init__(self, scheme, eight_bit=()):
         super().__init__()
+        self.spec = parse_scheme(scheme) if not isinstance(scheme, Scheme) else scheme
         self.eight_bit = frozenset(eight_bit)
 
     def apply(self, model, layer_quantize_map):
@@ -121,10 +127,11 @@ class LayoutTransform(tq.default_8bit.Default8BitQuantizeLayoutTransform):
         for layer in transformed.layers:
             config = quantize_map.get(layer.name, {}).get("quantize_config")
             if isinstance(config, default_configs.NoOpQuantizeConfig) and has_kernel(layer):
-                # the registry's weight-only low-bit config; an 8-bit layer keeps 8-bit weights (the
-                # report says so) without the output fake-quant the fused ReLU must not have
+                # the scheme's weights without the output fake-quant the fused BatchNormalization /
+                # ReLU must not have (an 8-bit layer keeps 8-bit weights: the report says so)
                 quantize_map[layer.name]["quantize_config"] = (
-                    eight_bit_weights(layer, registry) if layer.name in self.eight_bit else None)
+                    eight_bit_weights(layer, registry) if layer.name in self.eight_bit
+                    else QuantizeConfig(self.spec.weight_quantizer()))
         return transformed, quantize_map
 
 
@@ -149,7 +156,7 @@ class SyqQuantizeScheme(tq.QuantizeScheme):
         self.eight_bit = tuple(eight_bit)
 
     def get_layout_transformer(self):
-        return LayoutTransform(self.eight_bit)
+        return LayoutTransform(self.spec, self.eight_bit)
 
     def get_quantize_registry(self):
         return SchemeRegistry(self.spec, self.eight_bit)
