@@ -48,7 +48,7 @@ from syq_tf.data import load_fashion_mnist
 from syq_tf.recipes import build_cnn, compile_model, transfer_float_weights
 from syq_tf.summary import summarize
 
-from machine import cpu_name as _cpu  # noqa: E402  (benchmarks/machine.py)
+from machine import cpu_name as _cpu, write_json as _write_json  # noqa: E402  (benchmarks/machine.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -183,12 +183,6 @@ def _tfmot_default_8bit(float_model):
 def slug(name):
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
 
-
-def _write_json(path, data):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def build_row(row, float_model, profile, calibration_data, calibration_batches):

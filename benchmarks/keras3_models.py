@@ -57,7 +57,7 @@ import tensorflow as tf  # noqa: E402
 
 from syq_tf.data import LINUX_HEADERS, load_fashion_mnist  # noqa: E402
 
-from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
+from machine import cpu_name, save_rows  # noqa: E402  (benchmarks/machine.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = ("mobilenetv2", "efficientnetb0", "transformer")
@@ -413,31 +413,6 @@ def meta_of(args, p, seconds, flags):
             "bn_momentum": args.bn_momentum}
 
 
-def save(path, meta, rows):
-    """Merge this run's rows into the JSON at ``path`` (rows of the same model replaced; runs of
-    different models may be separate processes, each with its own ``meta`` kept per model)."""
-    import fcntl
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    lock = os.open(folder, os.O_RDONLY)  # the folder itself is the lock: no lock file left behind
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        old = json.load(open(path)) if os.path.exists(path) else {"runs": {}, "rows": []}
-        models = {r["model"] for r in rows}
-        order = {m: i for i, m in enumerate(MODELS)}
-        merged_rows = sorted([r for r in old["rows"] if r["model"] not in models] + rows,
-                             key=lambda r: order.get(r["model"], 99))
-        runs = {k: v for k, v in old.get("runs", {}).items() if k in {r["model"] for r in merged_rows}}
-        runs.update({m: meta for m in models})
-        merged = {"runs": runs, "rows": merged_rows}
-        with open(path + ".tmp", "w") as f:
-            json.dump(merged, f, indent=2)
-        os.replace(path + ".tmp", path)
-    finally:
-        os.close(lock)
-    return merged
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a smoke run: a few hundred examples, one epoch each")
@@ -484,7 +459,7 @@ def main(argv=None):
         rows, t0 = [], time.perf_counter()
         run_model(name, p, args, rows)
         print("\n".join(table(rows)), flush=True)
-        merged = save(path, meta_of(args, p, time.perf_counter() - t0, flags), rows)
+        merged = save_rows(path, meta_of(args, p, time.perf_counter() - t0, flags), rows, MODELS)
     for line in inexact_lines(merged["rows"]):
         print(line)
     print(f"saved {path} ({(time.perf_counter() - start) / 60:.1f} min)")

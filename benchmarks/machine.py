@@ -1,6 +1,9 @@
-"""The machine a benchmark ran on, for its report (no TensorFlow import: shared by the Keras 2 and
-the Keras 3 benchmarks)."""
+"""The machine a benchmark ran on, for its report, and the merged JSON of results (no TensorFlow
+import: shared by the Keras 2 and the Keras 3 benchmarks)."""
 
+import fcntl
+import json
+import os
 import platform
 
 
@@ -26,3 +29,38 @@ def cpu_name(detail=False):
         return platform.processor() or platform.machine()
     extra = ", ".join(f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields)
     return f"{fields['model name']} ({extra})" if detail and extra else fields["model name"]
+
+
+def write_json(path, data):
+    """``data`` as JSON at ``path``, whole or not at all: written to a temporary file of this
+    process, synced to disk and renamed over ``path`` (an interrupted run leaves the old file)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_rows(path, meta, rows, models):
+    """Merge a run's result rows (dicts with a "model") into the JSON at ``path``: the rows of the
+    models this run measured replace the saved ones, ordered as in ``models``; ``meta`` is kept per
+    model (runs of different models may be separate processes). Serialised by a lock on the folder
+    (no lock file left behind) and written by :func:`write_json`. Returns the merged {"runs", "rows"}."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    lock = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = json.load(open(path)) if os.path.exists(path) else {"runs": {}, "rows": []}
+        measured = {r["model"] for r in rows}
+        order = {m: i for i, m in enumerate(models)}
+        merged_rows = sorted([r for r in old["rows"] if r["model"] not in measured] + rows,
+                             key=lambda r: order.get(r["model"], len(order)))
+        runs = {k: v for k, v in old.get("runs", {}).items() if k in {r["model"] for r in merged_rows}}
+        runs.update({m: meta for m in measured})
+        merged = {"runs": runs, "rows": merged_rows}
+        write_json(path, merged)
+    finally:
+        os.close(lock)
+    return merged

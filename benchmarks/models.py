@@ -50,7 +50,7 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
 
 import tiny_models  # noqa: E402  (benchmarks/tiny_models.py)
-from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
+from machine import cpu_name, save_rows  # noqa: E402  (benchmarks/machine.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = tiny_models.MODELS
@@ -404,23 +404,6 @@ def meta_of(args, p, seconds, flags):
             "q_lr": args.q_lr, "seed": args.seed, "bn_momentum": args.bn_momentum}
 
 
-def save(path, meta, rows):
-    """Merge this run's rows into the JSON at ``path`` (rows of the same model replaced)."""
-    old = json.load(open(path)) if os.path.exists(path) else {"runs": {}, "rows": []}
-    models = {r["model"] for r in rows}
-    order = {m: i for i, m in enumerate(MODELS)}
-    merged_rows = sorted([r for r in old["rows"] if r["model"] not in models] + rows,
-                         key=lambda r: order.get(r["model"], 99))
-    runs = {k: v for k, v in old.get("runs", {}).items() if k in {r["model"] for r in merged_rows}}
-    runs.update({m: meta for m in models})
-    merged = {"runs": runs, "rows": merged_rows}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(merged, f, indent=2)
-    os.replace(path + ".tmp", path)
-    return merged
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
@@ -451,7 +434,7 @@ def main(argv=None):
         rows = []
         t0 = time.perf_counter()
         run_model(name, p, args, rows)
-        merged = save(os.path.join(args.out, f"{stem}.json"), meta_of(args, p, time.perf_counter() - t0, flags), rows)
+        merged = save_rows(os.path.join(args.out, f"{stem}.json"), meta_of(args, p, time.perf_counter() - t0, flags), rows, MODELS)
         print("\n".join(table(rows)), flush=True)
         if not args.quick:
             print(f"wrote {write_section(merged)}", flush=True)
