@@ -36,7 +36,9 @@ def build(model, options):
     # bias (convert.sequence_kernel_layers): such models are converted at batch 1 for every target.
     sequence = convert.sequence_kernel_layers(model)
     batch = 1 if options.target == "tflm" or sequence else None
-    if is_tfmot_model(model):
+    tfmot = is_tfmot_model(model)
+    recurrent = not tfmot and convert.recurrent_layers(model)
+    if tfmot:
         # tfmot QAT model: its fake-quant ranges are kept; syq_tf kernels become their quantized
         # constants with their int8 range, syq_tf activation quantizers int8 grids.
         from syq_tf.tfmot import quantize_scope  # noqa: PLC0415  (Keras 2 only)
@@ -44,7 +46,7 @@ def build(model, options):
         with quantize_scope():
             buffer = convert.int8(inference.build(model, batch_size=batch), options.representative_data,
                                   options.representative_samples)
-    elif convert.recurrent_layers(model):
+    elif recurrent:
         buffer = convert.dynamic_range(inference.build(model, batch_size=1))
     else:
         buffer = convert.int8(inference.build(model, batch_size=batch), options.representative_data,
@@ -57,7 +59,7 @@ def build(model, options):
                   "UNIDIRECTIONAL_SEQUENCE_LSTM; this Keras 3 recurrent layer becomes a WHILE loop with float "
                   "weights (it runs, but its kernels are not stored at low bit: use the Keras 2 frontend to "
                   "deploy recurrent models)" for layer in model.layers if isinstance(layer, tf.keras.layers.RNN)]
-    if sequence and options.target != "tflm" and not convert.recurrent_layers(model):
+    if sequence and options.target != "tflm" and not recurrent:
         notes.append(f"converted at batch size 1 (the model takes one example per invoke): layers {sequence} "
                      "multiply kernels along a sequence, whose bias TensorFlow's converter cannot fuse at a free "
                      "batch size (an int8 ADD of an int8 bias after a rounded FULLY_CONNECTED)")
