@@ -59,6 +59,26 @@ def parse_scheme(name):
     return Scheme(str(name), method, wb, ab)
 
 
+def check_layer_names(model, keep_float, eight_bit, kernel_layers):
+    """Validate quantize_model's ``keep_float`` / ``eight_bit`` name lists against the model: every
+    name a layer of it, ``eight_bit`` names kernel layers (``kernel_layers``: their names), no name in
+    both. ValueError naming the offending names otherwise."""
+    names = {layer.name for layer in model.layers}
+    for arg, given in (("keep_float", keep_float), ("eight_bit", eight_bit)):
+        if isinstance(given, str):
+            raise ValueError(f"quantize_model: {arg} takes a list of layer names, not the string {given!r}.")
+        missing = sorted(set(given) - names)
+        if missing:
+            raise ValueError(f"quantize_model: {arg} names layers the model does not have: {missing}.")
+    weightless = sorted(set(eight_bit) - set(kernel_layers))
+    if weightless:
+        raise ValueError(f"quantize_model: eight_bit names layers without a kernel to quantize: {weightless}; "
+                         "it takes kernel layers (Conv, Dense, ...) to keep at 8 bits.")
+    both = sorted(set(keep_float) & set(eight_bit))
+    if both:
+        raise ValueError(f"quantize_model: layers {both} are in both keep_float and eight_bit; choose one.")
+
+
 @dataclasses.dataclass
 class Unsupported:
     """A layer :func:`quantize_model` cannot quantize under the scheme, and why."""

@@ -133,6 +133,25 @@ def test_quantize_model_trains_and_exports_exact_low_bit_layers(scheme):
     assert flatbuffer.op_names(result.flatbuffer).count("CONV_2D") == 3
 
 
+def test_eight_bit_keeps_named_kernel_layers_at_tfmot_8_bits():
+    x, y = separable_data(256)
+    float_model = resnet_like()
+    model, report = st.quantize_model(float_model, "syq-w2a8", eight_bit=["dw"], return_report=True)
+    assert report["low_bit"] == ["c1", "c2"] and {"stem", "dw", "head"} <= set(report["eight_bit"])
+    assert type(model.get_layer("quant_dw").quantize_config).__name__.startswith("Default8Bit")
+    result = syq_tf.export.to_tflite(model, representative_data=x[:64], verify_data=x, verify_labels=y,
+                                     require_exact=True)
+    assert {r.layer for r in result.layers if r.quantizer != "float"} == {"quant_c1", "quant_c2"}
+    dw = [t for t in flatbuffer.weight_tensors(result.flatbuffer) if t.op == "DEPTHWISE_CONV_2D"]
+    assert len(dw) == 1 and dw[0].dtype == "INT8"
+    # 8-bit per-channel weights: more than the 3 ternary levels in some channel
+    assert max(np.unique(np.take(dw[0].values, c, axis=-1)).size for c in range(8)) > 3
+    with pytest.raises(ValueError, match="eight_bit names layers without a kernel to quantize: \\['gap'\\]"):
+        st.quantize_model(float_model, "syq-w2a8", eight_bit=["gap"])
+    with pytest.raises(ValueError, match="layers \\['dw'\\] are in both keep_float and eight_bit"):
+        st.quantize_model(float_model, "syq-w2a8", eight_bit=["dw"], keep_float=["dw"])
+
+
 def test_low_bit_activation_schemes_quantize_activation_layers():
     model, report = st.quantize_model(resnet_like(), "syq-w1a2", return_report=True)
     assert report["low_bit_activations"] == ["r0", "r1", "r2", "r3"]

@@ -182,6 +182,30 @@ def test_quantize_model_report_and_exact_export():
     assert result.verification["top1_agreement"] >= 0.98
 
 
+def test_quantize_model_keeps_named_kernel_layers_at_8_bits():
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="stem")(inp)
+    h = keras.layers.DepthwiseConv2D(3, padding="same", activation="relu", name="dw")(h)
+    h = keras.layers.Conv2D(8, 1, activation="relu", name="pw")(h)
+    out = keras.layers.Dense(4, name="head")(keras.layers.GlobalAveragePooling2D(name="gap")(h))
+    float_model = keras.Model(inp, out)
+    model, report = syq.quantize_model(float_model, "syq-w2a4", eight_bit=["dw"], return_report=True)
+    assert report["low_bit"] == ["pw"] and report["low_bit_activations"] == ["pw"]
+    assert report["eight_bit"] == ["dw", "head", "stem"]
+    dw = model.get_layer("dw")
+    assert isinstance(dw.kernel_quantizer, Q.MaxAbsWeight) and dw.kernel_quantizer.bits == 8
+    assert isinstance(dw.input_quantizer, Q.MovingAverageActivation)
+    assert isinstance(model.get_layer("pw").kernel_quantizer, Q.SYQ)
+    with pytest.raises(ValueError, match=r"eight_bit names layers the model does not have: \['nope'\]"):
+        syq.quantize_model(float_model, "syq-w2a8", eight_bit=["nope"])
+    with pytest.raises(ValueError, match=r"eight_bit names layers without a kernel to quantize: \['gap'\]"):
+        syq.quantize_model(float_model, "syq-w2a8", eight_bit=["gap"])
+    with pytest.raises(ValueError, match=r"layers \['dw'\] are in both keep_float and eight_bit"):
+        syq.quantize_model(float_model, "syq-w2a8", eight_bit=["dw"], keep_float=["dw"])
+    with pytest.raises(ValueError, match="eight_bit takes a list of layer names, not the string 'dw'"):
+        syq.quantize_model(float_model, "syq-w2a8", eight_bit="dw")
+
+
 def test_quantize_model_refuses_what_it_cannot_quantize():
     inp = keras.Input((4,))
     out = keras.layers.Dense(2)(keras.layers.PReLU()(keras.layers.Dense(3)(inp)))

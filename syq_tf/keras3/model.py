@@ -6,7 +6,8 @@ Keras 3).
 - Kernel layers (Dense, EinsumDense, Conv1D/2D/3D, DepthwiseConv2D, SeparableConv2D, LSTM, GRU,
   SimpleRNN, Embedding and MultiHeadAttention's projections) between the first and the last get
   the scheme's weight quantizer; the first and last kernel layers 8-bit weights per channel
-  (:class:`~syq_tf.quantizers.MaxAbsWeight`, tfmot's default, exact in int8), as the papers keep them.
+  (:class:`~syq_tf.quantizers.MaxAbsWeight`, tfmot's default, exact in int8), as the papers keep them,
+  and so do the layers named in ``eight_bit`` (e.g. a MobileNet's depthwise convolutions).
 - Activations: the input of every quantized layer gets an 8-bit moving-average range
   (:class:`~syq_tf.quantizers.MovingAverageActivation`, tfmot's default 8-bit activations); with
   fewer activation bits, a low-bit layer whose input comes from a ReLU (through pooling, reshaping or
@@ -36,7 +37,7 @@ import keras
 
 from syq_tf.layers import KERNEL_ATTR, QUANTIZED_CLASSES, quantize
 from syq_tf.quantizers import MaxAbsWeight, MovingAverageActivation
-from syq_tf.schemes import Unsupported, UnsupportedLayersError, parse_scheme
+from syq_tf.schemes import Unsupported, UnsupportedLayersError, check_layer_names, parse_scheme
 
 KERNEL_LAYERS = (*KERNEL_ATTR, keras.layers.MultiHeadAttention)
 NORMALIZATION = (keras.layers.BatchNormalization, keras.layers.LayerNormalization)
@@ -147,7 +148,8 @@ def _output_ranges(model, plan):
     return ranged, covered
 
 
-def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="error", return_report=False):
+def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="error", return_report=False,
+                   eight_bit=()):
     """Quantize a float Keras 3 Sequential or functional model with a scheme (module docstring).
 
     Returns the quantized model (new layers, the float weights copied), or ``(model, report)`` with
@@ -162,14 +164,13 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
                          "model has no layer graph to rewrite).")
     spec = parse_scheme(scheme)
     names = {layer.name for layer in model.layers}
-    missing = sorted(set(keep_float) - names)
-    if missing:
-        raise ValueError(f"quantize_model: keep_float names layers the model does not have: {missing}.")
+    check_layer_names(model, keep_float, eight_bit,
+                      [layer.name for layer in model.layers if isinstance(layer, KERNEL_LAYERS)])
     weighted = [layer for layer in model.layers if isinstance(layer, KERNEL_LAYERS) and layer.name not in keep_float]
     already = [layer.name for layer in weighted if isinstance(layer, QUANTIZED_CLASSES)]
     if already:
         raise ValueError(f"quantize_model: layers {already} are already quantized; give the float model.")
-    eight_bit = {layer.name for layer in weighted[:1] + weighted[-1:]}
+    eight_bit = {layer.name for layer in weighted[:1] + weighted[-1:]} | set(eight_bit)
     plan, unsupported, passed, normalization = {}, [], [], []
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer) or layer.name in keep_float:

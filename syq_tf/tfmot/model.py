@@ -14,9 +14,10 @@ from syq_tf.tfmot.schemes import (
     separable_parts,
 )
 from syq_tf.tfmot.wrappers import is_wrapper
-from syq_tf.schemes import Unsupported, UnsupportedLayersError, parse_scheme
+from syq_tf.schemes import Unsupported, UnsupportedLayersError, check_layer_names, parse_scheme
 
-def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="error", return_report=False):
+def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="error", return_report=False,
+                   eight_bit=()):
     """Quantize a float Sequential or functional Keras model with tfmot and a syq_tf scheme.
 
     - Weighted layers (Conv1D/Conv2D/DepthwiseConv2D/Dense, Conv1DTranspose/Conv2DTranspose)
@@ -32,6 +33,9 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
       transforms and registry (:class:`SyqQuantizeScheme`).
     - Layers without trainable weights that neither supports (preprocessing such as Rescaling and
       Normalization) pass through in float: nothing to quantize, nothing to lose.
+    - ``eight_bit``: names of further kernel layers to keep at 8 bits like the first and last (e.g. a
+      MobileNet's depthwise convolutions: few weights, and 2-bit 3x3 depthwise filters lose most of
+      what they compute).
     - ``keep_float``: names of layers to leave in float. Layers with weights neither tfmot's
       registry nor syq_tf supports raise :class:`UnsupportedLayersError` (names, types, why) unless
       ``on_unsupported="keep_float"``, which leaves them in float.
@@ -49,16 +53,13 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
             "layer graph tfmot can rewrite)."
         )
     spec = parse_scheme(scheme)
-    names = {layer.name for layer in model.layers}
-    missing = sorted(set(keep_float) - names)
-    if missing:
-        raise ValueError(f"quantize_model: keep_float names layers the model does not have: {missing}.")
-    weighted = [layer for layer in model.layers
-                if (has_kernel(layer) or isinstance(layer, SPLIT)) and layer.name not in keep_float]
-    first_last = set()
-    for layer in weighted[:1] + weighted[-1:]:
-        first_last.update(separable_parts(layer.name) if isinstance(layer, SPLIT) else (layer.name,))
-    registry = SchemeRegistry(spec, first_last)
+    kernels = [layer for layer in model.layers if has_kernel(layer) or isinstance(layer, SPLIT)]
+    check_layer_names(model, keep_float, eight_bit, [layer.name for layer in kernels])
+    weighted = [layer for layer in kernels if layer.name not in keep_float]
+    keep_8bit = set()  # the first and last kernel layers and those named in eight_bit
+    for layer in weighted[:1] + weighted[-1:] + [layer for layer in weighted if layer.name in eight_bit]:
+        keep_8bit.update(separable_parts(layer.name) if isinstance(layer, SPLIT) else (layer.name,))
+    registry = SchemeRegistry(spec, keep_8bit)
     quantized_names, unsupported, passed = set(), [], []
     for layer in model.layers:
         if isinstance(layer, tf.keras.layers.InputLayer) or layer.name in keep_float:
@@ -83,7 +84,7 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
     with quantize_scope():
         annotated = tf.keras.models.clone_model(model, clone_function=annotate)
         annotated.set_weights(model.get_weights())
-        quantized = tq.quantize_apply(annotated, scheme=SyqQuantizeScheme(spec.name, sorted(first_last)))
+        quantized = tq.quantize_apply(annotated, scheme=SyqQuantizeScheme(spec.name, sorted(keep_8bit)))
     if not return_report:
         return quantized
     configs = {layer.layer.name: layer.quantize_config for layer in quantized.layers if is_wrapper(layer)}
