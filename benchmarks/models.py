@@ -111,12 +111,18 @@ def float_tflite_bytes(model):
     return len(converter.convert())
 
 
+DW8 = "+dw8"  # a scheme name ending so (e.g. syq-w2a8+dw8): the depthwise convolutions kept at 8 bits
+
+
 def quantize(float_model, scheme):
     """(quantized model, {low_bit, eight_bit, low_bit_activations, float} counts)."""
     if scheme == "tfmot":
         q, report = tfmot.quantization.keras.quantize_model(float_model), None
     else:
-        q, report = syq_tf.tfmot.quantize_model(float_model, scheme=scheme, return_report=True)
+        eight_bit = [layer.name for layer in float_model.layers
+                     if isinstance(layer, tf.keras.layers.DepthwiseConv2D)] if scheme.endswith(DW8) else []
+        q, report = syq_tf.tfmot.quantize_model(float_model, scheme=scheme.removesuffix(DW8), return_report=True,
+                                                eight_bit=eight_bit)
     kernels = sum(1 for layer in q.layers if syq_tf.tfmot.is_wrapper(layer) and syq_tf.tfmot.wrapper_kernels(layer))
     low = len(report["low_bit"]) if report else 0
     return q, {"low_bit": low, "eight_bit": kernels - low,
@@ -410,7 +416,8 @@ def main(argv=None):
                     help="a smoke run: ResNet-8 and the autoencoder, schemes tfmot and uniq-w4a4, a few hundred examples")
     ap.add_argument("--models", nargs="+", choices=MODELS, default=None)
     ap.add_argument("--schemes", nargs="+", default=None,
-                    help=f"default: {','.join(TINY_SCHEMES)} (Tiny models), {','.join(APP_SCHEMES)} (applications)")
+                    help=f"default: {','.join(TINY_SCHEMES)} (Tiny models), {','.join(APP_SCHEMES)} (applications); "
+                         f"a scheme name ending '{DW8}' keeps the depthwise convolutions at 8 bits (quantize_model's eight_bit)")
     ap.add_argument("--targets", nargs="+", default=["litert", "tflm"], choices=["litert", "tflm"])
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--q-lr", type=float, default=5e-4)
@@ -418,13 +425,16 @@ def main(argv=None):
     ap.add_argument("--representative", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--q-epochs", type=int, default=None, help="quantized fine-tuning epochs (default: the profile's)")
+    ap.add_argument("--train", type=int, default=None, help="training examples (default: the profile's)")
     ap.add_argument("--write-section", action="store_true", help="only rewrite the BENCHMARKS.md section from the JSON")
     args = ap.parse_args(argv)
     if args.write_section:
         path = os.path.join(args.out, "models.json")
         print(f"wrote {write_section(json.load(open(path)))} from {path}")
         return
-    p = PROFILES["quick" if args.quick else "full"]
+    p = dict(PROFILES["quick" if args.quick else "full"])
+    p.update({k: v for k, v in (("q_epochs", args.q_epochs), ("train", args.train)) if v is not None})
     models = args.models or (["resnet8", "autoencoder"] if args.quick else list(MODELS))
     if args.quick and args.schemes is None:
         args.schemes = ["tfmot", "uniq-w4a4"]
