@@ -21,12 +21,14 @@ LossAwareAdam (LAT: the approximate projection, the papers' default). Activation
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
 import syq_tf  # noqa: F401  (first: selects Keras 2 before TensorFlow loads)
 
 import larq as lq
+import numpy as np
 import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +48,9 @@ ROWS = {
     "LAB W1": (lambda: Q.LossAware("binary"), "la"),
     "LAT (approximate) W2": (lambda: Q.LossAware("ternary"), "la"),
     "LAQ linear W3": (lambda: Q.LossAware("linear", bits=3), "la"),
+    # one warm-started alternation step per training step (the alternation continues across steps)
+    "LAT (approximate) W2, warm 1": (lambda: Q.LossAware("ternary", warm_iterations=1), "la"),
+    "LAQ linear W3, warm 1": (lambda: Q.LossAware("linear", bits=3, warm_iterations=1), "la"),
 }
 
 
@@ -93,7 +98,7 @@ def vgg_quarter(kq):
 ARCHS = {"mlp": mlp, "vgg": vgg_quarter}
 
 
-def run(arch, row, args, data, out_dir):
+def run(arch, row, args, seed, data, out_dir):
     path = os.path.join(out_dir, f"{arch}_{slug(row)}.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -101,10 +106,10 @@ def run(arch, row, args, data, out_dir):
     (x, y), (xt, yt) = data
     kq, method = ROWS[row]
     tf.keras.backend.clear_session()
-    tf.keras.utils.set_random_seed(args.seed)
+    tf.keras.utils.set_random_seed(seed)
     model = ARCHS[arch](kq)
     compile_model(model, args.lr, method)
-    ds = (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=args.seed)
+    ds = (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed)
           .batch(args.batch_size).prefetch(tf.data.AUTOTUNE))
     timer = StepTimer()
     t0 = time.perf_counter()
@@ -116,19 +121,34 @@ def run(arch, row, args, data, out_dir):
               "train_seconds": seconds, "seconds_per_epoch": timer.seconds_per_epoch(),
               "bytes_at_bit_width": float(sum(r.bytes for r in summarize(model))),
               "config": {"epochs": args.epochs, "train_limit": args.train_limit, "lr": args.lr,
-                         "batch_size": args.batch_size, "seed": args.seed}}
+                         "batch_size": args.batch_size, "seed": seed}}
     _write_json(path, result)
     return result
+
+
+def summary_rows(results):
+    """One line per (arch, row): accuracy mean and sample std over the seeds, median s / epoch."""
+    groups = {}
+    for r in results:
+        groups.setdefault((r["arch"], r["row"]), []).append(r)
+    out = []
+    for (arch, row), rs in groups.items():
+        acc = np.array([100 * r["test_accuracy"] for r in rs])
+        std = f" ± {acc.std(ddof=1):.2f}" if len(acc) > 1 else ""
+        out.append(f"| {arch} | {row} | {acc.mean():.2f}{std} | {len(acc)} "
+                   f"| {np.median([r['seconds_per_epoch'] for r in rs]):.1f} | {rs[0]['bytes_at_bit_width'] / 1024:.1f} |")
+    return out
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", default="mlp,vgg", help="comma list of: " + ", ".join(ARCHS))
+    ap.add_argument("--rows", default=None, help="regular expression: only the rows it matches (default: all)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--train-limit", type=int, default=10000)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "reproductions"))
     args = ap.parse_args(argv)
@@ -136,39 +156,55 @@ def main(argv=None):
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
         ap.error(f"--archs: unknown {unknown}; allowed: {sorted(ARCHS)}")
+    rows = [r for r in ROWS if args.rows is None or re.search(args.rows, r)]
+    if not rows:
+        ap.error(f"--rows {args.rows!r} matches none of: {list(ROWS)}")
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    out_dir = os.path.join(args.out, f"e{args.epochs}_n{args.train_limit}_s{args.seed}")
-    os.makedirs(out_dir, exist_ok=True)
     x, y = load_fashion_mnist("train")
     data = ((x[: args.train_limit], y[: args.train_limit]), load_fashion_mnist("test"))
+    for seed in args.seeds:  # every (arch, row, seed) is cached as soon as it is done
+        out_dir = os.path.join(args.out, f"e{args.epochs}_n{args.train_limit}_s{seed}")
+        os.makedirs(out_dir, exist_ok=True)
+        for arch in archs:
+            for row in rows:
+                r = run(arch, row, args, seed, data, out_dir)
+                print(f"[reproductions] seed {seed} {arch:<4} {row:<34} accuracy {r['test_accuracy']:.4f} "
+                      f"({r['seconds_per_epoch']:.1f} s/epoch)", flush=True)
+    # the table: every cached (arch, row, seed) of these settings, trained now or by an earlier run
     results = []
-    for arch in archs:
-        for row in ROWS:
-            r = run(arch, row, args, data, out_dir)
-            results.append(r)
-            print(f"[reproductions] {arch:<4} {row:<34} accuracy {r['test_accuracy']:.4f} "
-                  f"({r['seconds_per_epoch']:.1f} s/epoch)", flush=True)
+    for seed in args.seeds:
+        out_dir = os.path.join(args.out, f"e{args.epochs}_n{args.train_limit}_s{seed}")
+        for arch in archs:
+            for row in ROWS:
+                path = os.path.join(out_dir, f"{arch}_{slug(row)}.json")
+                if os.path.exists(path):
+                    with open(path) as f:
+                        results.append(json.load(f))
+    seeds = " ".join(str(s) for s in args.seeds)
     lines = [
         "# Reduced reproductions of the loss-aware papers' settings (generated by benchmarks/reproductions.py)",
         "",
         "**Not the papers' datasets or budgets**: Fashion-MNIST (Debian package) instead of MNIST / CIFAR-10 / "
         f"SVHN, first {args.train_limit} training images, {args.epochs} epoch(s) from scratch, Adam "
-        f"{args.lr} (LossAwareAdam for LAB/LAT/LAQ), batch {args.batch_size}, seed {args.seed}; every layer "
-        "quantized, float activations, as in the papers. The VGG-like CNN has a quarter of the papers' widths.",
+        f"{args.lr} (LossAwareAdam for LAB/LAT/LAQ), batch {args.batch_size}, seeds {seeds}; every layer "
+        "quantized, float activations, as in the papers. The VGG-like CNN has a quarter of the papers' widths. "
+        "'warm 1': `LossAware(warm_iterations=1)`, one warm-started alternation step of the projection per "
+        "training step. s / epoch: median step x steps per epoch, rows run one after another on a shared "
+        "machine (the side-by-side step ratios are in `step_time.py`'s results).",
         "",
-        f"Command: `python benchmarks/reproductions.py {' '.join(argv if argv is not None else sys.argv[1:])}`".replace(" `", " `").rstrip(),
+        f"Command: `python benchmarks/reproductions.py --archs {','.join(archs)} --epochs {args.epochs} "
+        f"--train-limit {args.train_limit} --seeds {seeds}"
+        + (f" --rows '{args.rows}'" if args.rows else "") + "` (rows already cached under --out are read, not retrained; "
+        "`--rows REGEX` trains only some rows).",
         "",
         f"Machine: {_cpu()}, {os.cpu_count()} CPUs. Versions: " + ", ".join(f"{k} {v}" for k, v in _versions().items()) + ".",
         "",
-        "| architecture | row | test accuracy % | s / epoch | KiB at bit width |",
-        "|---|---|---|---|---|",
-    ]
-    for r in results:
-        lines.append(f"| {r['arch']} | {r['row']} | {100 * r['test_accuracy']:.2f} | {r['seconds_per_epoch']:.1f} "
-                     f"| {r['bytes_at_bit_width'] / 1024:.1f} |")
-    _write_json(os.path.join(out_dir, "reproductions.json"), results)
+        "| architecture | row | test accuracy % (mean ± std) | seeds | s / epoch | KiB at bit width |",
+        "|---|---|---|---|---|---|",
+    ] + summary_rows(results)
+    _write_json(os.path.join(args.out, f"e{args.epochs}_n{args.train_limit}_seeds_{'_'.join(map(str, args.seeds))}.json"), results)
     with open(os.path.join(HERE, "REPRODUCTIONS.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines[8:]))
