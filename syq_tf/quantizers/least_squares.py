@@ -197,26 +197,28 @@ def lsT_scalars(x2d):  # noqa: N802  (mode name)
 # consistency test is needed). F is jointly convex in (i, s) (each term is the perspective of a
 # square). No row is sorted; two histograms (each one scatter pass over the row; count and sum
 # accumulated in float64, so the prefix sums are exact for float32 data up to float64 rounding):
-#   1. ``bins`` equal bins on [0, max|x|]. Bins are contiguous runs of the sorted values, so every
-#      split between bins is scored exactly from the prefix sums. Inside bin j (start split
-#      (i0, s0), count c, sum t, values in [lo, hi]) the points (i, S_i) lie in the triangle
-#      (i0, s0), (i0 + c, s0 + t), P, where P is where the lines s0 + (i - i0) lo and
-#      s0 + t - (i0 + c - i) hi meet (S_i is convex in i: sorted values). A convex function is
-#      largest at a vertex, so F(P) bounds every split inside the bin. Bins whose bound is below
-#      the best split between bins (less a rounding margin) cannot hold the optimum; the rest
-#      (one to three neighbouring bins on the benchmark data) span the run.
-#   2. ``subbins`` equal sub-bins over the run (plus one slot for everything below it and one for
-#      everything above; count, sum and max per sub-bin): every split between sub-bins and the one
-#      before each sub-bin's largest value is scored exactly. That is every split inside a sub-bin
-#      of at most 2 values, or of equal values (F is convex along their line); otherwise the same
-#      triangle bound (values in [lower edge, max]) must be below the best split found.
+#   1. ``bins`` equal bins on [0, max|x|] (n // 16, 256 to 2048). Bins are contiguous runs of
+#      the sorted values, so every split between bins is scored exactly from the prefix sums.
+#      Inside bin j (start split (i0, s0), count c, sum t, values in [lo, hi]) the points
+#      (i, S_i) lie in the triangle (i0, s0), (i0 + c, s0 + t), P, where P is where the lines
+#      s0 + (i - i0) lo and s0 + t - (i0 + c - i) hi meet (S_i is convex in i: sorted values).
+#      A convex function is largest at a vertex, so F(P) bounds every split inside the bin. Bins
+#      whose bound is below the best split between bins (less a rounding margin) cannot hold the
+#      optimum; the rest (one to three neighbouring bins on the benchmark data) span the run.
+#   2. ``subbins`` equal sub-bins over the run's values (count, sum and max per sub-bin; the run
+#      starts at the split before its first bin): every split between sub-bins and the one
+#      before each sub-bin's largest value is scored exactly. That is every split inside a
+#      sub-bin of at most 2 values, or of equal values (F is convex along their line);
+#      otherwise the same triangle bound (values in [lower edge, max]) must be below the best
+#      split found.
 # A row that is not decided that way (a sub-bin of several distinct values close enough to the
-# optimum to matter) makes the whole batch use the full sort (tf.cond), so the result is the
-# exact optimum either way. The search is compiled with XLA (``HIST_XLA``), which fuses each pass.
+# optimum to matter; never seen on the benchmark CNN's activations) makes the whole batch use the
+# full sort (tf.cond), so the result is the exact optimum either way. Both passes are compiled
+# with XLA (``HIST_XLA``), which fuses each into one loop over the data.
 
 HIST_MIN_N = 2048  # rows at least this long use the histogram search ("auto")
-HIST_BINS = 2048
-HIST_SUBBINS = 1024
+HIST_BINS = 2048  # at most; rows get n // 16 bins, at least 256
+HIST_SUBBINS = 256
 HIST_XLA = True
 _MARGIN = 1e-10  # relative: the rounding of the float64 scores and bounds is far below it
 
@@ -335,10 +337,13 @@ def _histogram_search_impl(x2d, mode, bins, subbins):
 _histogram_search_xla = tf.function(_histogram_search_impl, jit_compile=True, reduce_retracing=False)
 
 
-def _histogram_search(x2d, mode, bins=HIST_BINS, subbins=HIST_SUBBINS):
+def _histogram_search(x2d, mode, bins=None, subbins=HIST_SUBBINS):
     """(scalars, ok): the exact optimum from two histograms (see above); ok is False if some row
-    could not be decided (the caller then sorts)."""
+    could not be decided (the caller then sorts). ``bins=None``: n // 16 within [256, HIST_BINS]
+    (the per-bin work is that of about 16 values)."""
     x2d = tf.convert_to_tensor(x2d)
+    if bins is None:
+        bins = max(256, min(HIST_BINS, int(x2d.shape[-1]) // 16))
     impl = _histogram_search_xla if HIST_XLA else _histogram_search_impl
     return impl(x2d, mode, bins, subbins)
 
