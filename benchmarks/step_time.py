@@ -1,7 +1,7 @@
 """Training step time of every quantizer relative to the same float CNN, measured side by side.
 
 The demo CNN (syq_tf.recipes.build_cnn, as in examples/fashion_mnist_syq.py) with SYQ, UniQ, least-squares and loss-aware
-quantizers; the least-squares activations (a sort per sample per layer for ls2/lsT) and the
+quantizers; the least-squares activations (an exact per-sample search for ls2/lsT) and the
 loss-aware projection (inside LossAwareAdam's step, a sort per kernel for exact LAT) are the ones to
 watch.
 
