@@ -38,6 +38,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/machine.py, also when imported by path
+from machine import write_json  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 T = ROOT / "tflite"
 CFLAGS = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-O2", "-ffunction-sections", "-fdata-sections"]
@@ -340,8 +343,7 @@ def main(argv=None):
     print(table(results))
     out = a.out or (None if a.quick else str(ROOT / "benchmarks" / "results" / "arm.json"))
     if out:
-        pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(out).write_text(json.dumps(results, indent=1) + "\n")
+        write_json(out, results, indent=1)
         print(f"[arm] wrote {out}")
     return 0 if ok else 1
 

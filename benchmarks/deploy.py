@@ -30,12 +30,15 @@ Writes benchmarks/results/deploy.json.
 """
 
 import argparse
-import json
 import pathlib
 import platform
 import statistics
 import sys
+import os
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/machine.py, also when imported by path
+from machine import write_json  # noqa: E402
 
 import numpy as np
 
@@ -285,9 +288,8 @@ def main():
         "table": lines,
         "seconds": round(elapsed),
     }
-    path = pathlib.Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
+    path = args.out
+    write_json(path, out)
     print(f"wrote {path}")
 
 

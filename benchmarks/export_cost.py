@@ -23,7 +23,11 @@ Writes benchmarks/results/export_cost.json.
 import json
 import os
 import platform
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/machine.py, also when imported by path
+from machine import write_json  # noqa: E402
 
 import syq_tf  # noqa: I001  (before TensorFlow: the Keras 2 frontend)
 import numpy as np
@@ -181,10 +185,7 @@ def main():
     }
     print(json.dumps({k: out[k] for k in ("ratio_to_float_conversion", "cpu_ratio_to_float_conversion")}, indent=1),
           flush=True)
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    with open(OUT, "w") as f:
-        json.dump(out, f, indent=1)
-        f.write("\n")
+    write_json(OUT, out, indent=1)
 
 
 if __name__ == "__main__":

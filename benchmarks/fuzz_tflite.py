@@ -34,6 +34,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/machine.py, also when imported by path
+from machine import write_json  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ["tflite/src/syq_common.c", "tflite/src/syq_opt.c"]
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
@@ -567,11 +570,8 @@ def main(argv=None):
         return 0
     summary = campaign(args.cases, args.workers, args.timeout, args.seed, not args.no_sanitize, args.seeds_dir,
                        args.keep, progress=True, impl=args.impl)
-    text = json.dumps(summary, indent=2, sort_keys=True, default=str)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        write_json(args.out, summary, sort_keys=True, default=str)
     print(json.dumps({k: summary[k] for k in ("cases", "seconds", "crashes", "hangs", "sanitizer_reports",
                                                "inspect", "run", "unexpected_exceptions")}, indent=1))
     bad = summary["crashes"] + summary["hangs"] + summary["sanitizer_reports"] + sum(

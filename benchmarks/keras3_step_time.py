@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 
-from machine import cpu_name  # benchmarks/machine.py (this script's folder is on sys.path)
+from machine import cpu_name, write_json  # benchmarks/machine.py (this script's folder is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -282,14 +282,13 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     stem = "keras3_step_time_quick" if args.quick else ("keras3_step_time_subset" if args.only else "keras3_step_time")
     path = os.path.join(args.out, stem + ".json")
-    with open(path, "w") as f:
-        json.dump({"cpu": cpu_name(detail=True), "cpus": os.cpu_count(), "machine": platform.platform(),
-                   "python": platform.python_version(),
-                   "tensorflow": runs[3][0]["tensorflow"], "keras3": runs[3][0]["keras"], "keras2": runs[2][0]["keras"],
-                   "data": runs[2][0]["data"], "widths": QUICK_WIDTHS if args.tiny else DEMO_WIDTHS,
-                   "batch_size": args.batch_size, "pairs": args.pairs, "rounds": args.rounds, "steps": args.steps,
-                   "warmup": args.warmup, "threads": args.threads, "order": "K2, K3 alternating, one subprocess each",
-                   "wall_s": time.perf_counter() - start, "above_1.1": slow, "rows": rows}, f, indent=2)
+    write_json(path, {"cpu": cpu_name(detail=True), "cpus": os.cpu_count(), "machine": platform.platform(),
+               "python": platform.python_version(),
+               "tensorflow": runs[3][0]["tensorflow"], "keras3": runs[3][0]["keras"], "keras2": runs[2][0]["keras"],
+               "data": runs[2][0]["data"], "widths": QUICK_WIDTHS if args.tiny else DEMO_WIDTHS,
+               "batch_size": args.batch_size, "pairs": args.pairs, "rounds": args.rounds, "steps": args.steps,
+               "warmup": args.warmup, "threads": args.threads, "order": "K2, K3 alternating, one subprocess each",
+               "wall_s": time.perf_counter() - start, "above_1.1": slow, "rows": rows})
     print(f"saved {path}")
     return rows
 

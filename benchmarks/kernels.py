@@ -17,7 +17,6 @@ Writes benchmarks/results/kernels.json.
 """
 
 import argparse
-import json
 import os
 import pathlib
 import platform
@@ -33,7 +32,7 @@ from ai_edge_litert.interpreter import Interpreter, OpResolverType
 from syq_tf import kernels as K
 from syq_tf.export.convert import int8 as convert_int8
 
-from machine import cpuinfo  # noqa: E402  (benchmarks/machine.py)
+from machine import cpuinfo, write_json  # noqa: E402  (benchmarks/machine.py)
 
 LAYERS = [
     ("demo conv2 28x28x32->32 3x3", "conv", (28, 28, 32), 32),
@@ -209,8 +208,7 @@ def main():
         meta["tflm_version"] = getattr(tflite_micro.python.tflite_micro._version, "__version__", "?")
     except Exception:  # noqa: BLE001
         pass
-    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.out).write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+    write_json(args.out, dict(meta=meta, results=results), indent=1)
     print(f"\nwrote {args.out}")
 
 

@@ -31,12 +31,15 @@ def cpu_name(detail=False):
     return f"{fields['model name']} ({extra})" if detail and extra else fields["model name"]
 
 
-def write_json(path, data):
+def write_json(path, data, **options):
     """``data`` as JSON at ``path``, whole or not at all: written to a temporary file of this
-    process, synced to disk and renamed over ``path`` (an interrupted run leaves the old file)."""
+    process, synced to disk and renamed over ``path`` (an interrupted run leaves the old file).
+    ``options`` go to ``json.dump`` (default ``indent=2``). Creates the folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
+        json.dump(data, f, **{"indent": 2, **options})
+        f.write("\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
