@@ -16,7 +16,7 @@ if not _bootstrap.importing_keras3():
 
         from syq_tf import quantizers  # noqa: E402
         from syq_tf.layers import quantize  # noqa: E402
-        from syq_tf.calibration import Calibrate, calibrate  # noqa: E402
+        from syq_tf.calibration import Calibrate, calibrate, fit_dorefa_ranges  # noqa: E402
         from syq_tf.models import ReinitializeScales, quantized_kernels, reinitialize_scales  # noqa: E402
         from syq_tf import export  # noqa: E402
         from syq_tf import optimizers  # noqa: E402
@@ -39,6 +39,7 @@ __all__ = [
     "quantized_kernels",
     "calibrate",
     "Calibrate",
+    "fit_dorefa_ranges",
     "export",
     "optimizers",
     "LossAwareAdam",

@@ -107,3 +107,209 @@ class Calibrate(tf.keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         calibrate(self.model, self.data, self.batches, self.batch_size, recalibrate=False,
                   batch_statistics=self.batch_statistics)
+
+
+# ------------------------------------------------------------------------------------------------
+# DoReFa ranges: a float model's ReLU outputs, read by a DoReFa input quantizer (fixed range [0, 1]).
+
+# Layers y = f(x) with f(x / s) = f(x) / s for every s > 0, element by element or by pooling /
+# reshaping: a uniform scale passes through them unchanged.
+_HOMOGENEOUS = ("MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "AveragePooling1D", "AveragePooling2D",
+                "AveragePooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalAveragePooling1D",
+                "GlobalAveragePooling2D", "Flatten", "Reshape", "Dropout", "SpatialDropout1D",
+                "SpatialDropout2D", "ZeroPadding1D", "ZeroPadding2D", "Cropping1D", "Cropping2D")
+
+
+def dorefa_range_error(a, scale, bits):
+    """Mean squared error of DoReFa at ``bits`` on values ``a`` read at ``scale``:
+    ``mean((scale * round(clip(a / scale, 0, 1) * n) / n - max(a, 0))^2)``, ``n = 2^bits - 1``
+    (negative values are zero after the ReLU the quantizer stands for, whatever the scale)."""
+    n = float(2**bits - 1)
+    a = np.maximum(np.asarray(a, np.float64), 0.0)
+    q = np.floor(np.clip(a / scale, 0.0, 1.0) * n + 0.5) / n * scale
+    return float(np.mean((q - a) ** 2))
+
+
+def best_dorefa_scale(a, bits, candidates=64):
+    """The scale ``s`` in ``max(a) * r``, ``r`` on a geometric grid from 1/64 to 1 (``candidates``
+    points), that minimises :func:`dorefa_range_error`: at 8 bits near the largest value (clipping
+    costs more than rounding), at 1-2 bits well inside it. None when no value is positive."""
+    a = np.asarray(a, np.float64)
+    top = float(a.max()) if a.size else 0.0
+    if not top > 0.0 or not np.isfinite(top):
+        return None
+    grid = top * np.geomspace(1.0 / 64.0, 1.0, candidates)
+    errors = [dorefa_range_error(a, s, bits) for s in grid]
+    return float(grid[int(np.argmin(errors))])
+
+
+def _class_name(layer):
+    return type(layer).__name__
+
+
+def _history_layer(tensor):
+    # tf_keras: _keras_history = (layer, node_index, tensor_index); Keras 3: (operation, ...)
+    history = getattr(tensor, "_keras_history", None)
+    return history[0] if history is not None else None
+
+
+def _consumers(layer):
+    return len(getattr(layer, "_outbound_nodes", []))
+
+
+def _single_input(layer):
+    inputs = layer.input
+    return None if isinstance(inputs, (list, tuple, dict)) else inputs
+
+
+def dorefa_chains(model):
+    """[(BatchNormalization, [layers between], consumer layer, reason or None)] for every layer
+    whose ``input_quantizer`` is DoReFa: its input traced back through scale-preserving layers
+    (pooling, flatten, reshape, dropout, padding, cropping, ReLU) to the BatchNormalization that
+    makes it. ``reason`` says why the chain cannot be rescaled (then nothing is changed for it)."""
+    from syq_tf.quantizers.activations import DoReFaActivation  # noqa: PLC0415
+    from syq_tf.models import layer_kernels  # noqa: PLC0415
+
+    chains = []
+    for consumer in model.layers:
+        if not isinstance(getattr(consumer, "input_quantizer", None), DoReFaActivation):
+            continue
+        between, producer, reason = [], None, None
+        tensor = _single_input(consumer)
+        while reason is None and producer is None:
+            layer = _history_layer(tensor) if tensor is not None else None
+            if layer is None or _class_name(layer) == "InputLayer":
+                reason = "its input comes from the model's input, not from a BatchNormalization"
+            elif _consumers(layer) != 1:
+                reason = f"'{layer.name}' feeds {_consumers(layer)} layers (rescaling it would change the others)"
+            elif isinstance(layer, tf.keras.layers.BatchNormalization):
+                if not (layer.scale and layer.center):
+                    reason = f"BatchNormalization '{layer.name}' has no gamma or no beta to rescale"
+                else:
+                    producer = layer
+            elif _class_name(layer) in _HOMOGENEOUS or (
+                    _class_name(layer) == "ReLU" and layer.max_value is None and float(layer.threshold) == 0.0):
+                between.append(layer)
+                tensor = _single_input(layer)
+            else:
+                reason = f"'{layer.name}' ({_class_name(layer)}) lies between it and a BatchNormalization"
+        if reason is None:
+            kernels = layer_kernels(consumer)
+            attr = "depthwise_kernel" if "depthwise_kernel" in kernels else "kernel"
+            quantizer = kernels.get(attr, (None, None))[0]
+            if attr not in kernels:
+                reason = "it has no kernel to take the scale"
+            elif quantizer is not None and not hasattr(quantizer, "initialize_from"):
+                reason = (f"its {attr} quantizer {type(quantizer).__name__} has no scale set from the weights "
+                          "(the rescaled kernel would change its output)")
+        chains.append((producer, between, consumer, reason))
+    return chains
+
+
+def fit_dorefa_ranges(model, data, batches=10, batch_size=128, batch_statistics=True):
+    """Rescale ``model`` so that each DoReFa input quantizer's fixed range [0, 1] fits the
+    activations it reads; the model's float function is unchanged (up to the clipping it fixes).
+
+    DoReFa quantizes ``round(clip(a, 0, 1) * n) / n``. Switched on in a model trained in float with
+    ReLU, it cuts every activation above 1 -- after a BatchNormalization, a large share (measured:
+    ranges up to 6 in the benchmark CNN). For each DoReFa consumer whose input comes from a
+    BatchNormalization (through pooling, flatten, dropout, ReLU ...), the scale ``s`` that
+    minimises the quantizer's squared error on ``data`` (:func:`best_dorefa_scale`) is moved out of
+    the activations and undone after the consumer::
+
+        gamma, beta  <-  gamma / s, beta / s            (the BatchNormalization before)
+        b            <-  b / s                          (the consumer's bias)
+        m, v         <-  m / s, (v + eps) / s^2 - eps   (the moving statistics of the BatchNormalization
+                                                         that reads the consumer's output)
+
+    so the consumer's kernel, its quantizer's scales and the size of the optimizer's steps relative
+    to them stay as they are. Where no BatchNormalization follows (or ``v`` would turn negative),
+    the kernel takes it instead: ``W <- s W`` (the depthwise kernel of separable and depthwise
+    convolutions), its quantizer re-initialised from it (every syq_tf weight quantizer's scale
+    follows ``W``: SYQ alpha = mean|W|, UniQ delta = k std(W), ...).
+    Consumers are done in order, each measured after the ones before it were rescaled; the passes
+    use batch statistics (as training will) unless ``batch_statistics=False``, and every
+    non-trainable variable is restored afterwards. Chains that cannot be rescaled are left alone
+    (see :func:`dorefa_chains` for the reasons). Use it when quantization is switched on, after the
+    float weights are in place. Returns ``{consumer name: s or the reason it was left alone}``.
+    """
+    if isinstance(batches, (bool, np.bool_)) or not isinstance(batches, numbers.Integral) or batches < 1:
+        raise ValueError(f"syq_tf.fit_dorefa_ranges: batches={batches!r} must be a positive integer.")
+    result = {}
+    for producer, _between, consumer, reason in dorefa_chains(model):
+        if reason is not None:
+            result[consumer.name] = reason
+            continue
+        values = _probe(model, _single_input(consumer), data, batches, batch_size, batch_statistics)
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"syq_tf.fit_dorefa_ranges: the input of '{consumer.name}' holds NaN or Inf "
+                             "values on the data (check the data and the weights)")
+        scale = best_dorefa_scale(values, consumer.input_quantizer.bits)
+        if scale is None:
+            result[consumer.name] = "its input is never positive on the data"
+            continue
+        _rescale(producer, consumer, scale)
+        result[consumer.name] = scale
+    return result
+
+
+def _probe(model, tensor, data, batches, batch_size, batch_statistics):
+    """The values of ``tensor`` (a tensor of ``model``'s graph) on the batches, flat; every
+    non-trainable variable (BatchNorm moving statistics) restored afterwards."""
+    probe = tf.keras.Model(model.inputs, tensor)
+    saved = [(v, v.numpy()) for v in model.non_trainable_variables]
+    values = []
+    try:
+        for x in _batches(data, batches, batch_size):
+            values.append(np.asarray(probe(x, training=batch_statistics), np.float32).ravel())
+    finally:
+        for variable, value in saved:
+            variable.assign(value)
+    if not values:
+        raise ValueError("syq_tf.fit_dorefa_ranges: the data gave no batches.")
+    return np.concatenate(values)
+
+
+def _next_batchnorm(consumer):
+    """The BatchNormalization that alone reads ``consumer``'s output (through no activation but
+    ReLU or none), or None."""
+    if _consumers(consumer) != 1:
+        return None
+    activation = getattr(consumer, "activation", None)
+    if getattr(activation, "__name__", "linear") not in ("linear", "relu"):
+        return None
+    node = consumer._outbound_nodes[0]
+    layer = getattr(node, "outbound_layer", None) or getattr(node, "operation", None)
+    if isinstance(layer, tf.keras.layers.BatchNormalization) and not getattr(layer, "renorm", False):
+        return layer
+    return None
+
+
+def _rescale(producer, consumer, scale):
+    """Divide ``producer``'s output by ``scale`` and undo it after ``consumer``: in the moving
+    statistics of the BatchNormalization that follows it when there is one (the kernel and its
+    quantizer keep their values, so the optimizer's steps keep their size relative to them), else
+    in the consumer's kernel (re-initialising its quantizer's scale)."""
+    from syq_tf.models import layer_kernels  # noqa: PLC0415
+
+    following = _next_batchnorm(consumer)
+    if following is not None:
+        # (y / s - m') / sqrt(v' + eps) = (y - m) / sqrt(v + eps):  m' = m / s,  v' = (v + eps) / s^2 - eps
+        eps = float(following.epsilon)
+        variance = (following.moving_variance.numpy().astype(np.float64) + eps) / scale**2 - eps
+        if np.all(variance >= 0.0):
+            producer.gamma.assign(producer.gamma / scale)
+            producer.beta.assign(producer.beta / scale)
+            bias = getattr(consumer, "bias", None)
+            if bias is not None:
+                bias.assign(bias / scale)
+            following.moving_mean.assign(following.moving_mean / scale)
+            following.moving_variance.assign(variance.astype(np.float32))
+            return
+    producer.gamma.assign(producer.gamma / scale)
+    producer.beta.assign(producer.beta / scale)
+    kernels = layer_kernels(consumer)
+    quantizer, kernel = kernels["depthwise_kernel" if "depthwise_kernel" in kernels else "kernel"]
+    kernel.assign(kernel * scale)
+    if quantizer is not None:
+        quantizer.initialize_from(kernel)

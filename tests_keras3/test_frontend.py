@@ -289,3 +289,53 @@ def test_embedding_looks_up_its_quantized_table():
     levels = np.asarray(q(table))
     assert np.max(np.abs(levels - table.numpy())) > 1e-3 and len(np.unique(np.abs(levels))) <= 7
     np.testing.assert_array_equal(out, levels[ids])
+
+
+def test_fit_dorefa_ranges_recovers_the_float_function():
+    """A Keras 3 float model with ReLU outputs far above 1; the same model with DoReFa(8) inputs
+    (float kernels, SYQ ternary in the Dense) computes it again once the ranges are fitted."""
+    Q = syq.quantizers
+
+    def build(quantized):
+        def q(layer, kernel=None):
+            if not quantized:
+                return layer
+            return syq.quantize(layer, kernel_quantizer=kernel, input_quantizer=Q.DoReFa(8))
+
+        inp = keras.Input((8, 8, 3))
+        h = keras.layers.Conv2D(6, 3, padding="same", name="c1")(inp)
+        h = keras.layers.BatchNormalization(name="bn1")(h)
+        if not quantized:
+            h = keras.layers.ReLU()(h)
+        h = keras.layers.MaxPooling2D(name="pool")(h)
+        h = q(keras.layers.Conv2D(6, 3, padding="same", name="c2"))(h)
+        h = keras.layers.BatchNormalization(name="bn2")(h)
+        if not quantized:
+            h = keras.layers.ReLU()(h)
+        h = keras.layers.Flatten()(h)
+        return keras.Model(inp, q(keras.layers.Dense(5, name="fc"), Q.SYQ(2, "channel"))(h))
+
+    keras.utils.set_random_seed(0)
+    reference_model = build(False)
+    model = build(True)
+    for bn in ("bn1", "bn2"):
+        layer = reference_model.get_layer(bn)
+        layer.set_weights([np.full(6, 3.0), np.full(6, 2.0), *layer.get_weights()[2:]])
+    for layer in (reference_model.get_layer(n) for n in ("c1", "bn1", "c2", "bn2", "fc")):
+        own = {v.name: v for v in model.get_layer(layer.name).weights}
+        for v in layer.weights:
+            own[v.name].assign(v)
+    syq.reinitialize_scales(model)
+    x = np.random.default_rng(0).uniform(0, 1, (32, 8, 8, 3)).astype(np.float32)
+    # the float reference with the Dense kernel as SYQ stores it, scaled as fit_dorefa_ranges will
+    before = model(x, training=False).numpy()
+    scales = syq.fit_dorefa_ranges(model, x, batches=1, batch_statistics=False)
+    assert set(scales) == {"c2", "fc"} and all(isinstance(s, float) and s > 2 for s in scales.values()), scales
+    after = model(x, training=False).numpy()
+    fc = model.get_layer("fc")
+    kernel = fc.float_kernels()["kernel"][1]
+    reference_model.get_layer("fc").kernel.assign(fc.kernel_quantizer(kernel) / scales["fc"])
+    reference = reference_model(x, training=False).numpy()
+    scale = np.abs(reference).max()
+    assert np.abs(before - reference).max() / scale > 0.3
+    assert np.abs(after - reference).max() / scale < 0.02

@@ -12,7 +12,7 @@ _bootstrap.ensure_keras3()
 
 import syq_tf.quantizers as quantizers  # noqa: E402  (the shared quantizers, on Keras 3 layers)
 from syq_tf.layers import quantize  # noqa: E402
-from syq_tf.calibration import Calibrate, calibrate  # noqa: E402
+from syq_tf.calibration import Calibrate, calibrate, fit_dorefa_ranges  # noqa: E402
 from syq_tf.models import ReinitializeScales, quantized_kernels, reinitialize_scales  # noqa: E402
 from syq_tf.optimizers import LossAwareAdam  # noqa: E402
 from syq_tf.summary import summary  # noqa: E402
@@ -27,6 +27,7 @@ __all__ = [
     "quantize_model",
     "calibrate",
     "Calibrate",
+    "fit_dorefa_ranges",
     "reinitialize_scales",
     "ReinitializeScales",
     "quantized_kernels",
