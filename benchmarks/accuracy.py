@@ -71,6 +71,14 @@ GAP_ROWS = r"^(SYQ W[12]A8 pixel|QKeras binary W1A8|QKeras quantized_bits.*W2A8)
 # the 8th), the shape of the SYQ / DoReFa training scripts' schedules (constant, then two drops near
 # the end): does the scale-learning noise of a constant rate explain SYQ's remaining gap?
 PROFILES["long-decay"] = dict(PROFILES["long"], decay=((6, 0.2), (7, 0.04)))
+# The SYQ paper fine-tunes a converged float model; 'long' starts its 8 quantized epochs from 2 float
+# epochs, so the quantized rows also pay for an unfinished float training. Here: 8 float epochs first
+# (the float row then continues for the same 8 epochs as every other row).
+PROFILES["pretrained"] = dict(PROFILES["long"], float_epochs=8)
+# DoReFa clips at 1 the ReLU outputs of the float model it starts from (after BatchNorm, ranges up to
+# ~6 here): syq_tf.fit_dorefa_ranges moves each BatchNorm's range into the next kernel first.
+PROFILES["ranges"] = dict(PROFILES["full"], fit_ranges=True)
+PROFILES["long-ranges"] = dict(PROFILES["long"], fit_ranges=True)
 # Other profiles shown in BENCHMARKS.md next to the main table: (what changes, how to run it).
 STUDIES = {
     "lr2e-3": ("Adam {lr} for the {epochs} fine-tuning epochs", "--profile lr2e-3"),
@@ -78,6 +86,13 @@ STUDIES = {
              f"--profile long --rows '{GAP_ROWS}'"),
     "long-decay": ("{epochs} fine-tuning epochs at Adam {lr}, x0.2 from epoch 7, x0.04 for epoch 8",
                    "--profile long-decay --rows '^SYQ W[12]A8 pixel$' --no-export"),
+    "ranges": ("`syq_tf.fit_dorefa_ranges` before fine-tuning (DoReFa's [0, 1] fitted to the float "
+               "activations), {epochs} epochs at Adam {lr}", "--profile ranges --rows '^SYQ' --no-export"),
+    "long-ranges": ("`syq_tf.fit_dorefa_ranges` before {epochs} fine-tuning epochs at Adam {lr}",
+                    "--profile long-ranges --rows '^SYQ W[12]A[82] pixel$' --no-export"),
+    "pretrained": ("{float_epochs} float pre-training epochs (the paper's converged float start), then "
+                   "{epochs} fine-tuning epochs at Adam {lr}",
+                   "--profile pretrained --rows '^SYQ W[12]A8 pixel$' --no-export"),
 }
 QUICK_ROWS = ("float", "larq ste_sign W1A1", "larq SteTern W2A32", "tfmot 8-bit QAT W8A8", "SYQ W2A8 pixel",
               "SYQ W1A8 channel", "UniQ W2A2", "LS ls1 W1 A-ls1", "LAB W1A32")
@@ -204,6 +219,8 @@ def build_row(row, float_model, profile, calibration_data, calibration_batches):
         model.set_weights(transfer_float_weights(model, float_model))
         syq_tf.reinitialize_scales(model)
         syq_tf.calibrate(model, calibration_data, batches=calibration_batches)
+        if profile.get("fit_ranges"):
+            syq_tf.fit_dorefa_ranges(model, calibration_data, batches=10)
     compile_model(model, profile["lr"], method)
     return model
 
