@@ -32,9 +32,9 @@ Writes benchmarks/results/deploy.json.
 import argparse
 import pathlib
 import platform
+import os
 import statistics
 import sys
-import os
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/machine.py, also when imported by path
@@ -288,9 +288,8 @@ def main():
         "table": lines,
         "seconds": round(elapsed),
     }
-    path = args.out
-    write_json(path, out)
-    print(f"wrote {path}")
+    write_json(args.out, out)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -98,8 +98,13 @@ def vgg_quarter(kq):
 ARCHS = {"mlp": mlp, "vgg": vgg_quarter}
 
 
-def run(arch, row, args, seed, data, out_dir):
-    path = os.path.join(out_dir, f"{arch}_{slug(row)}.json")
+def cached_path(args, seed, arch, row):
+    """Where one (arch, row, seed) result of these settings is cached."""
+    return os.path.join(args.out, f"e{args.epochs}_n{args.train_limit}_s{seed}", f"{arch}_{slug(row)}.json")
+
+
+def run(arch, row, args, seed, data):
+    path = cached_path(args, seed, arch, row)
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
@@ -165,20 +170,17 @@ def main(argv=None):
     x, y = load_fashion_mnist("train")
     data = ((x[: args.train_limit], y[: args.train_limit]), load_fashion_mnist("test"))
     for seed in args.seeds:  # every (arch, row, seed) is cached as soon as it is done
-        out_dir = os.path.join(args.out, f"e{args.epochs}_n{args.train_limit}_s{seed}")
-        os.makedirs(out_dir, exist_ok=True)
         for arch in archs:
             for row in rows:
-                r = run(arch, row, args, seed, data, out_dir)
+                r = run(arch, row, args, seed, data)
                 print(f"[reproductions] seed {seed} {arch:<4} {row:<34} accuracy {r['test_accuracy']:.4f} "
                       f"({r['seconds_per_epoch']:.1f} s/epoch)", flush=True)
     # the table: every cached (arch, row, seed) of these settings, trained now or by an earlier run
     results = []
     for seed in args.seeds:
-        out_dir = os.path.join(args.out, f"e{args.epochs}_n{args.train_limit}_s{seed}")
         for arch in archs:
             for row in ROWS:
-                path = os.path.join(out_dir, f"{arch}_{slug(row)}.json")
+                path = cached_path(args, seed, arch, row)
                 if os.path.exists(path):
                     with open(path) as f:
                         results.append(json.load(f))

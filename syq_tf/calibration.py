@@ -35,7 +35,7 @@ def calibratable_quantizers(model):
     return found
 
 
-def _batches(data, batches, batch_size):
+def _batches(data, batches, batch_size, owner="syq_tf.calibrate"):
     if isinstance(data, tf.data.Dataset):
         source = data
     else:
@@ -43,7 +43,7 @@ def _batches(data, batches, batch_size):
             data = data[0]
         array = np.asarray(data)
         if array.ndim == 0 or len(array) == 0:
-            raise ValueError("syq_tf.calibrate: no calibration data (an empty array).")
+            raise ValueError(f"{owner}: no calibration data (an empty array).")
         source = tf.data.Dataset.from_tensor_slices(array.astype(np.float32)).batch(batch_size)
     for i, batch in enumerate(source):
         if i >= batches:
@@ -163,7 +163,7 @@ def _single_input(layer):
 
 
 def dorefa_chains(model):
-    """[(BatchNormalization, [layers between], consumer layer, reason or None)] for every layer
+    """[(BatchNormalization, consumer layer, reason or None)] for every layer
     whose ``input_quantizer`` is DoReFa: its input traced back through scale-preserving layers
     (pooling, flatten, reshape, dropout, padding, cropping, ReLU) to the BatchNormalization that
     makes it. ``reason`` says why the chain cannot be rescaled (then nothing is changed for it)."""
@@ -174,7 +174,7 @@ def dorefa_chains(model):
     for consumer in model.layers:
         if not isinstance(getattr(consumer, "input_quantizer", None), DoReFaActivation):
             continue
-        between, producer, reason = [], None, None
+        producer, reason = None, None
         tensor = _single_input(consumer)
         while reason is None and producer is None:
             layer = _history_layer(tensor) if tensor is not None else None
@@ -189,7 +189,6 @@ def dorefa_chains(model):
                     producer = layer
             elif _class_name(layer) in _HOMOGENEOUS or (
                     _class_name(layer) == "ReLU" and layer.max_value is None and float(layer.threshold) == 0.0):
-                between.append(layer)
                 tensor = _single_input(layer)
             else:
                 reason = f"'{layer.name}' ({_class_name(layer)}) lies between it and a BatchNormalization"
@@ -202,7 +201,7 @@ def dorefa_chains(model):
             elif quantizer is not None and not hasattr(quantizer, "initialize_from"):
                 reason = (f"its {attr} quantizer {type(quantizer).__name__} has no scale set from the weights "
                           "(the rescaled kernel would change its output)")
-        chains.append((producer, between, consumer, reason))
+        chains.append((producer, consumer, reason))
     return chains
 
 
@@ -236,7 +235,7 @@ def fit_dorefa_ranges(model, data, batches=10, batch_size=128, batch_statistics=
     if isinstance(batches, (bool, np.bool_)) or not isinstance(batches, numbers.Integral) or batches < 1:
         raise ValueError(f"syq_tf.fit_dorefa_ranges: batches={batches!r} must be a positive integer.")
     result = {}
-    for producer, _between, consumer, reason in dorefa_chains(model):
+    for producer, consumer, reason in dorefa_chains(model):
         if reason is not None:
             result[consumer.name] = reason
             continue
@@ -260,7 +259,7 @@ def _probe(model, tensor, data, batches, batch_size, batch_statistics):
     saved = [(v, v.numpy()) for v in model.non_trainable_variables]
     values = []
     try:
-        for x in _batches(data, batches, batch_size):
+        for x in _batches(data, batches, batch_size, owner="syq_tf.fit_dorefa_ranges"):
             values.append(np.asarray(probe(x, training=batch_statistics), np.float32).ravel())
     finally:
         for variable, value in saved:
@@ -292,22 +291,20 @@ def _rescale(producer, consumer, scale):
     in the consumer's kernel (re-initialising its quantizer's scale)."""
     from syq_tf.models import layer_kernels  # noqa: PLC0415
 
+    producer.gamma.assign(producer.gamma / scale)
+    producer.beta.assign(producer.beta / scale)
     following = _next_batchnorm(consumer)
     if following is not None:
         # (y / s - m') / sqrt(v' + eps) = (y - m) / sqrt(v + eps):  m' = m / s,  v' = (v + eps) / s^2 - eps
         eps = float(following.epsilon)
         variance = (following.moving_variance.numpy().astype(np.float64) + eps) / scale**2 - eps
         if np.all(variance >= 0.0):
-            producer.gamma.assign(producer.gamma / scale)
-            producer.beta.assign(producer.beta / scale)
             bias = getattr(consumer, "bias", None)
             if bias is not None:
                 bias.assign(bias / scale)
             following.moving_mean.assign(following.moving_mean / scale)
             following.moving_variance.assign(variance.astype(np.float32))
             return
-    producer.gamma.assign(producer.gamma / scale)
-    producer.beta.assign(producer.beta / scale)
     kernels = layer_kernels(consumer)
     quantizer, kernel = kernels["depthwise_kernel" if "depthwise_kernel" in kernels else "kernel"]
     kernel.assign(kernel * scale)

@@ -141,7 +141,7 @@ def test_chains_that_cannot_be_rescaled_are_left_alone_with_the_reason():
                               kernel_quantizer="ste_sign", name="binary")(c)
     e = lq.layers.QuantConv2D(4, 3, padding="same", input_quantizer=Q.DoReFa(8), name="first")(inp)
     model = tf.keras.Model(inp, [d, e])
-    reasons = {consumer.name: reason for _, _, consumer, reason in dorefa_chains(model)}
+    reasons = {consumer.name: reason for _, consumer, reason in dorefa_chains(model)}
     assert "'bn' feeds 2 layers" in reasons["branch_a"]
     assert "'bn' feeds 2 layers" in reasons["branch_b"]
     assert "SteSign has no scale set from the weights" in reasons["binary"]
