@@ -215,6 +215,10 @@ def run_model(name, p, args, out_rows):
             continue
         row["layers"] = counts
         tiny_models.compile_model(q, name, args.q_lr)
+        if args.fit_ranges:  # DoReFa's fixed [0, 1] fitted to the float model's ReLU outputs
+            fitted = syq_tf.fit_dorefa_ranges(q, rep_x)
+            row["dorefa_ranges"] = {"fitted": sum(isinstance(v, float) for v in fitted.values()),
+                                    "left": {k: v for k, v in fitted.items() if not isinstance(v, float)}}
         syq_tf.calibrate(q, rep_x)
         t = time.perf_counter()
         q.fit(x, y, batch_size=p["batch"], epochs=p["q_epochs"], verbose=0, shuffle=True)
@@ -407,7 +411,7 @@ def meta_of(args, p, seconds, flags):
     return {"profile": p, "cpu": cpu_name(), "cpus": os.cpu_count(), "platform": platform.platform(),
             "python": sys.version.split()[0], "versions": versions, "seconds": seconds,
             "command": f"python benchmarks/models.py {flags}".strip(), "targets": args.targets, "lr": args.lr,
-            "q_lr": args.q_lr, "seed": args.seed, "bn_momentum": args.bn_momentum}
+            "q_lr": args.q_lr, "seed": args.seed, "bn_momentum": args.bn_momentum, "fit_ranges": args.fit_ranges}
 
 
 def main(argv=None):
@@ -427,6 +431,8 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--q-epochs", type=int, default=None, help="quantized fine-tuning epochs (default: the profile's)")
     ap.add_argument("--train", type=int, default=None, help="training examples (default: the profile's)")
+    ap.add_argument("--no-fit-ranges", dest="fit_ranges", action="store_false",
+                    help="skip syq_tf.fit_dorefa_ranges after quantize_model (DoReFa activations clip at 1)")
     ap.add_argument("--write-section", action="store_true", help="only rewrite the BENCHMARKS.md section from the JSON")
     args = ap.parse_args(argv)
     if args.write_section:
@@ -446,8 +452,8 @@ def main(argv=None):
         run_model(name, p, args, rows)
         merged = save_rows(os.path.join(args.out, f"{stem}.json"), meta_of(args, p, time.perf_counter() - t0, flags), rows, MODELS)
         print("\n".join(table(rows)), flush=True)
-        if not args.quick:
-            print(f"wrote {write_section(merged)}", flush=True)
+        if not args.quick and os.path.abspath(args.out) == os.path.join(HERE, "results"):
+            print(f"wrote {write_section(merged)}", flush=True)  # results elsewhere: BENCHMARKS.md untouched
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ While calibrating, each activation quantizer passes its input through in float a
 its step becomes ``k+_b`` times the largest value seen.
 """
 
+import dataclasses
 import numbers
 
 import numpy as np
@@ -143,8 +144,13 @@ def best_dorefa_scale(a, bits, candidates=64):
     return float(grid[int(np.argmin(errors))])
 
 
+def _inner(layer):
+    """The layer a tfmot ``QuantizeWrapper`` wraps, or ``layer`` itself."""
+    return layer.layer if hasattr(layer, "quantize_config") and hasattr(layer, "layer") else layer
+
+
 def _class_name(layer):
-    return type(layer).__name__
+    return type(_inner(layer)).__name__
 
 
 def _history_layer(tensor):
@@ -153,8 +159,23 @@ def _history_layer(tensor):
     return history[0] if history is not None else None
 
 
-def _consumers(layer):
-    return len(getattr(layer, "_outbound_nodes", []))
+def _readers(layer, model):
+    """The layers of ``model`` that read ``layer``'s output (a layer may also be called in other
+    models: a tfmot model keeps the float layers it does not wrap, still called in the model it was
+    made from)."""
+    readers = []
+    for node in getattr(layer, "_outbound_nodes", []):
+        reader = getattr(node, "outbound_layer", None) or getattr(node, "operation", None)
+        index = reader._inbound_nodes.index(node)
+        if hasattr(model, "_network_nodes"):  # tf_keras
+            inside = f"{reader.name}_ib-{index}" in model._network_nodes
+        elif isinstance(getattr(model, "_nodes", None), (set, frozenset)):  # Keras 3
+            inside = f"{id(reader)}_ib-{index}" in model._nodes
+        else:
+            inside = True
+        if inside:
+            readers.append(reader)
+    return readers
 
 
 def _single_input(layer):
@@ -162,93 +183,201 @@ def _single_input(layer):
     return None if isinstance(inputs, (list, tuple, dict)) else inputs
 
 
-def dorefa_chains(model):
-    """[(BatchNormalization, consumer layer, reason or None)] for every layer
-    whose ``input_quantizer`` is DoReFa: its input traced back through scale-preserving layers
-    (pooling, flatten, reshape, dropout, padding, cropping, ReLU) to the BatchNormalization that
-    makes it. ``reason`` says why the chain cannot be rescaled (then nothing is changed for it)."""
+def _activation_name(layer):
+    """A layer's activation function: 'linear' for none (tfmot's NoOpActivation, which replaces it
+    where a BatchNormalization follows, included); through tfmot's QuantizeAwareActivation."""
+    activation = getattr(_inner(layer), "activation", None)
+    activation = getattr(activation, "activation", activation)
+    if activation is None or type(activation).__name__ == "NoOpActivation":
+        return "linear"
+    return getattr(activation, "__name__", type(activation).__name__)
+
+
+def _relu_cap(layer):
+    """``(True, max_value or None)`` for a plain ReLU layer (ReLU without threshold or negative slope,
+    Activation 'relu' / 'relu6'), ``(False, None)`` for any other layer. A ReLU passes a scale
+    ``s`` unchanged below its cap; a cap at or above the fitted range (ReLU6's 6) is cut by DoReFa's
+    clip first, and the range fitted on its outputs never exceeds it."""
+    inner = _inner(layer)
+    if type(inner).__name__ == "ReLU":
+        if float(inner.threshold) != 0.0 or float(inner.negative_slope) != 0.0:
+            return False, None
+        return True, None if inner.max_value is None else float(inner.max_value)
+    if type(inner).__name__ == "Activation":
+        name = _activation_name(inner)
+        if name in ("relu", "relu6"):
+            return True, 6.0 if name == "relu6" else None
+    return False, None
+
+
+def _dorefa_of(layer):
+    """``(DoReFa quantizer, "input" | "output")`` of a layer: a syq_tf / larq layer's
+    ``input_quantizer`` or the output quantizer of a tfmot wrapper's config; ``(None, None)``."""
     from syq_tf.quantizers.activations import DoReFaActivation  # noqa: PLC0415
+
+    if isinstance(getattr(layer, "input_quantizer", None), DoReFaActivation):
+        return layer.input_quantizer, "input"
+    output = getattr(getattr(layer, "quantize_config", None), "output_quantizer", None)
+    quantizer = getattr(output, "quantizer", None)
+    if isinstance(quantizer, DoReFaActivation):
+        return quantizer, "output"
+    return None, None
+
+
+@dataclasses.dataclass
+class _Chain:
+    """A DoReFa quantizer (held by ``owner``) between the BatchNormalization ``producer`` whose
+    output it reads and the kernel layer ``consumer`` that reads it (``owner`` itself for an input
+    quantizer). ``path``: the layers in between whose outputs the scale also divides (their output
+    ranges follow it); ``cap``: a ReLU's max_value the probed values are cut at."""
+
+    owner: object
+    quantizer: object
+    probe: object = None
+    producer: object = None
+    consumer: object = None
+    path: list = dataclasses.field(default_factory=list)
+    cap: float = None
+    reason: str = None
+
+
+def _trace_back(model, chain, tensor):
+    """Follow ``tensor`` back through scale-preserving layers to the BatchNormalization making it."""
+    while chain.reason is None and chain.producer is None:
+        layer = _history_layer(tensor) if tensor is not None else None
+        if layer is None or _class_name(layer) in ("InputLayer", "QuantizeLayer"):
+            chain.reason = "its input comes from the model's input, not from a BatchNormalization"
+        elif len(_readers(layer, model)) != 1:
+            chain.reason = (f"'{layer.name}' feeds {len(_readers(layer, model))} layers (rescaling it would change "
+                            "the others)")
+        elif isinstance(_inner(layer), tf.keras.layers.BatchNormalization):
+            if not (_inner(layer).scale and _inner(layer).center):
+                chain.reason = f"BatchNormalization '{layer.name}' has no gamma or no beta to rescale"
+            else:
+                chain.producer = layer
+                chain.path.append(layer)
+        elif _class_name(layer) in _HOMOGENEOUS or _relu_cap(layer)[0]:
+            chain.path.append(layer)
+            tensor = _single_input(layer)
+        else:
+            chain.reason = f"'{layer.name}' ({_class_name(layer)}) lies between it and a BatchNormalization"
+
+
+def _trace_forward(model, chain):
+    """Follow the owner's output (a tfmot output quantizer) through scale-preserving layers to the
+    kernel layer that reads it."""
+    from syq_tf.models import layer_kernels  # noqa: PLC0415
+
+    layer = chain.owner
+    while chain.reason is None and chain.consumer is None:
+        readers = _readers(layer, model)
+        if len(readers) != 1:
+            chain.reason = f"'{layer.name}' feeds {len(readers)} layers (rescaling it would change the others)"
+        elif layer_kernels(readers[0]):
+            chain.consumer = readers[0]
+        elif _class_name(readers[0]) in _HOMOGENEOUS:
+            layer = readers[0]
+            chain.path.append(layer)
+        else:
+            chain.reason = (f"'{readers[0].name}' ({_class_name(readers[0])}) lies between it and the kernel layer "
+                            "that reads it")
+
+
+def _chains(model):
     from syq_tf.models import layer_kernels  # noqa: PLC0415
 
     chains = []
-    for consumer in model.layers:
-        if not isinstance(getattr(consumer, "input_quantizer", None), DoReFaActivation):
+    for layer in model.layers:
+        quantizer, where = _dorefa_of(layer)
+        if quantizer is None:
             continue
-        producer, reason = None, None
-        tensor = _single_input(consumer)
-        while reason is None and producer is None:
-            layer = _history_layer(tensor) if tensor is not None else None
-            if layer is None or _class_name(layer) == "InputLayer":
-                reason = "its input comes from the model's input, not from a BatchNormalization"
-            elif _consumers(layer) != 1:
-                reason = f"'{layer.name}' feeds {_consumers(layer)} layers (rescaling it would change the others)"
-            elif isinstance(layer, tf.keras.layers.BatchNormalization):
-                if not (layer.scale and layer.center):
-                    reason = f"BatchNormalization '{layer.name}' has no gamma or no beta to rescale"
-                else:
-                    producer = layer
-            elif _class_name(layer) in _HOMOGENEOUS or (
-                    _class_name(layer) == "ReLU" and layer.max_value is None and float(layer.threshold) == 0.0):
-                tensor = _single_input(layer)
-            else:
-                reason = f"'{layer.name}' ({_class_name(layer)}) lies between it and a BatchNormalization"
-        if reason is None:
-            kernels = layer_kernels(consumer)
+        chain = _Chain(layer, quantizer, probe=_single_input(layer))
+        if where == "input":
+            chain.consumer = layer
+        else:  # a tfmot wrapper's output quantizer: the wrapped layer must be the ReLU it quantizes
+            is_relu, chain.cap = _relu_cap(layer)
+            if not is_relu:
+                chain.reason = f"its DoReFa quantizes the output of a {_class_name(layer)}, not of a ReLU"
+            chain.path.append(layer)
+            _trace_forward(model, chain)
+        _trace_back(model, chain, chain.probe)
+        if chain.reason is None:
+            kernels = layer_kernels(chain.consumer)
             attr = "depthwise_kernel" if "depthwise_kernel" in kernels else "kernel"
-            quantizer = kernels.get(attr, (None, None))[0]
+            kernel_quantizer = kernels.get(attr, (None, None))[0]
             if attr not in kernels:
-                reason = "it has no kernel to take the scale"
-            elif quantizer is not None and not hasattr(quantizer, "initialize_from"):
-                reason = (f"its {attr} quantizer {type(quantizer).__name__} has no scale set from the weights "
-                          "(the rescaled kernel would change its output)")
-        chains.append((producer, consumer, reason))
+                chain.reason = f"'{chain.consumer.name}' has no kernel to take the scale"
+            elif kernel_quantizer is not None and not hasattr(kernel_quantizer, "initialize_from"):
+                chain.reason = (f"'{chain.consumer.name}': its {attr} quantizer {type(kernel_quantizer).__name__} has "
+                                "no scale set from the weights (the rescaled kernel would change its output)")
+        chains.append(chain)
     return chains
 
 
+def dorefa_chains(model):
+    """[(BatchNormalization, layer holding a DoReFa quantizer, reason or None)] for every DoReFa
+    quantizer of ``model``: a layer's ``input_quantizer`` (syq_tf, larq and Keras 3 layers), or the
+    output quantizer of a tfmot wrapper around a ReLU (``syq_tf.tfmot.quantize_model``'s low-bit
+    activations). Its input is traced back through scale-preserving layers (pooling, flatten, reshape,
+    dropout, padding, cropping, ReLU) to the BatchNormalization that makes it, and a tfmot output
+    forward through such layers to the kernel layer that reads it. ``reason`` says why the chain
+    cannot be rescaled (then nothing is changed for it)."""
+    return [(chain.producer, chain.owner, chain.reason) for chain in _chains(model)]
+
+
 def fit_dorefa_ranges(model, data, batches=10, batch_size=128, batch_statistics=True):
-    """Rescale ``model`` so that each DoReFa input quantizer's fixed range [0, 1] fits the
-    activations it reads; the model's float function is unchanged (up to the clipping it fixes).
+    """Rescale ``model`` so that each DoReFa quantizer's fixed range [0, 1] fits the activations it
+    quantizes; the model's float function is unchanged (up to the clipping it fixes).
 
     DoReFa quantizes ``round(clip(a, 0, 1) * n) / n``. Switched on in a model trained in float with
     ReLU, it cuts every activation above 1 -- after a BatchNormalization, a large share (measured:
-    ranges up to 6 in the benchmark CNN). For each DoReFa consumer whose input comes from a
-    BatchNormalization (through pooling, flatten, dropout, ReLU ...), the scale ``s`` that
+    ranges up to 6 in the benchmark CNN). For each DoReFa quantizer whose input comes from a
+    BatchNormalization (through pooling, flatten, dropout, ReLU ...) and is read by one kernel
+    layer (the quantizer's own layer for an ``input_quantizer``; for a tfmot model made by
+    :func:`syq_tf.tfmot.quantize_model`, the layer reading the quantized ReLU), the scale ``s`` that
     minimises the quantizer's squared error on ``data`` (:func:`best_dorefa_scale`) is moved out of
-    the activations and undone after the consumer::
+    the activations and undone after that kernel layer::
 
         gamma, beta  <-  gamma / s, beta / s            (the BatchNormalization before)
-        b            <-  b / s                          (the consumer's bias)
+        b            <-  b / s                          (the kernel layer's bias)
         m, v         <-  m / s, (v + eps) / s^2 - eps   (the moving statistics of the BatchNormalization
-                                                         that reads the consumer's output)
+                                                         that reads the kernel layer's output)
 
-    so the consumer's kernel, its quantizer's scales and the size of the optimizer's steps relative
-    to them stay as they are. Where no BatchNormalization follows (or ``v`` would turn negative),
-    the kernel takes it instead: ``W <- s W`` (the depthwise kernel of separable and depthwise
-    convolutions), its quantizer re-initialised from it (every syq_tf weight quantizer's scale
-    follows ``W``: SYQ alpha = mean|W|, UniQ delta = k std(W), ...).
-    Consumers are done in order, each measured after the ones before it were rescaled; the passes
+    so the kernel, its quantizer's scales and the size of the optimizer's steps relative to them
+    stay as they are. Where no BatchNormalization follows (or ``v`` would turn negative), the kernel
+    takes it instead: ``W <- s W`` (the depthwise kernel of separable and depthwise convolutions),
+    its quantizer re-initialised from it (every syq_tf weight quantizer's scale follows ``W``: SYQ
+    alpha = mean|W|, UniQ delta = k std(W), ...). tfmot's 8-bit ranges of the tensors the scale
+    divides (outputs of pooling, of the layers in between) are divided with them, a tfmot kernel
+    range multiplied with its kernel. A ReLU with a cap (ReLU6) may stand in the chain: the range
+    fitted to its outputs is never above the cap, so DoReFa's clip comes first.
+    Quantizers are done in order, each measured after the ones before it were rescaled; the passes
     use batch statistics (as training will) unless ``batch_statistics=False``, and every
     non-trainable variable is restored afterwards. Chains that cannot be rescaled are left alone
     (see :func:`dorefa_chains` for the reasons). Use it when quantization is switched on, after the
-    float weights are in place. Returns ``{consumer name: s or the reason it was left alone}``.
+    float weights are in place (with ``quantize_model``: right after it, before ``calibrate`` and
+    training). Returns ``{name of the layer holding the quantizer: s or the reason it was left alone}``.
     """
     if isinstance(batches, (bool, np.bool_)) or not isinstance(batches, numbers.Integral) or batches < 1:
         raise ValueError(f"syq_tf.fit_dorefa_ranges: batches={batches!r} must be a positive integer.")
     result = {}
-    for producer, consumer, reason in dorefa_chains(model):
-        if reason is not None:
-            result[consumer.name] = reason
+    for chain in _chains(model):
+        name = chain.owner.name
+        if chain.reason is not None:
+            result[name] = chain.reason
             continue
-        values = _probe(model, _single_input(consumer), data, batches, batch_size, batch_statistics)
+        values = _probe(model, chain.probe, data, batches, batch_size, batch_statistics)
         if not np.all(np.isfinite(values)):
-            raise ValueError(f"syq_tf.fit_dorefa_ranges: the input of '{consumer.name}' holds NaN or Inf "
+            raise ValueError(f"syq_tf.fit_dorefa_ranges: the input of '{name}' holds NaN or Inf "
                              "values on the data (check the data and the weights)")
-        scale = best_dorefa_scale(values, consumer.input_quantizer.bits)
+        if chain.cap is not None:  # the output quantizer of a capped ReLU reads its outputs
+            values = np.minimum(values, chain.cap)
+        scale = best_dorefa_scale(values, chain.quantizer.bits)
         if scale is None:
-            result[consumer.name] = "its input is never positive on the data"
+            result[name] = "its input is never positive on the data"
             continue
-        _rescale(producer, consumer, scale)
-        result[consumer.name] = scale
+        _rescale(model, chain, scale)
+        result[name] = scale
     return result
 
 
@@ -269,44 +398,68 @@ def _probe(model, tensor, data, batches, batch_size, batch_statistics):
     return np.concatenate(values)
 
 
-def _next_batchnorm(consumer):
+def _next_batchnorm(model, consumer):
     """The BatchNormalization that alone reads ``consumer``'s output (through no activation but
     ReLU or none), or None."""
-    if _consumers(consumer) != 1:
+    readers = _readers(consumer, model)
+    if len(readers) != 1 or _activation_name(consumer) not in ("linear", "relu"):
         return None
-    activation = getattr(consumer, "activation", None)
-    if getattr(activation, "__name__", "linear") not in ("linear", "relu"):
-        return None
-    node = consumer._outbound_nodes[0]
-    layer = getattr(node, "outbound_layer", None) or getattr(node, "operation", None)
-    if isinstance(layer, tf.keras.layers.BatchNormalization) and not getattr(layer, "renorm", False):
-        return layer
+    if isinstance(_inner(readers[0]), tf.keras.layers.BatchNormalization) and not getattr(
+            _inner(readers[0]), "renorm", False):
+        return readers[0]
     return None
 
 
-def _rescale(producer, consumer, scale):
-    """Divide ``producer``'s output by ``scale`` and undo it after ``consumer``: in the moving
+def _ranges(layer, kinds):
+    """tfmot's range variables (``<kind>_min`` / ``<kind>_max``) of a wrapper, for the given kinds."""
+    found = []
+    for variable in getattr(layer, "non_trainable_weights", []) if hasattr(layer, "quantize_config") else []:
+        stem = variable.name.split("/")[-1].split(":")[0]
+        if any(stem in (f"{kind}_min", f"{kind}_max") for kind in kinds):
+            found.append(variable)
+    return found
+
+
+_OUTPUT_RANGES = ("output", "pre_activation", "post_activation")
+
+
+def _rescale(model, chain, scale):
+    """Divide the producer's output by ``scale`` and undo it after the consumer: in the moving
     statistics of the BatchNormalization that follows it when there is one (the kernel and its
     quantizer keep their values, so the optimizer's steps keep their size relative to them), else
     in the consumer's kernel (re-initialising its quantizer's scale)."""
     from syq_tf.models import layer_kernels  # noqa: PLC0415
 
+    producer, consumer = _inner(chain.producer), chain.consumer
     producer.gamma.assign(producer.gamma / scale)
     producer.beta.assign(producer.beta / scale)
-    following = _next_batchnorm(consumer)
+    divided = list(chain.path)
+    following = _next_batchnorm(model, consumer)
     if following is not None:
         # (y / s - m') / sqrt(v' + eps) = (y - m) / sqrt(v + eps):  m' = m / s,  v' = (v + eps) / s^2 - eps
-        eps = float(following.epsilon)
-        variance = (following.moving_variance.numpy().astype(np.float64) + eps) / scale**2 - eps
+        bn = _inner(following)
+        eps = float(bn.epsilon)
+        variance = (bn.moving_variance.numpy().astype(np.float64) + eps) / scale**2 - eps
         if np.all(variance >= 0.0):
-            bias = getattr(consumer, "bias", None)
+            bias = getattr(_inner(consumer), "bias", None)
             if bias is not None:
                 bias.assign(bias / scale)
-            following.moving_mean.assign(following.moving_mean / scale)
-            following.moving_variance.assign(variance.astype(np.float32))
-            return
-    kernels = layer_kernels(consumer)
-    quantizer, kernel = kernels["depthwise_kernel" if "depthwise_kernel" in kernels else "kernel"]
-    kernel.assign(kernel * scale)
-    if quantizer is not None:
-        quantizer.initialize_from(kernel)
+            bn.moving_mean.assign(bn.moving_mean / scale)
+            bn.moving_variance.assign(variance.astype(np.float32))
+            following = consumer  # its output is divided too
+        else:
+            following = None
+    if following is not None:
+        divided.append(consumer)
+    else:
+        kernels = layer_kernels(consumer)
+        attr = "depthwise_kernel" if "depthwise_kernel" in kernels else "kernel"
+        quantizer, kernel = kernels[attr]
+        kernel.assign(kernel * scale)
+        if quantizer is not None:
+            quantizer.initialize_from(kernel)
+        for variable in _ranges(consumer, (attr,)):
+            variable.assign(variable * scale)
+    for layer in divided:
+        for variable in _ranges(layer, _OUTPUT_RANGES):
+            variable.assign(variable / scale)

@@ -9,6 +9,7 @@ import tensorflow as tf
 import syq_tf
 from syq_tf import quantizers as Q
 from syq_tf.calibration import best_dorefa_scale, dorefa_chains, dorefa_range_error
+from syq_tf.models import layer_kernels
 from syq_tf.recipes import build_cnn, transfer_float_weights
 
 WIDTHS = (4, 4, 8, 8, 16)
@@ -166,3 +167,122 @@ def test_nan_activations_are_an_error_naming_the_layer():
     x[0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="input of 'conv2' holds NaN or Inf"):
         syq_tf.fit_dorefa_ranges(quantized, x, batches=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# tfmot models: DoReFa is the output quantizer of a wrapped ReLU, the kernel layer after it reads it.
+
+def _bn(name, gamma=3.0, beta=2.0):
+    return tf.keras.layers.BatchNormalization(name=name, gamma_initializer=tf.keras.initializers.Constant(gamma),
+                                              beta_initializer=tf.keras.initializers.Constant(beta))
+
+
+def _mobilenet_like(relu=lambda name: tf.keras.layers.ReLU(6.0, name=name)):
+    """conv -> BN -> ReLU6 -> depthwise -> BN -> ReLU6 -> conv -> BN -> ReLU6 -> average -> flatten ->
+    dense: the MobileNet chain (BatchNorms that put the ReLU outputs far above 1)."""
+    tf.keras.utils.set_random_seed(4)
+    L = tf.keras.layers
+    inp = tf.keras.Input((8, 8, 3))
+    h = relu("relu0")(_bn("bn0")(L.Conv2D(4, 3, padding="same", use_bias=False, name="conv0")(inp)))
+    h = relu("relu1")(_bn("bn1")(L.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw1")(h)))
+    h = relu("relu2")(_bn("bn2")(L.Conv2D(6, 1, use_bias=False, name="pw2")(h)))
+    h = L.Flatten(name="flat")(L.AveragePooling2D(8, name="pool")(h))
+    model = tf.keras.Model(inp, L.Dense(5, name="fc")(h))
+    for layer in model.layers:  # moving statistics that differ from the defaults
+        if isinstance(layer, L.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(np.linspace(-0.5, 0.5, n))
+            layer.moving_variance.assign(np.linspace(1.5, 3.0, n))
+    return model
+
+
+def test_tfmot_output_quantizers_recover_the_float_function():
+    from syq_tf.quantizers import DoReFaActivation
+    from syq_tf.tfmot import configs
+
+    float_model = _mobilenet_like()
+    tq = __import__("tensorflow_model_optimization").quantization.keras
+
+    def annotate(layer):  # only the ReLUs quantized (8-bit DoReFa outputs), the rest float
+        copy = layer.__class__.from_config(layer.get_config())
+        if isinstance(layer, tf.keras.layers.ReLU):
+            return tq.quantize_annotate_layer(copy, configs.ActivationConfig(DoReFaActivation(8)))
+        return copy
+
+    annotated = tf.keras.models.clone_model(float_model, clone_function=annotate)
+    annotated.set_weights(float_model.get_weights())
+    with configs.quantize_scope():
+        quantized = tq.quantize_apply(annotated)
+    x = np.random.default_rng(5).uniform(0, 1, (64, 8, 8, 3)).astype(np.float32)
+    reference = float_model(x, training=False).numpy()
+    before = quantized(x, training=False).numpy()
+    scales = syq_tf.fit_dorefa_ranges(quantized, x, batches=1, batch_statistics=False)
+    after = quantized(x, training=False).numpy()
+    assert sorted(scales) == ["quant_relu0", "quant_relu1", "quant_relu2"], scales
+    # ReLU6 outputs: every range fitted is above DoReFa's 1 and at most the cap
+    assert all(isinstance(s, float) and 1.5 < s <= 6.0 for s in scales.values()), scales
+    err_before = np.abs(before - reference).max() / np.abs(reference).max()
+    err_after = np.abs(after - reference).max() / np.abs(reference).max()
+    assert err_before > 0.3  # clipped at 1: a different function
+    assert err_after < 0.02, err_after  # only 8-bit rounding left
+
+
+def test_tfmot_quantize_model_chains_and_their_variables():
+    float_model = _mobilenet_like()
+    quantized = syq_tf.tfmot.quantize_model(float_model, scheme="syq-w2a4")
+    chains = {owner.name: (producer, reason) for producer, owner, reason in dorefa_chains(quantized)}
+    assert sorted(chains) == ["quant_relu0", "quant_relu1", "quant_relu2"]
+    assert all(reason is None for _, reason in chains.values()), chains
+    assert chains["quant_relu1"][0].name == "quant_bn1"
+    get = quantized.get_layer
+    pool, fc, dw1 = get("quant_pool"), get("quant_fc"), get("quant_dw1")
+    ranges = {v.name.split("/")[-1]: v for v in pool.non_trainable_weights if "output_m" in v.name}
+    assert sorted(ranges) == ["output_max:0", "output_min:0"]
+    ranges["output_max:0"].assign(5.0)
+    kernel_max = [v for v in fc.non_trainable_weights if v.name.endswith("kernel_max:0")][0]
+    kernel_max.assign(np.full(kernel_max.shape, 0.5, np.float32))
+    bn1, bn2 = get("quant_bn1").layer, get("quant_bn2").layer
+    fc_kernel, dw_kernel = layer_kernels(fc)["kernel"][1], layer_kernels(dw1)["depthwise_kernel"][1]
+    old = {k: v.numpy().copy() for k, v in (("g1", bn1.gamma), ("b1", bn1.beta), ("m2", bn2.moving_mean),
+                                            ("v2", bn2.moving_variance), ("fc", fc_kernel), ("dw", dw_kernel))}
+    x = np.random.default_rng(6).uniform(0, 1, (32, 8, 8, 3)).astype(np.float32)
+    scales = syq_tf.fit_dorefa_ranges(quantized, x, batches=1)
+    assert all(isinstance(s, float) for s in scales.values()), scales
+    s0, s1, s2 = (scales[f"quant_relu{i}"] for i in range(3))
+    # relu1 (bn1 -> relu1 -> pw2 -> bn2): bn1 divided, bn2's moving statistics take it, pw2 kept
+    np.testing.assert_allclose(bn1.gamma.numpy(), old["g1"] / s1, rtol=1e-6)
+    np.testing.assert_allclose(bn1.beta.numpy(), old["b1"] / s1, rtol=1e-6)
+    np.testing.assert_allclose(bn2.moving_mean.numpy(), old["m2"] / s1, rtol=1e-6)
+    np.testing.assert_allclose(bn2.moving_variance.numpy(), (old["v2"] + bn2.epsilon) / s1**2 - bn2.epsilon,
+                               rtol=1e-5)
+    np.testing.assert_array_equal(dw_kernel.numpy(), old["dw"])  # relu0's reader: bn1 took it
+    # relu2 -> pool -> flatten -> fc (8-bit, nothing after): the pool's range divided, fc's kernel and
+    # its 8-bit range multiplied
+    np.testing.assert_allclose(ranges["output_max:0"].numpy(), 5.0 / s2, rtol=1e-6)
+    np.testing.assert_allclose(fc_kernel.numpy(), old["fc"] * s2, rtol=1e-6)
+    np.testing.assert_allclose(kernel_max.numpy(), 0.5 * s2, rtol=1e-6)
+    assert s0 > 1.0
+
+
+def test_tfmot_chains_left_alone_with_the_reason():
+    L = tf.keras.layers
+    inp = tf.keras.Input((8, 8, 3))
+    h = L.ReLU(name="relu_in")(inp)  # reads the model's input
+    h = L.Conv2D(4, 3, padding="same", name="conv0")(h)
+    h = L.ReLU(name="relu_shared")(_bn("bn0")(L.Conv2D(4, 3, padding="same", name="conv1")(h)))
+    a = L.Conv2D(4, 1, name="a")(h)
+    b = L.Conv2D(4, 1, name="b")(h)
+    h = L.Add(name="add")([a, b])
+    h = L.ReLU(name="relu_add")(h)  # from an Add, not a BatchNormalization
+    out = L.Dense(3, name="fc")(L.Flatten()(L.Conv2D(4, 1, name="c")(h)))
+    model = tf.keras.Model(inp, out)
+    quantized = syq_tf.tfmot.quantize_model(model, scheme="syq-w2a4")
+    reasons = {owner.name: reason for _, owner, reason in dorefa_chains(quantized)}
+    assert "from the model's input" in reasons["quant_relu_in"]
+    assert "'quant_relu_shared' feeds 2 layers" in reasons["quant_relu_shared"]
+    assert "(Add) lies between it and a BatchNormalization" in reasons["quant_relu_add"]
+    before = [w.copy() for w in quantized.get_weights()]
+    out = syq_tf.fit_dorefa_ranges(quantized, np.ones((4, 8, 8, 3), np.float32), batches=1)
+    assert out == reasons
+    for w0, w1 in zip(before, quantized.get_weights()):
+        np.testing.assert_array_equal(w0, w1)
