@@ -20,10 +20,10 @@ batch 100.
 """
 
 import argparse
-import json
 import os
 import platform
 import re
+import sys
 import time
 
 import syq_tf  # first: Keras 2
@@ -33,6 +33,9 @@ import tensorflow as tf
 
 from syq_tf.data import load_fashion_mnist  # noqa: E402
 from syq_tf.recipes import build_cnn, compile_model  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/machine.py, also when imported by path
+from machine import write_json  # noqa: E402
 
 CONFIGS = (
     [("float", None)]
@@ -125,13 +128,11 @@ def main(argv=None):
         rows.append({"model": name, "median_step_s": median, "ratio_to_float": median / base,
                      "samples_s": samples})
         print(f"{name:<24}{1000 * median:>16.1f}{median / base:>10.2f}")
-    os.makedirs(args.out, exist_ok=True)
     stem = "step_time" if args.arch == "cnn" else "step_time_mlp"
     path = os.path.join(args.out, f"{stem}.json" if not args.only else f"{stem}_subset.json")
-    with open(path, "w") as f:
-        json.dump({"arch": args.arch, "batch_size": args.batch_size, "rounds": args.rounds, "steps": args.steps,
-                   "machine": platform.platform(), "cpus": os.cpu_count(),
-                   "tensorflow": tf.__version__, "rows": rows}, f, indent=2)
+    write_json(path, {"arch": args.arch, "batch_size": args.batch_size, "rounds": args.rounds, "steps": args.steps,
+                      "machine": platform.platform(), "cpus": os.cpu_count(),
+                      "tensorflow": tf.__version__, "rows": rows})
     print(f"saved {path}")
 
 
