@@ -256,7 +256,7 @@ def _trace_back(model, chain, tensor):
             else:
                 chain.producer = layer
                 chain.path.append(layer)
-        elif _class_name(layer) in _HOMOGENEOUS or _relu_cap(layer)[0]:
+        elif _class_name(layer) in _HOMOGENEOUS or _relu_cap(layer)[0] or _is_output_range(layer):
             chain.path.append(layer)
             tensor = _single_input(layer)
         else:
@@ -410,8 +410,16 @@ def _next_batchnorm(model, consumer):
     return None
 
 
+def _is_output_range(layer):
+    """A Keras 3 ``quantize_model`` output range: a MovingAverageActivation used as a layer of its own."""
+    return type(layer).__name__ == "MovingAverageActivation"
+
+
 def _ranges(layer, kinds):
-    """tfmot's range variables (``<kind>_min`` / ``<kind>_max``) of a wrapper, for the given kinds."""
+    """The range variables of ``layer`` for the given kinds: tfmot's (``<kind>_min`` / ``<kind>_max``
+    of a wrapper), or the low and high of a Keras 3 output range (kind 'output')."""
+    if _is_output_range(layer):
+        return [layer.low, layer.high] if "output" in kinds and layer.built else []
     found = []
     for variable in getattr(layer, "non_trainable_weights", []) if hasattr(layer, "quantize_config") else []:
         stem = variable.name.split("/")[-1].split(":")[0]

@@ -339,3 +339,33 @@ def test_fit_dorefa_ranges_recovers_the_float_function():
     scale = np.abs(reference).max()
     assert np.abs(before - reference).max() / scale > 0.3
     assert np.abs(after - reference).max() / scale < 0.02
+
+
+def test_fit_dorefa_ranges_through_quantize_model_relu6_and_output_ranges():
+    """quantize_model's syq-w2a4 MobileNet chain (BatchNorm -> ReLU6 -> DoReFa input), one of them
+    through the 8-bit output range quantize_model puts before an average pooling: every DoReFa
+    range fitted, at most the cap; the output range divided with the tensor it ranges."""
+    L = keras.layers
+
+    def bn(name):
+        return L.BatchNormalization(name=name, gamma_initializer=keras.initializers.Constant(3.0),
+                                    beta_initializer=keras.initializers.Constant(2.0))
+
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((8, 8, 3))
+    h = L.ReLU(6.0, name="r0")(bn("bn0")(L.Conv2D(4, 3, padding="same", use_bias=False, name="c0")(inp)))
+    h = L.ReLU(6.0, name="r1")(bn("bn1")(L.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw1")(h)))
+    h = L.ReLU(6.0, name="r2")(bn("bn2")(L.Conv2D(6, 1, use_bias=False, name="pw2")(h)))
+    h = L.Flatten(name="flat")(L.AveragePooling2D(8, name="pool")(h))
+    model = keras.Model(inp, L.Dense(5, name="out")(L.Dense(7, name="fc")(h)))
+    quantized, report = syq.quantize_model(model, scheme="syq-w2a4", return_report=True)
+    assert report["low_bit_activations"] == ["dw1", "fc", "pw2"]
+    assert "r2" in report["output_ranges"]
+    x = np.random.default_rng(2).uniform(0, 1, (32, 8, 8, 3)).astype(np.float32)
+    quantized(x, training=True)  # the output range takes its first batch's range
+    out_range = quantized.get_layer("r2_output_range")
+    high = float(out_range.high.numpy())
+    scales = syq.fit_dorefa_ranges(quantized, x, batches=1)
+    assert sorted(scales) == ["dw1", "fc", "pw2"]
+    assert all(isinstance(s, float) and 1.0 < s <= 6.0 for s in scales.values()), scales
+    np.testing.assert_allclose(out_range.high.numpy(), high / scales["fc"], rtol=1e-6)
