@@ -45,7 +45,7 @@ import tensorflow as tf
 
 from syq_tf import quantizers as Q
 from syq_tf.data import load_fashion_mnist
-from syq_tf.recipes import build_cnn, compile_model, transfer_float_weights
+from syq_tf.recipes import build_cnn, compile_model, prepare_finetune
 from syq_tf.summary import summarize
 
 from machine import cpu_name as _cpu, write_json as _write_json  # noqa: E402  (benchmarks/machine.py)
@@ -55,17 +55,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PROFILES = {
     # widths: conv1..conv4, dense. The demo CNN is 32-32-64-64-128; the benchmark halves it so that
     # ~40 rows x 3 seeds fit in a few hours on 2 cores.
+    # fit_ranges: syq_tf.fit_dorefa_ranges before fine-tuning (the recipe of syq_tf.recipes)
     "full": dict(seeds=(0, 1, 2), train_limit=8000, float_epochs=2, epochs=2, batch_size=128,
-                 widths=(16, 16, 32, 32, 64), lr_float=1e-3, lr=5e-4),
+                 widths=(16, 16, 32, 32, 64), lr_float=1e-3, lr=5e-4, fit_ranges=True),
     "quick": dict(seeds=(0,), train_limit=5000, float_epochs=1, epochs=1, batch_size=128,
-                  widths=(16, 16, 32, 32, 64), lr_float=1e-3, lr=5e-4),
+                  widths=(16, 16, 32, 32, 64), lr_float=1e-3, lr=5e-4, fit_ranges=True),
 }
 # The same budget at a 4x larger fine-tuning learning rate: with so few steps the learning rate can
 # decide how far the quantized models get; this profile shows which conclusions hold.
-PROFILES["lr2e-3"] = dict(PROFILES["full"], lr=2e-3)
+PROFILES["lr2e-3"] = dict(PROFILES["full"], lr=2e-3, fit_ranges=False)
 # The goal rows at 4x the fine-tuning steps (8 epochs): does a longer schedule close SYQ's gap to
 # float and to the best peer at its bits? Run with --rows (see GAP_ROWS) to keep it short.
-PROFILES["long"] = dict(PROFILES["full"], epochs=8)
+PROFILES["long"] = dict(PROFILES["full"], epochs=8, fit_ranges=False)
 GAP_ROWS = r"^(SYQ W[12]A8 pixel|QKeras binary W1A8|QKeras quantized_bits.*W2A8)$"
 # The same 8 epochs with the learning rate stepped down at the end (x0.2 for the 7th epoch, x0.04 for
 # the 8th), the shape of the SYQ / DoReFa training scripts' schedules (constant, then two drops near
@@ -76,8 +77,10 @@ PROFILES["long-decay"] = dict(PROFILES["long"], decay=((6, 0.2), (7, 0.04)))
 # (the float row then continues for the same 8 epochs as every other row).
 PROFILES["pretrained"] = dict(PROFILES["long"], float_epochs=8)
 # DoReFa clips at 1 the ReLU outputs of the float model it starts from (after BatchNorm, ranges up to
-# ~6 here): syq_tf.fit_dorefa_ranges moves each BatchNorm's range into the next kernel first.
-PROFILES["ranges"] = dict(PROFILES["full"], fit_ranges=True)
+# ~6 here): syq_tf.fit_dorefa_ranges moves each BatchNorm's range into the next kernel first. The
+# main table uses it (as syq_tf.recipes does); 'no-ranges' is the main table's recipe without it
+# (the studies above were measured without it, as the main table was then).
+PROFILES["no-ranges"] = dict(PROFILES["full"], fit_ranges=False)
 PROFILES["long-ranges"] = dict(PROFILES["long"], fit_ranges=True)
 # Other profiles shown in BENCHMARKS.md next to the main table: (what changes, how to run it).
 STUDIES = {
@@ -86,8 +89,8 @@ STUDIES = {
              f"--profile long --rows '{GAP_ROWS}'"),
     "long-decay": ("{epochs} fine-tuning epochs at Adam {lr}, x0.2 from epoch 7, x0.04 for epoch 8",
                    "--profile long-decay --rows '^SYQ W[12]A8 pixel$' --no-export"),
-    "ranges": ("`syq_tf.fit_dorefa_ranges` before fine-tuning (DoReFa's [0, 1] fitted to the float "
-               "activations), {epochs} epochs at Adam {lr}", "--profile ranges --rows '^SYQ' --no-export"),
+    "no-ranges": ("no `syq_tf.fit_dorefa_ranges` before fine-tuning (DoReFa clips the float activations "
+                  "at 1), {epochs} epochs at Adam {lr}", "--profile no-ranges --rows '^SYQ' --no-export"),
     "long-ranges": ("`syq_tf.fit_dorefa_ranges` before {epochs} fine-tuning epochs at Adam {lr}",
                     "--profile long-ranges --rows '^SYQ W[12]A[82] pixel$' --no-export"),
     "pretrained": ("{float_epochs} float pre-training epochs (the paper's converged float start), then "
@@ -208,19 +211,17 @@ def slug(name):
 
 def build_row(row, float_model, profile, calibration_data, calibration_batches):
     """A quantized row's model from the float model, compiled: its quantizers (or tfmot's 8-bit
-    QAT), the float weights copied, every scale initialised from them, activation steps calibrated
-    (UniQ; a no-op for the others)."""
+    QAT), then ``syq_tf.recipes.prepare_finetune`` (the float weights copied, every scale initialised
+    from them, DoReFa ranges fitted when the profile says ``fit_ranges``, activation steps calibrated)."""
     _, _, _, builder = row
     factories, method = builder()
     if factories == "tfmot":
         model = _tfmot_default_8bit(float_model)
     else:
         model = build_cnn(widths=profile["widths"], quantizers=factories)
-        model.set_weights(transfer_float_weights(model, float_model))
-        syq_tf.reinitialize_scales(model)
-        syq_tf.calibrate(model, calibration_data, batches=calibration_batches)
-        if profile.get("fit_ranges"):
-            syq_tf.fit_dorefa_ranges(model, calibration_data, batches=10)
+        prepare_finetune(model, float_model, calibration_data, profile["lr"], method, calibration_batches,
+                         fit_ranges=profile.get("fit_ranges", False))
+        return model
     compile_model(model, profile["lr"], method)
     return model
 
@@ -605,6 +606,8 @@ def write_report(out, profile, rows, command):
             continue
         q = PROFILES[study]
         what = change.format(**q)
+        if not q.get("fit_ranges") and study != "no-ranges":
+            what += " (no `syq_tf.fit_dorefa_ranges`: measured before it joined the recipe)"
         lines += [
             f"## Study `{study}`: {what}", "",
             f"Everything as above except {what} (the float row: as many extra float epochs). "

@@ -5,7 +5,8 @@ or loss-aware (LAB / LAT / LAQ, ``--la-mode``; trained with ``syq_tf.LossAwareAd
 
 Recipe of the SYQ paper, scaled to a small budget: train the CNN in float, switch SYQ weights and
 DoReFa activations on (first conv and last dense stay float), re-initialise every alpha from the
-float weights, fine-tune, then export a full-integer int8 TFLite model and run it with LiteRT.
+float weights, fit DoReFa's [0, 1] range to the float activations (``syq_tf.fit_dorefa_ranges``),
+fine-tune, then export a full-integer int8 TFLite model and run it with LiteRT.
 """
 
 import argparse
@@ -48,6 +49,8 @@ def main(argv=None):
                         "linear / log = LAQ with --bits bits")
     p.add_argument("--granularity", default="pixel", choices=["layer", "row", "pixel", "channel"])
     p.add_argument("--act-bits", type=int, default=8)
+    p.add_argument("--no-fit-ranges", dest="fit_ranges", action="store_false",
+                   help="skip syq_tf.fit_dorefa_ranges before fine-tuning (DoReFa then clips activations at 1)")
     p.add_argument("--float-epochs", type=int, default=1, help="float pre-training epochs")
     p.add_argument("--quant-epochs", type=int, default=2,
                    help="SYQ fine-tuning epochs (the float baseline trains as many more epochs)")
@@ -82,7 +85,8 @@ def main(argv=None):
           "float weights")
     model = build_cnn(args.bits, args.granularity, args.act_bits, method=args.method, **options)
     t0 = time.time()
-    finetune_from_float(model, float_model, train, args.quant_epochs, lr=5e-4, method=args.method)
+    finetune_from_float(model, float_model, train, args.quant_epochs, lr=5e-4, method=args.method,
+                        fit_ranges=args.fit_ranges)
     quant_seconds = time.time() - t0
     _, quant_acc = model.evaluate(test, verbose=0)
     lq.models.summary(model)

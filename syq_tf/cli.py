@@ -171,6 +171,8 @@ class Train(Command):
                "ternary* = LAT, linear / log = LAQ with --bits bits")
         d.list("widths", [str(w) for w in recipes.DEMO_WIDTHS],
                "channels of conv1,conv2,conv3,conv4,fc1 (five positive integers)")
+        d.boolean("fit_ranges", True, "before fine-tuning, fit DoReFa's fixed [0, 1] activation range to the float "
+                  "model's activations (syq_tf.fit_dorefa_ranges; methods with DoReFa activations: syq, ls, la)")
         d.integer("float_epochs", 1, "float pre-training epochs", lower_bound=0)
         d.integer("epochs", 2, "quantized fine-tuning epochs", lower_bound=0)
         d.integer("batch_size", 128, "training batch size", lower_bound=1)
@@ -762,7 +764,8 @@ def _train_locked(fv, out):
             restore(float_model)
         if state["epoch"] == 0:
             calibration = data(2, 0, 1)
-            recipes.prepare_finetune(model, float_model, calibration, lr=fv.lr, method=fv.method)
+            recipes.prepare_finetune(model, float_model, calibration, lr=fv.lr, method=fv.method,
+                                     fit_ranges=fv.fit_ranges)
         else:
             recipes.compile_model(model, fv.lr, fv.method)
             restore(model)

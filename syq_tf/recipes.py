@@ -14,7 +14,7 @@ import larq as lq  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from syq_tf import quantizers as Q
-from syq_tf.calibration import calibrate
+from syq_tf.calibration import calibrate, fit_dorefa_ranges
 from syq_tf.models import reinitialize_scales
 from syq_tf.optimizers import LossAwareAdam
 
@@ -193,20 +193,24 @@ def _is_quantizer(module):
 
 
 def finetune_from_float(model, float_model, train, epochs, lr=5e-4, method=None, callbacks=(), verbose=1,
-                        calibration_batches=20):
+                        calibration_batches=20, fit_ranges=True):
     """The papers' recipe, second half: copy the float weights into ``model``, initialise every
-    learned scale from them (SYQ alpha = mean|W| per subgroup, UniQ delta = k_b std(W), ...),
-    calibrate activation steps from ``train`` (UniQ), then fit ``epochs`` epochs.
+    learned scale from them (SYQ alpha = mean|W| per subgroup, UniQ delta = k_b std(W), ...), fit
+    DoReFa's fixed [0, 1] range to the float activations (:func:`syq_tf.fit_dorefa_ranges`; not with
+    ``fit_ranges=False``), calibrate activation steps from ``train`` (UniQ), then fit ``epochs`` epochs.
     Returns the Keras History."""
-    prepare_finetune(model, float_model, train, lr, method, calibration_batches)
+    prepare_finetune(model, float_model, train, lr, method, calibration_batches, fit_ranges)
     return model.fit(train, epochs=epochs, verbose=verbose, callbacks=list(callbacks))
 
 
-def prepare_finetune(model, float_model, calibration_data, lr=5e-4, method=None, calibration_batches=20):
-    """:func:`finetune_from_float` without the fit: float weights copied, scales initialised,
-    activation steps calibrated from ``calibration_data``, compiled (``syq-tf train`` fits itself,
-    epoch by epoch, to checkpoint and resume)."""
+def prepare_finetune(model, float_model, calibration_data, lr=5e-4, method=None, calibration_batches=20,
+                     fit_ranges=True):
+    """:func:`finetune_from_float` without the fit: float weights copied, scales initialised, DoReFa
+    ranges fitted and activation steps calibrated from ``calibration_data``, compiled (``syq-tf
+    train`` fits itself, epoch by epoch, to checkpoint and resume)."""
     model.set_weights(transfer_float_weights(model, float_model))
     reinitialize_scales(model)
+    if fit_ranges:  # a no-op without DoReFa activations
+        fit_dorefa_ranges(model, calibration_data)
     calibrate(model, calibration_data, batches=calibration_batches)  # a no-op without calibrated quantizers
     compile_model(model, lr, method)

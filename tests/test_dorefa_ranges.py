@@ -147,6 +147,11 @@ def test_chains_that_cannot_be_rescaled_are_left_alone_with_the_reason():
     assert "'bn' feeds 2 layers" in reasons["branch_b"]
     assert "SteSign has no scale set from the weights" in reasons["binary"]
     assert "from the model's input" in reasons["first"]
+    _assert_left_alone(model, reasons)
+
+
+def _assert_left_alone(model, reasons):
+    """fit_dorefa_ranges returns exactly these reasons and changes no weight."""
     before = [w.copy() for w in model.get_weights()]
     out = syq_tf.fit_dorefa_ranges(model, np.ones((4, 8, 8, 3), np.float32), batches=1)
     assert out == reasons
@@ -281,8 +286,25 @@ def test_tfmot_chains_left_alone_with_the_reason():
     assert "from the model's input" in reasons["quant_relu_in"]
     assert "'quant_relu_shared' feeds 2 layers" in reasons["quant_relu_shared"]
     assert "(Add) lies between it and a BatchNormalization" in reasons["quant_relu_add"]
-    before = [w.copy() for w in quantized.get_weights()]
-    out = syq_tf.fit_dorefa_ranges(quantized, np.ones((4, 8, 8, 3), np.float32), batches=1)
-    assert out == reasons
-    for w0, w1 in zip(before, quantized.get_weights()):
-        np.testing.assert_array_equal(w0, w1)
+    _assert_left_alone(quantized, reasons)
+
+
+def test_the_recipe_fits_the_ranges_unless_told_not_to():
+    from syq_tf.recipes import prepare_finetune
+
+    float_model, _ = _float_and_quantized(None)  # BatchNorms with gamma 3, beta 2
+    x = np.random.default_rng(7).uniform(0, 1, (64, 28, 28, 1)).astype(np.float32)
+    # the recipe fits on batch statistics (as training runs): compare in training mode
+    reference = float_model(x, training=True).numpy()
+    errors = {}
+    for fit in (True, False):
+        model = build_cnn(widths=WIDTHS, quantizers=(None, None, lambda: Q.DoReFa(8)))
+        prepare_finetune(model, float_model, x, fit_ranges=fit, calibration_batches=1)
+        gamma = model.get_layer("bn2").gamma.numpy()
+        if fit:
+            assert np.all(gamma < 1.5), gamma  # 3 / s with s > 2
+        else:
+            np.testing.assert_array_equal(gamma, np.full_like(gamma, 3.0))
+        out = model(x, training=True).numpy()
+        errors[fit] = np.abs(out - reference).max() / np.abs(reference).max()
+    assert errors[True] < 0.02 < 0.3 < errors[False], errors
