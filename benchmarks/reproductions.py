@@ -45,9 +45,10 @@ ROWS = {
     "float": (None, None),
     "BinaryConnect (larq ste_sign) W1": (lambda: lq.quantizers.SteSign(), None),
     "TWN (larq SteTern) W2": (lambda: lq.quantizers.SteTern(ternary_weight_networks=True), None),
-    "LAB W1": (lambda: Q.LossAware("binary"), "la"),
-    "LAT (approximate) W2": (lambda: Q.LossAware("ternary"), "la"),
-    "LAQ linear W3": (lambda: Q.LossAware("linear", bits=3), "la"),
+    # the authors' rule (up to 10 alternation steps a training step), also for LAQ, whose default is one
+    "LAB W1": (lambda: Q.LossAware("binary", warm_iterations=None), "la"),
+    "LAT (approximate) W2": (lambda: Q.LossAware("ternary", warm_iterations=None), "la"),
+    "LAQ linear W3": (lambda: Q.LossAware("linear", bits=3, warm_iterations=None), "la"),
     # one warm-started alternation step per training step (the alternation continues across steps)
     "LAT (approximate) W2, warm 1": (lambda: Q.LossAware("ternary", warm_iterations=1), "la"),
     "LAQ linear W3, warm 1": (lambda: Q.LossAware("linear", bits=3, warm_iterations=1), "la"),
@@ -193,7 +194,8 @@ def main(argv=None):
         f"{args.lr} (LossAwareAdam for LAB/LAT/LAQ), batch {args.batch_size}, seeds {seeds}; every layer "
         "quantized, float activations, as in the papers. The VGG-like CNN has a quarter of the papers' widths. "
         "'warm 1': `LossAware(warm_iterations=1)`, one warm-started alternation step of the projection per "
-        "training step. s / epoch: median step x steps per epoch, rows run one after another on a shared "
+        "training step (LAQ's default since these runs); the other loss-aware rows run the authors' rule "
+        "(`warm_iterations=None`: up to 10 steps). s / epoch: median step x steps per epoch, rows run one after another on a shared "
         "machine (the side-by-side step ratios are in `step_time.py`'s results).",
         "",
         f"Command: `python benchmarks/reproductions.py --archs {','.join(archs)} --epochs {args.epochs} "
