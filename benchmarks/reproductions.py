@@ -51,6 +51,7 @@ ROWS = {
     "LAQ linear W3": (lambda: Q.LossAware("linear", bits=3, warm_iterations=None), "la"),
     # one warm-started alternation step per training step (the alternation continues across steps)
     "LAT (approximate) W2, warm 1": (lambda: Q.LossAware("ternary", warm_iterations=1), "la"),
+    "LAT (approximate) W2, warm 3": (lambda: Q.LossAware("ternary", warm_iterations=3), "la"),
     "LAQ linear W3, warm 1": (lambda: Q.LossAware("linear", bits=3, warm_iterations=1), "la"),
 }
 

@@ -56,6 +56,7 @@ MLP_CONFIGS = (
         ("LAB W1", "binary", None, {}),
         ("LAT W2", "ternary", None, {}),
         ("LAT W2 warm 1", "ternary", None, dict(warm_iterations=1)),
+        ("LAT W2 warm 3", "ternary", None, dict(warm_iterations=3)),
         ("LAT W2 fixed point", "ternary", None, dict(tol=0.0)),
         ("LAQ W3", "linear", 3, dict(warm_iterations=None)),  # the authors' rule (LAQ's default: warm 1)
         ("LAQ W3 warm 1", "linear", 3, dict(warm_iterations=1)),
