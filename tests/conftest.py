@@ -1,6 +1,5 @@
 import syq_tf  # noqa: F401  (first: selects Keras 2)
 
-import numpy as np
 import pytest
 import tensorflow as tf
 from neutral import REPO, run_python, separable_data  # noqa: F401  (re-exported to the tests)
@@ -23,8 +22,6 @@ def compiled_classifier(model, learning_rate=1e-2):
 def trained_classifier(model, seed, epochs, n=768, train=640):
     """``model`` trained on :func:`separable_data` (the first ``train`` of ``n`` examples) from scales
     set on its initial weights: (model, x, y, last training accuracy)."""
-    import syq_tf  # noqa: PLC0415
-
     x, y = separable_data(n, seed=seed)
     syq_tf.reinitialize_scales(model)
     history = model.fit(x[:train], y[:train], epochs=epochs, batch_size=32, verbose=0)

@@ -1011,7 +1011,7 @@ class TFLiteRunner:
         return self._relu(op, ins, "RELU_N1_TO_1")
 
     def _op_pad(self, op, ins, layer):
-        x_t, y = self._t(op, 0), self._t(op, 0, out=True)
+        y = self._t(op, 0, out=True)
         pads = np.asarray(ins[1]).reshape(-1, 2)
         fill = ins[2].reshape(()) if len(ins) > 2 and ins[2] is not None else (y.z if y.dtype == np.int8 else 0)
         return np.pad(ins[0], [tuple(int(v) for v in p) for p in pads], constant_values=fill)

@@ -296,7 +296,6 @@ def _histogram_search_impl(x2d, mode, bins, subbins):
     hi = tf.cast(index + 1, f64) * (top64 / bins) + slack
     bound = _triangle_bound(start_i, start_s, counts, sums, lo, hi, total, n, mode)
     inside = (counts >= 2) & (bound >= best - _MARGIN * tf.abs(best))
-    any_inside = tf.reduce_any(inside, axis=-1, keepdims=True)
     j_lo = tf.reduce_min(tf.where(inside, index, bins), axis=-1, keepdims=True)
     j_hi = tf.reduce_max(tf.where(inside, index, -1), axis=-1, keepdims=True)  # j_hi < j_lo: no run
 
