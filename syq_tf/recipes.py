@@ -126,10 +126,14 @@ def build_cnn(bits=None, granularity="pixel", act_bits=8, eta=0.05, method="syq"
     return tf.keras.Sequential(layers, name=f"{method}_cnn" if quantized else "float_cnn")
 
 
-def compile_model(model, lr, method=None):
+def compile_model(model, lr, method=None, optimizer_options=None):
     """Adam (LossAwareAdam for the loss-aware method, which takes its curvature from Adam's second
-    moments), sparse categorical cross-entropy on logits, accuracy."""
-    optimizer = LossAwareAdam(lr) if method == "la" else tf.keras.optimizers.Adam(lr)
+    moments; ``optimizer_options``, e.g. ``{"curvature": "raw"}``, go to it), sparse categorical
+    cross-entropy on logits, accuracy."""
+    if optimizer_options and method != "la":
+        raise ValueError(f"compile_model: optimizer_options={optimizer_options!r} are LossAwareAdam's; "
+                         f"they need method='la' (got method={method!r})")
+    optimizer = LossAwareAdam(lr, **(optimizer_options or {})) if method == "la" else tf.keras.optimizers.Adam(lr)
     model.compile(
         optimizer=optimizer,
         loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -204,7 +208,7 @@ def finetune_from_float(model, float_model, train, epochs, lr=5e-4, method=None,
 
 
 def prepare_finetune(model, float_model, calibration_data, lr=5e-4, method=None, calibration_batches=20,
-                     fit_ranges=True):
+                     fit_ranges=True, optimizer_options=None):
     """:func:`finetune_from_float` without the fit: float weights copied, scales initialised, DoReFa
     ranges fitted and activation steps calibrated from ``calibration_data``, compiled (``syq-tf
     train`` fits itself, epoch by epoch, to checkpoint and resume)."""
@@ -213,4 +217,4 @@ def prepare_finetune(model, float_model, calibration_data, lr=5e-4, method=None,
     if fit_ranges:  # a no-op without DoReFa activations
         fit_dorefa_ranges(model, calibration_data)
     calibrate(model, calibration_data, batches=calibration_batches)  # a no-op without calibrated quantizers
-    compile_model(model, lr, method)
+    compile_model(model, lr, method, optimizer_options)

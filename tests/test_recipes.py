@@ -2,6 +2,7 @@
 included) and keeps only the quantizers' own scales."""
 
 import numpy as np
+import pytest
 
 import syq_tf  # noqa: F401
 import larq as lq
@@ -34,3 +35,17 @@ def test_transfer_copies_larq_layer_kernels_and_keeps_scales():
         for k in scales:  # the quantizer's own variable keeps its value (set later from the weights)
             np.testing.assert_array_equal(after[k].numpy(), before[k], err_msg=k)
         assert len(scales) == (4 if factories[2] is not None else 0)
+
+
+def test_compile_model_passes_loss_aware_options_and_refuses_them_for_adam():
+    from syq_tf.optimizers import LossAwareAdam
+    from syq_tf.recipes import compile_model
+
+    model = build_cnn(widths=(4, 4, 4, 4, 8), quantizers=(lambda: Q.LossAware("binary"),) * 2 + (None,))
+    compile_model(model, 1e-3, "la", {"curvature": "raw"})
+    assert isinstance(model.optimizer, LossAwareAdam) and model.optimizer.curvature == "raw"
+    compile_model(model, 1e-3, "la")
+    assert model.optimizer.curvature == "bias_corrected"
+    with pytest.raises(ValueError, match=r"compile_model: optimizer_options=\{'curvature': 'raw'\} are "
+                                         r"LossAwareAdam's; they need method='la' \(got method='syq'\)"):
+        compile_model(model, 1e-3, "syq", {"curvature": "raw"})
