@@ -85,6 +85,16 @@ def _mlp_models(args):
     return models
 
 
+def _cnn_model(options, widths, x, y):
+    """The CNN of ``options`` (None: float), compiled, calibrated, traced and warmed up."""
+    model = build_cnn(None, **widths) if options is None else build_cnn(**options, **widths)
+    compile_model(model, 1e-3, (options or {}).get("method"))
+    syq_tf.calibrate(model, x, batches=1)  # UniQ activation steps (a no-op for the others)
+    for _ in range(3):  # trace and warm up
+        model.train_on_batch(x, y)
+    return model
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--rounds", type=int, default=8)
@@ -94,8 +104,17 @@ def main(argv=None):
                    help="regular expression: time only the matching models (float is always timed)")
     p.add_argument("--arch", default="cnn", choices=("cnn", "mlp"),
                    help="cnn: the benchmark CNN (every quantizer); mlp: the loss-aware papers' 2048-wide MLP")
+    p.add_argument("--widths", default=None,
+                   help="cnn: conv1..conv4,dense channels (default: the demo's 32,32,64,64,128; the accuracy "
+                        "benchmark's half-width CNN is 16,16,32,32,64)")
+    p.add_argument("--hist-min-before", type=int, default=None, metavar="N",
+                   help="cnn: also time every least-squares model traced with the histogram search from rows of "
+                        "N values (syq_tf.quantizers.least_squares.HIST_MIN_N; shorter rows sort), labelled "
+                        "'[hist >= N]': a before/after of that threshold in one run")
+    p.add_argument("--tag", default=None, help="suffix of the JSON file name (step_time_<tag>.json)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
+    widths = {"widths": tuple(int(w) for w in args.widths.split(","))} if args.widths else {}
     x, y = load_fashion_mnist("train")
     if args.arch == "mlp" and args.batch_size == 128:
         args.batch_size = 100  # the papers' (and reproductions.py's) batch
@@ -104,12 +123,15 @@ def main(argv=None):
     for name, options in (CONFIGS if args.arch == "cnn" else ()):
         if args.only and options is not None and not re.search(args.only, name):
             continue
-        model = build_cnn(None) if options is None else build_cnn(**options)
-        compile_model(model, 1e-3, (options or {}).get("method"))
-        syq_tf.calibrate(model, x, batches=1)  # UniQ activation steps (a no-op for the others)
-        for _ in range(3):  # trace and warm up
-            model.train_on_batch(x, y)
-        models[name] = model
+        models[name] = _cnn_model(options, widths, x, y)
+        if args.hist_min_before and (options or {}).get("method") == "ls":
+            from syq_tf.quantizers import least_squares  # noqa: PLC0415
+
+            current, least_squares.HIST_MIN_N = least_squares.HIST_MIN_N, args.hist_min_before
+            try:  # read while tracing: the model keeps the search it was traced with
+                models[f"{name} [hist >= {args.hist_min_before}]"] = _cnn_model(options, widths, x, y)
+            finally:
+                least_squares.HIST_MIN_N = current
     if args.arch == "mlp":
         models = _mlp_models(args)
         for model in models.values():
@@ -131,8 +153,11 @@ def main(argv=None):
                      "samples_s": samples})
         print(f"{name:<24}{1000 * median:>16.1f}{median / base:>10.2f}")
     stem = "step_time" if args.arch == "cnn" else "step_time_mlp"
-    path = os.path.join(args.out, f"{stem}.json" if not args.only else f"{stem}_subset.json")
+    suffix = f"_{args.tag}" if args.tag else "_subset" if args.only else ""
+    path = os.path.join(args.out, f"{stem}{suffix}.json")
     write_json(path, {"arch": args.arch, "batch_size": args.batch_size, "rounds": args.rounds, "steps": args.steps,
+                      "command": "python benchmarks/step_time.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                      "widths": list(widths.get("widths", ())) or "demo",
                       "machine": platform.platform(), "cpus": os.cpu_count(),
                       "tensorflow": tf.__version__, "rows": rows})
     print(f"saved {path}")

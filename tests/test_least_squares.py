@@ -567,23 +567,24 @@ def test_histogram_search_matches_brute_force(mode, brute, bins):
         assert _sq_err(x, q) == pytest.approx(best, rel=1e-9, abs=1e-12 * max(1.0, np.sum(x**2))), (x, q)
 
 
-def _long_rows(seed):
+def _long_rows(seed, n=6000):
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(12, 6000)) * rng.uniform(0.05, 5.0, (12, 1))
-    x[1] = rng.standard_cauchy(6000)  # heavy tails
+    x = rng.normal(size=(12, n)) * rng.uniform(0.05, 5.0, (12, 1))
+    x[1] = rng.standard_cauchy(n)  # heavy tails
     x[2] = np.round(x[2] * 2) / 2  # many ties
-    x[3, :4000] = 0.0  # mostly zeros
+    x[3, : 2 * n // 3] = 0.0  # mostly zeros
     x[4] = 0.0
     x[5] = -1.25  # constant
-    x[6] = np.concatenate([rng.normal(0.1, 0.01, 3000), rng.normal(3.0, 0.01, 3000)])  # bimodal
-    x[7] = rng.uniform(-1, 1, 6000)
+    x[6] = np.concatenate([rng.normal(0.1, 0.01, n // 2), rng.normal(3.0, 0.01, n - n // 2)])  # bimodal
+    x[7] = rng.uniform(-1, 1, n)
     return x
 
 
 @pytest.mark.parametrize("mode", ["ls2", "lsT"])
 @pytest.mark.parametrize("search", ["histogram", "auto"])
-def test_histogram_search_equals_sort_on_long_rows(mode, search):
-    x = _long_rows(3)
+@pytest.mark.parametrize("n", [6000, 1568, ls_module.HIST_MIN_N])  # 1568: the benchmark CNN's dense input
+def test_histogram_search_equals_sort_on_long_rows(mode, search, n):
+    x = _long_rows(3, n)
     sort = least_squares_scalars(tf.constant(x), mode, search="sort")
     hist = least_squares_scalars(tf.constant(x), mode, search=search)
     e_sort = np.sum((x - reconstruct(tf.constant(x), sort, mode).numpy()) ** 2, axis=-1)
