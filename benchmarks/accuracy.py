@@ -11,7 +11,8 @@ training subset, the full 10k test set), one optimizer budget for every row:
 Rows: float; peers (larq ste_sign W1A1, magnitude_aware_sign W1, SteTern W2, DoReFa W2A2, tfmot
 default 8-bit QAT, QKeras binary / ternary / quantized_bits(2, alpha="auto") weights with
 quantized_relu(8) activations, in larq layers); ours (SYQ W1/W2 x layer/row/pixel/channel at A8 and
-A2, UniQ W1A1/W2A2/W4A4, least-squares 1-bit weights with ls1/lsT/gf2/ls2 activations, LAB/LAT/LAQ
+A2, UniQ W1A1/W2A2/W4A4, least-squares 1-bit weights with ls1/lsT/gf2/ls2 activations and ls2 weights
+with DoReFa 8-bit activations (the demo's least squares), LAB/LAT/LAQ
 weights only). "A32" means float activations (ReLU).
 
 Each row: test accuracy (mean and std over seeds), training seconds per epoch (median step time
@@ -82,6 +83,12 @@ PROFILES["pretrained"] = dict(PROFILES["long"], float_epochs=8)
 # (the studies above were measured without it, as the main table was then).
 PROFILES["no-ranges"] = dict(PROFILES["full"], fit_ranges=False)
 PROFILES["long-ranges"] = dict(PROFILES["long"], fit_ranges=True)
+# The authors' published forms of the three training-relevant fidelity differences (README,
+# Fidelity items 1, 3 and 7): UniQ's activation step gradient over the whole batch
+# (UniQActivation(step_grad="official")), the least-squares backward of the authors' code
+# (backward="official", weights and activations) and LossAwareAdam's raw second moment as the
+# curvature (curvature="raw"). Everything else as the main table, the same float starts.
+PROFILES["official"] = dict(PROFILES["full"], official=True)
 # Other profiles shown in BENCHMARKS.md next to the main table: (what changes, how to run it).
 STUDIES = {
     "lr2e-3": ("Adam {lr} for the {epochs} fine-tuning epochs", "--profile lr2e-3"),
@@ -90,12 +97,16 @@ STUDIES = {
     "long-decay": ("{epochs} fine-tuning epochs at Adam {lr}, x0.2 from epoch 7, x0.04 for epoch 8",
                    "--profile long-decay --rows '^SYQ W[12]A8 pixel$' --no-export"),
     "no-ranges": ("no `syq_tf.fit_dorefa_ranges` before fine-tuning (DoReFa clips the float activations "
-                  "at 1), {epochs} epochs at Adam {lr}", "--profile no-ranges --rows '^SYQ' --no-export"),
+                  "at 1), {epochs} epochs at Adam {lr}", "--profile no-ranges --rows '^(SYQ|LS ls2 W2A8$)' --no-export"),
     "long-ranges": ("`syq_tf.fit_dorefa_ranges` before {epochs} fine-tuning epochs at Adam {lr}",
                     "--profile long-ranges --rows '^SYQ W[12]A[82] pixel$' --no-export"),
     "pretrained": ("{float_epochs} float pre-training epochs (the paper's converged float start), then "
                    "{epochs} fine-tuning epochs at Adam {lr}",
                    "--profile pretrained --rows '^SYQ W[12]A8 pixel$' --no-export"),
+    "official": ("the authors' code's forms of README Fidelity items 1, 3 and 7 (UniQ activation step "
+                 "gradient over the whole batch, the least-squares backward of the authors' code, "
+                 "LossAwareAdam's raw second moment), {epochs} epochs at Adam {lr}",
+                 "--profile official --rows '^(UniQ|LS|LA[BTQ]) ' --no-export"),
 }
 QUICK_ROWS = ("float", "larq ste_sign W1A1", "larq SteTern W2A32", "tfmot 8-bit QAT W8A8", "SYQ W2A8 pixel",
               "SYQ W1A8 channel", "UniQ W2A2", "LS ls1 W1 A-ls1", "LAB W1A32")
@@ -106,48 +117,68 @@ QUICK_ROWS = ("float", "larq ste_sign W1A1", "larq SteTern W2A32", "tfmot 8-bit 
 # (quantizer factories for build_cnn or "tfmot", compile method).
 
 def _ours():
+    """Our rows. Every builder takes ``official`` (profile ``official``): the authors' code's forms of
+    the fidelity options where the row has one."""
     rows = {}
     for abits in (8, 2):
         for wbits in (2, 1):
             for g in ("layer", "row", "pixel", "channel"):
                 rows[f"SYQ W{wbits}A{abits} {g}"] = (
                     "ours", wbits, abits,
-                    lambda w=wbits, a=abits, g=g: ((lambda: Q.SYQ(w, g), lambda: Q.SYQ(w, "layer"),
-                                                    lambda: Q.DoReFa(a)), None))
+                    lambda official=False, w=wbits, a=abits, g=g: (
+                        (lambda: Q.SYQ(w, g), lambda: Q.SYQ(w, "layer"), lambda: Q.DoReFa(a)), None))
     for wbits, abits in ((1, 1), (2, 2), (4, 4)):
         rows[f"UniQ W{wbits}A{abits}"] = (
             "ours", wbits, abits,
-            lambda w=wbits, a=abits: ((lambda: Q.UniQ(w, "channel"), lambda: Q.UniQ(w, "channel"),
-                                       lambda: Q.UniQActivation(a)), None))
+            lambda official=False, w=wbits, a=abits: (
+                (lambda: Q.UniQ(w, "channel"), lambda: Q.UniQ(w, "channel"),
+                 lambda: Q.UniQActivation(a, step_grad="official" if official else "per_example")), None))
     for act in ("ls1", "lsT", "gf2", "ls2"):
         abits = {"ls1": 1, "lsT": 2, "gf2": 2, "ls2": 2}[act]
         rows[f"LS ls1 W1 A-{act}"] = (
             "ours", 1, abits,
-            lambda act=act: ((lambda: Q.LeastSquares("ls1"), lambda: Q.LeastSquares("ls1"),
-                              lambda: Q.LeastSquaresActivation(act)), None))
+            lambda official=False, act=act: (
+                (lambda: Q.LeastSquares("ls1", backward=_ls_backward(official)),
+                 lambda: Q.LeastSquares("ls1", backward=_ls_backward(official)),
+                 lambda: Q.LeastSquaresActivation(act, backward=_ls_backward(official))), None))
+    # the demo's least-squares configuration (syq_tf.recipes, method "ls", 2 bits): ls2 weights,
+    # DoReFa 8-bit activations
+    rows["LS ls2 W2A8"] = ("ours", 2, 8, lambda official=False: (
+        (lambda: Q.LeastSquares("ls2", backward=_ls_backward(official)),
+         lambda: Q.LeastSquares("ls2", backward=_ls_backward(official)), lambda: Q.DoReFa(8)), None))
     for name, mode, bits in (("LAB W1A32", "binary", 1), ("LAT W2A32", "ternary", 2), ("LAQ W3A32", "linear", 3)):
         extra = {"bits": bits} if mode == "linear" else {}
         rows[name] = ("ours", bits, 32,
-                      lambda mode=mode, extra=extra: ((lambda: Q.LossAware(mode, **extra),
-                                                       lambda: Q.LossAware(mode, **extra), None), "la"))
+                      lambda official=False, mode=mode, extra=extra: (
+                          (lambda: Q.LossAware(mode, **extra), lambda: Q.LossAware(mode, **extra), None), "la"))
     return rows
+
+
+def _ls_backward(official):
+    return "official" if official else "ste"
+
+
+def optimizer_options(method, profile):
+    """LossAwareAdam's options for a row: the authors' raw-second-moment curvature in profile
+    ``official``."""
+    return {"curvature": "raw"} if method == "la" and profile.get("official") else {}
 
 
 def _peers():
     rows = {
-        "larq ste_sign W1A1": ("peer", 1, 1, lambda: ((lq.quantizers.SteSign, lq.quantizers.SteSign,
+        "larq ste_sign W1A1": ("peer", 1, 1, lambda **_: ((lq.quantizers.SteSign, lq.quantizers.SteSign,
                                                        lq.quantizers.SteSign), None)),
-        "larq magnitude_aware_sign W1A32": ("peer", 1, 32, lambda: ((lq.quantizers.MagnitudeAwareSign,
+        "larq magnitude_aware_sign W1A32": ("peer", 1, 32, lambda **_: ((lq.quantizers.MagnitudeAwareSign,
                                                                     lq.quantizers.MagnitudeAwareSign, None), None)),
-        "larq SteTern W2A32": ("peer", 2, 32, lambda: ((lq.quantizers.SteTern, lq.quantizers.SteTern, None), None)),
-        "larq DoReFa W2A2": ("peer", 2, 2, lambda: ((lambda: lq.quantizers.DoReFa(2, mode="weights"),
+        "larq SteTern W2A32": ("peer", 2, 32, lambda **_: ((lq.quantizers.SteTern, lq.quantizers.SteTern, None), None)),
+        "larq DoReFa W2A2": ("peer", 2, 2, lambda **_: ((lambda: lq.quantizers.DoReFa(2, mode="weights"),
                                                      lambda: lq.quantizers.DoReFa(2, mode="weights"),
                                                      lambda: lq.quantizers.DoReFa(2, mode="activations")), None)),
-        "tfmot 8-bit QAT W8A8": ("peer", 8, 8, lambda: ("tfmot", None)),
+        "tfmot 8-bit QAT W8A8": ("peer", 8, 8, lambda **_: ("tfmot", None)),
     }
 
     def qkeras(kernel):
-        def build():
+        def build(**_):
             import qkeras  # noqa: PLC0415  (optional benchmark dependency)
 
             return ((lambda: kernel(qkeras)), (lambda: kernel(qkeras)),
@@ -214,13 +245,14 @@ def build_row(row, float_model, profile, calibration_data, calibration_batches):
     QAT), then ``syq_tf.recipes.prepare_finetune`` (the float weights copied, every scale initialised
     from them, DoReFa ranges fitted when the profile says ``fit_ranges``, activation steps calibrated)."""
     _, _, _, builder = row
-    factories, method = builder()
+    factories, method = builder(official=profile.get("official", False))
     if factories == "tfmot":
         model = _tfmot_default_8bit(float_model)
     else:
         model = build_cnn(widths=profile["widths"], quantizers=factories)
         prepare_finetune(model, float_model, calibration_data, profile["lr"], method, calibration_batches,
-                         fit_ranges=profile.get("fit_ranges", False))
+                         fit_ranges=profile.get("fit_ranges", False),
+                         optimizer_options=optimizer_options(method, profile))
         return model
     compile_model(model, profile["lr"], method)
     return model
@@ -281,10 +313,23 @@ class Runner:
         ds = ds.shuffle(len(self.x_train), seed=seed, reshuffle_each_iteration=True)
         return ds.batch(self.p["batch_size"]).prefetch(tf.data.AUTOTUNE)
 
+    FLOAT_KEYS = ("train_limit", "float_epochs", "batch_size", "widths", "lr_float")
+
+    def _float_dir(self):
+        """Where this profile's float starts are cached: the main table's when the float pre-training
+        is the same (a study then starts every row from the main table's very float models, a paired
+        comparison), else the profile's own."""
+        full = PROFILES["full"]
+        if self.name != "full" and all(self.p[k] == full[k] for k in self.FLOAT_KEYS):
+            shared = os.path.join(os.path.dirname(self.dir), "full")
+            os.makedirs(shared, exist_ok=True)
+            return shared
+        return self.dir
+
     # float pre-training, shared by every row of a seed (cached; a lock file keeps two shards from
     # training the same one)
     def pretrained(self, seed):
-        path = os.path.join(self.dir, f"float_pretrain_s{seed}.weights.h5")
+        path = os.path.join(self._float_dir(), f"float_pretrain_s{seed}.weights.h5")
         lock = path + ".lock"
         while not os.path.exists(path):
             try:
