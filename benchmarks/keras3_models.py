@@ -17,7 +17,9 @@ Models (Keras 3, ``weights=None``: nothing is downloaded):
   characters in context, not their order.
 
 Every model: float pre-training, then per scheme (``--schemes``, default ``syq-w2a8,uniq-w4a8``)
-``syq.quantize_model`` -> ``syq.calibrate`` (UniQ's activation steps, the 8-bit ranges) -> plain
+``syq.quantize_model`` -> ``syq.fit_dorefa_ranges`` (the DoReFa activations of the ``syq-*`` schemes:
+their fixed [0, 1] fitted to the float model's ReLU6 outputs; ``--no-fit-ranges`` skips it) ->
+``syq.calibrate`` (UniQ's activation steps, the 8-bit ranges) -> plain
 ``model.fit`` -> ``model.save(".keras")`` and ``keras.saving.load_model`` (safe mode, no custom
 objects; outputs compared) -> ``syq.export.to_tflite`` of the *reloaded* model for target
 ``litert`` (int8) and ``tflm``, each verified on the test examples (top-1 agreement with Keras,
@@ -262,6 +264,10 @@ def run_model(name, p, args, out_rows):
             continue
         row["quantize_report"] = {k: (len(v) if isinstance(v, list) else v) for k, v in report.items()}
         compile_model(q, args.q_lr)
+        if args.fit_ranges:  # DoReFa's fixed [0, 1] fitted to the float model's ReLU / ReLU6 outputs
+            fitted = syq.fit_dorefa_ranges(q, rep_x)
+            row["dorefa_ranges"] = {"fitted": sum(isinstance(v, float) for v in fitted.values()),
+                                    "left": {k: v for k, v in fitted.items() if not isinstance(v, float)}}
         syq.calibrate(q, rep_x)
         t = time.perf_counter()
         q.fit(x, y, batch_size=p["batch"], epochs=p["q_epochs"], verbose=0, shuffle=True)
@@ -410,7 +416,7 @@ def meta_of(args, p, seconds, flags):
             "python": sys.version.split()[0], "versions": versions, "seconds": seconds,
             "command": f"python benchmarks/keras3_models.py {shown}".strip(), "schemes": args.schemes,
             "targets": args.targets, "lr": args.lr, "q_lr": args.q_lr, "seed": args.seed,
-            "bn_momentum": args.bn_momentum}
+            "bn_momentum": args.bn_momentum, "fit_ranges": args.fit_ranges}
 
 
 def main(argv=None):
@@ -430,6 +436,8 @@ def main(argv=None):
     ap.add_argument("--text-classes", type=int, default=8)
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-fit-ranges", dest="fit_ranges", action="store_false",
+                    help="skip syq.fit_dorefa_ranges after quantize_model (DoReFa activations clip at 1)")
     ap.add_argument("--write-section", action="store_true",
                     help="only rewrite the BENCHMARKS.md section from the saved JSON (no run)")
     ap.add_argument("--keep-models", default=None, metavar="DIR",
