@@ -7,7 +7,8 @@ when ``verify_data`` is given, runtime-vs-Keras agreement.
 The pipeline, top-down (docs/ARCHITECTURE.md): the options are checked once (:mod:`.targets`), the
 target's module runs -- inference form (:mod:`.inference`), conversion (:mod:`.convert`, or LCE's
 converter), flatbuffer rewrite (:mod:`.flatbuffer` with the codebook arithmetic of
-:mod:`.codebook`), report (:mod:`.report`), verification (:mod:`.runtime`).
+:mod:`.codebook`), report (:mod:`.report`), verification (:mod:`.runtime`). Where the exported
+model departs from Keras, op by op: :func:`trace_divergence` (:mod:`.trace`).
 """
 
 from syq_tf.export import flatbuffer
@@ -15,6 +16,7 @@ from syq_tf.export.inference import build as build_inference_model
 from syq_tf.export.report import ExportResult, LayerReport
 from syq_tf.export.runtime import litert_predict
 from syq_tf.export.targets import REGISTRY, TARGETS, WEIGHTS, options
+from syq_tf.export.trace import TraceRow, trace_divergence
 
 
 def to_tflite(model, representative_data, target="litert", verify_data=None, verify_labels=None,
@@ -72,4 +74,5 @@ def to_tflite(model, representative_data, target="litert", verify_data=None, ver
 
 
 __all__ = ["to_tflite", "ExportResult", "LayerReport", "build_inference_model", "litert_predict",
+           "trace_divergence", "TraceRow",
            "flatbuffer", "TARGETS", "WEIGHTS"]

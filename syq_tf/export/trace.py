@@ -1,0 +1,127 @@
+"""Where an exported int8 model departs from Keras, op by op.
+
+:func:`trace_divergence` runs the exported model in LiteRT with every tensor kept and compares each
+op's int8 output with the same tensor of the inference form (:mod:`.inference`: what Keras computes,
+in TensorFlow float), quantized to that tensor's scale and zero point. A layer where the share of
+values a step or more off *jumps* marks a rounding one side makes and the other does not (a
+structural mismatch to fix); a share that grows smoothly layer by layer is the model amplifying
+one-step differences (e.g. values a hair from a low-bit rounding boundary).
+
+An op's output is matched to the latest inference-form layer named in its tensor name (the
+converter names a fused op's output after every layer it fused; Keras 3 scopes them ``<name>_1``),
+and a layer's value is the output of the last op matched to it; the quantized input inside a layer
+(its ``input_range`` stand-in) is not that layer's output and is left out, as are outputs that
+name no layer and outputs that are not per-tensor int8 tensors. The interpreter runs LiteRT's
+builtin kernels (no delegate, which would not keep the intermediate tensors).
+"""
+
+import dataclasses
+
+import numpy as np
+
+from syq_tf.export import inference
+from syq_tf.export.runtime import quantize_input
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceRow:
+    """One op's output against the inference form: the share of int8 values off by at least one
+    step and at least two steps, and the largest difference (in steps)."""
+
+    op_index: int
+    op: str
+    layer: str
+    off_by_1: float
+    off_by_2: float
+    max_steps: int
+
+
+def trace_divergence(model, buffer, x, max_examples=32):
+    """:class:`TraceRow` for every matched op of the int8 TFLite model ``buffer`` exported from
+    ``model``, on the first ``max_examples`` examples of ``x`` (float inputs, quantized as the
+    model's int8 input)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType  # noqa: PLC0415
+
+    x = np.asarray(x)[:max_examples]
+    if len(x) == 0:
+        raise ValueError("trace_divergence: x has no examples.")
+    interpreter = Interpreter(model_content=bytes(buffer), num_threads=1, experimental_preserve_all_tensors=True,
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    inp = interpreter.get_input_details()[0]
+    if inp["dtype"] != np.int8:
+        raise ValueError(f"trace_divergence: the model's input is {np.dtype(inp['dtype']).name}; the trace "
+                         "compares full-integer int8 models (target 'litert' or 'tflm').")
+    if inp["shape_signature"][0] != -1:
+        raise ValueError("trace_divergence: the model has a fixed batch size; trace a model exported with a "
+                         "free batch dimension.")
+    interpreter.resize_tensor_input(inp["index"], [len(x), *x.shape[1:]])
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp["index"], quantize_input(x, *inp["quantization"]))
+    interpreter.invoke()
+
+    form = _form(model)
+    layers = [layer for layer in form.layers[1:] if _single_output(layer)]
+    order = {layer.name: i for i, layer in enumerate(layers)}
+    import tensorflow as tf  # noqa: PLC0415
+
+    values = tf.keras.Model(form.inputs, [layer.output for layer in layers]).predict(x, verbose=0)
+    values = dict(zip(order, values if isinstance(values, list) else [values]))
+    keras3 = not type(form).__module__.startswith("tf_keras")
+    details = {d["index"]: d for d in interpreter.get_tensor_details()}
+    rows = []
+    for op in interpreter._get_ops_details():  # noqa: SLF001  (the only listing of ops and their tensors)
+        if not op["outputs"] or op["outputs"][0] not in details:
+            continue
+        d = details[op["outputs"][0]]
+        scale, zero = d["quantization"]
+        named = _layers_named(d["name"], order, keras3)
+        if d["dtype"] != np.int8 or not scale or not named:
+            continue
+        layer = max(named, key=order.get)
+        runtime = interpreter.get_tensor(d["index"]).astype(np.int64)
+        expected = values[layer]
+        if expected.size != runtime.size:
+            continue
+        reference = np.clip(np.floor(expected.reshape(runtime.shape) / scale + 0.5) + zero, -128, 127)
+        steps = np.abs(runtime - reference.astype(np.int64))
+        rows.append(TraceRow(op["index"], op["op_name"], layer, float(np.mean(steps >= 1)),
+                             float(np.mean(steps >= 2)), int(steps.max())))
+    # a layer's value is the output of the last op named after it (a fused FULLY_CONNECTED + ReLU
+    # before the MINIMUM of a low-bit activation's clip: the MINIMUM's output)
+    last = {row.layer: row.op_index for row in rows}
+    return [row for row in rows if last[row.layer] == row.op_index]
+
+
+def _layers_named(tensor_name, layers, keras3):
+    """The inference-form layers a converted tensor's name mentions. Keras 3 scopes a layer's ops as
+    ``<name>_1``; a part inside a layer's input stand-in (``input_range``: the quantized input, not
+    the layer's output) names no layer."""
+    named = []
+    for part in tensor_name.split(";"):
+        segments = part.split("/")
+        if any(seg.startswith("input_range") for seg in segments):
+            continue
+        for seg in segments:
+            if keras3 and seg.endswith("_1"):
+                seg = seg[:-2]
+            if seg in layers:
+                named.append(seg)
+    return named
+
+
+def _form(model):
+    from syq_tf.models import is_tfmot_model  # noqa: PLC0415
+
+    if is_tfmot_model(model):
+        from syq_tf import tfmot  # noqa: PLC0415
+
+        with tfmot.quantize_scope():
+            return inference.build(model)
+    return inference.build(model)
+
+
+def _single_output(layer):
+    try:
+        return not isinstance(layer.output, (list, tuple))
+    except (AttributeError, ValueError):
+        return False
