@@ -19,6 +19,8 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
+from syq_tf.models import layer_kernels, unwrapped
+
 
 def calibratable_quantizers(model):
     """Every quantizer in ``model`` (nested layers included) that is set by calibration."""
@@ -144,13 +146,8 @@ def best_dorefa_scale(a, bits, candidates=64):
     return float(grid[int(np.argmin(errors))])
 
 
-def _inner(layer):
-    """The layer a tfmot ``QuantizeWrapper`` wraps, or ``layer`` itself."""
-    return layer.layer if hasattr(layer, "quantize_config") and hasattr(layer, "layer") else layer
-
-
 def _class_name(layer):
-    return type(_inner(layer)).__name__
+    return type(unwrapped(layer)).__name__
 
 
 def _history_layer(tensor):
@@ -186,7 +183,7 @@ def _single_input(layer):
 def _activation_name(layer):
     """A layer's activation function: 'linear' for none (tfmot's NoOpActivation, which replaces it
     where a BatchNormalization follows, included); through tfmot's QuantizeAwareActivation."""
-    activation = getattr(_inner(layer), "activation", None)
+    activation = getattr(unwrapped(layer), "activation", None)
     activation = getattr(activation, "activation", activation)
     if activation is None or type(activation).__name__ == "NoOpActivation":
         return "linear"
@@ -198,7 +195,7 @@ def _relu_cap(layer):
     Activation 'relu' / 'relu6'), ``(False, None)`` for any other layer. A ReLU passes a scale
     ``s`` unchanged below its cap; a cap at or above the fitted range (ReLU6's 6) is cut by DoReFa's
     clip first, and the range fitted on its outputs never exceeds it."""
-    inner = _inner(layer)
+    inner = unwrapped(layer)
     if type(inner).__name__ == "ReLU":
         if float(inner.threshold) != 0.0 or float(inner.negative_slope) != 0.0:
             return False, None
@@ -247,11 +244,10 @@ def _trace_back(model, chain, tensor):
         layer = _history_layer(tensor) if tensor is not None else None
         if layer is None or _class_name(layer) in ("InputLayer", "QuantizeLayer"):
             chain.reason = "its input comes from the model's input, not from a BatchNormalization"
-        elif len(_readers(layer, model)) != 1:
-            chain.reason = (f"'{layer.name}' feeds {len(_readers(layer, model))} layers (rescaling it would change "
-                            "the others)")
-        elif isinstance(_inner(layer), tf.keras.layers.BatchNormalization):
-            if not (_inner(layer).scale and _inner(layer).center):
+        elif len(readers := _readers(layer, model)) != 1:
+            chain.reason = f"'{layer.name}' feeds {len(readers)} layers (rescaling it would change the others)"
+        elif isinstance(unwrapped(layer), tf.keras.layers.BatchNormalization):
+            if not (unwrapped(layer).scale and unwrapped(layer).center):
                 chain.reason = f"BatchNormalization '{layer.name}' has no gamma or no beta to rescale"
             else:
                 chain.producer = layer
@@ -266,8 +262,6 @@ def _trace_back(model, chain, tensor):
 def _trace_forward(model, chain):
     """Follow the owner's output (a tfmot output quantizer) through scale-preserving layers to the
     kernel layer that reads it."""
-    from syq_tf.models import layer_kernels  # noqa: PLC0415
-
     layer = chain.owner
     while chain.reason is None and chain.consumer is None:
         readers = _readers(layer, model)
@@ -284,8 +278,6 @@ def _trace_forward(model, chain):
 
 
 def _chains(model):
-    from syq_tf.models import layer_kernels  # noqa: PLC0415
-
     chains = []
     for layer in model.layers:
         quantizer, where = _dorefa_of(layer)
@@ -404,8 +396,8 @@ def _next_batchnorm(model, consumer):
     readers = _readers(consumer, model)
     if len(readers) != 1 or _activation_name(consumer) not in ("linear", "relu"):
         return None
-    if isinstance(_inner(readers[0]), tf.keras.layers.BatchNormalization) and not getattr(
-            _inner(readers[0]), "renorm", False):
+    if isinstance(unwrapped(readers[0]), tf.keras.layers.BatchNormalization) and not getattr(
+            unwrapped(readers[0]), "renorm", False):
         return readers[0]
     return None
 
@@ -431,34 +423,38 @@ def _ranges(layer, kinds):
 _OUTPUT_RANGES = ("output", "pre_activation", "post_activation")
 
 
+def _undo_in_next_batchnorm(model, consumer, scale):
+    """Undo a division of ``consumer``'s input by ``scale`` in its bias and the moving statistics of
+    the BatchNormalization alone after it; False (nothing changed) without one, or where the
+    variance would turn negative."""
+    following = _next_batchnorm(model, consumer)
+    if following is None:
+        return False
+    # (y / s - m') / sqrt(v' + eps) = (y - m) / sqrt(v + eps):  m' = m / s,  v' = (v + eps) / s^2 - eps
+    bn = unwrapped(following)
+    eps = float(bn.epsilon)
+    variance = (bn.moving_variance.numpy().astype(np.float64) + eps) / scale**2 - eps
+    if not np.all(variance >= 0.0):
+        return False
+    bias = getattr(unwrapped(consumer), "bias", None)
+    if bias is not None:
+        bias.assign(bias / scale)
+    bn.moving_mean.assign(bn.moving_mean / scale)
+    bn.moving_variance.assign(variance.astype(np.float32))
+    return True
+
+
 def _rescale(model, chain, scale):
     """Divide the producer's output by ``scale`` and undo it after the consumer: in the moving
     statistics of the BatchNormalization that follows it when there is one (the kernel and its
     quantizer keep their values, so the optimizer's steps keep their size relative to them), else
     in the consumer's kernel (re-initialising its quantizer's scale)."""
-    from syq_tf.models import layer_kernels  # noqa: PLC0415
-
-    producer, consumer = _inner(chain.producer), chain.consumer
+    producer, consumer = unwrapped(chain.producer), chain.consumer
     producer.gamma.assign(producer.gamma / scale)
     producer.beta.assign(producer.beta / scale)
     divided = list(chain.path)
-    following = _next_batchnorm(model, consumer)
-    if following is not None:
-        # (y / s - m') / sqrt(v' + eps) = (y - m) / sqrt(v + eps):  m' = m / s,  v' = (v + eps) / s^2 - eps
-        bn = _inner(following)
-        eps = float(bn.epsilon)
-        variance = (bn.moving_variance.numpy().astype(np.float64) + eps) / scale**2 - eps
-        if np.all(variance >= 0.0):
-            bias = getattr(_inner(consumer), "bias", None)
-            if bias is not None:
-                bias.assign(bias / scale)
-            bn.moving_mean.assign(bn.moving_mean / scale)
-            bn.moving_variance.assign(variance.astype(np.float32))
-            following = consumer  # its output is divided too
-        else:
-            following = None
-    if following is not None:
-        divided.append(consumer)
+    if _undo_in_next_batchnorm(model, consumer, scale):
+        divided.append(consumer)  # its output is divided too
     else:
         kernels = layer_kernels(consumer)
         attr = "depthwise_kernel" if "depthwise_kernel" in kernels else "kernel"

@@ -43,6 +43,12 @@ def layer_kernels(layer):
     return out
 
 
+def unwrapped(layer):
+    """The layer a tfmot ``QuantizeWrapper`` wraps, or ``layer`` itself (by class name: tfmot is not
+    importable under Keras 3, where there are no wrappers)."""
+    return getattr(layer, "layer", layer) if type(layer).__name__.startswith("QuantizeWrapper") else layer
+
+
 def is_tfmot_model(model):
     """True for a tfmot QAT model (a QuantizeWrapper among its layers); always False under Keras 3,
     where tfmot does not run."""

@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from syq_tf.models import flat_layers, layer_kernels
+from syq_tf.models import flat_layers, layer_kernels, unwrapped
 
 
 @dataclasses.dataclass
@@ -71,10 +71,6 @@ def _tfmot_bits(layer):
     return out
 
 
-def _inner(layer):
-    return getattr(layer, "layer", layer) if type(layer).__name__.startswith("QuantizeWrapper") else layer
-
-
 def _shape(layer, end):
     """The layer's ``input`` / ``output`` shape (tf_keras: ``layer.output_shape``; Keras 3 keeps only
     the symbolic tensor ``layer.output``), a list for several tensors."""
@@ -95,7 +91,7 @@ def _output_positions(layer):
 
 
 def _macs(layer, kernels):
-    inner = _inner(layer)
+    inner = unwrapped(layer)
     if isinstance(inner, tf.keras.layers.RNN):  # every time step: input and recurrent products
         steps = _output_positions(layer) if inner.return_sequences else int(_shape(layer, "input")[1] or 1)
         return {name: steps * int(np.prod(v.shape)) for name, (_, v) in kernels.items()}
@@ -110,9 +106,9 @@ def summarize(model):
         if not layer.weights:
             continue
         kernels = {k: (q, v) for k, (q, v) in layer_kernels(layer).items()}
-        if not kernels and getattr(_inner(layer), "kernel", None) is not None and isinstance(
-                _inner(layer).kernel, tf.Variable):
-            kernels = {"kernel": (None, _inner(layer).kernel)}
+        if not kernels and getattr(unwrapped(layer), "kernel", None) is not None and isinstance(
+                unwrapped(layer).kernel, tf.Variable):
+            kernels = {"kernel": (None, unwrapped(layer).kernel)}
         tfmot_bits = _tfmot_bits(layer)
         kernel_ids = {id(v) for _, v in kernels.values()}
         params, nbytes = 0, 0.0
@@ -137,7 +133,7 @@ def summarize(model):
                    for q, v in kernels.values()]
         bits = [tfmot_bits.get(id(v)) or quantizer_bits(q) for q, v in kernels.values()]
         rows.append(LayerSummary(
-            layer=layer.name, type=type(_inner(layer)).__name__,
+            layer=layer.name, type=type(unwrapped(layer)).__name__,
             method=" + ".join(dict.fromkeys(methods)) if quantizers else "-",
             bits=min(bits, default=32), granularity=granularity if quantizers else "-",
             scales=sum(_scale_count(q) for q in quantizers), params=params, bytes=nbytes,

@@ -55,10 +55,11 @@ def quantize_input(x, scale, zero):
 KERNELS = ("xnnpack", "builtin", "ref")
 
 
-def litert_interpreter(buffer, kernels="xnnpack", num_threads=1):
+def litert_interpreter(buffer, kernels="xnnpack", num_threads=1, keep_tensors=False):
     """A LiteRT interpreter: ``kernels`` 'xnnpack' (the default XNNPACK CPU delegate where it
     takes the ops, builtin kernels elsewhere), 'builtin' (optimized builtin kernels, no delegate)
-    or 'ref' (reference kernels)."""
+    or 'ref' (reference kernels). ``keep_tensors``: keep every intermediate tensor readable after
+    ``invoke`` (for tracing; not with a delegate, which does not keep them)."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType  # noqa: PLC0415
 
     resolvers = {"xnnpack": OpResolverType.AUTO, "builtin": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
@@ -66,7 +67,8 @@ def litert_interpreter(buffer, kernels="xnnpack", num_threads=1):
     if kernels not in resolvers:
         raise ValueError(f"litert_interpreter: kernels={kernels!r}; allowed: {KERNELS}")
     return Interpreter(model_content=bytes(buffer), num_threads=num_threads,
-                       experimental_op_resolver_type=resolvers[kernels])
+                       experimental_op_resolver_type=resolvers[kernels],
+                       experimental_preserve_all_tensors=keep_tensors)
 
 
 def litert_int8_outputs(buffer, x_int8, kernels="xnnpack"):

@@ -18,9 +18,10 @@ builtin kernels (no delegate, which would not keep the intermediate tensors).
 import dataclasses
 
 import numpy as np
+import tensorflow as tf
 
 from syq_tf.export import inference
-from syq_tf.export.runtime import quantize_input
+from syq_tf.export.runtime import litert_interpreter, quantize_input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,13 +41,10 @@ def trace_divergence(model, buffer, x, max_examples=32):
     """:class:`TraceRow` for every matched op of the int8 TFLite model ``buffer`` exported from
     ``model``, on the first ``max_examples`` examples of ``x`` (float inputs, quantized as the
     model's int8 input)."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType  # noqa: PLC0415
-
     x = np.asarray(x)[:max_examples]
     if len(x) == 0:
         raise ValueError("trace_divergence: x has no examples.")
-    interpreter = Interpreter(model_content=bytes(buffer), num_threads=1, experimental_preserve_all_tensors=True,
-                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter = litert_interpreter(buffer, kernels="builtin", keep_tensors=True)
     inp = interpreter.get_input_details()[0]
     if inp["dtype"] != np.int8:
         raise ValueError(f"trace_divergence: the model's input is {np.dtype(inp['dtype']).name}; the trace "
@@ -59,11 +57,9 @@ def trace_divergence(model, buffer, x, max_examples=32):
     interpreter.set_tensor(inp["index"], quantize_input(x, *inp["quantization"]))
     interpreter.invoke()
 
-    form = _form(model)
+    form = inference.build(model)  # a tfmot model's form is built in its own quantize_scope
     layers = [layer for layer in form.layers[1:] if _single_output(layer)]
     order = {layer.name: i for i, layer in enumerate(layers)}
-    import tensorflow as tf  # noqa: PLC0415
-
     values = tf.keras.Model(form.inputs, [layer.output for layer in layers]).predict(x, verbose=0)
     values = dict(zip(order, values if isinstance(values, list) else [values]))
     keras3 = not type(form).__module__.startswith("tf_keras")
@@ -107,17 +103,6 @@ def _layers_named(tensor_name, layers, keras3):
             if seg in layers:
                 named.append(seg)
     return named
-
-
-def _form(model):
-    from syq_tf.models import is_tfmot_model  # noqa: PLC0415
-
-    if is_tfmot_model(model):
-        from syq_tf import tfmot  # noqa: PLC0415
-
-        with tfmot.quantize_scope():
-            return inference.build(model)
-    return inference.build(model)
 
 
 def _single_output(layer):
