@@ -162,40 +162,35 @@ def export_row(name, model, rep_x, test, target):
     if classifier:
         row.update(agreement=v.get("top1_agreement"), keras_accuracy=v.get("keras_accuracy"),
                    runtime_accuracy=v.get("runtime_accuracy"))
-        if target == "litert":
-            from syq_tf.export import inference
-            with syq_tf.tfmot.quantize_scope():
-                form = inference.build(model).predict(x, batch_size=128, verbose=0)
-            k = keras_outputs(model, x)
-            r = litert_predict(bytes(result), x).reshape(k.shape)
-            row["keras_vs_inference_form"] = float(np.mean(k.argmax(-1) == form.argmax(-1)))
-            row["inference_form_vs_litert"] = float(np.mean(form.argmax(-1) == r.argmax(-1)))
-    else:
+    if not classifier or target == "litert":
         k = keras_outputs(model, x)
         if target == "litert":
-            r = litert_predict(bytes(result), x)
+            r = litert_predict(bytes(result), x).reshape(k.shape)
         else:
             buffer = result.uncompressed
             scale, zero = int8.output_quantization(buffer)
             r = (tflm_predict_int8(result.flatbuffer, int8.model_input(buffer, x)).astype(np.float32) - zero) * scale
+    if not classifier:
         scores = tiny_models.score_agreement(x, k, r.reshape(k.shape))
         row.update(agreement=scores["decision_agreement"], **scores)
-        if target == "litert":  # where the scores part: Keras vs the inference form (TensorFlow float), form vs LiteRT
-            from syq_tf.export import inference
-            with syq_tf.tfmot.quantize_scope():
-                form = inference.build(model).predict(x, batch_size=128, verbose=0).reshape(k.shape)
-            row["keras_vs_inference_form"] = tiny_models.score_agreement(x, k, form)["decision_agreement"]
-            row["inference_form_vs_litert"] = tiny_models.score_agreement(x, form, r.reshape(k.shape))["decision_agreement"]
     if target == "litert":
+        from ai_edge_litert.interpreter import Interpreter
+        from syq_tf.export import inference
+
+        def agree(a, b):  # top-1 for the classifiers, the anomaly decision for the autoencoder
+            if classifier:
+                return float(np.mean(a.argmax(-1) == b.argmax(-1)))
+            return tiny_models.score_agreement(x, a, b.reshape(a.shape))["decision_agreement"]
+
+        # where Keras and LiteRT part: Keras vs the inference form (TensorFlow float), form vs LiteRT
+        form = inference.build(model).predict(x, batch_size=128, verbose=0).reshape(k.shape)
+        row["keras_vs_inference_form"] = agree(k, form)
+        row["inference_form_vs_litert"] = agree(form, r)
         # the model's own sensitivity: Keras on inputs moved by under half an int8 step of the exported
         # input (what the input's rounding alone may do) against Keras on the inputs
-        from ai_edge_litert.interpreter import Interpreter
         scale = Interpreter(model_content=bytes(result)).get_input_details()[0]["quantization"][0]
         noise = np.random.default_rng(0).uniform(-0.5, 0.5, x.shape).astype(np.float32) * np.float32(scale)
-        k, moved = keras_outputs(model, x), keras_outputs(model, x + noise)
-        row["keras_half_step_input_noise_agreement"] = (
-            float(np.mean(k.argmax(-1) == moved.argmax(-1))) if classifier
-            else tiny_models.score_agreement(x, k, moved)["decision_agreement"])
+        row["keras_half_step_input_noise_agreement"] = agree(k, keras_outputs(model, x + noise))
     return row
 
 
