@@ -111,6 +111,10 @@ def main(argv=None):
                    help="cnn: also time every least-squares model traced with the histogram search from rows of "
                         "N values (syq_tf.quantizers.least_squares.HIST_MIN_N; shorter rows sort), labelled "
                         "'[hist >= N]': a before/after of that threshold in one run")
+    p.add_argument("--without-native", action="store_true",
+                   help="cnn: also time every least-squares model traced without the native search op "
+                        "(syq_tf.quantizers.native; the XLA histogram / sort searches instead), labelled "
+                        "'[no native]': a before/after of the op in one run")
     p.add_argument("--tag", default=None, help="suffix of the JSON file name (step_time_<tag>.json)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
@@ -132,6 +136,14 @@ def main(argv=None):
                 models[f"{name} [hist >= {args.hist_min_before}]"] = _cnn_model(options, widths, x, y)
             finally:
                 least_squares.HIST_MIN_N = current
+        if args.without_native and (options or {}).get("method") == "ls":
+            from syq_tf.quantizers import native  # noqa: PLC0415
+
+            available, native.available = native.available, lambda: False
+            try:  # read while tracing, as above
+                models[f"{name} [no native]"] = _cnn_model(options, widths, x, y)
+            finally:
+                native.available = available
     if args.arch == "mlp":
         models = _mlp_models(args)
         for model in models.values():
@@ -146,12 +158,12 @@ def main(argv=None):
             times[name].append((time.perf_counter() - start) / args.steps)
     base = float(np.median(times["float"]))
     rows = []
-    print(f"{'model':<24}{'median step ms':>16}{'vs float':>10}")
+    print(f"{'model':<36}{'median step ms':>16}{'vs float':>10}")
     for name, samples in times.items():
         median = float(np.median(samples))
         rows.append({"model": name, "median_step_s": median, "ratio_to_float": median / base,
                      "samples_s": samples})
-        print(f"{name:<24}{1000 * median:>16.1f}{median / base:>10.2f}")
+        print(f"{name:<36}{1000 * median:>16.1f}{median / base:>10.2f}")
     stem = "step_time" if args.arch == "cnn" else "step_time_mlp"
     suffix = f"_{args.tag}" if args.tag else "_subset" if args.only else ""
     path = os.path.join(args.out, f"{stem}{suffix}.json")

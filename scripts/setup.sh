@@ -70,3 +70,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   fi
   echo "$want" > "$stamp"
 fi
+# syq_tf's TensorFlow CPU ops (syq_tf/quantizers/native/*.cc), built against this virtualenv's
+# TensorFlow; skipped when up to date. Without them syq_tf falls back to its slower pure-TensorFlow
+# searches, so a failed build stops the set-up rather than going unnoticed.
+"$VENV/bin/python" scripts/build_native.py

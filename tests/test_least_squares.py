@@ -1,6 +1,7 @@
 """Least-squares binary quantization (Pouransari et al. 2020) against brute-force and numpy references."""
 
 import itertools
+import os
 
 import larq as lq
 import numpy as np
@@ -9,6 +10,7 @@ import tensorflow as tf
 
 from syq_tf.quantizers.least_squares import (
     MODES,
+    NUM_SCALARS,
     LeastSquares,
     LeastSquaresActivation,
     greedy_scalars,
@@ -244,9 +246,14 @@ def test_sign_of_zero_is_plus_one():
     g1, g2 = greedy_scalars(x, 2).numpy()[0]
     # gf2: b1(0) = +1, so r1 = -v1 and b2 = -1
     assert least_squares_quantize(x, "gf2").numpy()[0, 0] == pytest.approx(g1 - g2)
-    v1, v2 = ls2_scalars(x).numpy()[0]
-    # 0 < v1: low magnitude level with the sign of +1
-    assert least_squares_quantize(x, "ls2").numpy()[0, 0] == pytest.approx(v1 - v2)
+    # ls2 on [0, 1, -1, 2.5] (no tie between splits; [0, 1, -1, 2] has two optimal splits, which
+    # two correct searches may resolve differently): sorted |x| = 0, 1, 1 | 2.5 is the best split
+    # (F = 4/3 + 6.25 against 6.75 and 6.625), m_lo = 2/3, m_hi = 2.5, so v1 = 19/12, v2 = 11/12;
+    # 0 < v1: the low magnitude level v1 - v2 = 2/3 with the sign of +1
+    x = tf.constant([[0.0, 1.0, -1.0, 2.5]], tf.float64)
+    for search in ("sort", "auto"):
+        np.testing.assert_allclose(least_squares_scalars(x, "ls2", search=search).numpy()[0], [19 / 12, 11 / 12])
+    assert least_squares_quantize(x, "ls2").numpy()[0, 0] == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -677,12 +684,131 @@ def _calls_histogram_search(graph):
     return False
 
 
-def test_activation_with_unknown_batch_uses_the_histogram_search_for_large_maps():
-    """The per-sample row length must stay static when the batch is unknown (model.fit traces with
-    batch None), or the search silently falls back to sorting every row."""
+def _calls_native_search(graph):
+    return any(op.type == "SyqLeastSquaresSearch" for op in graph.get_operations())
+
+
+def test_activation_with_unknown_batch_uses_the_histogram_search_for_large_maps(monkeypatch):
+    """Without the native op: the per-sample row length must stay static when the batch is unknown
+    (model.fit traces with batch None), or the search silently falls back to sorting every row."""
+    monkeypatch.setattr(ls_module.native, "available", lambda: False)
     q = LeastSquaresActivation("ls2")
     graph = tf.function(lambda x: q(x)).get_concrete_function(tf.TensorSpec([None, 16, 16, 16])).graph
-    assert _calls_histogram_search(graph)
+    assert _calls_histogram_search(graph) and not _calls_native_search(graph)
     small = LeastSquaresActivation("ls2")
     graph = tf.function(lambda x: small(x)).get_concrete_function(tf.TensorSpec([None, 4, 4, 2])).graph
     assert not _calls_histogram_search(graph)
+
+
+# ---------------------------------------------------------------------------------------------
+# The native search (syq_tf/quantizers/native, a compiled TensorFlow CPU op): the same optimum.
+
+from syq_tf.quantizers import native  # noqa: E402
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native op {native.status()}")
+
+
+@pytest.mark.skipif(os.environ.get("SYQ_TF_NATIVE", "1").strip() == "0", reason="turned off by SYQ_TF_NATIVE=0")
+def test_native_search_is_built_and_loaded():
+    """`make setup` builds the op; a missing or stale build would silently cost 3x in training."""
+    assert native.available(), native.status()
+    assert native.status().startswith("loaded")
+
+
+@needs_native
+def test_auto_search_uses_the_native_op_for_every_row_length():
+    for shape in ([None, 16, 16, 16], [None, 4, 4, 2]):
+        q = LeastSquaresActivation("lsT")
+        graph = tf.function(lambda x: q(x)).get_concrete_function(tf.TensorSpec(shape)).graph
+        assert _calls_native_search(graph) and not _calls_histogram_search(graph)
+
+
+@needs_native
+@pytest.mark.parametrize("mode,brute", [("ls2", brute_force_ls2), ("lsT", brute_force_ternary)])
+@pytest.mark.parametrize("bins", [0, 1, 2, 3, 8])
+def test_native_search_matches_brute_force(mode, brute, bins):
+    """bins=0: short rows are sorted whole; 1-8 bins force the binned path, where the optimum often
+    lies inside a bin, and for float32 as well as float64 rows."""
+    for x in VECTORS:
+        for dtype in (tf.float64, tf.float32):
+            scalars = native.least_squares_search(tf.constant(x[None, :], dtype), mode, bins=bins)
+            assert scalars.dtype == dtype and scalars.shape == (1, NUM_SCALARS[mode])
+            q = reconstruct(tf.constant(x[None, :]), tf.cast(scalars, tf.float64), mode).numpy()[0]
+            tol = 1e-9 if dtype == tf.float64 else 1e-5
+            assert _sq_err(x, q) == pytest.approx(brute(x), rel=tol, abs=tol * max(1.0, np.sum(x**2))), (x, q)
+
+
+@needs_native
+def test_native_search_random_sweep_against_brute_force():
+    rng = np.random.default_rng(11)
+    failures = []
+    for trial in range(400):
+        n = int(rng.integers(4, 12))
+        x = rng.normal(size=n) * rng.choice([1.0, 1.0, 5.0])
+        if trial % 3 == 0:
+            x = np.round(x * 2) / 2
+        for mode, brute in (("ls2", brute_force_ls2), ("lsT", brute_force_ternary)):
+            bins = int(rng.integers(1, 6))
+            scalars = native.least_squares_search(tf.constant(x[None]), mode, bins=bins)
+            q = reconstruct(tf.constant(x[None]), scalars, mode).numpy()[0]
+            if _sq_err(x, q) > brute(x) * (1 + 1e-9) + 1e-12:
+                failures.append((mode, bins, x))
+    assert not failures, failures[:3]
+
+
+@needs_native
+@pytest.mark.parametrize("mode", ["ls2", "lsT"])
+@pytest.mark.parametrize("n", [6000, 1568, 300, 40])
+def test_native_search_equals_sort_on_long_rows(mode, n):
+    """Heavy tails, ties, mostly zeros, all zeros, a constant row, two clusters: the sort's error,
+    and on float32 rows the sort's very scalars (no tie between splits on these rows)."""
+    x = _long_rows(3, n)
+    sort = least_squares_scalars(tf.constant(x), mode, search="sort")
+    got = least_squares_scalars(tf.constant(x), mode, search="native")
+    e_sort = np.sum((x - reconstruct(tf.constant(x), sort, mode).numpy()) ** 2, axis=-1)
+    e_got = np.sum((x - reconstruct(tf.constant(x), got, mode).numpy()) ** 2, axis=-1)
+    np.testing.assert_allclose(e_got, e_sort, rtol=1e-10, atol=1e-12)
+    x32 = tf.constant(x.astype(np.float32))
+    np.testing.assert_allclose(least_squares_scalars(x32, mode, search="native").numpy(),
+                               least_squares_scalars(x32, mode, search="sort").numpy(), rtol=1e-6, atol=0)
+
+
+@needs_native
+def test_native_search_edge_rows():
+    x = np.array([[0.0] * 5, [-1.25] * 5, [1.0, np.nan, 2.0, 0.0, 1.0], [1.0, np.inf, 2.0, 0.0, 1.0]], np.float32)
+    ls2 = native.least_squares_search(tf.constant(x), "ls2").numpy()
+    lsT = native.least_squares_search(tf.constant(x), "lsT").numpy()
+    np.testing.assert_array_equal(ls2[0], [0.0, 0.0])  # all zero: nothing to scale
+    np.testing.assert_array_equal(lsT[0], [0.0])
+    np.testing.assert_allclose(ls2[1], [0.625, 0.625])  # constant c: v1 = v2 = |c| / 2, Q = x
+    np.testing.assert_allclose(lsT[1], [0.625])
+    assert np.isnan(ls2[2:]).all() and np.isnan(lsT[2:]).all()  # non-finite rows: NaN, never a made-up scale
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[groups, n\], got rank 3"):
+        native.least_squares_search(tf.zeros((2, 3, 4)), "lsT")
+
+
+@needs_native
+@pytest.mark.parametrize("mode", ["ls2", "lsT"])
+def test_auto_search_inside_xla_uses_the_xla_histogram(mode):
+    """XLA cannot compile the custom op: inside jit_compile "auto" takes the XLA twin, and an
+    explicit search='native' says why it cannot run."""
+    x = tf.constant(_long_rows(5).astype(np.float32))
+    xla = tf.function(lambda t: least_squares_scalars(t, mode, search="auto"), jit_compile=True)(x)
+    np.testing.assert_allclose(xla.numpy(), least_squares_scalars(x, mode, search="native").numpy(), rtol=1e-6)
+    with pytest.raises(RuntimeError, match="search='native' cannot run inside XLA"):
+        tf.function(lambda t: least_squares_scalars(t, mode, search="native"), jit_compile=True)(x)
+
+
+@needs_native
+def test_native_op_in_training_gets_no_gradient_and_trains():
+    """The op sits behind stop_gradient: a straight-through gradient reaches the input, identical
+    with the sort."""
+    x = tf.constant(_long_rows(6, 600).astype(np.float32))
+    grads = {}
+    for search in ("native", "sort"):
+        scalars = least_squares_scalars(tf.clip_by_value(x, -2.0, 2.0), "ls2", search=search)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(least_squares_ste(x, "ls2", clip=2.0, scalars=scalars) ** 2)
+        grads[search] = tape.gradient(loss, x).numpy()
+    np.testing.assert_allclose(grads["native"], grads["sort"], rtol=1e-6)

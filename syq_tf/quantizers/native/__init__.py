@@ -1,0 +1,71 @@
+"""syq_tf's TensorFlow CPU ops, compiled from the C++ beside this file by scripts/build_native.py
+(run by scripts/setup.sh). Each has a pure-TensorFlow twin that gives the same result; the op is a
+faster path, never a different answer.
+
+- ``least_squares_search(x2d, mode)``: the exact ls2 / lsT scalars of every row of ``x2d``
+  (syq_tf.quantizers.least_squares; one pass of binned sums, a sort of the bins that can hold the
+  optimum).
+
+:func:`available` says whether the ops are loaded; :func:`status` why not. ``SYQ_TF_NATIVE=0`` in
+the environment turns them off (before/after measurements, or to rule them out). Inside XLA
+(``jit_compile=True``) the callers use their TensorFlow twins: XLA cannot compile a custom op.
+"""
+
+import os
+import pathlib
+import sysconfig
+
+import tensorflow as tf
+
+_HERE = pathlib.Path(__file__).resolve().parent
+_LIBRARY = _HERE / ("_least_squares_search" + sysconfig.get_config_var("EXT_SUFFIX"))
+_ops = None
+_status = None
+tf.no_gradient("SyqLeastSquaresSearch")  # its callers stop the gradient; say so to the tape too
+
+
+@tf.autograph.experimental.do_not_convert
+def _load():
+    global _ops, _status
+    if _status is not None:
+        return _ops
+    if os.environ.get("SYQ_TF_NATIVE", "1").strip() == "0":
+        _status = "turned off (SYQ_TF_NATIVE=0)"
+    elif not _LIBRARY.is_file():
+        _status = (f"not built ({_LIBRARY.name} is missing: run `make setup`, or "
+                   "`python scripts/build_native.py` with a C++17 compiler)")
+    else:
+        source = _HERE / "least_squares_search.cc"
+        if source.is_file() and source.stat().st_mtime > _LIBRARY.stat().st_mtime:
+            _status = f"out of date ({_LIBRARY.name} is older than its source: run `make setup`)"
+        else:
+            try:
+                _ops = tf.load_op_library(str(_LIBRARY))
+                _status = f"loaded ({_LIBRARY.name})"
+            except (tf.errors.NotFoundError, OSError) as err:
+                _status = f"cannot be loaded ({_LIBRARY.name}: {err})"
+    return _ops
+
+
+@tf.autograph.experimental.do_not_convert
+def available():
+    """True if the compiled ops are loaded."""
+    return _load() is not None
+
+
+@tf.autograph.experimental.do_not_convert
+def status():
+    """One line: loaded, turned off, not built, out of date, or the loader's error."""
+    _load()
+    return _status
+
+
+@tf.autograph.experimental.do_not_convert
+def least_squares_search(x2d, mode, bins=0):
+    """Exact ls2 ([g, 2]: v1, v2) or lsT ([g, 1]: v) scalars per row of ``x2d`` [g, n] (float32 or
+    float64), in its dtype. ``bins=0``: the op's choice (rows of up to 256 values are sorted whole);
+    ``bins > 0`` forces that many bins. RuntimeError if the op is not available (:func:`status`)."""
+    ops = _load()
+    if ops is None:
+        raise RuntimeError(f"syq_tf.quantizers.native: the least-squares search op is {_status}.")
+    return ops.syq_least_squares_search(x2d, mode=mode, bins=int(bins))
