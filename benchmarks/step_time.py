@@ -21,6 +21,7 @@ batch 100.
 """
 
 import argparse
+import contextlib
 import os
 import platform
 import re
@@ -64,7 +65,19 @@ MLP_CONFIGS = (
 )
 
 
-def _mlp_models(args):
+@contextlib.contextmanager
+def _native_off():
+    """Models traced inside run without syq_tf's compiled ops (syq_tf.quantizers.native)."""
+    from syq_tf.quantizers import native  # noqa: PLC0415
+
+    available, native.available = native.available, lambda: False
+    try:
+        yield
+    finally:
+        native.available = available
+
+
+def _mlp_models(args, only=None):
     import sys
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from reproductions import mlp  # noqa: E402
@@ -74,6 +87,8 @@ def _mlp_models(args):
     models = {}
     for name, options in MLP_CONFIGS:
         if args.only and options is not None and not re.search(args.only, name):
+            continue
+        if only is not None and name != only:
             continue
         if options is None:
             model = mlp(None)
@@ -112,9 +127,9 @@ def main(argv=None):
                         "N values (syq_tf.quantizers.least_squares.HIST_MIN_N; shorter rows sort), labelled "
                         "'[hist >= N]': a before/after of that threshold in one run")
     p.add_argument("--without-native", action="store_true",
-                   help="cnn: also time every least-squares model traced without the native search op "
-                        "(syq_tf.quantizers.native; the XLA histogram / sort searches instead), labelled "
-                        "'[no native]': a before/after of the op in one run")
+                   help="also time every least-squares and loss-aware model traced without syq_tf's compiled ops "
+                        "(syq_tf.quantizers.native; the XLA / TensorFlow functions instead), labelled "
+                        "'[no native]': a before/after of the ops in one run")
     p.add_argument("--tag", default=None, help="suffix of the JSON file name (step_time_<tag>.json)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
@@ -136,19 +151,21 @@ def main(argv=None):
                 models[f"{name} [hist >= {args.hist_min_before}]"] = _cnn_model(options, widths, x, y)
             finally:
                 least_squares.HIST_MIN_N = current
-        if args.without_native and (options or {}).get("method") == "ls":
-            from syq_tf.quantizers import native  # noqa: PLC0415
-
-            available, native.available = native.available, lambda: False
-            try:  # read while tracing, as above
+        if args.without_native and (options or {}).get("method") in ("ls", "la"):
+            with _native_off():  # read while tracing, as above
                 models[f"{name} [no native]"] = _cnn_model(options, widths, x, y)
-            finally:
-                native.available = available
     if args.arch == "mlp":
-        models = _mlp_models(args)
-        for model in models.values():
+        models = {}
+        for name, model in _mlp_models(args).items():
+            models[name] = model
             for _ in range(3):  # trace and warm up
                 model.train_on_batch(x, y)
+            if args.without_native and name != "float":
+                with _native_off():
+                    (model,) = _mlp_models(args, only=name).values()
+                    for _ in range(3):  # traced without the op: it keeps the functions it was traced with
+                        model.train_on_batch(x, y)
+                models[f"{name} [no native]"] = model
     times = {name: [] for name in models}
     for _ in range(args.rounds):
         for name, model in models.items():

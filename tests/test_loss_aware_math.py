@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from syq_tf.quantizers import native
 from syq_tf.quantizers.loss_aware import (
     MODES,
+    LossAware,
     lab_project,
     laq_levels,
     laq_project,
@@ -16,6 +18,19 @@ from syq_tf.quantizers.loss_aware import (
     lat_exact_project,
     loss_aware_project,
 )
+
+
+@pytest.fixture(autouse=True, params=["native", "tensorflow"])
+def path(request, monkeypatch):
+    """Every test runs twice: with the compiled LAT ops (syq_tf.quantizers.native, the default
+    outside XLA) and with the pure-TensorFlow functions (used inside XLA, or without the build)."""
+    if request.param == "native":
+        if not native.available():
+            pytest.skip(f"native ops {native.status()}")
+    else:
+        monkeypatch.setattr(native, "available", lambda: False)
+    return request.param
+
 
 # ---------------------------------------------------------------------------------------------
 # Independent float64 numpy references (element by element / exhaustive, no sorting tricks).
@@ -568,3 +583,78 @@ def test_bad_inputs_raise_informative_errors():
         lat_approx_project(w, d, support=np.ones((2, 4), bool))
     with pytest.raises(ValueError, match="floating dtype"):
         lab_project(np.ones((2, 3), np.int32), np.ones((2, 3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled ops on their own (they also run every test above, as path "native").
+
+
+def test_native_lat_exact_binned_matches_brute_force(path):
+    """1-3 bins on short rows: the optimum often lies inside a bin, so the triangle bound and the
+    in-bin scan decide; float64 and float32 rows."""
+    if path != "native":
+        pytest.skip("native only")
+    for w, d in BATCHES:
+        for bins in (1, 2, 3):
+            for dtype in (np.float64, np.float32):
+                wt, dt = w.astype(dtype), d.astype(dtype)
+                alpha, cut = (v.numpy() for v in native.lat_exact(tf.constant(wt), tf.constant(dt), bins=bins))
+                for row in range(w.shape[0]):
+                    w64, d64 = wt[row].astype(np.float64), dt[row].astype(np.float64)
+                    keep = np.abs(w64) >= cut[row, 0]
+                    q = np.where(keep, float(alpha[row, 0]) * sign(w64), 0.0)
+                    best = brute_force_ternary(w64, d64)[0]
+                    tol = 1e-9 if dtype == np.float64 else 1e-5
+                    assert werr(w64, d64, q) <= best * (1 + tol) + tol * np.sum(d64 * w64**2), (bins, w64, d64, q)
+
+
+def test_native_lat_approx_is_the_tensorflow_loop(path, monkeypatch):
+    """Several rows that settle after different numbers of steps (the loop stops for the tensor, not
+    per row), warm starts, the authors' tolerance, a step limit: the same supports and scales."""
+    if path != "native":
+        pytest.skip("native only")
+    rng = np.random.default_rng(5)
+    w = rng.normal(0, 1, (5, 3000)) * np.array([[0.1], [1.0], [3.0], [0.5], [2.0]])
+    w[3, :2000] = 0.0
+    d = rng.uniform(0.05, 2.0, w.shape)
+    runs = []
+    for use_native in (True, False):
+        if not use_native:
+            monkeypatch.setattr(native, "available", lambda: False)
+        out = []
+        for dtype in (np.float32, np.float64):
+            wt, dt = tf.constant(w.astype(dtype)), tf.constant(d.astype(dtype))
+            start = tf.constant(np.abs(w) > 0.2)
+            for iterations, tol in ((10, 0.0), (10, 1e-6), (1, 0.0), (2, 0.0), (50, 0.0)):
+                for support in (None, start):
+                    out.append(lat_approx_project(wt, dt, support=support, iterations=iterations, tol=tol))
+        runs.append(out)
+    for (a1, q1, s1), (a2, q2, s2) in zip(*runs):
+        np.testing.assert_array_equal(s1.numpy(), s2.numpy())
+        np.testing.assert_allclose(a1.numpy(), a2.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(q1.numpy(), q2.numpy(), rtol=1e-6)
+
+
+def test_loss_aware_projects_large_kernels_with_the_native_ops(path):
+    """A large kernel's LAT / LAT2 / exact projection runs the compiled op, not the XLA function."""
+    if path != "native":
+        pytest.skip("native only")
+    w = tf.random.stateless_normal([256, 512], seed=[1, 2])
+    for mode, op in (("ternary", "SyqLatApprox"), ("ternary_two_scale", "SyqLatApprox"),
+                     ("ternary_exact", "SyqLatExact")):
+        q = LossAware(mode)
+        q.build(w.shape)
+        graph = tf.function(lambda k: q.project(k, previous=k)).get_concrete_function(w).graph
+        types = {o.type for o in graph.get_operations()}
+        assert op in types, (mode, sorted(types))
+
+
+def test_native_ops_refuse_mismatched_shapes(path):
+    if path != "native":
+        pytest.skip("native only")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="d has shape"):
+        native.lat_exact(tf.zeros((2, 3)), tf.ones((2, 4)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="support has shape"):
+        native.lat_approx(tf.zeros((2, 3)), tf.ones((2, 3)), tf.zeros((2, 4), tf.bool), 3, 0.0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="iterations must be >= 1"):
+        native.lat_approx(tf.zeros((2, 3)), tf.ones((2, 3)), tf.zeros((2, 3), tf.bool), 0, 0.0)

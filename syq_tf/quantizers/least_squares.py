@@ -54,7 +54,6 @@ kernel (``"layer"``); activations one set per sample (all non-batch axes).
 """
 
 import tensorflow as tf
-from tensorflow.python.ops import control_flow_util
 
 from syq_tf.quantizers import native
 from syq_tf.quantizers._common import (
@@ -365,21 +364,15 @@ def _histogram_search(x2d, mode, bins=None, subbins=HIST_SUBBINS):
 SEARCHES = ("auto", "sort", "histogram", "native")
 
 
-def _in_xla():
-    """True while tracing for XLA (``jit_compile=True``), which cannot compile the native op."""
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
-
-
 def _use_native(x2d, search):
     """"native": the compiled op (RuntimeError naming why if it is not there, or inside XLA); "auto":
     the op wherever it can run (built, float32/float64, not inside XLA)."""
     if search == "native":
-        if _in_xla():
+        if native.in_xla():
             raise RuntimeError("least_squares: search='native' cannot run inside XLA (jit_compile=True); "
                                "use search='auto' (there: the XLA histogram search).")
         return True
-    return (search == "auto" and x2d.dtype in (tf.float32, tf.float64) and native.available()
-            and not _in_xla())
+    return search == "auto" and native.usable(x2d)
 
 
 def _use_histogram(x2d, search):

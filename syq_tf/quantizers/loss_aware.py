@@ -69,11 +69,17 @@ alpha is kept for that step.
 Degenerate rows: an all-zero row (or a row with an empty support) gets alpha = 0 and Q = 0, never NaN
 (every division is guarded). d is cast to w's dtype; float32 and float64 work, in eager, graph and XLA
 (``tf.function(jit_compile=True)``). No stop_gradient is applied: the caller projects outside the tape.
+
+Outside XLA the exact LAT search and the LAT alternation run as compiled TensorFlow CPU ops
+(:mod:`syq_tf.quantizers.native`, loss_aware_search.cc: the same results; the exact search there
+bins |w| instead of sorting it, the alternation takes one pass over the row a step); inside XLA,
+or where the ops are not built, the TensorFlow functions below.
 """
 
 import numpy as np
 import tensorflow as tf
 
+from syq_tf.quantizers import native
 from syq_tf.quantizers._common import (
     NO_AGGREGATION,
     WeightQuantizer,
@@ -180,7 +186,11 @@ def _lat_exact_scale(a, d):
 
     The cuts are scored in float64 (any input float type): neighbouring cuts' scores differ by less
     than float32's rounding of the prefix sums (in float32 the search picked a cut with a higher
-    weighted error than the optimum on 3000 float32 weights)."""
+    weighted error than the optimum on 3000 float32 weights). Outside XLA the compiled op
+    (:mod:`syq_tf.quantizers.native`) finds the same cut without sorting the row."""
+    if native.usable(a):
+        alpha, cut = native.lat_exact(a, tf.cast(d, a.dtype))
+        return alpha, a >= cut
     order = tf.argsort(a, axis=-1, direction="DESCENDING", stable=True)
     a_kept = tf.gather(a, order, axis=1, batch_dims=1)
     a_sorted = tf.cast(a_kept, tf.float64)
@@ -241,6 +251,10 @@ def lat_approx_project(w, d, support=None, iterations=10, tol=0.0):
             raise ValueError(f"{owner}: support has shape {support.shape} but w has shape {w.shape}.")
         support = tf.cast(support, tf.bool)
 
+    if iterations > 0 and native.usable(a):  # the same alternation, compiled: one pass a step
+        alpha, threshold = native.lat_approx(w, d, support, iterations, tol)
+        support = a > threshold
+        return alpha, _ternary_from_support(w, alpha, support), support
     if iterations > 0:
 
         def body(step, current, alpha, _go):
@@ -652,7 +666,10 @@ class LossAware(WeightQuantizer):
         w2d, _ = to_groups(w, self._reduce_axes)
         d2d = tf.ones_like(w2d) if d is None else to_groups(tf.stop_gradient(tf.cast(d, w.dtype)), self._reduce_axes)[0]
         shape = scale_shape(w.shape, self._reduce_axes)
+        # large kernels: the compiled functions (XLA), or for LAT / LAT2 the native op where it can
+        # run (lat_approx_project calls it; XLA could not compile it)
         xla = use_xla(w.shape)
+        lat_xla = xla and not native.usable(w)
         iterations = self.iterations
         if previous is not None and self.warm_iterations is not None:
             iterations = min(self.warm_iterations, self.iterations)
@@ -664,12 +681,13 @@ class LossAware(WeightQuantizer):
             start = None
             if previous is not None:
                 start = to_groups(tf.not_equal(self._levels(previous), 0), self._reduce_axes)[0]
-            alpha, _, _ = (_lat_approx_project_xla if xla else lat_approx_project)(w2d, d2d, support=start, iterations=iterations, tol=self.tol)
+            alpha, _, _ = (_lat_approx_project_xla if lat_xla else lat_approx_project)(
+                w2d, d2d, support=start, iterations=iterations, tol=self.tol)
         elif self.mode == "ternary_two_scale":
             start = None
             if previous is not None:
                 start = to_groups(tf.not_equal(self._levels(previous), 0), self._reduce_axes)[0]
-            alpha, alpha_neg, _ = (_lat2_project_xla if xla else lat2_project)(
+            alpha, alpha_neg, _ = (_lat2_project_xla if lat_xla else lat2_project)(
                 w2d, d2d, exact=False, support=start, iterations=iterations, tol=self.tol
             )
             return tf.reshape(alpha, shape), tf.reshape(alpha_neg, shape)

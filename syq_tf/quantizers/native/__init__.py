@@ -5,6 +5,9 @@ faster path, never a different answer.
 - ``least_squares_search(x2d, mode)``: the exact ls2 / lsT scalars of every row of ``x2d``
   (syq_tf.quantizers.least_squares; one pass of binned sums, a sort of the bins that can hold the
   optimum).
+- ``lat_exact(w, d)``, ``lat_approx(w, d, support, iterations, tol)``: loss-aware ternarization
+  (syq_tf.quantizers.loss_aware), the exact search (binned like the above) and the authors'
+  alternation (one pass over the kernel per step).
 
 :func:`available` says whether the ops are loaded; :func:`status` why not. ``SYQ_TF_NATIVE=0`` in
 the environment turns them off (before/after measurements, or to rule them out). Inside XLA
@@ -16,12 +19,14 @@ import pathlib
 import sysconfig
 
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
 
 _HERE = pathlib.Path(__file__).resolve().parent
-_LIBRARY = _HERE / ("_least_squares_search" + sysconfig.get_config_var("EXT_SUFFIX"))
+_LIBRARY = _HERE / ("_syq_ops" + sysconfig.get_config_var("EXT_SUFFIX"))
 _ops = None
 _status = None
-tf.no_gradient("SyqLeastSquaresSearch")  # its callers stop the gradient; say so to the tape too
+for _op in ("SyqLeastSquaresSearch", "SyqLatExact", "SyqLatApprox"):
+    tf.no_gradient(_op)  # their callers stop the gradient; say so to the tape too
 
 
 @tf.autograph.experimental.do_not_convert
@@ -35,8 +40,8 @@ def _load():
         _status = (f"not built ({_LIBRARY.name} is missing: run `make setup`, or "
                    "`python scripts/build_native.py` with a C++17 compiler)")
     else:
-        source = _HERE / "least_squares_search.cc"
-        if source.is_file() and source.stat().st_mtime > _LIBRARY.stat().st_mtime:
+        built = _LIBRARY.stat().st_mtime
+        if any(source.stat().st_mtime > built for source in _HERE.glob("*.cc")):
             _status = f"out of date ({_LIBRARY.name} is older than its source: run `make setup`)"
         else:
             try:
@@ -53,6 +58,16 @@ def available():
     return _load() is not None
 
 
+def in_xla():
+    """True while tracing for XLA (``jit_compile=True``), which cannot compile these ops."""
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def usable(x):
+    """True if the ops can take tensor ``x`` here: loaded, float32/float64, not inside XLA."""
+    return tf.as_dtype(x.dtype) in (tf.float32, tf.float64) and available() and not in_xla()
+
+
 @tf.autograph.experimental.do_not_convert
 def status():
     """One line: loaded, turned off, not built, out of date, or the loader's error."""
@@ -65,7 +80,27 @@ def least_squares_search(x2d, mode, bins=0):
     """Exact ls2 ([g, 2]: v1, v2) or lsT ([g, 1]: v) scalars per row of ``x2d`` [g, n] (float32 or
     float64), in its dtype. ``bins=0``: the op's choice (rows of up to 256 values are sorted whole);
     ``bins > 0`` forces that many bins. RuntimeError if the op is not available (:func:`status`)."""
+    return _ops_or_raise().syq_least_squares_search(x2d, mode=mode, bins=int(bins))
+
+
+@tf.autograph.experimental.do_not_convert
+def lat_exact(w, d, bins=0):
+    """Exact loss-aware ternarization of every row of ``w`` [g, n] with curvature ``d`` (same shape,
+    > 0): (alpha [g, 1], cut [g, 1]); the support is |w| >= cut (cut = +inf: nothing kept).
+    ``bins`` as in :func:`least_squares_search` (0: rows of up to 256 weights are sorted whole)."""
+    return _ops_or_raise().syq_lat_exact(w, d, bins=int(bins))
+
+
+@tf.autograph.experimental.do_not_convert
+def lat_approx(w, d, support, iterations, tol):
+    """The authors' LAT alternation from ``support`` (bool, w's shape), at most ``iterations`` (>= 1)
+    steps, stopping when no row's support changes or (tol > 0) no row's alpha moves by ``tol``:
+    (alpha [g, 1], threshold [g, 1]), the returned support being |w| > threshold."""
+    return _ops_or_raise().syq_lat_approx(w, d, support, iterations=int(iterations), tol=float(tol))
+
+
+def _ops_or_raise():
     ops = _load()
     if ops is None:
-        raise RuntimeError(f"syq_tf.quantizers.native: the least-squares search op is {_status}.")
-    return ops.syq_least_squares_search(x2d, mode=mode, bins=int(bins))
+        raise RuntimeError(f"syq_tf.quantizers.native: the compiled ops are {_status}.")
+    return ops

@@ -1,0 +1,424 @@
+// Loss-aware ternarization (syq_tf/quantizers/loss_aware.py, Hou & Kwok) as TensorFlow CPU ops,
+// the same results as the pure-TensorFlow functions there, per row of a = |w| [g, n] with the
+// curvature d [g, n] (d > 0):
+//
+// SyqLatExact: the exact search. Keeping the k largest |w| with scale alpha_k = A_k / D_k
+//     (A_k = sum of d |w|, D_k = sum of d over them) leaves the weighted error
+//     sum d w^2 - F_k, F_k = A_k^2 / D_k; the optimum is the k (ending a run of equal |w|, a_k > 0)
+//     of largest F_k that is consistent (a_k >= alpha_k / 2 >= a_{k+1}), else the largest F_k among
+//     run ends; among equal F the smallest k. Outputs alpha and the cut a_k (support: |w| >= cut;
+//     +inf when nothing is kept). Not sorted whole: |w| is binned (count, sum d, sum d|w|, min,
+//     max per bin), every cut between bins is scored from the prefix sums, and inside a bin the
+//     points (D, A) lie in the triangle spanned by its first and last cut and P, where the line of
+//     slope max|w| from the first meets the line of slope min|w| into the last (the path (D_k, A_k)
+//     is concave: slopes |w| decrease); F = A^2 / D is convex, so F(P) bounds the cuts inside. The
+//     bins that may beat the best cut between bins are gathered, sorted and scanned.
+//
+// SyqLatApprox: the approximate alternation from a starting support S_0 (the authors' method):
+//     alpha_t = sum_{S_{t-1}} d|w| / sum_{S_{t-1}} d,  S_t = {|w| > alpha_t / 2},
+//     repeated while some row's support changed (and, tol > 0, some row's alpha moved by >= tol),
+//     at most `iterations` times; the result is alpha of the last support and that support's
+//     threshold theta (S_T = {|w| > theta}). The loop runs over all rows together, as the
+//     TensorFlow while_loop does (one stop decision for the tensor). One pass over (|w|, d) per
+//     step: the sums for the new threshold and the comparison with the previous one together.
+//
+// Sums are float64; alpha and thresholds are rounded to the input type where the TensorFlow
+// functions compute them in it. The exact op gives a row with a non-finite weight or curvature
+// NaN; in the approximate one, as in TensorFlow, a NaN weight is in no support (NaN > t is false).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/util/work_sharder.h"
+
+namespace syq_tf {
+namespace {
+
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr int64_t kSortBelow = 256;
+constexpr int64_t kPiece = 1 << 16;  // weights of one row per unit of parallel work (approximate)
+constexpr int64_t kBlock = 256;      // weights summed in the input type before the float64 sums
+
+void ForRows(OpKernelContext* ctx, int64_t rows, int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+  auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+  ::tensorflow::Shard(workers->num_threads, workers->workers, rows, std::max<int64_t>(1, 8 * n), fn);
+}
+
+absl::Status CheckSameMatrix(const Tensor& a, const Tensor& b, const char* op, const char* other) {
+  if (a.dims() != 2) return absl::InvalidArgumentError(absl::StrCat(op, ": w must be [groups, n], got rank ", a.dims()));
+  if (a.shape() != b.shape())
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": ", other, " has shape ", b.shape().DebugString(), ", w ", a.shape().DebugString()));
+  return absl::OkStatus();
+}
+
+// ---- exact ----------------------------------------------------------------------------------
+
+struct Cut {
+  double score = -kInf;
+  double k = 0.0;  // number of kept weights
+  double a = 0.0;  // a_k, the smallest kept |w|
+  double A = 0.0, D = 0.0;
+  // higher F first, then the smaller k (cuts are not visited in the order of k)
+  bool Beaten(double f, double count) const { return f > score || (f == score && count < k); }
+};
+
+struct ExactBest {
+  Cut any, valid;
+  // the cut keeping k weights, the smallest a_k (> next, the largest |w| below it; 0 if none),
+  // with sums (A, D)
+  void Consider(double k, double a_k, double next, double A, double D) {
+    const double f = A * A / D;
+    if (any.Beaten(f, k)) any = Cut{f, k, a_k, A, D};
+    const double half = 0.5 * (A / D);
+    if (a_k >= half && half >= next && valid.Beaten(f, k)) valid = Cut{f, k, a_k, A, D};
+  }
+  const Cut& Best() const { return valid.score > -kInf ? valid : any; }
+};
+
+struct ExactScratch {
+  std::vector<double> count, d_sum, da_sum, lo, hi;
+  std::vector<std::pair<double, double>> kept;  // (|w|, d)
+  std::vector<uint8_t> candidate;
+};
+
+template <typename T>
+void LatExactRow(const T* w, const T* d, int64_t n, int64_t bins, ExactScratch* s, T* alpha, T* cut) {
+  double top = 0.0;
+  bool finite = true;
+  for (int64_t j = 0; j < n; ++j) {
+    const double a = std::fabs(static_cast<double>(w[j]));
+    finite &= std::isfinite(a) && std::isfinite(static_cast<double>(d[j]));
+    top = std::max(top, a);
+  }
+  if (!finite) {
+    *alpha = *cut = std::numeric_limits<T>::quiet_NaN();
+    return;
+  }
+  if (top == 0.0) {  // nothing to keep
+    *alpha = T(0);
+    *cut = std::numeric_limits<T>::infinity();
+    return;
+  }
+  ExactBest best;
+  auto& kept = s->kept;
+  kept.clear();
+  auto by_magnitude_desc = [](const std::pair<double, double>& x, const std::pair<double, double>& y) {
+    return x.first > y.first;
+  };
+  // scan sorted (|w|, d) from index `begin` to `end` (exclusive) with sums (A, D) before it; the cut
+  // after the last element is scored only if `score_last` (next: the |w| after the range)
+  auto scan = [&](size_t begin, size_t end, double k, double A, double D, double after, bool score_last) {
+    for (size_t m = begin; m < end; ++m) {
+      A += kept[m].second * kept[m].first;
+      D += kept[m].second;
+      k += 1.0;
+      const bool last = m + 1 == end;
+      const double next = last ? after : kept[m + 1].first;
+      if ((!last || score_last) && kept[m].first > next) best.Consider(k, kept[m].first, next, A, D);
+    }
+  };
+
+  if (bins <= 0 && n <= kSortBelow) {
+    for (int64_t j = 0; j < n; ++j) {
+      const double a = std::fabs(static_cast<double>(w[j]));
+      if (a > 0.0) kept.emplace_back(a, static_cast<double>(d[j]));
+    }
+    std::sort(kept.begin(), kept.end(), by_magnitude_desc);
+    scan(0, kept.size(), 0.0, 0.0, 0.0, 0.0, true);
+  } else {
+    if (bins <= 0) bins = std::min<int64_t>(4096, std::max<int64_t>(64, n / 8));
+    const double scale = static_cast<double>(bins) / top;
+    auto bin_of = [&](double a) { return std::min<int64_t>(static_cast<int64_t>(a * scale), bins - 1); };
+    s->count.assign(bins, 0.0);
+    s->d_sum.assign(bins, 0.0);
+    s->da_sum.assign(bins, 0.0);
+    s->lo.assign(bins, kInf);
+    s->hi.assign(bins, 0.0);
+    for (int64_t j = 0; j < n; ++j) {
+      const double a = std::fabs(static_cast<double>(w[j]));
+      if (a == 0.0) continue;  // zeros are never kept
+      const double dj = static_cast<double>(d[j]);
+      const int64_t b = bin_of(a);
+      s->count[b] += 1.0;
+      s->d_sum[b] += dj;
+      s->da_sum[b] += dj * a;
+      s->lo[b] = std::min(s->lo[b], a);
+      s->hi[b] = std::max(s->hi[b], a);
+    }
+    // the cut after each non-empty bin, from the top: a_k = the bin's min, next = the next bin's max
+    double A = 0.0, D = 0.0, k = 0.0;
+    for (int64_t b = bins - 1; b >= 0; --b) {
+      if (s->hi[b] == 0.0) continue;
+      A += s->da_sum[b];
+      D += s->d_sum[b];
+      k += s->count[b];
+      int64_t c = b - 1;
+      while (c >= 0 && s->hi[c] == 0.0) --c;
+      best.Consider(k, s->lo[b], c >= 0 ? s->hi[c] : 0.0, A, D);
+    }
+    // bins whose inside may hold a better cut
+    const double margin = 1e-12 * std::fabs(best.any.score);
+    s->candidate.assign(bins, 0);
+    bool any = false;
+    A = D = 0.0;
+    for (int64_t b = bins - 1; b >= 0; --b) {
+      if (s->hi[b] == 0.0) continue;
+      const double lo = s->lo[b], hi = s->hi[b], dc = s->d_sum[b], ac = s->da_sum[b];
+      if (hi > lo) {
+        const double x = std::min(std::max((ac - lo * dc) / (hi - lo), 0.0), dc);
+        const double ap = A + hi * x, dp = D + x;
+        if (dp > 0.0 && ap * ap / dp >= best.any.score - margin) {
+          s->candidate[b] = 1;
+          any = true;
+        }
+      }
+      A += ac;
+      D += dc;
+    }
+    if (any) {
+      for (int64_t j = 0; j < n; ++j) {
+        const double a = std::fabs(static_cast<double>(w[j]));
+        if (a > 0.0 && s->candidate[bin_of(a)]) kept.emplace_back(a, static_cast<double>(d[j]));
+      }
+      std::sort(kept.begin(), kept.end(), by_magnitude_desc);
+      size_t next = 0;
+      A = D = k = 0.0;
+      for (int64_t b = bins - 1; b >= 0; --b) {
+        if (s->hi[b] == 0.0) continue;
+        if (s->candidate[b]) {
+          const size_t end = next + static_cast<size_t>(s->count[b]);
+          scan(next, end, k, A, D, 0.0, false);  // the cut after the bin's last value: scored above
+          next = end;
+        }
+        A += s->da_sum[b];
+        D += s->d_sum[b];
+        k += s->count[b];
+      }
+    }
+  }
+  const Cut& c = best.Best();
+  if (c.score == -kInf) {
+    *alpha = T(0);
+    *cut = std::numeric_limits<T>::infinity();
+    return;
+  }
+  *alpha = static_cast<T>(c.A / c.D);
+  *cut = static_cast<T>(c.a);
+}
+
+template <typename T>
+class LatExactOp : public OpKernel {
+ public:
+  explicit LatExactOp(OpKernelConstruction* ctx) : OpKernel(ctx) { OP_REQUIRES_OK(ctx, ctx->GetAttr("bins", &bins_)); }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& w = ctx->input(0);
+    const Tensor& d = ctx->input(1);
+    OP_REQUIRES_OK(ctx, CheckSameMatrix(w, d, "SyqLatExact", "d"));
+    const int64_t g = w.dim_size(0), n = w.dim_size(1);
+    Tensor *alpha = nullptr, *cut = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({g, 1}), &alpha));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({g, 1}), &cut));
+    const T* ws = w.flat<T>().data();
+    const T* ds = d.flat<T>().data();
+    T* as = alpha->flat<T>().data();
+    T* cs = cut->flat<T>().data();
+    const int64_t bins = bins_;
+    ForRows(ctx, g, n, [=](int64_t begin, int64_t end) {
+      ExactScratch scratch;
+      for (int64_t r = begin; r < end; ++r) LatExactRow<T>(ws + r * n, ds + r * n, n, bins, &scratch, as + r, cs + r);
+    });
+  }
+
+ private:
+  int64_t bins_ = 0;
+};
+
+// ---- approximate ------------------------------------------------------------------------------
+
+template <typename T>
+class LatApproxOp : public OpKernel {
+ public:
+  explicit LatApproxOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("iterations", &iterations_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("tol", &tol_));
+    OP_REQUIRES(ctx, iterations_ >= 1, absl::InvalidArgumentError("SyqLatApprox: iterations must be >= 1"));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& w = ctx->input(0);
+    const Tensor& d = ctx->input(1);
+    const Tensor& start = ctx->input(2);
+    OP_REQUIRES_OK(ctx, CheckSameMatrix(w, d, "SyqLatApprox", "d"));
+    OP_REQUIRES(ctx, start.shape() == w.shape(),
+                absl::InvalidArgumentError(absl::StrCat("SyqLatApprox: support has shape ", start.shape().DebugString(),
+                                                        ", w ", w.shape().DebugString())));
+    const int64_t g = w.dim_size(0), n = w.dim_size(1);
+    Tensor *alpha_out = nullptr, *theta_out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({g, 1}), &alpha_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({g, 1}), &theta_out));
+    const T* ws = w.flat<T>().data();
+    const T* ds = d.flat<T>().data();
+    const bool* s0 = start.flat<bool>().data();
+
+    // per row: alpha of the current step (alpha_t), of the one before, the thresholds of the
+    // current and the previous support, and the sums over the newest threshold's support
+    std::vector<T> alpha(g), previous(g, -std::numeric_limits<T>::infinity()), theta(g), theta_before(g);
+    std::vector<double> sda(g), sd(g);
+    std::vector<uint8_t> changed(g);
+    auto scale = [&](int64_t r) { return sd[r] > 0.0 ? static_cast<T>(sda[r] / sd[r]) : T(0); };
+    // the work of a pass is cut into pieces of at most kPiece weights of one row, so that one big
+    // kernel (granularity "layer": a single row) is spread over the worker threads too
+    const int64_t pieces_per_row = std::max<int64_t>(1, (n + kPiece - 1) / kPiece);
+    const int64_t pieces = g * pieces_per_row;
+    std::vector<double> part_a(pieces), part_d(pieces);
+    std::vector<uint8_t> part_moved(pieces);
+    auto pass = [&](int step) {
+      auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+      ::tensorflow::Shard(workers->num_threads, workers->workers, pieces, 4 * kPiece, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) {
+          const int64_t r = p / pieces_per_row, lo = (p % pieces_per_row) * kPiece, hi = std::min(n, lo + kPiece);
+          const T* wr = ws + r * n;
+          const T* dr = ds + r * n;
+          const bool* sr = s0 + r * n;
+          const T t = theta[r], tb = theta_before[r];
+          double a_sum = 0.0, d_sum = 0.0;
+          bool moved = false;
+          for (int64_t b = lo; b < hi; b += kBlock) {  // blocks summed in T, blocks in float64
+            const int64_t e = std::min(hi, b + kBlock);
+            T ba = 0, bd = 0;
+            int m = 0;
+            if (step == 0) {  // sums over S_0
+#pragma omp simd reduction(+ : ba, bd)
+              for (int64_t j = b; j < e; ++j) {
+                const T keep = sr[j] ? T(1) : T(0);
+                ba += keep * dr[j] * std::fabs(wr[j]);
+                bd += keep * dr[j];
+              }
+            } else {  // sums over {|w| > t}, and whether it differs from the support before
+#pragma omp simd reduction(+ : ba, bd) reduction(| : m)
+              for (int64_t j = b; j < e; ++j) {
+                const T a = std::fabs(wr[j]);
+                const bool in = a > t;
+                const T keep = in ? T(1) : T(0);
+                ba += keep * dr[j] * a;
+                bd += keep * dr[j];
+                const bool before = step == 1 ? sr[j] : a > tb;
+                m |= static_cast<int>(in != before);
+              }
+            }
+            a_sum += static_cast<double>(ba);
+            d_sum += static_cast<double>(bd);
+            moved |= m != 0;
+          }
+          part_a[p] = a_sum;
+          part_d[p] = d_sum;
+          part_moved[p] = moved;
+        }
+      });
+      for (int64_t r = 0; r < g; ++r) {
+        double a_sum = 0.0, d_sum = 0.0;
+        bool moved = false;
+        for (int64_t p = r * pieces_per_row; p < (r + 1) * pieces_per_row; ++p) {
+          a_sum += part_a[p];
+          d_sum += part_d[p];
+          moved |= part_moved[p] != 0;
+        }
+        sda[r] = a_sum;
+        sd[r] = d_sum;
+        changed[r] = moved;
+      }
+    };
+    pass(0);
+    for (int step = 1;; ++step) {
+      // alpha_t from the sums over S_{t-1}; S_t = {|w| > alpha_t / 2}; one pass: sums over S_t
+      // and whether S_t differs from S_{t-1} (S_0 as given, later a threshold)
+      for (int64_t r = 0; r < g; ++r) {
+        alpha[r] = scale(r);
+        theta_before[r] = theta[r];
+        theta[r] = static_cast<T>(T(0.5) * alpha[r]);
+      }
+      pass(step);
+      bool go = std::any_of(changed.begin(), changed.end(), [](uint8_t c) { return c != 0; });
+      if (go && tol_ > 0.0) {
+        bool far = false;
+        for (int64_t r = 0; r < g; ++r) far |= std::fabs(alpha[r] - previous[r]) >= static_cast<T>(tol_);
+        go = far;
+      }
+      for (int64_t r = 0; r < g; ++r) previous[r] = alpha[r];
+      if (!go || step >= iterations_) break;
+    }
+    T* as = alpha_out->flat<T>().data();
+    T* ts = theta_out->flat<T>().data();
+    for (int64_t r = 0; r < g; ++r) {
+      as[r] = scale(r);  // alpha of the returned support S_T
+      ts[r] = theta[r];
+    }
+  }
+
+ private:
+  int64_t iterations_ = 10;
+  float tol_ = 0.0f;
+};
+
+}  // namespace
+}  // namespace syq_tf
+
+REGISTER_OP("SyqLatExact")
+    .Input("w: T")
+    .Input("d: T")
+    .Output("alpha: T")
+    .Output("cut: T")
+    .Attr("T: {float, double}")
+    .Attr("bins: int = 0")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      ::tensorflow::shape_inference::ShapeHandle w;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &w));
+      c->set_output(0, c->Matrix(c->Dim(w, 0), 1));
+      c->set_output(1, c->Matrix(c->Dim(w, 0), 1));
+      return absl::OkStatus();
+    })
+    .Doc("Exact loss-aware ternarization per row: scale and cut (syq_tf.quantizers.loss_aware).");
+
+REGISTER_OP("SyqLatApprox")
+    .Input("w: T")
+    .Input("d: T")
+    .Input("support: bool")
+    .Output("alpha: T")
+    .Output("threshold: T")
+    .Attr("T: {float, double}")
+    .Attr("iterations: int = 10")
+    .Attr("tol: float = 0.0")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      ::tensorflow::shape_inference::ShapeHandle w;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &w));
+      c->set_output(0, c->Matrix(c->Dim(w, 0), 1));
+      c->set_output(1, c->Matrix(c->Dim(w, 0), 1));
+      return absl::OkStatus();
+    })
+    .Doc("Approximate loss-aware ternarization (the authors' alternation) per row: scale and threshold.");
+
+REGISTER_KERNEL_BUILDER(Name("SyqLatExact").Device(::tensorflow::DEVICE_CPU).TypeConstraint<float>("T"),
+                        syq_tf::LatExactOp<float>);
+REGISTER_KERNEL_BUILDER(Name("SyqLatExact").Device(::tensorflow::DEVICE_CPU).TypeConstraint<double>("T"),
+                        syq_tf::LatExactOp<double>);
+REGISTER_KERNEL_BUILDER(Name("SyqLatApprox").Device(::tensorflow::DEVICE_CPU).TypeConstraint<float>("T"),
+                        syq_tf::LatApproxOp<float>);
+REGISTER_KERNEL_BUILDER(Name("SyqLatApprox").Device(::tensorflow::DEVICE_CPU).TypeConstraint<double>("T"),
+                        syq_tf::LatApproxOp<double>);
