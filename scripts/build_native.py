@@ -29,7 +29,8 @@ def build(sources, force=False):
     import tensorflow as tf  # only for its headers and framework library
 
     out = LIBRARY
-    if not force and out.is_file() and all(out.stat().st_mtime >= src.stat().st_mtime for src in sources):
+    inputs = [*sources, *NATIVE.glob("*.h")]
+    if not force and out.is_file() and all(out.stat().st_mtime >= src.stat().st_mtime for src in inputs):
         return out, False
     cxx = shlex.split(os.environ.get("CXX", "g++"))
     tmp = out.with_name(out.name + ".tmp")

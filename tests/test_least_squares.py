@@ -657,10 +657,21 @@ def test_bad_search():
         least_squares_scalars(tf.zeros((2, 8)), "ls2", search="fast")
 
 
-def test_histogram_search_random_sweep_against_brute_force():
-    """Many short vectors with 2-5 bins: every way the optimal split can sit (inside a bin,
+def _histogram_scalars(x, mode, bins):
+    return ls_module._histogram_search(x, mode, bins=bins)[0]
+
+
+def _native_scalars(x, mode, bins):
+    if not ls_module.native.available():
+        pytest.skip(f"native op {ls_module.native.status()}")
+    return ls_module.native.least_squares_search(x, mode, bins=bins)
+
+
+@pytest.mark.parametrize("search,min_bins,seed", [(_histogram_scalars, 2, 7), (_native_scalars, 1, 11)])
+def test_binned_searches_random_sweep_against_brute_force(search, min_bins, seed):
+    """Many short vectors with a few bins: every way the optimal split can sit (inside a bin,
     between bins, at a tie) is met; each result must equal the brute-force optimum."""
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(seed)
     failures = []
     for trial in range(400):
         n = int(rng.integers(4, 12))
@@ -668,8 +679,8 @@ def test_histogram_search_random_sweep_against_brute_force():
         if trial % 3 == 0:
             x = np.round(x * 2) / 2
         for mode, brute in (("ls2", brute_force_ls2), ("lsT", brute_force_ternary)):
-            bins = int(rng.integers(2, 6))
-            scalars, _ = ls_module._histogram_search(tf.constant(x[None]), mode, bins=bins)
+            bins = int(rng.integers(min_bins, 6))
+            scalars = search(tf.constant(x[None]), mode, bins)
             q = reconstruct(tf.constant(x[None]), scalars, mode).numpy()[0]
             if _sq_err(x, q) > brute(x) * (1 + 1e-9) + 1e-12:
                 failures.append((mode, bins, x))
@@ -736,24 +747,6 @@ def test_native_search_matches_brute_force(mode, brute, bins):
             q = reconstruct(tf.constant(x[None, :]), tf.cast(scalars, tf.float64), mode).numpy()[0]
             tol = 1e-9 if dtype == tf.float64 else 1e-5
             assert _sq_err(x, q) == pytest.approx(brute(x), rel=tol, abs=tol * max(1.0, np.sum(x**2))), (x, q)
-
-
-@needs_native
-def test_native_search_random_sweep_against_brute_force():
-    rng = np.random.default_rng(11)
-    failures = []
-    for trial in range(400):
-        n = int(rng.integers(4, 12))
-        x = rng.normal(size=n) * rng.choice([1.0, 1.0, 5.0])
-        if trial % 3 == 0:
-            x = np.round(x * 2) / 2
-        for mode, brute in (("ls2", brute_force_ls2), ("lsT", brute_force_ternary)):
-            bins = int(rng.integers(1, 6))
-            scalars = native.least_squares_search(tf.constant(x[None]), mode, bins=bins)
-            q = reconstruct(tf.constant(x[None]), scalars, mode).numpy()[0]
-            if _sq_err(x, q) > brute(x) * (1 + 1e-9) + 1e-12:
-                failures.append((mode, bins, x))
-    assert not failures, failures[:3]
 
 
 @needs_native

@@ -41,7 +41,7 @@ def _load():
                    "`python scripts/build_native.py` with a C++17 compiler)")
     else:
         built = _LIBRARY.stat().st_mtime
-        if any(source.stat().st_mtime > built for source in _HERE.glob("*.cc")):
+        if any(source.stat().st_mtime > built for pattern in ("*.cc", "*.h") for source in _HERE.glob(pattern)):
             _status = f"out of date ({_LIBRARY.name} is older than its source: run `make setup`)"
         else:
             try:

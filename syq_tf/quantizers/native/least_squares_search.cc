@@ -18,32 +18,16 @@
 // Rows run in parallel on TensorFlow's CPU worker threads. A row with a non-finite value gets NaN
 // scalars (the Python searches give no meaningful result there either); an all-zero row gets 0.
 
-#include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <limits>
 #include <string>
 #include <vector>
 
-#include "absl/status/status.h"
-#include "absl/strings/str_cat.h"
-#include "tensorflow/core/framework/op.h"
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/shape_inference.h"
-#include "tensorflow/core/util/work_sharder.h"
+#include "common.h"
 
 namespace syq_tf {
 namespace {
 
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Tensor;
-using ::tensorflow::TensorShape;
-
-constexpr double kNegInf = -std::numeric_limits<double>::infinity();
-// Rows up to this length are sorted whole (a histogram does not pay off).
-constexpr int64_t kSortBelow = 256;
+constexpr double kNegInf = -kInf;
 
 struct Split {
   double score = kNegInf;
@@ -105,8 +89,8 @@ struct Scratch {
   std::vector<uint8_t> candidate;
 };
 
-// bins <= 0: rows of up to kSortBelow values are sorted whole, longer ones get n / 8 bins (64 to
-// 4096); bins > 0: that many bins whatever the row length (tests reach every branch on short rows).
+// bins <= 0: rows of up to kSortBelow values are sorted whole, longer ones get AutoBins(n) bins;
+// bins > 0: that many bins whatever the row length.
 template <typename T>
 void SearchRow(const T* x, int64_t n, bool ls2, int64_t bins, Scratch* scratch, T* out) {
   const int k = ls2 ? 2 : 1;
@@ -146,7 +130,7 @@ void SearchRow(const T* x, int64_t n, bool ls2, int64_t bins, Scratch* scratch, 
 
   // 1. bins of width top / bins on [0, top]; the bin index is nondecreasing in |x|, so each bin is
   // a contiguous run of the sorted values
-  if (bins <= 0) bins = std::min<int64_t>(4096, std::max<int64_t>(64, n / 8));
+  if (bins <= 0) bins = AutoBins(n);
   const double scale = static_cast<double>(bins) / top;
   auto bin_of = [&](double a) {
     return std::min<int64_t>(static_cast<int64_t>(a * scale), bins - 1);
@@ -233,9 +217,7 @@ class LeastSquaresSearchOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
-    OP_REQUIRES(ctx, x.dims() == 2,
-                absl::InvalidArgumentError(
-                    absl::StrCat("SyqLeastSquaresSearch: x must be [groups, n], got rank ", x.dims())));
+    OP_REQUIRES_OK(ctx, CheckMatrix(x, "SyqLeastSquaresSearch", "x"));
     const int64_t g = x.dim_size(0), n = x.dim_size(1);
     const int k = ls2_ ? 2 : 1;
     Tensor* out = nullptr;
@@ -244,13 +226,10 @@ class LeastSquaresSearchOp : public OpKernel {
     T* os = out->flat<T>().data();
     const bool ls2 = ls2_;
     const int64_t bins = bins_;
-    auto rows = [xs, os, n, k, ls2, bins](int64_t begin, int64_t end) {
+    Parallel(ctx, g, 8 * n, [xs, os, n, k, ls2, bins](int64_t begin, int64_t end) {
       Scratch scratch;
       for (int64_t r = begin; r < end; ++r) SearchRow<T>(xs + r * n, n, ls2, bins, &scratch, os + r * k);
-    };
-    auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-    ::tensorflow::Shard(workers->num_threads, workers->workers, g, /*cost_per_unit=*/std::max<int64_t>(1, 8 * n),
-                        rows);
+    });
   }
 
  private:

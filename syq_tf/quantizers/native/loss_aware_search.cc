@@ -26,46 +26,16 @@
 // functions compute them in it. The exact op gives a row with a non-finite weight or curvature
 // NaN; in the approximate one, as in TensorFlow, a NaN weight is in no support (NaN > t is false).
 
-#include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <functional>
-#include <limits>
 #include <vector>
 
-#include "absl/status/status.h"
-#include "absl/strings/str_cat.h"
-#include "tensorflow/core/framework/op.h"
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/shape_inference.h"
-#include "tensorflow/core/util/work_sharder.h"
+#include "common.h"
 
 namespace syq_tf {
 namespace {
 
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Tensor;
-using ::tensorflow::TensorShape;
-
-constexpr double kInf = std::numeric_limits<double>::infinity();
-constexpr int64_t kSortBelow = 256;
 constexpr int64_t kPiece = 1 << 16;  // weights of one row per unit of parallel work (approximate)
 constexpr int64_t kBlock = 256;      // weights summed in the input type before the float64 sums
-
-void ForRows(OpKernelContext* ctx, int64_t rows, int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
-  auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-  ::tensorflow::Shard(workers->num_threads, workers->workers, rows, std::max<int64_t>(1, 8 * n), fn);
-}
-
-absl::Status CheckSameMatrix(const Tensor& a, const Tensor& b, const char* op, const char* other) {
-  if (a.dims() != 2) return absl::InvalidArgumentError(absl::StrCat(op, ": w must be [groups, n], got rank ", a.dims()));
-  if (a.shape() != b.shape())
-    return absl::InvalidArgumentError(
-        absl::StrCat(op, ": ", other, " has shape ", b.shape().DebugString(), ", w ", a.shape().DebugString()));
-  return absl::OkStatus();
-}
 
 // ---- exact ----------------------------------------------------------------------------------
 
@@ -142,7 +112,7 @@ void LatExactRow(const T* w, const T* d, int64_t n, int64_t bins, ExactScratch* 
     std::sort(kept.begin(), kept.end(), by_magnitude_desc);
     scan(0, kept.size(), 0.0, 0.0, 0.0, 0.0, true);
   } else {
-    if (bins <= 0) bins = std::min<int64_t>(4096, std::max<int64_t>(64, n / 8));
+    if (bins <= 0) bins = AutoBins(n);
     const double scale = static_cast<double>(bins) / top;
     auto bin_of = [&](double a) { return std::min<int64_t>(static_cast<int64_t>(a * scale), bins - 1); };
     s->count.assign(bins, 0.0);
@@ -230,7 +200,8 @@ class LatExactOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& w = ctx->input(0);
     const Tensor& d = ctx->input(1);
-    OP_REQUIRES_OK(ctx, CheckSameMatrix(w, d, "SyqLatExact", "d"));
+    OP_REQUIRES_OK(ctx, CheckMatrix(w, "SyqLatExact", "w"));
+    OP_REQUIRES_OK(ctx, CheckSameShape(w, d, "SyqLatExact", "d"));
     const int64_t g = w.dim_size(0), n = w.dim_size(1);
     Tensor *alpha = nullptr, *cut = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({g, 1}), &alpha));
@@ -240,7 +211,7 @@ class LatExactOp : public OpKernel {
     T* as = alpha->flat<T>().data();
     T* cs = cut->flat<T>().data();
     const int64_t bins = bins_;
-    ForRows(ctx, g, n, [=](int64_t begin, int64_t end) {
+    Parallel(ctx, g, 8 * n, [=](int64_t begin, int64_t end) {
       ExactScratch scratch;
       for (int64_t r = begin; r < end; ++r) LatExactRow<T>(ws + r * n, ds + r * n, n, bins, &scratch, as + r, cs + r);
     });
@@ -265,10 +236,9 @@ class LatApproxOp : public OpKernel {
     const Tensor& w = ctx->input(0);
     const Tensor& d = ctx->input(1);
     const Tensor& start = ctx->input(2);
-    OP_REQUIRES_OK(ctx, CheckSameMatrix(w, d, "SyqLatApprox", "d"));
-    OP_REQUIRES(ctx, start.shape() == w.shape(),
-                absl::InvalidArgumentError(absl::StrCat("SyqLatApprox: support has shape ", start.shape().DebugString(),
-                                                        ", w ", w.shape().DebugString())));
+    OP_REQUIRES_OK(ctx, CheckMatrix(w, "SyqLatApprox", "w"));
+    OP_REQUIRES_OK(ctx, CheckSameShape(w, d, "SyqLatApprox", "d"));
+    OP_REQUIRES_OK(ctx, CheckSameShape(w, start, "SyqLatApprox", "support"));
     const int64_t g = w.dim_size(0), n = w.dim_size(1);
     Tensor *alpha_out = nullptr, *theta_out = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({g, 1}), &alpha_out));
@@ -290,8 +260,7 @@ class LatApproxOp : public OpKernel {
     std::vector<double> part_a(pieces), part_d(pieces);
     std::vector<uint8_t> part_moved(pieces);
     auto pass = [&](int step) {
-      auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-      ::tensorflow::Shard(workers->num_threads, workers->workers, pieces, 4 * kPiece, [&](int64_t begin, int64_t end) {
+      Parallel(ctx, pieces, 4 * kPiece, [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {
           const int64_t r = p / pieces_per_row, lo = (p % pieces_per_row) * kPiece, hi = std::min(n, lo + kPiece);
           const T* wr = ws + r * n;
@@ -387,13 +356,7 @@ REGISTER_OP("SyqLatExact")
     .Output("cut: T")
     .Attr("T: {float, double}")
     .Attr("bins: int = 0")
-    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
-      ::tensorflow::shape_inference::ShapeHandle w;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &w));
-      c->set_output(0, c->Matrix(c->Dim(w, 0), 1));
-      c->set_output(1, c->Matrix(c->Dim(w, 0), 1));
-      return absl::OkStatus();
-    })
+    .SetShapeFn(syq_tf::PerRowOutputs)
     .Doc("Exact loss-aware ternarization per row: scale and cut (syq_tf.quantizers.loss_aware).");
 
 REGISTER_OP("SyqLatApprox")
@@ -405,13 +368,7 @@ REGISTER_OP("SyqLatApprox")
     .Attr("T: {float, double}")
     .Attr("iterations: int = 10")
     .Attr("tol: float = 0.0")
-    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
-      ::tensorflow::shape_inference::ShapeHandle w;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &w));
-      c->set_output(0, c->Matrix(c->Dim(w, 0), 1));
-      c->set_output(1, c->Matrix(c->Dim(w, 0), 1));
-      return absl::OkStatus();
-    })
+    .SetShapeFn(syq_tf::PerRowOutputs)
     .Doc("Approximate loss-aware ternarization (the authors' alternation) per row: scale and threshold.");
 
 REGISTER_KERNEL_BUILDER(Name("SyqLatExact").Device(::tensorflow::DEVICE_CPU).TypeConstraint<float>("T"),
