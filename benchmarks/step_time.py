@@ -59,6 +59,8 @@ MLP_CONFIGS = (
         ("LAT W2 warm 1", "ternary", None, dict(warm_iterations=1)),
         ("LAT W2 warm 3", "ternary", None, dict(warm_iterations=3)),
         ("LAT W2 fixed point", "ternary", None, dict(tol=0.0)),
+        ("LAT-exact W2", "ternary_exact", None, {}),
+        ("LAT2 W2", "ternary_two_scale", None, {}),
         ("LAQ W3", "linear", 3, dict(warm_iterations=None)),  # the authors' rule (LAQ's default: warm 1)
         ("LAQ W3 warm 1", "linear", 3, dict(warm_iterations=1)),
         ("LAQ W3 fixed point", "linear", 3, dict(tol=0.0, warm_iterations=None)))]

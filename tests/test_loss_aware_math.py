@@ -627,7 +627,11 @@ def test_native_lat_approx_is_the_tensorflow_loop(path, monkeypatch):
             start = tf.constant(np.abs(w) > 0.2)
             for iterations, tol in ((10, 0.0), (10, 1e-6), (1, 0.0), (2, 0.0), (50, 0.0)):
                 for support in (None, start):
-                    out.append(lat_approx_project(wt, dt, support=support, iterations=iterations, tol=tol))
+                    alpha, q, kept = lat_approx_project(wt, dt, support=support, iterations=iterations, tol=tol)
+                    out.append((alpha, q, kept))
+                    # LAT2: both signs in one pass (native) vs the two sides stacked (TensorFlow)
+                    pos, neg, q2 = lat2_project(wt, dt, exact=False, support=support, iterations=iterations, tol=tol)
+                    out.append((tf.concat([pos, neg], 0), q2, tf.not_equal(q2, 0)))
         runs.append(out)
     for (a1, q1, s1), (a2, q2, s2) in zip(*runs):
         np.testing.assert_array_equal(s1.numpy(), s2.numpy())

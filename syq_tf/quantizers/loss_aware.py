@@ -290,6 +290,19 @@ def lat2_project(w, d, exact=True, support=None, iterations=10, tol=0.0):
     w, d = _inputs(w, d, owner)
     positive, negative = w > 0, w < 0
     zero = tf.zeros_like(w)
+    if support is not None:
+        support = tf.convert_to_tensor(support)
+        if not w.shape.is_compatible_with(support.shape):
+            raise ValueError(f"{owner}: support has shape {support.shape} but w has shape {w.shape}.")
+        support = tf.cast(support, tf.bool)
+    if not exact and iterations > 0 and native.usable(w):  # both sides in one pass over w, no copies
+        _check_iterations(iterations, 0, owner)
+        _check_tol(tol, owner)
+        alpha, threshold = native.lat_approx(w, d, tf.not_equal(w, 0) if support is None else support,
+                                             iterations, tol, two_scales=True)
+        (alpha_pos, alpha_neg), (t_pos, t_neg) = tf.split(alpha, 2, axis=0), tf.split(threshold, 2, axis=0)
+        q = tf.where(w > t_pos, alpha_pos * tf.ones_like(w), zero) - tf.where(-w > t_neg, alpha_neg * tf.ones_like(w), zero)
+        return alpha_pos, alpha_neg, q
     sides = tf.concat([tf.where(positive, w, zero), tf.where(negative, -w, zero)], axis=0)  # [2g, n]
     d2 = tf.concat([d, d], axis=0)
     if exact:
@@ -298,10 +311,6 @@ def lat2_project(w, d, exact=True, support=None, iterations=10, tol=0.0):
     else:
         start = None
         if support is not None:
-            support = tf.convert_to_tensor(support)
-            if not w.shape.is_compatible_with(support.shape):
-                raise ValueError(f"{owner}: support has shape {support.shape} but w has shape {w.shape}.")
-            support = tf.cast(support, tf.bool)
             start = tf.concat([tf.logical_and(support, positive), tf.logical_and(support, negative)], axis=0)
         alpha, q, _ = lat_approx_project(sides, d2, support=start, iterations=iterations, tol=tol)
     alpha_pos, alpha_neg = tf.split(alpha, 2, axis=0)

@@ -92,11 +92,14 @@ def lat_exact(w, d, bins=0):
 
 
 @tf.autograph.experimental.do_not_convert
-def lat_approx(w, d, support, iterations, tol):
+def lat_approx(w, d, support, iterations, tol, two_scales=False):
     """The authors' LAT alternation from ``support`` (bool, w's shape), at most ``iterations`` (>= 1)
     steps, stopping when no row's support changes or (tol > 0) no row's alpha moves by ``tol``:
-    (alpha [g, 1], threshold [g, 1]), the returned support being |w| > threshold."""
-    return _ops_or_raise().syq_lat_approx(w, d, support, iterations=int(iterations), tol=float(tol))
+    (alpha [g, 1], threshold [g, 1]), the returned support being |w| > threshold. ``two_scales``
+    (LAT2): the positive and the negative weights of each row as two problems, [2g, 1] each (every
+    row's positive side first: support w > threshold[:g], -w > threshold[g:])."""
+    return _ops_or_raise().syq_lat_approx(w, d, support, iterations=int(iterations), tol=float(tol),
+                                          two_scales=bool(two_scales))
 
 
 def _ops_or_raise():

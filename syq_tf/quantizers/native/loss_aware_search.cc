@@ -18,7 +18,9 @@
 //     alpha_t = sum_{S_{t-1}} d|w| / sum_{S_{t-1}} d,  S_t = {|w| > alpha_t / 2},
 //     repeated while some row's support changed (and, tol > 0, some row's alpha moved by >= tol),
 //     at most `iterations` times; the result is alpha of the last support and that support's
-//     threshold theta (S_T = {|w| > theta}). The loop runs over all rows together, as the
+//     threshold theta (S_T = {|w| > theta}). two_scales: LAT2, the positive weights (w+) and the
+//     negative ones (w-) as two problems per row with their own alpha and threshold, outputs
+//     [2g, 1] (all rows' positive sides, then the negative ones), both sides in the same pass. The loop runs over all rows together, as the
 //     TensorFlow while_loop does (one stop decision for the tensor). One pass over (|w|, d) per
 //     step: the sums for the new threshold and the comparison with the previous one together.
 //
@@ -223,12 +225,84 @@ class LatExactOp : public OpKernel {
 
 // ---- approximate ------------------------------------------------------------------------------
 
+// One piece of a pass: the sums over the new support of a side (|w| for one side; w+ = max(w, 0)
+// and w- = max(-w, 0) for two) and whether it differs from the side's previous support (at step
+// 1 the given one, restricted to the side's sign for two sides).
+template <typename T>
+struct PieceSums {
+  double a[2] = {0.0, 0.0}, d[2] = {0.0, 0.0};
+  bool moved[2] = {false, false};
+};
+
+template <typename T>
+PieceSums<T> SumPiece(const T* w, const T* d, const bool* s0, int64_t lo, int64_t hi, int step, bool two,
+                      const T* t, const T* tb) {
+  PieceSums<T> out;
+  for (int64_t b = lo; b < hi; b += kBlock) {  // blocks summed in T, blocks in float64
+    const int64_t e = std::min(hi, b + kBlock);
+    T pa = 0, pd = 0, na = 0, nd = 0;
+    int pm = 0, nm = 0;
+    if (!two) {
+      if (step == 0) {
+#pragma omp simd reduction(+ : pa, pd)
+        for (int64_t j = b; j < e; ++j) {
+          const T keep = s0[j] ? T(1) : T(0);
+          pa += keep * d[j] * std::fabs(w[j]);
+          pd += keep * d[j];
+        }
+      } else {
+#pragma omp simd reduction(+ : pa, pd) reduction(| : pm)
+        for (int64_t j = b; j < e; ++j) {
+          const T a = std::fabs(w[j]);
+          const bool in = a > t[0];
+          const T keep = in ? T(1) : T(0);
+          pa += keep * d[j] * a;
+          pd += keep * d[j];
+          pm |= static_cast<int>(in != (step == 1 ? s0[j] : a > tb[0]));
+        }
+      }
+    } else if (step == 0) {
+#pragma omp simd reduction(+ : pa, pd, na, nd)
+      for (int64_t j = b; j < e; ++j) {
+        const T x = w[j];
+        const T kp = (s0[j] && x > T(0)) ? T(1) : T(0), kn = (s0[j] && x < T(0)) ? T(1) : T(0);
+        pa += kp * d[j] * x;
+        pd += kp * d[j];
+        na -= kn * d[j] * x;
+        nd += kn * d[j];
+      }
+    } else {
+#pragma omp simd reduction(+ : pa, pd, na, nd) reduction(| : pm, nm)
+      for (int64_t j = b; j < e; ++j) {
+        const T x = w[j];
+        const T ap = x > T(0) ? x : T(0), an = x < T(0) ? -x : T(0);
+        const bool ip = ap > t[0], in = an > t[1];
+        const T kp = ip ? T(1) : T(0), kn = in ? T(1) : T(0);
+        pa += kp * d[j] * ap;
+        pd += kp * d[j];
+        na += kn * d[j] * an;
+        nd += kn * d[j];
+        pm |= static_cast<int>(ip != (step == 1 ? (s0[j] && x > T(0)) : ap > tb[0]));
+        nm |= static_cast<int>(in != (step == 1 ? (s0[j] && x < T(0)) : an > tb[1]));
+      }
+    }
+    out.a[0] += static_cast<double>(pa);
+    out.d[0] += static_cast<double>(pd);
+    out.a[1] += static_cast<double>(na);
+    out.d[1] += static_cast<double>(nd);
+    out.moved[0] |= pm != 0;
+    out.moved[1] |= nm != 0;
+  }
+  return out;
+}
+
 template <typename T>
 class LatApproxOp : public OpKernel {
  public:
   explicit LatApproxOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("iterations", &iterations_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("tol", &tol_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("two_scales", &two_));
     OP_REQUIRES(ctx, iterations_ >= 1, absl::InvalidArgumentError("SyqLatApprox: iterations must be >= 1"));
   }
 
@@ -240,110 +314,81 @@ class LatApproxOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckSameShape(w, d, "SyqLatApprox", "d"));
     OP_REQUIRES_OK(ctx, CheckSameShape(w, start, "SyqLatApprox", "support"));
     const int64_t g = w.dim_size(0), n = w.dim_size(1);
+    const int sides = two_ ? 2 : 1;
+    const int64_t rows = sides * g;  // problem p = side * g + row (the TensorFlow concat's order)
     Tensor *alpha_out = nullptr, *theta_out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({g, 1}), &alpha_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({g, 1}), &theta_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({rows, 1}), &alpha_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({rows, 1}), &theta_out));
     const T* ws = w.flat<T>().data();
     const T* ds = d.flat<T>().data();
     const bool* s0 = start.flat<bool>().data();
 
-    // per row: alpha of the current step (alpha_t), of the one before, the thresholds of the
+    // per problem: alpha of the current step (alpha_t), of the one before, the thresholds of the
     // current and the previous support, and the sums over the newest threshold's support
-    std::vector<T> alpha(g), previous(g, -std::numeric_limits<T>::infinity()), theta(g), theta_before(g);
-    std::vector<double> sda(g), sd(g);
-    std::vector<uint8_t> changed(g);
-    auto scale = [&](int64_t r) { return sd[r] > 0.0 ? static_cast<T>(sda[r] / sd[r]) : T(0); };
+    std::vector<T> alpha(rows), previous(rows, -std::numeric_limits<T>::infinity()), theta(rows), theta_before(rows);
+    std::vector<double> sda(rows), sd(rows);
+    std::vector<uint8_t> changed(rows);
+    auto scale = [&](int64_t p) { return sd[p] > 0.0 ? static_cast<T>(sda[p] / sd[p]) : T(0); };
     // the work of a pass is cut into pieces of at most kPiece weights of one row, so that one big
     // kernel (granularity "layer": a single row) is spread over the worker threads too
     const int64_t pieces_per_row = std::max<int64_t>(1, (n + kPiece - 1) / kPiece);
     const int64_t pieces = g * pieces_per_row;
-    std::vector<double> part_a(pieces), part_d(pieces);
-    std::vector<uint8_t> part_moved(pieces);
+    std::vector<PieceSums<T>> parts(pieces);
     auto pass = [&](int step) {
-      Parallel(ctx, pieces, 4 * kPiece, [&](int64_t begin, int64_t end) {
+      Parallel(ctx, pieces, 4 * sides * kPiece, [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {
           const int64_t r = p / pieces_per_row, lo = (p % pieces_per_row) * kPiece, hi = std::min(n, lo + kPiece);
-          const T* wr = ws + r * n;
-          const T* dr = ds + r * n;
-          const bool* sr = s0 + r * n;
-          const T t = theta[r], tb = theta_before[r];
-          double a_sum = 0.0, d_sum = 0.0;
-          bool moved = false;
-          for (int64_t b = lo; b < hi; b += kBlock) {  // blocks summed in T, blocks in float64
-            const int64_t e = std::min(hi, b + kBlock);
-            T ba = 0, bd = 0;
-            int m = 0;
-            if (step == 0) {  // sums over S_0
-#pragma omp simd reduction(+ : ba, bd)
-              for (int64_t j = b; j < e; ++j) {
-                const T keep = sr[j] ? T(1) : T(0);
-                ba += keep * dr[j] * std::fabs(wr[j]);
-                bd += keep * dr[j];
-              }
-            } else {  // sums over {|w| > t}, and whether it differs from the support before
-#pragma omp simd reduction(+ : ba, bd) reduction(| : m)
-              for (int64_t j = b; j < e; ++j) {
-                const T a = std::fabs(wr[j]);
-                const bool in = a > t;
-                const T keep = in ? T(1) : T(0);
-                ba += keep * dr[j] * a;
-                bd += keep * dr[j];
-                const bool before = step == 1 ? sr[j] : a > tb;
-                m |= static_cast<int>(in != before);
-              }
-            }
-            a_sum += static_cast<double>(ba);
-            d_sum += static_cast<double>(bd);
-            moved |= m != 0;
-          }
-          part_a[p] = a_sum;
-          part_d[p] = d_sum;
-          part_moved[p] = moved;
+          const T t[2] = {theta[r], theta[two_ ? g + r : r]};
+          const T tb[2] = {theta_before[r], theta_before[two_ ? g + r : r]};
+          parts[p] = SumPiece<T>(ws + r * n, ds + r * n, s0 + r * n, lo, hi, step, two_, t, tb);
         }
       });
       for (int64_t r = 0; r < g; ++r) {
-        double a_sum = 0.0, d_sum = 0.0;
-        bool moved = false;
-        for (int64_t p = r * pieces_per_row; p < (r + 1) * pieces_per_row; ++p) {
-          a_sum += part_a[p];
-          d_sum += part_d[p];
-          moved |= part_moved[p] != 0;
+        for (int side = 0; side < sides; ++side) {
+          double a_sum = 0.0, d_sum = 0.0;
+          bool moved = false;
+          for (int64_t p = r * pieces_per_row; p < (r + 1) * pieces_per_row; ++p) {
+            a_sum += parts[p].a[side];
+            d_sum += parts[p].d[side];
+            moved |= parts[p].moved[side];
+          }
+          sda[side * g + r] = a_sum;
+          sd[side * g + r] = d_sum;
+          changed[side * g + r] = moved;
         }
-        sda[r] = a_sum;
-        sd[r] = d_sum;
-        changed[r] = moved;
       }
     };
     pass(0);
     for (int step = 1;; ++step) {
       // alpha_t from the sums over S_{t-1}; S_t = {|w| > alpha_t / 2}; one pass: sums over S_t
       // and whether S_t differs from S_{t-1} (S_0 as given, later a threshold)
-      for (int64_t r = 0; r < g; ++r) {
-        alpha[r] = scale(r);
-        theta_before[r] = theta[r];
-        theta[r] = static_cast<T>(T(0.5) * alpha[r]);
+      for (int64_t p = 0; p < rows; ++p) {
+        alpha[p] = scale(p);
+        theta_before[p] = theta[p];
+        theta[p] = static_cast<T>(T(0.5) * alpha[p]);
       }
       pass(step);
       bool go = std::any_of(changed.begin(), changed.end(), [](uint8_t c) { return c != 0; });
       if (go && tol_ > 0.0) {
         bool far = false;
-        for (int64_t r = 0; r < g; ++r) far |= std::fabs(alpha[r] - previous[r]) >= static_cast<T>(tol_);
+        for (int64_t p = 0; p < rows; ++p) far |= std::fabs(alpha[p] - previous[p]) >= static_cast<T>(tol_);
         go = far;
       }
-      for (int64_t r = 0; r < g; ++r) previous[r] = alpha[r];
+      for (int64_t p = 0; p < rows; ++p) previous[p] = alpha[p];
       if (!go || step >= iterations_) break;
     }
     T* as = alpha_out->flat<T>().data();
     T* ts = theta_out->flat<T>().data();
-    for (int64_t r = 0; r < g; ++r) {
-      as[r] = scale(r);  // alpha of the returned support S_T
-      ts[r] = theta[r];
+    for (int64_t p = 0; p < rows; ++p) {
+      as[p] = scale(p);  // alpha of the returned support S_T
+      ts[p] = theta[p];
     }
   }
 
  private:
   int64_t iterations_ = 10;
   float tol_ = 0.0f;
+  bool two_ = false;
 };
 
 }  // namespace
@@ -368,8 +413,20 @@ REGISTER_OP("SyqLatApprox")
     .Attr("T: {float, double}")
     .Attr("iterations: int = 10")
     .Attr("tol: float = 0.0")
-    .SetShapeFn(syq_tf::PerRowOutputs)
-    .Doc("Approximate loss-aware ternarization (the authors' alternation) per row: scale and threshold.");
+    .Attr("two_scales: bool = false")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      ::tensorflow::shape_inference::ShapeHandle w;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &w));
+      bool two = false;
+      TF_RETURN_IF_ERROR(c->GetAttr("two_scales", &two));
+      ::tensorflow::shape_inference::DimensionHandle rows = c->Dim(w, 0);
+      if (two) TF_RETURN_IF_ERROR(c->Multiply(rows, 2, &rows));
+      c->set_output(0, c->Matrix(rows, 1));
+      c->set_output(1, c->Matrix(rows, 1));
+      return absl::OkStatus();
+    })
+    .Doc("Approximate loss-aware ternarization (the authors' alternation) per row, or per sign of each "
+         "row (two_scales): scale and threshold.");
 
 REGISTER_KERNEL_BUILDER(Name("SyqLatExact").Device(::tensorflow::DEVICE_CPU).TypeConstraint<float>("T"),
                         syq_tf::LatExactOp<float>);
