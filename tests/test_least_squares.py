@@ -805,3 +805,31 @@ def test_native_op_in_training_gets_no_gradient_and_trains():
             loss = tf.reduce_sum(least_squares_ste(x, "ls2", clip=2.0, scalars=scalars) ** 2)
         grads[search] = tape.gradient(loss, x).numpy()
     np.testing.assert_allclose(grads["native"], grads["sort"], rtol=1e-6)
+
+
+@needs_native
+def test_savedmodel_traced_with_the_native_op_loads_in_a_fresh_process(tmp_path):
+    """The op is in the SavedModel's graph: a process that imports syq_tf must be able to load it
+    (the library is loaded at import), with the same outputs."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    model = tf.keras.Sequential([tf.keras.Input((600,)), LeastSquaresActivation("lsT"), tf.keras.layers.Dense(3)])
+    x = np.random.default_rng(0).normal(size=(4, 600)).astype(np.float32)
+    path = str(tmp_path / "saved")
+    model.save(path, save_format="tf")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", model(x).numpy())
+    from tensorflow.core.protobuf import saved_model_pb2  # noqa: PLC0415
+
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((tmp_path / "saved" / "saved_model.pb").read_bytes())
+    ops = {node.op for meta in proto.meta_graphs for fn in meta.graph_def.library.function for node in fn.node_def}
+    assert "SyqLeastSquaresSearch" in ops
+    code = ("import sys, numpy as np, syq_tf; from syq_tf.saving import load_model; "
+            "m = load_model(sys.argv[1]); np.save(sys.argv[3], m(np.load(sys.argv[2])).numpy())")
+    out = tmp_path / "reloaded.npy"
+    run = subprocess.run([sys.executable, "-c", code, path, str(tmp_path / "x.npy"), str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(out), np.load(tmp_path / "y.npy"))

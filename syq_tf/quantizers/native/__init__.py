@@ -10,7 +10,8 @@ faster path, never a different answer.
   alternation (one pass over the kernel per step).
 
 :func:`available` says whether the ops are loaded; :func:`status` why not. ``SYQ_TF_NATIVE=0`` in
-the environment turns them off (before/after measurements, or to rule them out). Inside XLA
+the environment turns them off (before/after measurements, or to rule them out); the library is
+still loaded, so that SavedModels traced with the ops load. Inside XLA
 (``jit_compile=True``) the callers use their TensorFlow twins: XLA cannot compile a custom op.
 """
 
@@ -23,39 +24,35 @@ from tensorflow.python.ops import control_flow_util
 
 _HERE = pathlib.Path(__file__).resolve().parent
 _LIBRARY = _HERE / ("_syq_ops" + sysconfig.get_config_var("EXT_SUFFIX"))
-_ops = None
-_status = None
 for _op in ("SyqLeastSquaresSearch", "SyqLatExact", "SyqLatApprox"):
     tf.no_gradient(_op)  # their callers stop the gradient; say so to the tape too
 
 
-@tf.autograph.experimental.do_not_convert
 def _load():
-    global _ops, _status
-    if _status is not None:
-        return _ops
-    if os.environ.get("SYQ_TF_NATIVE", "1").strip() == "0":
-        _status = "turned off (SYQ_TF_NATIVE=0)"
-    elif not _LIBRARY.is_file():
-        _status = (f"not built ({_LIBRARY.name} is missing: run `make setup`, or "
-                   "`python scripts/build_native.py` with a C++17 compiler)")
-    else:
-        built = _LIBRARY.stat().st_mtime
-        if any(source.stat().st_mtime > built for pattern in ("*.cc", "*.h") for source in _HERE.glob(pattern)):
-            _status = f"out of date ({_LIBRARY.name} is older than its source: run `make setup`)"
-        else:
-            try:
-                _ops = tf.load_op_library(str(_LIBRARY))
-                _status = f"loaded ({_LIBRARY.name})"
-            except (tf.errors.NotFoundError, OSError) as err:
-                _status = f"cannot be loaded ({_LIBRARY.name}: {err})"
-    return _ops
+    """(ops module or None, status line). Loaded when syq_tf is imported, so that a SavedModel
+    traced with the ops loads in any process that imports syq_tf (also with SYQ_TF_NATIVE=0, which
+    only keeps new traces from using them)."""
+    if not _LIBRARY.is_file():
+        return None, (f"not built ({_LIBRARY.name} is missing: run `make setup`, or "
+                      "`python scripts/build_native.py` with a C++17 compiler)")
+    built = _LIBRARY.stat().st_mtime
+    if any(source.stat().st_mtime > built for pattern in ("*.cc", "*.h") for source in _HERE.glob(pattern)):
+        return None, f"out of date ({_LIBRARY.name} is older than its source: run `make setup`)"
+    try:
+        return tf.load_op_library(str(_LIBRARY)), f"loaded ({_LIBRARY.name})"
+    except (tf.errors.NotFoundError, OSError) as err:
+        return None, f"cannot be loaded ({_LIBRARY.name}: {err})"
 
 
-@tf.autograph.experimental.do_not_convert
+_ops, _status = _load()
+_TURNED_OFF = os.environ.get("SYQ_TF_NATIVE", "1").strip() == "0"
+if _TURNED_OFF:
+    _status = f"turned off (SYQ_TF_NATIVE=0; the library: {_status})"
+
+
 def available():
-    """True if the compiled ops are loaded."""
-    return _load() is not None
+    """True if the compiled ops are loaded and not turned off."""
+    return _ops is not None and not _TURNED_OFF
 
 
 def in_xla():
@@ -68,10 +65,8 @@ def usable(x):
     return tf.as_dtype(x.dtype) in (tf.float32, tf.float64) and available() and not in_xla()
 
 
-@tf.autograph.experimental.do_not_convert
 def status():
     """One line: loaded, turned off, not built, out of date, or the loader's error."""
-    _load()
     return _status
 
 
@@ -103,7 +98,6 @@ def lat_approx(w, d, support, iterations, tol, two_scales=False):
 
 
 def _ops_or_raise():
-    ops = _load()
-    if ops is None:
+    if not available():
         raise RuntimeError(f"syq_tf.quantizers.native: the compiled ops are {_status}.")
-    return ops
+    return _ops
