@@ -658,7 +658,41 @@ def test_native_ops_refuse_mismatched_shapes(path):
         pytest.skip("native only")
     with pytest.raises(tf.errors.InvalidArgumentError, match="d has shape"):
         native.lat_exact(tf.zeros((2, 3)), tf.ones((2, 4)))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="support has shape"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="start has shape"):
         native.lat_approx(tf.zeros((2, 3)), tf.ones((2, 3)), tf.zeros((2, 4), tf.bool), 3, 0.0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"start_threshold has shape \[2,1\], expected \[4, 1\]"):
+        native.lat_approx(tf.zeros((2, 3)), tf.ones((2, 3)), tf.zeros((2, 3)), 3, 0.0, two_scales=True,
+                          start_threshold=tf.zeros((2, 1)))
     with pytest.raises(tf.errors.InvalidArgumentError, match="iterations must be >= 1"):
         native.lat_approx(tf.zeros((2, 3)), tf.ones((2, 3)), tf.zeros((2, 3), tf.bool), 0, 0.0)
+
+
+@pytest.mark.parametrize("mode", ["ternary", "ternary_two_scale"])
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+def test_warm_started_projection_is_the_same_on_both_paths(path, monkeypatch, mode, granularity):
+    """LossAware.project from the previous kernel: the op starts from the support of its levels at
+    the stored scales (a zero scale: nothing), the TensorFlow path materializes them; same scales."""
+    if path != "native":
+        pytest.skip("native only")
+    rng = np.random.default_rng(9)
+    previous = rng.normal(0, 1, (3, 3, 8, 16)).astype(np.float32)
+    kernel = previous + rng.normal(0, 0.05, previous.shape).astype(np.float32)
+    d = rng.uniform(0.2, 2.0, previous.shape).astype(np.float32)
+    q = LossAware(mode, granularity=granularity)
+    q.build(previous.shape)
+    q.set_scales(q.project(previous))
+    if granularity == "channel":  # one channel's scale at 0: its start support is empty
+        scales = [s.numpy() for s in q._scales()]
+        scales[0].reshape(-1)[3] = 0.0
+        q.set_scales([tf.constant(s) for s in scales])
+    results = []
+    for use_native in (True, False):
+        if not use_native:
+            monkeypatch.setattr(native, "available", lambda: False)
+        for iterations in (1, 10):
+            q.iterations, q.warm_iterations = iterations, None
+            results.append([s.numpy() for s in q.project(tf.constant(kernel), tf.constant(d), previous=previous)])
+    half = len(results) // 2
+    for got, want in zip(results[:half], results[half:]):
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

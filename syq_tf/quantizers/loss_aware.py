@@ -686,6 +686,20 @@ class LossAware(WeightQuantizer):
             alpha, _ = lab_project(w2d, d2d)
         elif self.mode == "ternary_exact":
             alpha, _ = lat_exact_project(w2d, d2d)
+        elif (self.mode in ("ternary", "ternary_two_scale") and previous is not None and iterations > 0
+              and native.usable(w)):
+            # warm start inside the op: the support of the previous kernel's levels, {|w| > alpha/2}
+            # at the stored scales (two scales: w > alpha/2 or -w > alpha_neg/2), without
+            # materializing the levels (assign_levels, then != 0, as below)
+            halves = [tf.where(s > 0, 0.5 * s, tf.constant(np.inf, w.dtype))  # a zero scale keeps nothing
+                      for s in (tf.reshape(tf.cast(v, w.dtype), [-1, 1]) for v in self._scales())]
+            alpha, _ = native.lat_approx(w2d, d2d, to_groups(tf.stop_gradient(tf.convert_to_tensor(previous)),
+                                                             self._reduce_axes)[0],
+                                         iterations, self.tol, two_scales=self.two_scales,
+                                         start_threshold=tf.concat(halves, axis=0))
+            if self.two_scales:
+                alpha, alpha_neg = tf.split(alpha, 2, axis=0)
+                return tf.reshape(alpha, shape), tf.reshape(alpha_neg, shape)
         elif self.mode == "ternary":
             start = None
             if previous is not None:

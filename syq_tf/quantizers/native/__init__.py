@@ -87,14 +87,23 @@ def lat_exact(w, d, bins=0):
 
 
 @tf.autograph.experimental.do_not_convert
-def lat_approx(w, d, support, iterations, tol, two_scales=False):
-    """The authors' LAT alternation from ``support`` (bool, w's shape), at most ``iterations`` (>= 1)
-    steps, stopping when no row's support changes or (tol > 0) no row's alpha moves by ``tol``:
+def lat_approx(w, d, support, iterations, tol, two_scales=False, start_threshold=None):
+    """The authors' LAT alternation from a starting support, at most ``iterations`` (>= 1) steps,
+    stopping when no row's support changes or (tol > 0) no row's alpha moves by ``tol``:
     (alpha [g, 1], threshold [g, 1]), the returned support being |w| > threshold. ``two_scales``
     (LAT2): the positive and the negative weights of each row as two problems, [2g, 1] each (every
-    row's positive side first: support w > threshold[:g], -w > threshold[g:])."""
-    return _ops_or_raise().syq_lat_approx(w, d, support, iterations=int(iterations), tol=float(tol),
-                                          two_scales=bool(two_scales))
+    row's positive side first: support w > threshold[:g], -w > threshold[g:]).
+
+    ``support``: bool, w's shape; or, with ``start_threshold`` ([g, 1], two scales [2g, 1]), values
+    (a warm start: the previous kernel) whose support is |values| > start_threshold (two scales:
+    values > the row's positive threshold or -values > its negative one; each side keeps its sign's
+    weights of w)."""
+    if start_threshold is None:
+        support = tf.cast(support, w.dtype)
+        rows = tf.shape(w)[:1] * (2 if two_scales else 1)
+        start_threshold = tf.fill(tf.concat([rows, [1]], 0), tf.constant(0.5, w.dtype))
+    return _ops_or_raise().syq_lat_approx(w, d, support, start_threshold, iterations=int(iterations),
+                                          tol=float(tol), two_scales=bool(two_scales))
 
 
 def _ops_or_raise():

@@ -226,64 +226,64 @@ class LatExactOp : public OpKernel {
 // ---- approximate ------------------------------------------------------------------------------
 
 // One piece of a pass: the sums over the new support of a side (|w| for one side; w+ = max(w, 0)
-// and w- = max(-w, 0) for two) and whether it differs from the side's previous support (at step
-// 1 the given one, restricted to the side's sign for two sides).
+// and w- = max(-w, 0) for two) and whether it differs from the side's previous support. The
+// starting support S_0 is given as values s and thresholds st: one side |s| > st[0]; two sides
+// (s > st[0] or -s > st[1]) and of the side's sign in w. So a bool support is s = 0 / 1 with
+// st = 1/2, and a warm start the previous kernel with half its scales (the support of its levels).
 template <typename T>
 struct PieceSums {
   double a[2] = {0.0, 0.0}, d[2] = {0.0, 0.0};
   bool moved[2] = {false, false};
 };
 
-template <typename T>
-PieceSums<T> SumPiece(const T* w, const T* d, const bool* s0, int64_t lo, int64_t hi, int step, bool two,
-                      const T* t, const T* tb) {
+// Kind 0: the sums over S_0; 1: over S_1 and its comparison with S_0; 2: over S_t and its
+// comparison with S_{t-1}, both thresholds (only kinds 0 and 1 read the start values).
+template <typename T, bool Two, int Kind>
+PieceSums<T> SumPiece(const T* w, const T* d, const T* s, const T* st, int64_t lo, int64_t hi, const T* t,
+                      const T* tb) {
   PieceSums<T> out;
   for (int64_t b = lo; b < hi; b += kBlock) {  // blocks summed in T, blocks in float64
     const int64_t e = std::min(hi, b + kBlock);
     T pa = 0, pd = 0, na = 0, nd = 0;
     int pm = 0, nm = 0;
-    if (!two) {
-      if (step == 0) {
-#pragma omp simd reduction(+ : pa, pd)
-        for (int64_t j = b; j < e; ++j) {
-          const T keep = s0[j] ? T(1) : T(0);
-          pa += keep * d[j] * std::fabs(w[j]);
-          pd += keep * d[j];
-        }
-      } else {
+    if constexpr (!Two) {
 #pragma omp simd reduction(+ : pa, pd) reduction(| : pm)
-        for (int64_t j = b; j < e; ++j) {
-          const T a = std::fabs(w[j]);
-          const bool in = a > t[0];
-          const T keep = in ? T(1) : T(0);
-          pa += keep * d[j] * a;
-          pd += keep * d[j];
-          pm |= static_cast<int>(in != (step == 1 ? s0[j] : a > tb[0]));
-        }
-      }
-    } else if (step == 0) {
-#pragma omp simd reduction(+ : pa, pd, na, nd)
       for (int64_t j = b; j < e; ++j) {
-        const T x = w[j];
-        const T kp = (s0[j] && x > T(0)) ? T(1) : T(0), kn = (s0[j] && x < T(0)) ? T(1) : T(0);
-        pa += kp * d[j] * x;
-        pd += kp * d[j];
-        na -= kn * d[j] * x;
-        nd += kn * d[j];
+        const T a = std::fabs(w[j]);
+        bool start = false;
+        if constexpr (Kind < 2) start = std::fabs(s[j]) > st[0];
+        const bool in = Kind == 0 ? start : a > t[0];
+        const T keep = in ? T(1) : T(0);
+        pa += keep * d[j] * a;
+        pd += keep * d[j];
+        if constexpr (Kind == 1) pm |= static_cast<int>(in != start);
+        if constexpr (Kind == 2) pm |= static_cast<int>(in != (a > tb[0]));
       }
     } else {
 #pragma omp simd reduction(+ : pa, pd, na, nd) reduction(| : pm, nm)
       for (int64_t j = b; j < e; ++j) {
         const T x = w[j];
         const T ap = x > T(0) ? x : T(0), an = x < T(0) ? -x : T(0);
-        const bool ip = ap > t[0], in = an > t[1];
+        bool sp = false, sn = false;  // the start support's sides
+        if constexpr (Kind < 2) {
+          const bool start = (s[j] > st[0]) | (-s[j] > st[1]);
+          sp = start & (x > T(0));
+          sn = start & (x < T(0));
+        }
+        const bool ip = Kind == 0 ? sp : ap > t[0], in = Kind == 0 ? sn : an > t[1];
         const T kp = ip ? T(1) : T(0), kn = in ? T(1) : T(0);
         pa += kp * d[j] * ap;
         pd += kp * d[j];
         na += kn * d[j] * an;
         nd += kn * d[j];
-        pm |= static_cast<int>(ip != (step == 1 ? (s0[j] && x > T(0)) : ap > tb[0]));
-        nm |= static_cast<int>(in != (step == 1 ? (s0[j] && x < T(0)) : an > tb[1]));
+        if constexpr (Kind == 1) {
+          pm |= static_cast<int>(ip != sp);
+          nm |= static_cast<int>(in != sn);
+        }
+        if constexpr (Kind == 2) {
+          pm |= static_cast<int>(ip != (ap > tb[0]));
+          nm |= static_cast<int>(in != (an > tb[1]));
+        }
       }
     }
     out.a[0] += static_cast<double>(pa);
@@ -294,6 +294,14 @@ PieceSums<T> SumPiece(const T* w, const T* d, const bool* s0, int64_t lo, int64_
     out.moved[1] |= nm != 0;
   }
   return out;
+}
+
+template <typename T, bool Two>
+PieceSums<T> SumPieceAt(int step, const T* w, const T* d, const T* s, const T* st, int64_t lo, int64_t hi,
+                        const T* t, const T* tb) {
+  if (step == 0) return SumPiece<T, Two, 0>(w, d, s, st, lo, hi, t, tb);
+  if (step == 1) return SumPiece<T, Two, 1>(w, d, s, st, lo, hi, t, tb);
+  return SumPiece<T, Two, 2>(w, d, s, st, lo, hi, t, tb);
 }
 
 template <typename T>
@@ -310,18 +318,24 @@ class LatApproxOp : public OpKernel {
     const Tensor& w = ctx->input(0);
     const Tensor& d = ctx->input(1);
     const Tensor& start = ctx->input(2);
+    const Tensor& start_threshold = ctx->input(3);
     OP_REQUIRES_OK(ctx, CheckMatrix(w, "SyqLatApprox", "w"));
     OP_REQUIRES_OK(ctx, CheckSameShape(w, d, "SyqLatApprox", "d"));
-    OP_REQUIRES_OK(ctx, CheckSameShape(w, start, "SyqLatApprox", "support"));
+    OP_REQUIRES_OK(ctx, CheckSameShape(w, start, "SyqLatApprox", "start"));
     const int64_t g = w.dim_size(0), n = w.dim_size(1);
     const int sides = two_ ? 2 : 1;
     const int64_t rows = sides * g;  // problem p = side * g + row (the TensorFlow concat's order)
+    OP_REQUIRES(ctx, start_threshold.shape() == TensorShape({rows, 1}),
+                absl::InvalidArgumentError(absl::StrCat("SyqLatApprox: start_threshold has shape ",
+                                                        start_threshold.shape().DebugString(), ", expected [", rows,
+                                                        ", 1] (one per row", two_ ? " and sign)" : ")")));
     Tensor *alpha_out = nullptr, *theta_out = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({rows, 1}), &alpha_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({rows, 1}), &theta_out));
     const T* ws = w.flat<T>().data();
     const T* ds = d.flat<T>().data();
-    const bool* s0 = start.flat<bool>().data();
+    const T* s0 = start.flat<T>().data();
+    const T* st0 = start_threshold.flat<T>().data();
 
     // per problem: alpha of the current step (alpha_t), of the one before, the thresholds of the
     // current and the previous support, and the sums over the newest threshold's support
@@ -340,7 +354,9 @@ class LatApproxOp : public OpKernel {
           const int64_t r = p / pieces_per_row, lo = (p % pieces_per_row) * kPiece, hi = std::min(n, lo + kPiece);
           const T t[2] = {theta[r], theta[two_ ? g + r : r]};
           const T tb[2] = {theta_before[r], theta_before[two_ ? g + r : r]};
-          parts[p] = SumPiece<T>(ws + r * n, ds + r * n, s0 + r * n, lo, hi, step, two_, t, tb);
+          const T st[2] = {st0[r], st0[two_ ? g + r : r]};
+          parts[p] = two_ ? SumPieceAt<T, true>(step, ws + r * n, ds + r * n, s0 + r * n, st, lo, hi, t, tb)
+                          : SumPieceAt<T, false>(step, ws + r * n, ds + r * n, s0 + r * n, st, lo, hi, t, tb);
         }
       });
       for (int64_t r = 0; r < g; ++r) {
@@ -407,7 +423,8 @@ REGISTER_OP("SyqLatExact")
 REGISTER_OP("SyqLatApprox")
     .Input("w: T")
     .Input("d: T")
-    .Input("support: bool")
+    .Input("start: T")
+    .Input("start_threshold: T")
     .Output("alpha: T")
     .Output("threshold: T")
     .Attr("T: {float, double}")
