@@ -577,6 +577,8 @@ def test_bad_inputs_raise_informative_errors():
         laq_project(w, d, 3, iterations=0)
     with pytest.raises(ValueError, match="iterations=-1 must be an integer >= 0"):
         lat_approx_project(w, d, iterations=-1)
+    with pytest.raises(ValueError, match="lat2_project: iterations='3' must be an integer >= 0"):
+        lat2_project(w, d, exact=False, iterations="3")
     with pytest.raises(ValueError, match=r"expected a 2-D tensor \[groups, n\]"):
         lat_exact_project(w[None], d[None])
     with pytest.raises(ValueError, match="support has shape"):

@@ -295,9 +295,10 @@ def lat2_project(w, d, exact=True, support=None, iterations=10, tol=0.0):
         if not w.shape.is_compatible_with(support.shape):
             raise ValueError(f"{owner}: support has shape {support.shape} but w has shape {w.shape}.")
         support = tf.cast(support, tf.bool)
-    if not exact and iterations > 0 and native.usable(w):  # both sides in one pass over w, no copies
+    if not exact:
         _check_iterations(iterations, 0, owner)
         _check_tol(tol, owner)
+    if not exact and iterations > 0 and native.usable(w):  # both sides in one pass over w, no copies
         alpha, threshold = native.lat_approx(w, d, tf.not_equal(w, 0) if support is None else support,
                                              iterations, tol, two_scales=True)
         (alpha_pos, alpha_neg), (t_pos, t_neg) = tf.split(alpha, 2, axis=0), tf.split(threshold, 2, axis=0)
