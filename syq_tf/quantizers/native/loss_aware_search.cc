@@ -20,9 +20,10 @@
 //     at most `iterations` times; the result is alpha of the last support and that support's
 //     threshold theta (S_T = {|w| > theta}). two_scales: LAT2, the positive weights (w+) and the
 //     negative ones (w-) as two problems per row with their own alpha and threshold, outputs
-//     [2g, 1] (all rows' positive sides, then the negative ones), both sides in the same pass. The loop runs over all rows together, as the
-//     TensorFlow while_loop does (one stop decision for the tensor). One pass over (|w|, d) per
-//     step: the sums for the new threshold and the comparison with the previous one together.
+//     [2g, 1] (all rows' positive sides, then the negative ones), both sides in the same pass.
+//     The loop runs over all rows together, as the TensorFlow while_loop does (one stop decision
+//     for the tensor). One pass over (|w|, d) per step: the sums for the new threshold and the
+//     comparison with the previous one together.
 //
 // Sums are float64; alpha and thresholds are rounded to the input type where the TensorFlow
 // functions compute them in it. The exact op gives a row with a non-finite weight or curvature
@@ -230,7 +231,6 @@ class LatExactOp : public OpKernel {
 // starting support S_0 is given as values s and thresholds st: one side |s| > st[0]; two sides
 // (s > st[0] or -s > st[1]) and of the side's sign in w. So a bool support is s = 0 / 1 with
 // st = 1/2, and a warm start the previous kernel with half its scales (the support of its levels).
-template <typename T>
 struct PieceSums {
   double a[2] = {0.0, 0.0}, d[2] = {0.0, 0.0};
   bool moved[2] = {false, false};
@@ -239,9 +239,9 @@ struct PieceSums {
 // Kind 0: the sums over S_0; 1: over S_1 and its comparison with S_0; 2: over S_t and its
 // comparison with S_{t-1}, both thresholds (only kinds 0 and 1 read the start values).
 template <typename T, bool Two, int Kind>
-PieceSums<T> SumPiece(const T* w, const T* d, const T* s, const T* st, int64_t lo, int64_t hi, const T* t,
+PieceSums SumPiece(const T* w, const T* d, const T* s, const T* st, int64_t lo, int64_t hi, const T* t,
                       const T* tb) {
-  PieceSums<T> out;
+  PieceSums out;
   for (int64_t b = lo; b < hi; b += kBlock) {  // blocks summed in T, blocks in float64
     const int64_t e = std::min(hi, b + kBlock);
     T pa = 0, pd = 0, na = 0, nd = 0;
@@ -297,7 +297,7 @@ PieceSums<T> SumPiece(const T* w, const T* d, const T* s, const T* st, int64_t l
 }
 
 template <typename T, bool Two>
-PieceSums<T> SumPieceAt(int step, const T* w, const T* d, const T* s, const T* st, int64_t lo, int64_t hi,
+PieceSums SumPieceAt(int step, const T* w, const T* d, const T* s, const T* st, int64_t lo, int64_t hi,
                         const T* t, const T* tb) {
   if (step == 0) return SumPiece<T, Two, 0>(w, d, s, st, lo, hi, t, tb);
   if (step == 1) return SumPiece<T, Two, 1>(w, d, s, st, lo, hi, t, tb);
@@ -347,7 +347,7 @@ class LatApproxOp : public OpKernel {
     // kernel (granularity "layer": a single row) is spread over the worker threads too
     const int64_t pieces_per_row = std::max<int64_t>(1, (n + kPiece - 1) / kPiece);
     const int64_t pieces = g * pieces_per_row;
-    std::vector<PieceSums<T>> parts(pieces);
+    std::vector<PieceSums> parts(pieces);
     auto pass = [&](int step) {
       Parallel(ctx, pieces, 4 * sides * kPiece, [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {
