@@ -231,6 +231,25 @@ def test_lat_exact_on_long_float32_rows_is_the_float64_optimum():
         assert werr(w64, d64, q.numpy()[0]) == pytest.approx(_cut_scan_optimum(w64, d64), rel=1e-12), seed
 
 
+def test_lat_exact_on_a_layer_sized_row_is_the_optimum():
+    """A row of 300,000 weights (granularity 'layer' of a large kernel; the op cuts it into parts
+    that are binned apart and added up), with zeros and runs of equal |w|: the float64 optimum. The
+    best cut F is convex along a run of equal values, so the scan over every prefix is the optimum
+    over run ends."""
+    rng = np.random.default_rng(3)
+    w = np.round(rng.standard_normal((1, 300_000)) * 40) / 800  # ties: |w| on a grid of 1/800
+    w[0, ::7] = 0.0
+    d = 0.05 + rng.random(w.shape)
+    for dtype, rel in ((np.float64, 1e-12), (np.float32, 1e-9)):
+        wt, dt = w.astype(dtype), d.astype(dtype)
+        alpha, q = lat_exact_project(tf.constant(wt), tf.constant(dt))
+        w64, d64 = wt[0].astype(np.float64), dt[0].astype(np.float64)
+        assert werr(w64, d64, q.numpy()[0]) == pytest.approx(_cut_scan_optimum(w64, d64), rel=rel), dtype
+        kept = q.numpy()[0] != 0
+        assert np.all(np.abs(w64[kept]) >= 0.5 * float(alpha[0, 0])), dtype  # consistent
+        assert np.all(np.abs(w64[~kept]) <= 0.5 * float(alpha[0, 0])), dtype
+
+
 def test_lat_exact_uses_the_weights():
     # unweighted the optimum keeps both values; a huge weight on the small one changes the answer
     w = np.array([[3.0, 1.0]])
@@ -612,11 +631,12 @@ def test_native_lat_exact_binned_matches_brute_force(path):
 
 def test_native_lat_approx_is_the_tensorflow_loop(path, monkeypatch):
     """Several rows that settle after different numbers of steps (the loop stops for the tensor, not
-    per row), warm starts, the authors' tolerance, a step limit: the same supports and scales."""
+    per row), warm starts, the authors' tolerance, a step limit: the same supports and scales. Rows
+    of 3003 weights: the op's blocks of 256 end in a part shorter than its vectors of 2 or 4."""
     if path != "native":
         pytest.skip("native only")
     rng = np.random.default_rng(5)
-    w = rng.normal(0, 1, (5, 3000)) * np.array([[0.1], [1.0], [3.0], [0.5], [2.0]])
+    w = rng.normal(0, 1, (5, 3003)) * np.array([[0.1], [1.0], [3.0], [0.5], [2.0]])
     w[3, :2000] = 0.0
     d = rng.uniform(0.05, 2.0, w.shape)
     runs = []

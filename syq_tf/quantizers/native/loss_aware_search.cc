@@ -12,7 +12,9 @@
 //     points (D, A) lie in the triangle spanned by its first and last cut and P, where the line of
 //     slope max|w| from the first meets the line of slope min|w| into the last (the path (D_k, A_k)
 //     is concave: slopes |w| decrease); F = A^2 / D is convex, so F(P) bounds the cuts inside. The
-//     bins that may beat the best cut between bins are gathered, sorted and scanned.
+//     bins that may beat the best cut between bins are gathered, sorted and scanned. Rows run in
+//     parallel; a few long rows (granularity "layer") are each cut into parts that are scanned,
+//     binned and gathered on the worker threads at once, the parts' bins then added up.
 //
 // SyqLatApprox: the approximate alternation from a starting support S_0 (the authors' method):
 //     alpha_t = sum_{S_{t-1}} d|w| / sum_{S_{t-1}} d,  S_t = {|w| > alpha_t / 2},
@@ -30,6 +32,7 @@
 // NaN; in the approximate one, as in TensorFlow, a NaN weight is in no support (NaN > t is false).
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "common.h"
@@ -37,7 +40,7 @@
 namespace syq_tf {
 namespace {
 
-constexpr int64_t kPiece = 1 << 16;  // weights of one row per unit of parallel work (approximate)
+constexpr int64_t kPiece = 1 << 16;  // weights of one row per unit of parallel work (at least, exact)
 constexpr int64_t kBlock = 256;      // weights summed in the input type before the float64 sums
 
 // ---- exact ----------------------------------------------------------------------------------
@@ -64,22 +67,47 @@ struct ExactBest {
   const Cut& Best() const { return valid.score > -kInf ? valid : any; }
 };
 
+struct Bin {
+  double count = 0.0, d = 0.0, da = 0.0;  // weights, sum d, sum d|w|
+  double lo = kInf, hi = 0.0;             // smallest and largest |w| (hi = 0: empty)
+  void Add(const Bin& o) {
+    count += o.count, d += o.d, da += o.da;
+    lo = std::min(lo, o.lo), hi = std::max(hi, o.hi);
+  }
+};
+
 struct ExactScratch {
-  std::vector<double> count, d_sum, da_sum, lo, hi;
-  std::vector<std::pair<double, double>> kept;  // (|w|, d)
+  std::vector<Bin> bins;                                      // the row's
+  std::vector<std::vector<Bin>> part_bins;                    // each part's
+  std::vector<std::vector<std::pair<double, double>>> part_kept;
+  std::vector<std::pair<double, double>> kept;                // (|w|, d), the candidates
   std::vector<uint8_t> candidate;
 };
 
+// The row [0, n) is cut into `parts` contiguous parts; run(parts, fn) calls fn(part, lo, hi) for
+// every part, in any order and possibly at once (one row spread over the worker threads), or
+// one after the other (rows in parallel).
+using PartRunner = std::function<void(int64_t, const std::function<void(int64_t, int64_t, int64_t)>&)>;
+
 template <typename T>
-void LatExactRow(const T* w, const T* d, int64_t n, int64_t bins, ExactScratch* s, T* alpha, T* cut) {
-  double top = 0.0;
-  bool finite = true;
-  for (int64_t j = 0; j < n; ++j) {
-    const double a = std::fabs(static_cast<double>(w[j]));
-    finite &= std::isfinite(a) && std::isfinite(static_cast<double>(d[j]));
-    top = std::max(top, a);
-  }
-  if (!finite) {
+void LatExactRow(const T* w, const T* d, int64_t n, int64_t bins, int64_t parts, const PartRunner& run,
+                 ExactScratch* s, T* alpha, T* cut) {
+  // the largest |w|, and whether every w and d is finite (x - x is 0 only for finite x), in T
+  std::vector<T> part_top(parts, T(0));
+  std::vector<uint8_t> part_finite(parts, 1);
+  run(parts, [&](int64_t p, int64_t lo, int64_t hi) {
+    T top = 0, bad = 0;
+#pragma omp simd reduction(max : top) reduction(+ : bad)
+    for (int64_t j = lo; j < hi; ++j) {
+      const T a = std::fabs(w[j]);
+      top = std::max(top, a);
+      bad += (a - a == T(0)) & (d[j] - d[j] == T(0)) ? T(0) : T(1);
+    }
+    part_top[p] = top;
+    part_finite[p] = bad == T(0);
+  });
+  const double top = static_cast<double>(*std::max_element(part_top.begin(), part_top.end()));
+  if (std::find(part_finite.begin(), part_finite.end(), 0) != part_finite.end()) {
     *alpha = *cut = std::numeric_limits<T>::quiet_NaN();
     return;
   }
@@ -118,32 +146,37 @@ void LatExactRow(const T* w, const T* d, int64_t n, int64_t bins, ExactScratch* 
     if (bins <= 0) bins = AutoBins(n);
     const double scale = static_cast<double>(bins) / top;
     auto bin_of = [&](double a) { return std::min<int64_t>(static_cast<int64_t>(a * scale), bins - 1); };
-    s->count.assign(bins, 0.0);
-    s->d_sum.assign(bins, 0.0);
-    s->da_sum.assign(bins, 0.0);
-    s->lo.assign(bins, kInf);
-    s->hi.assign(bins, 0.0);
-    for (int64_t j = 0; j < n; ++j) {
-      const double a = std::fabs(static_cast<double>(w[j]));
-      if (a == 0.0) continue;  // zeros are never kept
-      const double dj = static_cast<double>(d[j]);
-      const int64_t b = bin_of(a);
-      s->count[b] += 1.0;
-      s->d_sum[b] += dj;
-      s->da_sum[b] += dj * a;
-      s->lo[b] = std::min(s->lo[b], a);
-      s->hi[b] = std::max(s->hi[b], a);
-    }
+    // every part bins its weights (count, sums, min, max per bin), then the parts' bins are added
+    s->part_bins.resize(std::max<size_t>(s->part_bins.size(), parts));
+    run(parts, [&](int64_t p, int64_t lo, int64_t hi) {
+      std::vector<Bin>& own = s->part_bins[p];
+      own.assign(bins, Bin{});
+      for (int64_t j = lo; j < hi; ++j) {
+        const double a = std::fabs(static_cast<double>(w[j]));
+        if (a == 0.0) continue;  // zeros are never kept
+        const double dj = static_cast<double>(d[j]);
+        Bin& bin = own[bin_of(a)];
+        bin.count += 1.0;
+        bin.d += dj;
+        bin.da += dj * a;
+        bin.lo = std::min(bin.lo, a);
+        bin.hi = std::max(bin.hi, a);
+      }
+    });
+    std::vector<Bin>& all = s->bins;
+    all.swap(s->part_bins[0]);
+    for (int64_t p = 1; p < parts; ++p)
+      for (int64_t b = 0; b < bins; ++b) all[b].Add(s->part_bins[p][b]);
     // the cut after each non-empty bin, from the top: a_k = the bin's min, next = the next bin's max
     double A = 0.0, D = 0.0, k = 0.0;
     for (int64_t b = bins - 1; b >= 0; --b) {
-      if (s->hi[b] == 0.0) continue;
-      A += s->da_sum[b];
-      D += s->d_sum[b];
-      k += s->count[b];
+      if (all[b].hi == 0.0) continue;
+      A += all[b].da;
+      D += all[b].d;
+      k += all[b].count;
       int64_t c = b - 1;
-      while (c >= 0 && s->hi[c] == 0.0) --c;
-      best.Consider(k, s->lo[b], c >= 0 ? s->hi[c] : 0.0, A, D);
+      while (c >= 0 && all[c].hi == 0.0) --c;
+      best.Consider(k, all[b].lo, c >= 0 ? all[c].hi : 0.0, A, D);
     }
     // bins whose inside may hold a better cut
     const double margin = 1e-12 * std::fabs(best.any.score);
@@ -151,37 +184,50 @@ void LatExactRow(const T* w, const T* d, int64_t n, int64_t bins, ExactScratch* 
     bool any = false;
     A = D = 0.0;
     for (int64_t b = bins - 1; b >= 0; --b) {
-      if (s->hi[b] == 0.0) continue;
-      const double lo = s->lo[b], hi = s->hi[b], dc = s->d_sum[b], ac = s->da_sum[b];
-      if (hi > lo) {
-        const double x = std::min(std::max((ac - lo * dc) / (hi - lo), 0.0), dc);
-        const double ap = A + hi * x, dp = D + x;
+      const Bin& bin = all[b];
+      if (bin.hi == 0.0) continue;
+      if (bin.hi > bin.lo) {
+        const double x = std::min(std::max((bin.da - bin.lo * bin.d) / (bin.hi - bin.lo), 0.0), bin.d);
+        const double ap = A + bin.hi * x, dp = D + x;
         if (dp > 0.0 && ap * ap / dp >= best.any.score - margin) {
           s->candidate[b] = 1;
           any = true;
         }
       }
-      A += ac;
-      D += dc;
+      A += bin.da;
+      D += bin.d;
     }
     if (any) {
-      for (int64_t j = 0; j < n; ++j) {
-        const double a = std::fabs(static_cast<double>(w[j]));
-        if (a > 0.0 && s->candidate[bin_of(a)]) kept.emplace_back(a, static_cast<double>(d[j]));
+      // the candidates' weights; most |w| fall outside [first, last] of the candidate bins and are
+      // passed over without finding their bin
+      double first = kInf, last = 0.0;
+      for (int64_t b = 0; b < bins; ++b) {
+        if (s->candidate[b]) first = std::min(first, all[b].lo), last = std::max(last, all[b].hi);
       }
+      s->part_kept.resize(std::max<size_t>(s->part_kept.size(), parts));
+      run(parts, [&](int64_t p, int64_t lo, int64_t hi) {
+        auto& own = s->part_kept[p];
+        own.clear();
+        for (int64_t j = lo; j < hi; ++j) {
+          const double a = std::fabs(static_cast<double>(w[j]));
+          if (a > 0.0 && s->candidate[bin_of(a)]) own.emplace_back(a, static_cast<double>(d[j]));
+        }
+      });
+      for (int64_t p = 0; p < parts; ++p) kept.insert(kept.end(), s->part_kept[p].begin(), s->part_kept[p].end());
       std::sort(kept.begin(), kept.end(), by_magnitude_desc);
       size_t next = 0;
       A = D = k = 0.0;
       for (int64_t b = bins - 1; b >= 0; --b) {
-        if (s->hi[b] == 0.0) continue;
+        const Bin& bin = all[b];
+        if (bin.hi == 0.0) continue;
         if (s->candidate[b]) {
-          const size_t end = next + static_cast<size_t>(s->count[b]);
+          const size_t end = next + static_cast<size_t>(bin.count);
           scan(next, end, k, A, D, 0.0, false);  // the cut after the bin's last value: scored above
           next = end;
         }
-        A += s->da_sum[b];
-        D += s->d_sum[b];
-        k += s->count[b];
+        A += bin.da;
+        D += bin.d;
+        k += bin.count;
       }
     }
   }
@@ -214,9 +260,27 @@ class LatExactOp : public OpKernel {
     T* as = alpha->flat<T>().data();
     T* cs = cut->flat<T>().data();
     const int64_t bins = bins_;
-    Parallel(ctx, g, 8 * n, [=](int64_t begin, int64_t end) {
+    // (at least 2 parts, also on one thread: every machine runs the parted search)
+    const int threads = std::max(2, ctx->device()->tensorflow_cpu_worker_threads()->num_threads);
+    if (g < threads && n >= 2 * kPiece) {
+      // few long rows (granularity "layer": one): each row's passes spread over the threads, in
+      // parts of at least kPiece weights
+      const int64_t parts = std::min<int64_t>(threads, n / kPiece);
+      const PartRunner spread = [&](int64_t count, const std::function<void(int64_t, int64_t, int64_t)>& fn) {
+        Parallel(ctx, count, 8 * (n / count), [&](int64_t begin, int64_t end) {
+          for (int64_t p = begin; p < end; ++p) fn(p, p * n / count, (p + 1) * n / count);
+        });
+      };
       ExactScratch scratch;
-      for (int64_t r = begin; r < end; ++r) LatExactRow<T>(ws + r * n, ds + r * n, n, bins, &scratch, as + r, cs + r);
+      for (int64_t r = 0; r < g; ++r) LatExactRow<T>(ws + r * n, ds + r * n, n, bins, parts, spread, &scratch, as + r, cs + r);
+      return;
+    }
+    const PartRunner in_turn = [n](int64_t count, const std::function<void(int64_t, int64_t, int64_t)>& fn) {
+      for (int64_t p = 0; p < count; ++p) fn(p, p * n / count, (p + 1) * n / count);
+    };
+    Parallel(ctx, g, 8 * n, [=, &in_turn](int64_t begin, int64_t end) {
+      ExactScratch scratch;
+      for (int64_t r = begin; r < end; ++r) LatExactRow<T>(ws + r * n, ds + r * n, n, bins, 1, in_turn, &scratch, as + r, cs + r);
     });
   }
 
@@ -238,15 +302,97 @@ struct PieceSums {
 
 // Kind 0: the sums over S_0; 1: over S_1 and its comparison with S_0; 2: over S_t and its
 // comparison with S_{t-1}, both thresholds (only kinds 0 and 1 read the start values).
+//
+// One side: an `omp simd` loop. Two sides: GCC vector extensions of 16 bytes (4 floats, 2
+// doubles; SSE2 everywhere on x86-64), because g++ 12 left some of the two-sided `omp simd`
+// loops scalar (the start pass ran 15x slower than the one-sided one, 47 vs 3 ms on 4M weights),
+// and which of them depended on how the conditions were spelled.
+template <typename T, int Kind>
+struct TwoSidedBlock {
+  typedef T V __attribute__((vector_size(16)));
+  static constexpr int kLanes = 16 / sizeof(T);
+
+  static V Load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+
+  // sums over the block [b, e) into out (a, d per side, moved per side)
+  static void Sum(const T* w, const T* d, const T* s, const T st[2], int64_t b, int64_t e, const T t[2],
+                  const T tb[2], PieceSums* out) {
+    const V zero = {}, one = zero + T(1);
+    V pa = zero, pd = zero, na = zero, nd = zero, pm = zero, nm = zero;
+    int64_t j = b;
+    for (; j + kLanes <= e; j += kLanes) {
+      const V x = Load(w + j), dj = Load(d + j);
+      const V ap = x > zero ? x : zero, an = x < zero ? -x : zero;
+      V sp = zero, sn = zero;  // the start support's sides, 1 / 0
+      if constexpr (Kind < 2) {
+        const V sj = Load(s + j);
+        const auto start = (sj > st[0]) | (-sj > st[1]);
+        sp = (start & (x > zero)) ? one : zero;
+        sn = (start & (x < zero)) ? one : zero;
+      }
+      const V kp = Kind == 0 ? sp : (ap > t[0] ? one : zero);
+      const V kn = Kind == 0 ? sn : (an > t[1] ? one : zero);
+      pa += kp * dj * ap;
+      pd += kp * dj;
+      na += kn * dj * an;
+      nd += kn * dj;
+      if constexpr (Kind == 1) {
+        pm += kp != sp ? one : zero;
+        nm += kn != sn ? one : zero;
+      }
+      if constexpr (Kind == 2) {
+        pm += kp != (ap > tb[0] ? one : zero) ? one : zero;
+        nm += kn != (an > tb[1] ? one : zero) ? one : zero;
+      }
+    }
+    T sa = 0, sd = 0, ta = 0, td = 0, m1 = 0, m2 = 0;
+    for (int i = 0; i < kLanes; ++i) {
+      sa += pa[i];
+      sd += pd[i];
+      ta += na[i];
+      td += nd[i];
+      m1 += pm[i];
+      m2 += nm[i];
+    }
+    for (; j < e; ++j) {  // the block's last few weights
+      const T x = w[j];
+      const T ap = x > T(0) ? x : T(0), an = x < T(0) ? -x : T(0);
+      bool sp = false, sn = false;
+      if constexpr (Kind < 2) {
+        const bool start = (s[j] > st[0]) | (-s[j] > st[1]);
+        sp = start & (x > T(0));
+        sn = start & (x < T(0));
+      }
+      const bool ip = Kind == 0 ? sp : ap > t[0], in = Kind == 0 ? sn : an > t[1];
+      if (ip) sa += d[j] * ap, sd += d[j];
+      if (in) ta += d[j] * an, td += d[j];
+      if constexpr (Kind == 1) m1 += ip != sp, m2 += in != sn;
+      if constexpr (Kind == 2) m1 += ip != (ap > tb[0]), m2 += in != (an > tb[1]);
+    }
+    out->a[0] += static_cast<double>(sa);
+    out->d[0] += static_cast<double>(sd);
+    out->a[1] += static_cast<double>(ta);
+    out->d[1] += static_cast<double>(td);
+    out->moved[0] |= m1 != 0;
+    out->moved[1] |= m2 != 0;
+  }
+};
+
 template <typename T, bool Two, int Kind>
 PieceSums SumPiece(const T* w, const T* d, const T* s, const T* st, int64_t lo, int64_t hi, const T* t,
-                      const T* tb) {
+                   const T* tb) {
   PieceSums out;
   for (int64_t b = lo; b < hi; b += kBlock) {  // blocks summed in T, blocks in float64
     const int64_t e = std::min(hi, b + kBlock);
-    T pa = 0, pd = 0, na = 0, nd = 0;
-    int pm = 0, nm = 0;
-    if constexpr (!Two) {
+    if constexpr (Two) {
+      TwoSidedBlock<T, Kind>::Sum(w, d, s, st, b, e, t, tb, &out);
+    } else {
+      T pa = 0, pd = 0;
+      int pm = 0;
 #pragma omp simd reduction(+ : pa, pd) reduction(| : pm)
       for (int64_t j = b; j < e; ++j) {
         const T a = std::fabs(w[j]);
@@ -259,39 +405,10 @@ PieceSums SumPiece(const T* w, const T* d, const T* s, const T* st, int64_t lo, 
         if constexpr (Kind == 1) pm |= static_cast<int>(in != start);
         if constexpr (Kind == 2) pm |= static_cast<int>(in != (a > tb[0]));
       }
-    } else {
-#pragma omp simd reduction(+ : pa, pd, na, nd) reduction(| : pm, nm)
-      for (int64_t j = b; j < e; ++j) {
-        const T x = w[j];
-        const T ap = x > T(0) ? x : T(0), an = x < T(0) ? -x : T(0);
-        bool sp = false, sn = false;  // the start support's sides
-        if constexpr (Kind < 2) {
-          const bool start = (s[j] > st[0]) | (-s[j] > st[1]);
-          sp = start & (x > T(0));
-          sn = start & (x < T(0));
-        }
-        const bool ip = Kind == 0 ? sp : ap > t[0], in = Kind == 0 ? sn : an > t[1];
-        const T kp = ip ? T(1) : T(0), kn = in ? T(1) : T(0);
-        pa += kp * d[j] * ap;
-        pd += kp * d[j];
-        na += kn * d[j] * an;
-        nd += kn * d[j];
-        if constexpr (Kind == 1) {
-          pm |= static_cast<int>(ip != sp);
-          nm |= static_cast<int>(in != sn);
-        }
-        if constexpr (Kind == 2) {
-          pm |= static_cast<int>(ip != (ap > tb[0]));
-          nm |= static_cast<int>(in != (an > tb[1]));
-        }
-      }
+      out.a[0] += static_cast<double>(pa);
+      out.d[0] += static_cast<double>(pd);
+      out.moved[0] |= pm != 0;
     }
-    out.a[0] += static_cast<double>(pa);
-    out.d[0] += static_cast<double>(pd);
-    out.a[1] += static_cast<double>(na);
-    out.d[1] += static_cast<double>(nd);
-    out.moved[0] |= pm != 0;
-    out.moved[1] |= nm != 0;
   }
   return out;
 }
