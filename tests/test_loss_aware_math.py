@@ -689,6 +689,22 @@ def test_native_ops_refuse_mismatched_shapes(path):
         native.lat_approx(tf.zeros((2, 3)), tf.ones((2, 3)), tf.zeros((2, 3), tf.bool), 0, 0.0)
 
 
+def test_native_ops_refuse_a_bin_count_out_of_range(path):
+    """The bins attribute is checked when the kernel is made: a graph asking for 2^40 bins (say, a
+    SavedModel from elsewhere) crashed the process (a segmentation fault) before."""
+    if path != "native":
+        pytest.skip("native only")
+    x = tf.ones((1, 300))
+    for bins in (-1, 65537, 2**40):
+        message = rf"bins must be 0 \(the op's choice\) or 1 to 65536, got {bins}"
+        with pytest.raises(tf.errors.InvalidArgumentError, match="SyqLatExact: " + message):
+            native.lat_exact(x, x, bins=bins)
+        with pytest.raises(tf.errors.InvalidArgumentError, match="SyqLeastSquaresSearch: " + message):
+            native.least_squares_search(x, "ls2", bins=bins)
+    alpha, _ = native.lat_exact(x, x, bins=65536)  # the largest allowed: every |w| in the top bin
+    assert float(alpha[0, 0]) == 1.0
+
+
 @pytest.mark.parametrize("mode", ["ternary", "ternary_two_scale"])
 @pytest.mark.parametrize("granularity", ["layer", "channel"])
 def test_warm_started_projection_is_the_same_on_both_paths(path, monkeypatch, mode, granularity):

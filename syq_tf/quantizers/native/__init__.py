@@ -74,7 +74,8 @@ def status():
 def least_squares_search(x2d, mode, bins=0):
     """Exact ls2 ([g, 2]: v1, v2) or lsT ([g, 1]: v) scalars per row of ``x2d`` [g, n] (float32 or
     float64), in its dtype. ``bins=0``: the op's choice (rows of up to 256 values are sorted whole);
-    ``bins > 0`` forces that many bins. RuntimeError if the op is not available (:func:`status`)."""
+    ``bins`` 1 to 65536 forces that many bins (anything else: InvalidArgumentError). RuntimeError if
+    the op is not available (:func:`status`)."""
     return _ops_or_raise().syq_least_squares_search(x2d, mode=mode, bins=int(bins))
 
 

@@ -31,6 +31,16 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr int64_t kSortBelow = 256;
 inline int64_t AutoBins(int64_t n) { return std::min<int64_t>(4096, std::max<int64_t>(64, n / 8)); }
 
+// The `bins` attribute: 0 (the op's choice) or 1 to kMaxBins. Checked when the kernel is made, so
+// that a graph from elsewhere (a SavedModel) cannot ask for a table of 2^40 bins (it crashed the
+// process) or for a negative count.
+constexpr int64_t kMaxBins = 1 << 16;
+inline absl::Status CheckBins(int64_t bins, const char* op) {
+  if (bins >= 0 && bins <= kMaxBins) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(op, ": bins must be 0 (the op's choice) or 1 to ", kMaxBins, ", got ", bins));
+}
+
 // fn(begin, end) over units 0..units-1 on TensorFlow's CPU worker threads; cost: per unit, in
 // about the time of one multiply-add (TensorFlow splits finer for costlier units).
 inline void Parallel(OpKernelContext* ctx, int64_t units, int64_t cost, const std::function<void(int64_t, int64_t)>& fn) {

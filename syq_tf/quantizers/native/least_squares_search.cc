@@ -89,8 +89,8 @@ struct Scratch {
   std::vector<uint8_t> candidate;
 };
 
-// bins <= 0: rows of up to kSortBelow values are sorted whole, longer ones get AutoBins(n) bins;
-// bins > 0: that many bins whatever the row length.
+// bins 0: rows of up to kSortBelow values are sorted whole, longer ones get AutoBins(n) bins;
+// bins > 0: that many bins whatever the row length (at most kMaxBins: CheckBins).
 template <typename T>
 void SearchRow(const T* x, int64_t n, bool ls2, int64_t bins, Scratch* scratch, T* out) {
   const int k = ls2 ? 2 : 1;
@@ -213,6 +213,7 @@ class LeastSquaresSearchOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("mode", &mode));
     ls2_ = mode == "ls2";
     OP_REQUIRES_OK(ctx, ctx->GetAttr("bins", &bins_));
+    OP_REQUIRES_OK(ctx, CheckBins(bins_, "SyqLeastSquaresSearch"));
   }
 
   void Compute(OpKernelContext* ctx) override {

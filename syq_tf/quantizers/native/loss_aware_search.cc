@@ -244,7 +244,10 @@ void LatExactRow(const T* w, const T* d, int64_t n, int64_t bins, int64_t parts,
 template <typename T>
 class LatExactOp : public OpKernel {
  public:
-  explicit LatExactOp(OpKernelConstruction* ctx) : OpKernel(ctx) { OP_REQUIRES_OK(ctx, ctx->GetAttr("bins", &bins_)); }
+  explicit LatExactOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("bins", &bins_));
+    OP_REQUIRES_OK(ctx, CheckBins(bins_, "SyqLatExact"));
+  }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& w = ctx->input(0);
