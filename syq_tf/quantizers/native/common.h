@@ -4,6 +4,7 @@
 #define SYQ_TF_QUANTIZERS_NATIVE_COMMON_H_
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <limits>
@@ -39,6 +40,30 @@ inline absl::Status CheckBins(int64_t bins, const char* op) {
   if (bins >= 0 && bins <= kMaxBins) return absl::OkStatus();
   return absl::InvalidArgumentError(
       absl::StrCat(op, ": bins must be 0 (the op's choice) or 1 to ", kMaxBins, ", got ", bins));
+}
+
+// The largest |x| over x[lo, hi) (exact in T), and whether every x there and, if `also` is given,
+// every also[j] is finite (v - v is 0 only for a finite v): one vectorized pass.
+template <typename T>
+bool MaxAbsIfFinite(const T* x, const T* also, int64_t lo, int64_t hi, T* top) {
+  T m = 0, bad = 0;
+  if (also == nullptr) {
+#pragma omp simd reduction(max : m) reduction(+ : bad)
+    for (int64_t j = lo; j < hi; ++j) {
+      const T a = std::fabs(x[j]);
+      m = std::max(m, a);
+      bad += a - a == T(0) ? T(0) : T(1);
+    }
+  } else {
+#pragma omp simd reduction(max : m) reduction(+ : bad)
+    for (int64_t j = lo; j < hi; ++j) {
+      const T a = std::fabs(x[j]);
+      m = std::max(m, a);
+      bad += (a - a == T(0)) & (also[j] - also[j] == T(0)) ? T(0) : T(1);
+    }
+  }
+  *top = m;
+  return bad == T(0);
 }
 
 // fn(begin, end) over units 0..units-1 on TensorFlow's CPU worker threads; cost: per unit, in

@@ -95,13 +95,9 @@ template <typename T>
 void SearchRow(const T* x, int64_t n, bool ls2, int64_t bins, Scratch* scratch, T* out) {
   const int k = ls2 ? 2 : 1;
   const RowSearch search(ls2, n);
-  double top = 0.0;
-  bool finite = true;
-  for (int64_t j = 0; j < n; ++j) {
-    const double a = std::fabs(static_cast<double>(x[j]));
-    finite &= std::isfinite(a);
-    top = std::max(top, a);
-  }
+  T top_in_t = 0;
+  const bool finite = MaxAbsIfFinite<T>(x, nullptr, 0, n, &top_in_t);
+  const double top = static_cast<double>(top_in_t);
   if (!finite) {
     for (int c = 0; c < k; ++c) out[c] = std::numeric_limits<T>::quiet_NaN();
     return;

@@ -92,20 +92,10 @@ using PartRunner = std::function<void(int64_t, const std::function<void(int64_t,
 template <typename T>
 void LatExactRow(const T* w, const T* d, int64_t n, int64_t bins, int64_t parts, const PartRunner& run,
                  ExactScratch* s, T* alpha, T* cut) {
-  // the largest |w|, and whether every w and d is finite (x - x is 0 only for finite x), in T
+  // the largest |w|, and whether every w and d is finite
   std::vector<T> part_top(parts, T(0));
   std::vector<uint8_t> part_finite(parts, 1);
-  run(parts, [&](int64_t p, int64_t lo, int64_t hi) {
-    T top = 0, bad = 0;
-#pragma omp simd reduction(max : top) reduction(+ : bad)
-    for (int64_t j = lo; j < hi; ++j) {
-      const T a = std::fabs(w[j]);
-      top = std::max(top, a);
-      bad += (a - a == T(0)) & (d[j] - d[j] == T(0)) ? T(0) : T(1);
-    }
-    part_top[p] = top;
-    part_finite[p] = bad == T(0);
-  });
+  run(parts, [&](int64_t p, int64_t lo, int64_t hi) { part_finite[p] = MaxAbsIfFinite(w, d, lo, hi, &part_top[p]); });
   const double top = static_cast<double>(*std::max_element(part_top.begin(), part_top.end()));
   if (std::find(part_finite.begin(), part_finite.end(), 0) != part_finite.end()) {
     *alpha = *cut = std::numeric_limits<T>::quiet_NaN();
