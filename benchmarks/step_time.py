@@ -2,8 +2,10 @@
 
 The demo CNN (syq_tf.recipes.build_cnn, as in examples/fashion_mnist_syq.py) with SYQ, UniQ, least-squares and loss-aware
 quantizers; the least-squares activations (an exact per-sample search for ls2/lsT) and the
-loss-aware projection (inside LossAwareAdam's step, a sort per kernel for exact LAT) are the ones to
-watch.
+loss-aware projection (inside LossAwareAdam's step: the exact LAT search or the LAT / LAT2 / LAQ
+alternation on every kernel) are the ones to watch. Where the compiled ops of
+syq_tf.quantizers.native run, those searches use them; ``--without-native`` also times the same
+models on the TensorFlow functions.
 
 All models are built first; then rounds interleave them (each round times a few steps of every
 model) so that the shared machine's noise hits all alike. Prints a table and writes JSON.
@@ -12,7 +14,8 @@ model) so that the shared machine's noise hits all alike. Prints a table and wri
     .venv/bin/python benchmarks/step_time.py --arch mlp     # the loss-aware papers' 2048-wide MLP
 
 ``--arch mlp`` times the MLP 784-2048-2048-2048-10 of benchmarks/reproductions.py (every layer
-quantized, float activations) in float and with LAB / LAT / LAQ under LossAwareAdam (the authors'
+quantized, float activations) in float and with LAB / LAT / exact LAT / LAT2 / LAQ under
+LossAwareAdam (the authors'
 rule, up to 10 alternation steps until alpha moves by less than 1e-6: LAB's and LAT's default), with
 one warm-started alternation step per training step ("warm 1": ``warm_iterations=1``, LAQ's default)
 and with the rule
