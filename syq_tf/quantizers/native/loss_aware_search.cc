@@ -187,13 +187,7 @@ void LatExactRow(const T* w, const T* d, int64_t n, int64_t bins, int64_t parts,
       A += bin.da;
       D += bin.d;
     }
-    if (any) {
-      // the candidates' weights; most |w| fall outside [first, last] of the candidate bins and are
-      // passed over without finding their bin
-      double first = kInf, last = 0.0;
-      for (int64_t b = 0; b < bins; ++b) {
-        if (s->candidate[b]) first = std::min(first, all[b].lo), last = std::max(last, all[b].hi);
-      }
+    if (any) {  // the candidates' weights
       s->part_kept.resize(std::max<size_t>(s->part_kept.size(), parts));
       run(parts, [&](int64_t p, int64_t lo, int64_t hi) {
         auto& own = s->part_kept[p];
