@@ -77,8 +77,7 @@ struct Bin {
 };
 
 struct ExactScratch {
-  std::vector<Bin> bins;                                      // the row's
-  std::vector<std::vector<Bin>> part_bins;                    // each part's
+  std::vector<std::vector<Bin>> part_bins;                    // each part's; the row's in part 0
   std::vector<std::vector<std::pair<double, double>>> part_kept;
   std::vector<std::pair<double, double>> kept;                // (|w|, d), the candidates
   std::vector<uint8_t> candidate;
@@ -153,8 +152,7 @@ void LatExactRow(const T* w, const T* d, int64_t n, int64_t bins, int64_t parts,
         bin.hi = std::max(bin.hi, a);
       }
     });
-    std::vector<Bin>& all = s->bins;
-    all.swap(s->part_bins[0]);
+    std::vector<Bin>& all = s->part_bins[0];
     for (int64_t p = 1; p < parts; ++p)
       for (int64_t b = 0; b < bins; ++b) all[b].Add(s->part_bins[p][b]);
     // the cut after each non-empty bin, from the top: a_k = the bin's min, next = the next bin's max
