@@ -32,6 +32,15 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr int64_t kSortBelow = 256;
 inline int64_t AutoBins(int64_t n) { return std::min<int64_t>(4096, std::max<int64_t>(64, n / 8)); }
 
+// `count` equal-width bins on [0, top] (top > 0): the bin of a magnitude a, nondecreasing in a, so
+// each bin holds a contiguous run of the sorted magnitudes (a = top falls into the last).
+struct EqualBins {
+  EqualBins(int64_t count, double top) : count(count), scale(static_cast<double>(count) / top) {}
+  int64_t operator()(double a) const { return std::min<int64_t>(static_cast<int64_t>(a * scale), count - 1); }
+  int64_t count;
+  double scale;
+};
+
 // The `bins` attribute: 0 (the op's choice) or 1 to kMaxBins. Checked when the kernel is made, so
 // that a graph from elsewhere (a SavedModel) cannot ask for a table of 2^40 bins (it crashed the
 // process) or for a negative count.

@@ -127,10 +127,7 @@ void SearchRow(const T* x, int64_t n, bool ls2, int64_t bins, Scratch* scratch, 
   // 1. bins of width top / bins on [0, top]; the bin index is nondecreasing in |x|, so each bin is
   // a contiguous run of the sorted values
   if (bins <= 0) bins = AutoBins(n);
-  const double scale = static_cast<double>(bins) / top;
-  auto bin_of = [&](double a) {
-    return std::min<int64_t>(static_cast<int64_t>(a * scale), bins - 1);
-  };
+  const EqualBins bin_of(bins, top);
   scratch->count.assign(bins, 0.0);
   scratch->sum.assign(bins, 0.0);
   scratch->lo.assign(bins, std::numeric_limits<double>::infinity());

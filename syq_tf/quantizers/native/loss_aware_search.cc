@@ -133,8 +133,7 @@ void LatExactRow(const T* w, const T* d, int64_t n, int64_t bins, int64_t parts,
     scan(0, kept.size(), 0.0, 0.0, 0.0, 0.0, true);
   } else {
     if (bins <= 0) bins = AutoBins(n);
-    const double scale = static_cast<double>(bins) / top;
-    auto bin_of = [&](double a) { return std::min<int64_t>(static_cast<int64_t>(a * scale), bins - 1); };
+    const EqualBins bin_of(bins, top);
     // every part bins its weights (count, sums, min, max per bin), then the parts' bins are added
     s->part_bins.resize(std::max<size_t>(s->part_bins.size(), parts));
     run(parts, [&](int64_t p, int64_t lo, int64_t hi) {
