@@ -70,9 +70,10 @@ def build_model(keras, syq, spec, widths=DEMO_WIDTHS, input_shape=(28, 28, 1), c
     """The benchmark CNN (syq_tf.recipes.build_cnn's layers) for either frontend, with ``syq.quantize``
     layers: ``keras`` is tf_keras (under ``import syq_tf``) or Keras 3 (under ``import syq_tf.keras3``),
     ``syq`` the matching frontend module. Float weights in the first conv and the logits (the papers'),
-    ReLU unless the next layer has an input quantizer (which clips). ``batchnorm=False``: a linear
-    activation where each BatchNormalization was (Keras 3's BatchNormalization is not fused on the
-    TensorFlow backend, tf_keras' is: this separates that cost from the rest of the step)."""
+    ReLU unless the next layer has an input quantizer (which clips). BatchNormalization: tf_keras'
+    under Keras 2 (fused); under Keras 3 ``syq.FusedBatchNormalization`` (what ``quantize_model``
+    puts in place of Keras's), ``batchnorm="stock"`` Keras 3's own (not fused on the TensorFlow
+    backend); ``batchnorm=False``: a linear activation where each BatchNormalization was."""
     Q = syq.quantizers
 
     def make(role):
@@ -102,7 +103,8 @@ def build_model(keras, syq, spec, widths=DEMO_WIDTHS, input_shape=(28, 28, 1), c
     def bn(name):
         if not batchnorm:
             return keras.layers.Activation("linear", name=name)
-        return keras.layers.BatchNormalization(momentum=0.9, name=name)
+        stock = batchnorm == "stock" or not hasattr(syq, "FusedBatchNormalization")
+        return (keras.layers.BatchNormalization if stock else syq.FusedBatchNormalization)(momentum=0.9, name=name)
 
     c1, c2, c3, c4, d = (int(w) for w in widths)
     layers = [
@@ -171,7 +173,8 @@ def worker(args):
     build_start = time.perf_counter()
     for name in names:
         keras.utils.set_random_seed(0)
-        model = build_model(keras, syq, specs[name], widths, batchnorm=not args.no_batchnorm)
+        model = build_model(keras, syq, specs[name], widths,
+                            batchnorm=False if args.no_batchnorm else "stock" if args.stock_batchnorm else True)
         if specs[name].get("calibrate"):
             syq.calibrate(model, x.numpy(), batches=1)
         for _ in range(args.warmup):  # tracing, the optimizer's build, first-step costs
@@ -207,7 +210,7 @@ def run_worker(frontend, args, names):
     command = [sys.executable, os.path.abspath(__file__), "--worker", str(frontend), "--rows", "\n".join(names),
                "--rounds", str(args.rounds), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--batch-size", str(args.batch_size), "--threads", str(args.threads)] + (["--tiny"] if args.tiny else []) \
-        + (["--no-batchnorm"] if args.no_batchnorm else [])
+        + (["--no-batchnorm"] if args.no_batchnorm else []) + (["--stock-batchnorm"] if args.stock_batchnorm else [])
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith(MARK):
@@ -244,6 +247,9 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help=f"widths {QUICK_WIDTHS} instead of {DEMO_WIDTHS}")
     p.add_argument("--no-batchnorm", action="store_true",
                    help="a linear activation instead of each BatchNormalization (JSON: *_no_bn.json)")
+    p.add_argument("--stock-batchnorm", action="store_true",
+                   help="Keras 3's own BatchNormalization instead of syq_tf.keras3.FusedBatchNormalization "
+                        "(JSON: *_stock_bn.json)")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--worker", type=int, choices=(2, 3), help=argparse.SUPPRESS)
     p.add_argument("--rows", help=argparse.SUPPRESS)
@@ -288,13 +294,16 @@ def main(argv=None):
     print("K3 / K2 above 1.1: " + (", ".join(slow) if slow else "none"))
     os.makedirs(args.out, exist_ok=True)
     stem = "keras3_step_time_quick" if args.quick else ("keras3_step_time_subset" if args.only else "keras3_step_time")
-    path = os.path.join(args.out, stem + ("_no_bn" if args.no_batchnorm else "") + ".json")
+    path = os.path.join(args.out, stem + ("_no_bn" if args.no_batchnorm else "_stock_bn" if args.stock_batchnorm
+                                          else "") + ".json")
     write_json(path, {"cpu": cpu_name(detail=True), "cpus": os.cpu_count(), "machine": platform.platform(),
                "python": platform.python_version(),
                "tensorflow": runs[3][0]["tensorflow"], "keras3": runs[3][0]["keras"], "keras2": runs[2][0]["keras"],
                "data": runs[2][0]["data"], "widths": QUICK_WIDTHS if args.tiny else DEMO_WIDTHS,
                "batch_size": args.batch_size, "pairs": args.pairs, "rounds": args.rounds, "steps": args.steps,
-               "warmup": args.warmup, "threads": args.threads, "batchnorm": not args.no_batchnorm, "order": "K2, K3 alternating, one subprocess each",
+               "warmup": args.warmup, "threads": args.threads,
+               "batchnorm": "none" if args.no_batchnorm else "Keras 3's own" if args.stock_batchnorm
+               else "syq_tf.keras3.FusedBatchNormalization under Keras 3", "order": "K2, K3 alternating, one subprocess each",
                "wall_s": time.perf_counter() - start, "above_1.1": slow, "rows": rows})
     print(f"saved {path}")
     return rows

@@ -25,7 +25,9 @@ Keras 3).
   models have no shared tensors: their layers' input ranges are every range.
 - Normalization layers (BatchNormalization, LayerNormalization) stay float in training; at export
   TensorFlow's converter folds a BatchNormalization into the convolution before it and computes a
-  LayerNormalization in int8.
+  LayerNormalization in int8. A plain ``keras.layers.BatchNormalization`` becomes a
+  :class:`~syq_tf.keras3.normalization.FusedBatchNormalization` (the same layer, trained with
+  TensorFlow's fused kernel as Keras 2 is; ``fused_batchnorm=False`` keeps Keras's).
 - Layers without weights pass through (Rescaling, Normalization, pooling, ...); ``keep_float`` names
   layers to leave in float; any other layer with weights raises
   :class:`~syq_tf.schemes.UnsupportedLayersError` unless ``on_unsupported="keep_float"``.
@@ -35,6 +37,7 @@ import dataclasses
 
 import keras
 
+from syq_tf.keras3.normalization import FusedBatchNormalization
 from syq_tf.layers import KERNEL_ATTR, QUANTIZED_CLASSES, quantize
 from syq_tf.quantizers import MaxAbsWeight, MovingAverageActivation
 from syq_tf.schemes import Unsupported, UnsupportedLayersError, check_layer_names, parse_scheme
@@ -149,7 +152,7 @@ def _output_ranges(model, plan):
 
 
 def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="error", return_report=False,
-                   eight_bit=()):
+                   eight_bit=(), fused_batchnorm=True):
     """Quantize a float Keras 3 Sequential or functional model with a scheme (module docstring).
 
     Returns the quantized model (new layers, the float weights copied), or ``(model, report)`` with
@@ -199,8 +202,8 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
 
     def clone(layer):
         if layer.name not in plan:
-            copy = layer.__class__.from_config(layer.get_config())
-            return copy
+            fused = fused_batchnorm and type(layer) is keras.layers.BatchNormalization
+            return (FusedBatchNormalization if fused else layer.__class__).from_config(layer.get_config())
         kernel_quantizer, input_quantizer, _ = plan[layer.name]
         # a recurrent layer's input quantizer would also see its states, an Embedding's takes token ids:
         # only their kernels are quantized; a layer whose input has an output range reads it as it is
