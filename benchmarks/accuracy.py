@@ -436,7 +436,7 @@ def step_times(runner, rows, rounds=6, steps=8):
                 model.train_on_batch(x, y)
             samples[name].append((time.perf_counter() - t0) / steps)
     base = float(np.median(samples["float"]))
-    result = {"batch_size": runner.p["batch_size"], "rounds": rounds, "steps": steps,
+    result = {"machine": _machine_line(), "batch_size": runner.p["batch_size"], "rounds": rounds, "steps": steps,
               "load_average": list(os.getloadavg()),
               "rows": {name: {"median_step_s": float(np.median(s)), "ratio_to_float": float(np.median(s)) / base,
                               "samples_s": s} for name, s in samples.items()}}
