@@ -34,7 +34,7 @@ MobileNetV2's 0.999 leaves the moving statistics at their initial values after a
     TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/keras3_models.py [--quick] [--models ...]
 
 Prints a table, writes benchmarks/results/keras3_models.json (``--quick``:
-keras3_models_quick.json) and, without ``--quick``, the section "Keras 3 models" of
+keras3_models_quick.json) and, without ``--quick`` and with the default ``--out``, the section "Keras 3 models" of
 benchmarks/BENCHMARKS.md (kept when benchmarks/accuracy.py rewrites the rest of the file);
 ``--write-section`` rewrites that section from the JSON alone, ``--keep-models DIR`` keeps the
 quantized .keras files.
@@ -484,11 +484,7 @@ def main(argv=None):
     for line in inexact_lines(merged["rows"]):
         print(line)
     print(f"saved {path} ({(time.perf_counter() - start) / 60:.1f} min)")
-    if args.quick:
-        pass
-    elif os.path.abspath(args.out) != os.path.join(HERE, "results"):  # a trial elsewhere leaves the record alone
-        print(f"BENCHMARKS.md not rewritten (--out {args.out}; --write-section with that --out does it)")
-    else:
+    if not args.quick and os.path.abspath(args.out) == os.path.join(HERE, "results"):  # trials elsewhere: untouched
         print(f"wrote {write_section(merged)}")
     return 0
 

@@ -19,8 +19,8 @@ The fused kernel returns the batch variance with Bessel's correction (n / (n - 1
 channel); it is taken out before the moving variance is updated, as tf_keras does. The fused path
 needs: a 4-D input with the channel axis last or first (or 5-D, channel last or first), float16 /
 bfloat16 / float32 inputs, ``epsilon`` >= 1.001e-5 (the kernel's floor), no ``mask``, no
-``renorm``, no ``synchronized``. Anything else, inference (``training=False``, or the layer not
-trainable) and every other backend run Keras 3's own code unchanged.
+``renorm``, no ``synchronized``. Anything else and inference (``training=False``, or the layer not
+trainable) run Keras 3's own code unchanged. (``syq_tf.keras3`` runs on the TensorFlow backend only.)
 
 :func:`syq_tf.keras3.quantize_model` puts this class in place of every plain
 ``keras.layers.BatchNormalization`` (``fused_batchnorm=False`` keeps Keras's); in a model built by
@@ -34,6 +34,7 @@ import tensorflow as tf
 
 MIN_EPSILON = 1.001e-5  # FusedBatchNormV3 raises its epsilon to this; below it, the fused path would differ
 _FUSED_DTYPES = ("float16", "bfloat16", "float32")
+_FORMATS = {(4, 3): "NHWC", (4, 1): "NCHW", (5, 4): "NDHWC", (5, 1): "NCDHW"}  # (rank, channel axis)
 
 
 @keras.saving.register_keras_serializable(package="syq_tf")
@@ -41,28 +42,26 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     """``keras.layers.BatchNormalization`` whose training step runs TensorFlow's fused kernel
     (module docstring); the same arguments, weights and saved config."""
 
-    def _data_format(self, inputs):
-        """The fused kernel's data format for ``inputs``, or None where it cannot be used."""
+    def _fused_format(self, inputs, mask):
+        """The fused kernel's data format for ``inputs``, or None where it would not compute what
+        Keras's code computes (module docstring)."""
+        if mask is not None or self.renorm or self.synchronized or self.epsilon < MIN_EPSILON:
+            return None
+        if keras.backend.standardize_dtype(inputs.dtype) not in _FUSED_DTYPES:
+            return None
         rank = len(inputs.shape)
-        axis = self.axis % rank if rank else self.axis
-        formats = {(4, 3): "NHWC", (4, 1): "NCHW", (5, 4): "NDHWC", (5, 1): "NCDHW"}
-        return formats.get((rank, axis))
-
-    def _fusable(self, inputs, mask):
-        return (keras.backend.backend() == "tensorflow" and mask is None and not self.renorm
-                and not self.synchronized and self.epsilon >= MIN_EPSILON
-                and keras.backend.standardize_dtype(inputs.dtype) in _FUSED_DTYPES
-                and self._data_format(inputs) is not None)
+        return _FORMATS.get((rank, self.axis % rank))
 
     def call(self, inputs, training=None, mask=None):
-        if not (training and self.trainable) or not self._fusable(inputs, mask):
+        data_format = self._fused_format(inputs, mask) if training and self.trainable else None
+        if data_format is None:
             return super().call(inputs, training=training, mask=mask)
         x = tf.cast(inputs, "float32")
         channels = self.moving_mean.shape
         gamma = tf.cast(self.gamma, "float32") if self.scale else tf.ones(channels, "float32")
         beta = tf.cast(self.beta, "float32") if self.center else tf.zeros(channels, "float32")
         y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            x, gamma, beta, epsilon=self.epsilon, data_format=self._data_format(inputs), is_training=True)
+            x, gamma, beta, epsilon=self.epsilon, data_format=data_format, is_training=True)
         n = tf.cast(tf.size(x, out_type=tf.int64) // tf.size(variance, out_type=tf.int64), "float32")
         variance = variance * (tf.maximum(n - 1.0, 0.0) / tf.maximum(n, 1.0))  # Bessel's correction out
         momentum = self.momentum
