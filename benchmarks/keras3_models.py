@@ -60,6 +60,7 @@ import tensorflow as tf  # noqa: E402
 from syq_tf.data import LINUX_HEADERS, load_fashion_mnist  # noqa: E402
 
 from machine import cpu_name, save_rows  # noqa: E402  (benchmarks/machine.py)
+import sensitivity  # noqa: E402  (benchmarks/sensitivity.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = ("mobilenetv2", "efficientnetb0", "transformer")
@@ -228,15 +229,13 @@ def split_disagreement(model, result, x):
     top = np.sort(keras_out, axis=-1)
     margin = top[:, -1] - top[:, -2]
     differ = keras_out.argmax(-1) != runtime_out.argmax(-1)
-    floor = {}
-    if x.dtype.kind == "f":
-        # the model's own sensitivity: Keras on inputs moved by less than half an int8 step of the
-        # exported input (what quantizing the input alone may do), against Keras on the inputs
-        from ai_edge_litert.interpreter import Interpreter
-        scale = Interpreter(model_content=bytes(result)).get_input_details()[0]["quantization"][0]
-        noise = np.random.default_rng(0).uniform(-0.5, 0.5, x.shape).astype(np.float32) * np.float32(scale)
-        moved = model.predict(x + noise, batch_size=128, verbose=0)
-        floor = {"keras_half_step_input_noise_agreement": float(np.mean(keras_out.argmax(-1) == moved.argmax(-1)))}
+    # the model's own sensitivity (sensitivity.py): Keras on inputs moved by less than half an int8 step
+    # of the exported input, and with its BatchNorm variances moved by a part in 1e6 .. 1e4
+    from ai_edge_litert.interpreter import Interpreter
+    scale = Interpreter(model_content=bytes(result)).get_input_details()[0]["quantization"][0]
+    floor = sensitivity.floor(model, lambda v: model.predict(v, batch_size=128, verbose=0), x, keras_out,
+                              lambda a, b: float(np.mean(a.argmax(-1) == b.argmax(-1))), input_scale=scale)
+    floor["bias_rounding_output_steps"] = sensitivity.bias_rounding(bytes(result))
     return {
         "keras_vs_inference_form_agreement": float(np.mean(keras_out.argmax(-1) == form_out.argmax(-1))),
         "inference_form_vs_litert_agreement": float(np.mean(form_out.argmax(-1) == runtime_out.argmax(-1))),
@@ -356,6 +355,11 @@ def disagreement_lines(rows):
             f"Keras margin below 0.05; median Keras margin {e['keras_median_margin']:.3f}"
             + (f"; Keras vs Keras on inputs moved by under half an input step {e['keras_half_step_input_noise_agreement']:.4f}"
                if "keras_half_step_input_noise_agreement" in e else "")
+            + ("; with BatchNorm variances moved by " + ", ".join(
+                f"{r}: {a:.4f}" for r, a in e["keras_bn_variance_moved_agreement"].items())
+               if "keras_bn_variance_moved_agreement" in e else "")
+            + ("; int32 bias rounding up to {median:.2g} (median op) / {max:.2g} (worst op) output steps".format(
+                **e["bias_rounding_output_steps"]) if e.get("bias_rounding_output_steps") else "")
             for r, e in exports(rows) if "disagreements" in e]
 
 

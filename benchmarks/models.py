@@ -26,7 +26,11 @@ weights / 8 + 4 bytes a scale), export seconds (conversion, checks, report and v
 agreement with Keras: top-1 for the classifiers; for the autoencoder the per-example anomaly score
 (mean squared reconstruction error) of Keras vs the runtime: correlation, median relative difference,
 and agreement of the decision "score above Keras' median" (:func:`tiny_models.score_agreement`),
-whose decision agreement stands in the 'agreement' column.
+whose decision agreement stands in the 'agreement' column. For ``litert`` also the model's own
+sensitivity (``sensitivity.py``: Keras against Keras on inputs moved by under half an int8 input step,
+and with its BatchNorm variances moved by a part in 1e6, 1e5, 1e4) and the largest int32 bias rounding
+of the exported ops, in steps of their outputs. ``--keep DIR`` saves each trained quantized model (h5)
+and its exports; ``--reuse DIR`` loads those models instead of training them (after an export change).
 
     TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/models.py [--quick] [--models ...] [--schemes ...]
 
@@ -50,6 +54,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
 
+import sensitivity  # noqa: E402  (benchmarks/sensitivity.py)
 import tiny_models  # noqa: E402  (benchmarks/tiny_models.py)
 from machine import cpu_name, save_rows  # noqa: E402  (benchmarks/machine.py)
 
@@ -135,7 +140,7 @@ def quantize(float_model, scheme):
 # One export
 
 
-def export_row(name, model, rep_x, test, target):
+def export_row(name, model, rep_x, test, target, keep=None):
     from syq_tf.export import int8
     from syq_tf.export.runtime import keras_outputs, litert_predict
     from syq_tf.export.tflm import tflm_predict_int8
@@ -151,6 +156,9 @@ def export_row(name, model, rep_x, test, target):
         return {"target": target, "error": f"{type(err).__name__}: {str(err)[:600]}",
                 "export_s": time.perf_counter() - t0}
     seconds = time.perf_counter() - t0
+    if keep:
+        with open(keep, "wb") as f:
+            f.write(bytes(result))
     quantized = [r for r in result.layers if r.quantizer != "float"]
     inexact = [r for r in quantized if not r.exact]
     v = result.verification or {}
@@ -186,11 +194,12 @@ def export_row(name, model, rep_x, test, target):
         form = inference.build(model).predict(x, batch_size=128, verbose=0).reshape(k.shape)
         row["keras_vs_inference_form"] = agree(k, form)
         row["inference_form_vs_litert"] = agree(form, r)
-        # the model's own sensitivity: Keras on inputs moved by under half an int8 step of the exported
-        # input (what the input's rounding alone may do) against Keras on the inputs
+        # the model's own sensitivity (sensitivity.py): Keras on inputs moved by under half an int8 step
+        # of the exported input, and with its BatchNorm variances moved by a part in 1e6 .. 1e4
         scale = Interpreter(model_content=bytes(result)).get_input_details()[0]["quantization"][0]
-        noise = np.random.default_rng(0).uniform(-0.5, 0.5, x.shape).astype(np.float32) * np.float32(scale)
-        row["keras_half_step_input_noise_agreement"] = agree(k, keras_outputs(model, x + noise))
+        row.update(sensitivity.floor(model, lambda v: keras_outputs(model, v).reshape(k.shape), x, k, agree,
+                                     input_scale=scale))
+        row["bias_rounding_output_steps"] = sensitivity.bias_rounding(bytes(result))
     return row
 
 
@@ -227,17 +236,23 @@ def run_model(name, p, args, out_rows):
             continue
         row["layers"] = counts
         tiny_models.compile_model(q, name, args.q_lr)
-        if args.fit_ranges:  # DoReFa's fixed [0, 1] fitted to the float model's ReLU outputs
+        saved = args.reuse and os.path.join(args.reuse, f"{name}_{scheme}.h5")
+        if saved and os.path.exists(saved):  # the model trained by an earlier run (--keep): exports only
+            with syq_tf.tfmot.quantize_scope():
+                q = tf.keras.models.load_model(saved)
+            row["reused"] = saved
+        elif args.fit_ranges:  # DoReFa's fixed [0, 1] fitted to the float model's ReLU outputs
             fitted = syq_tf.fit_dorefa_ranges(q, rep_x)
             row["dorefa_ranges"] = {"fitted": sum(isinstance(v, float) for v in fitted.values()),
                                     "left": {k: v for k, v in fitted.items() if not isinstance(v, float)}}
-        syq_tf.calibrate(q, rep_x)
-        t = time.perf_counter()
-        q.fit(x, y, batch_size=p["batch"], epochs=p["q_epochs"], verbose=0, shuffle=True)
-        row["fit_s"] = time.perf_counter() - t
+        if "reused" not in row:
+            syq_tf.calibrate(q, rep_x)
+            t = time.perf_counter()
+            q.fit(x, y, batch_size=p["batch"], epochs=p["q_epochs"], verbose=0, shuffle=True)
+            row["fit_s"] = time.perf_counter() - t
         row["keras_metric"] = float(np.atleast_1d(q.evaluate(xt, yt, batch_size=128, verbose=0))[-1])
         with tempfile.TemporaryDirectory() as tmp, syq_tf.tfmot.quantize_scope():
-            path = os.path.join(tmp, f"{name}.h5")
+            path = os.path.join(args.keep or tmp, f"{name}_{scheme}.h5")
             q.save(path)
             row["h5_bytes"] = os.path.getsize(path)
             loaded = tf.keras.models.load_model(path)
@@ -245,11 +260,13 @@ def run_model(name, p, args, out_rows):
         row["roundtrip_identical"] = bool(np.array_equal(before, after))
         row["roundtrip_max_abs_diff"] = float(np.max(np.abs(before - after)))
         print(f"   {scheme}: {counts['low_bit']} low-bit / {counts['eight_bit']} 8-bit kernel layers, "
-              f"{counts['low_bit_activations']} low-bit activation layers; fit {row['fit_s']:.0f} s, Keras "
+              f"{counts['low_bit_activations']} low-bit activation layers; "
+              + (f"fit {row['fit_s']:.0f} s" if "fit_s" in row else f"loaded {row['reused']}") + ", Keras "
               f"{row['keras_metric']:.4f}; h5 round trip identical: {row['roundtrip_identical']}", flush=True)
         row["exports"] = []
         for target in args.targets:
-            e = export_row(name, loaded, rep_x, (vx, vy), target)
+            e = export_row(name, loaded, rep_x, (vx, vy), target, keep=args.keep and os.path.join(
+                args.keep, f"{name}_{scheme}_{target}.tflite"))
             row["exports"].append(e)
             if "error" in e:
                 print(f"     {target}: FAILED {e['error'][:300]}", flush=True)
@@ -262,7 +279,12 @@ def run_model(name, p, args, out_rows):
                   + (f"; score correlation {e['score_correlation']:.4f}" if "score_correlation" in e else "")
                   + (f"; Keras vs Keras on inputs moved under half an input step "
                      f"{e['keras_half_step_input_noise_agreement']:.4f}" if "keras_half_step_input_noise_agreement" in e
-                     else ""),
+                     else "")
+                  + ("; with BatchNorm variances moved by " + ", ".join(
+                      f"{r}: {a:.4f}" for r, a in e["keras_bn_variance_moved_agreement"].items())
+                     if "keras_bn_variance_moved_agreement" in e else "")
+                  + ("; int32 bias rounding up to {median:.2g} (median op) / {max:.2g} (worst op) output steps".format(
+                      **e["bias_rounding_output_steps"]) if e.get("bias_rounding_output_steps") else ""),
                   flush=True)
         del q, loaded
         tf.keras.backend.clear_session()
@@ -479,10 +501,17 @@ def main(argv=None):
     ap.add_argument("--float-epochs", type=int, default=None, help="float pre-training epochs (default: the profile's)")
     ap.add_argument("--q-epochs", type=int, default=None, help="quantized fine-tuning epochs (default: the profile's)")
     ap.add_argument("--train", type=int, default=None, help="training examples (default: the profile's)")
+    ap.add_argument("--keep", default=None, metavar="DIR",
+                    help="also save each trained quantized model (h5) and its exports (.tflite) in DIR, to study them")
+    ap.add_argument("--reuse", default=None, metavar="DIR",
+                    help="load the quantized models a run with --keep DIR trained instead of training them (the "
+                         "float pre-training still runs: its accuracy and TFLite bytes are in the rows)")
     ap.add_argument("--no-fit-ranges", dest="fit_ranges", action="store_false",
                     help="skip syq_tf.fit_dorefa_ranges after quantize_model (DoReFa activations clip at 1)")
     ap.add_argument("--write-section", action="store_true", help="only rewrite the BENCHMARKS.md section from the JSON")
     args = ap.parse_args(argv)
+    if args.keep:
+        os.makedirs(args.keep, exist_ok=True)
     if args.write_section:
         path = os.path.join(args.out, "models.json")
         print(f"wrote {write_section(json.load(open(path)))} from {path}")
