@@ -140,9 +140,12 @@ def test_low_bit_dorefa_activations_are_exact_in_int8(data):
     model = tf.keras.Model(inp, tf.keras.layers.Flatten()(out))
     result = syq_tf.export.to_tflite(model, representative_data=x[:16])
     (t,) = flatbuffer.weight_tensors(result.flatbuffer)
-    # levels {0, 1/3, 2/3, 1}: an int8 tensor of scale 1/3 clipped at 1 by a MINIMUM op
-    assert t.input_scale == pytest.approx(1 / 3, rel=1e-6) and t.input_zero_point == -128
-    assert "MINIMUM" in flatbuffer.op_names(result.flatbuffer)
+    # levels {0, 1/3, 2/3, 1}: the model's int8 input has scale 1/3 (TFLite rounds to the levels when
+    # it quantizes the input); a QUANTIZE multiplies by 85 onto scale 1/255, whose int8 range ends at 1
+    # (the clip), and the convolution reads that: its int32 bias on a grid 85 times finer
+    assert flatbuffer.io_quantization(result.flatbuffer, "input") == (pytest.approx(1 / 3, rel=1e-6), -128)
+    assert flatbuffer.op_names(result.flatbuffer) == ["QUANTIZE", "CONV_2D", "RESHAPE"]
+    assert t.input_scale == pytest.approx(1 / 255, rel=1e-6) and t.input_zero_point == -128
     assert not result.notes  # (its zero bias was stored at the wrong scale: corrected silently)
     # LiteRT quantizes the input to DoReFa's 2-bit levels exactly as Keras does
     # (up to an input rounded across a level boundary by the int8 model input: rare)

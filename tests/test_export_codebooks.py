@@ -114,13 +114,25 @@ def test_low_bit_uniq_activations_are_exact_in_int8(data, act_bits):
     model.fit(x[:512], y[:512], epochs=8 if act_bits == 1 else 3, batch_size=32, verbose=0)
     result = syq_tf.export.to_tflite(model, representative_data=x[:128], verify_data=x[512:],
                                      verify_labels=y[512:])
-    # the int8 input of qconv has scale delta: TFLite rounds to the 2^b UniQ levels itself, and
-    # a MINIMUM op clips at the top level (2^b - 1) delta
-    q = model.get_layer("qconv").input_quantizer
+    # the layer before qconv writes at scale delta: TFLite rounds to the 2^b UniQ levels itself; a
+    # QUANTIZE multiplies by m = 255 / (2^b - 1) onto scale delta / m, whose int8 range ends at the top
+    # level (2^b - 1) delta (the clip), and which qconv reads: its int32 bias is on a grid m times
+    # finer than at scale delta
+    delta = float(model.get_layer("qconv").input_quantizer.delta.numpy())
+    m = 255 // (2**act_bits - 1)
     t = next(t for t in flatbuffer.weight_tensors(result.flatbuffer) if t.op == "CONV_2D"
              and t.values.shape[0] == 12)
-    assert t.input_scale == pytest.approx(float(q.delta.numpy()), rel=1e-6) and t.input_zero_point == -128
-    assert flatbuffer.op_names(result.flatbuffer).count("MINIMUM") == 2  # qconv and dw inputs
+    assert t.input_scale == pytest.approx(delta / m, rel=1e-6) and t.input_zero_point == -128
+    first = next(t for t in flatbuffer.weight_tensors(result.flatbuffer) if t.op == "CONV_2D"
+                 and t.values.shape[0] == 8)
+    graph = flatbuffer.read(result.flatbuffer).subgraphs[0]
+    written = graph.tensors[graph.operators[1].inputs[0]]  # the first conv's output, read by the QUANTIZE
+    assert written.quantization.scale[0] == pytest.approx(delta, rel=1e-6), first.name
+    bias = graph.tensors[graph.operators[2].inputs[2]].quantization.scale  # qconv's int32 bias
+    assert np.allclose(bias, np.float32(t.input_scale) * t.scales, rtol=1e-5)
+    assert flatbuffer.op_names(result.flatbuffer)[:3] == ["CONV_2D", "QUANTIZE", "CONV_2D"]
+    ops = flatbuffer.op_names(result.flatbuffer)
+    assert ops.count("QUANTIZE") == 2 and "MINIMUM" not in ops, ops  # qconv and dw inputs
     # nothing lost; the only notes may be biases the converter mis-scaled and the export re-expressed
     assert all("re-expressed" in n for n in result.notes), result.notes
     # 1-bit: inputs near the threshold delta/2 flip when int8 re-rounds them (double rounding)

@@ -76,7 +76,10 @@ def test_whole_map_average_pooling_after_4bit_activations_rounds_once_onto_its_r
     relu = next(k for k in values if "quant_r2" in k and k.endswith("Minimum"))  # the 4-bit grid
     pooled = next(k for k in values if "quant_pool" in k)
     step = model.get_layer("quant_r2").quantize_config.output_quantizer.impl.delta.numpy()
-    assert np.isclose(scales[relu], step)  # the pooling's input is on the UniQ grid (int8 scale = step)
+    # the pooling's input holds the UniQ grid at int8 scale step / 17 (the writer rounds at scale step, a
+    # QUANTIZE multiplies by 17: the ops reading it get a finer bias grid); its values are the levels
+    assert np.isclose(scales[relu] * 17, step)
+    assert np.allclose(values[relu] / step, np.round(values[relu] / step), atol=1e-4)
     low, high = sorted(float(w.numpy()) for w in model.get_layer("quant_pool").weights
                        if "output_m" in w.name)  # tfmot's output range
     assert np.isclose(scales[pooled], (high - low) / 255, rtol=1e-3)

@@ -581,3 +581,109 @@ def consistent_biases(buffer, rtol=1e-5):
     if not rewritten:
         return buffer, []
     return _serialize(model, len(buffer)), fixed
+
+
+# int8 ops whose requantization multiplier Prepare computes from their own output tensor's scale: such an
+# op rounds straight onto whatever scale its output has.
+REQUANTIZING_OPS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "ADD", "SUB",
+                              "MUL", "MEAN", "QUANTIZE"})
+# TFLite op version of a QUANTIZE with an int8 output (an int8 -> int8 requantization).
+QUANTIZE_INT8_VERSION = 2
+
+
+def _matching_grid(tensor, grids):
+    """(step, m) of the fine-form grid whose scale an int8 tensor (zero point -128) has, or None."""
+    q = tensor.quantization
+    if tensor.type != schema.TensorType.INT8 or q is None or q.scale is None or len(q.scale) != 1 \
+            or q.zeroPoint is None or int(q.zeroPoint[0]) != -128:
+        return None
+    scale = float(q.scale[0])
+    return next((grid for fine, grid in grids.items() if abs(scale - fine) <= 1e-6 * fine), None)
+
+
+@reader
+def round_to_grids(buffer, grids):
+    """Restore the rounding to the levels of the activation grids written in their fine form
+    (:func:`syq_tf.quantizers._common.fine_grid_scales`; ``grids``: ``{fine scale: (step, m) or None}``).
+
+    The converter computed every tensor of such a grid at its fine scale ``step / m``, so the int32
+    biases of the ops reading it lie on a grid ``m`` times finer than at scale ``step``, but the op
+    writing it no longer rounds to the levels. Each ``writer -> t -> MINIMUM(t, top) -> u`` of the
+    fine form (``writer`` an op that requantizes onto its output's scale, ``t`` read by the MINIMUM
+    alone, the MINIMUM's constant the int8 top 127 at ``t``'s scale) becomes ``writer -> t ->
+    QUANTIZE -> u``: ``t`` gets the scale ``step`` (the writer rounds to the levels, as in the usual
+    form), the QUANTIZE multiplies by ``m`` exactly (its int8 range ends at the top level: the clip).
+
+    Returns ``(flatbuffer, rounded)``, ``rounded`` the number of tensors restored, or ``(buffer,
+    None)`` if some grid is not in that pattern (a writer that keeps its input's scale, a tensor read
+    by several ops, an op writing a fine scale without the clip) or two grids share a fine scale: the
+    caller converts again without the fine form.
+    """
+    model = _load(buffer)
+    if any(grid is None for grid in grids.values()):
+        return buffer, None  # grids of different steps at one fine scale: not told apart
+    graph = model.subgraphs[0]
+    users, _ = _use_counts(model)
+    writers = {int(t): op for op in graph.operators for t in op.outputs}
+    code_index = next((i for i, c in enumerate(model.operatorCodes)
+                       if max(c.builtinCode, c.deprecatedBuiltinCode) == schema.BuiltinOperator.QUANTIZE), None)
+    if code_index is None:
+        code = schema.OperatorCodeT()
+        code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.QUANTIZE
+        code.version = QUANTIZE_INT8_VERSION
+        model.operatorCodes.append(code)
+        code_index = len(model.operatorCodes) - 1
+    else:
+        code = model.operatorCodes[code_index]
+        code.version = max(int(code.version), QUANTIZE_INT8_VERSION)
+
+    def top_constant(op, tensor):
+        """True if the MINIMUM's second input is the constant int8 top (127) at ``tensor``'s scale."""
+        c = graph.tensors[int(op.inputs[1])]
+        data = model.buffers[c.buffer].data if c.buffer > 0 else None
+        if c.type != schema.TensorType.INT8 or data is None or c.quantization is None or c.quantization.scale is None:
+            return False
+        values = np.frombuffer(bytes(bytearray(data)), np.int8)
+        return bool(values.size and np.all(values == 127)
+                    and np.allclose(c.quantization.scale, tensor.quantization.scale, rtol=1e-6))
+
+    rounded, dropped = set(), set()
+    for op in graph.operators:
+        if _op_name(model, op) != "MINIMUM" or len(op.inputs) != 2:
+            continue
+        t, u = int(op.inputs[0]), int(op.outputs[0])
+        grid = _matching_grid(graph.tensors[t], grids)
+        if grid is None or not top_constant(op, graph.tensors[t]):
+            continue  # another clip
+        writer = writers.get(t)
+        if _matching_grid(graph.tensors[u], grids) != grid or writer is None \
+                or _op_name(model, writer) not in REQUANTIZING_OPS or users.get(t, 0) != 1 or t in graph.outputs:
+            return buffer, None
+        step, _ = grid
+        graph.tensors[t].quantization.scale = [float(np.float32(step))]
+        source = int(writer.inputs[0])
+        if _op_name(model, writer) == "QUANTIZE" and _same_quantization(graph.tensors[source], graph.tensors[t]):
+            dropped.add(id(writer))  # a requantization onto the levels' own scale: read its input instead
+            t = source
+        op.opcodeIndex = code_index
+        op.inputs = [t]
+        op.builtinOptionsType = schema.BuiltinOptions.QuantizeOptions
+        op.builtinOptions = schema.QuantizeOptionsT()
+        rounded.add(u)
+    # no grid left unrounded: an op that requantizes writes no fine scale but through these QUANTIZEs
+    # (which may also refuse a tensor whose range is [0, top] by coincidence: the usual form is safe)
+    for op in graph.operators:
+        if _op_name(model, op) in REQUANTIZING_OPS and id(op) not in dropped and int(op.outputs[0]) not in rounded \
+                and _matching_grid(graph.tensors[int(op.outputs[0])], grids) is not None:
+            return buffer, None
+    if not rounded:
+        return buffer, 0
+    graph.operators = [op for op in graph.operators if id(op) not in dropped]
+    return _serialize(model, len(buffer)), len(rounded)
+
+
+def _same_quantization(a, b):
+    qa, qb = a.quantization, b.quantization
+    return (a.type == b.type and qa is not None and qb is not None and qa.scale is not None and qb.scale is not None
+            and len(qa.scale) == len(qb.scale) == 1 and np.float32(qa.scale[0]) == np.float32(qb.scale[0])
+            and list(qa.zeroPoint) == list(qb.zeroPoint))

@@ -2,6 +2,7 @@
 TFLite conversion -> biases made consistent -> codebooks re-expressed exactly where int8 can hold
 them. Then the report of what was stored (:func:`result`)."""
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -13,7 +14,7 @@ from syq_tf.export.report import ExportResult, layer_reports
 from syq_tf.export.runtime import quantize_input
 from syq_tf.models import is_tfmot_model
 from syq_tf.quantizers import ActivationQuantizer
-from syq_tf.quantizers._common import KERAS
+from syq_tf.quantizers._common import KERAS, fine_grid_scales
 
 
 @dataclasses.dataclass
@@ -36,21 +37,11 @@ def build(model, options):
     # bias (convert.sequence_kernel_layers): such models are converted at batch 1 for every target.
     sequence = convert.sequence_kernel_layers(model)
     batch = 1 if options.target == "tflm" or sequence else None
-    tfmot = is_tfmot_model(model)
-    recurrent = not tfmot and convert.recurrent_layers(model)
-    if tfmot:
-        # tfmot QAT model: its fake-quant ranges are kept; syq_tf kernels become their quantized
-        # constants with their int8 range, syq_tf activation quantizers int8 grids.
-        from syq_tf.tfmot import quantize_scope  # noqa: PLC0415  (Keras 2 only)
-
-        with quantize_scope():
-            buffer = convert.int8(inference.build(model, batch_size=batch), options.representative_data,
-                                  options.representative_samples)
-    elif recurrent:
+    recurrent = not is_tfmot_model(model) and convert.recurrent_layers(model)
+    if recurrent:
         buffer = convert.dynamic_range(inference.build(model, batch_size=1))
     else:
-        buffer = convert.int8(inference.build(model, batch_size=batch), options.representative_data,
-                              options.representative_samples)
+        buffer = full_integer(model, batch, options)
     buffer, bias_fixed = flatbuffer.consistent_biases(buffer)
     buffer, rescaled = exact_codebooks(model, buffer)
     notes = activation_notes(model)
@@ -66,6 +57,35 @@ def build(model, options):
     notes += [f"bias {name!r}: the converter stored it at {factor:.4g}x the scale its op computes with "
               "(input x weight scale); re-expressed" for name, factor in bias_fixed]
     return Int8Model(buffer, rescaled, notes)
+
+
+def full_integer(model, batch, options):
+    """The converter's full-integer flatbuffer of ``model``'s inference form. 1-, 2- and 4-bit activation
+    grids are converted in their fine form (:func:`~syq_tf.quantizers._common.fine_grid_scales`: the ops
+    reading them get their int32 bias on a grid 17, 85 or 255 times finer than at the grid's step) and
+    their rounding restored (:func:`~syq_tf.export.flatbuffer.round_to_grids`); where the converter
+    refuses that form or some grid cannot be restored so (one read by two quantizers, one behind a layer
+    that keeps its input's scale), the model is converted again in the usual form."""
+    def convert_form():
+        return convert.int8(inference.build(model, batch_size=batch), options.representative_data,
+                            options.representative_samples)
+
+    with contextlib.ExitStack() as scope:
+        if is_tfmot_model(model):
+            # tfmot QAT model: its fake-quant ranges are kept; syq_tf kernels become their quantized
+            # constants with their int8 range, syq_tf activation quantizers int8 grids.
+            from syq_tf.tfmot import quantize_scope  # noqa: PLC0415  (Keras 2 only)
+
+            scope.enter_context(quantize_scope())
+        try:
+            with fine_grid_scales() as grids:
+                buffer = convert_form()
+        except Exception:  # noqa: BLE001  (the converter refused the fine form: the usual one decides)
+            return convert_form()
+        if not grids:
+            return buffer
+        buffer, rounded = flatbuffer.round_to_grids(buffer, grids)
+        return convert_form() if rounded is None else buffer
 
 
 def exact_codebooks(model, buffer):

@@ -80,12 +80,27 @@ def trace_divergence(model, buffer, x, max_examples=32):
             continue
         reference = np.clip(np.floor(expected.reshape(runtime.shape) / scale + 0.5) + zero, -128, 127)
         steps = np.abs(runtime - reference.astype(np.int64))
+        unit = _grid_unit(op, details)
+        if unit > 1:  # a low-bit grid held at a finer scale: count its own levels
+            steps = np.round(steps / unit).astype(np.int64)
         rows.append(TraceRow(op["index"], op["op_name"], layer, float(np.mean(steps >= 1)),
                              float(np.mean(steps >= 2)), int(steps.max())))
     # a layer's value is the output of the last op named after it (a fused FULLY_CONNECTED + ReLU
-    # before the MINIMUM of a low-bit activation's clip: the MINIMUM's output)
+    # before the QUANTIZE of a low-bit activation's grid, or the MINIMUM of its clip: that op's output)
     last = {row.layer: row.op_index for row in rows}
     return [row for row in rows if last[row.layer] == row.op_index]
+
+
+def _grid_unit(op, details):
+    """``m`` for a QUANTIZE multiplying an int8 grid by a whole ``m > 1`` onto a finer scale (a low-bit
+    activation's levels, :func:`syq_tf.export.flatbuffer.round_to_grids`), else 1."""
+    if op["op_name"] != "QUANTIZE" or op["inputs"][0] not in details:
+        return 1
+    (s_in, z_in), (s_out, z_out) = details[op["inputs"][0]]["quantization"], details[op["outputs"][0]]["quantization"]
+    if not s_in or not s_out or z_in != z_out:
+        return 1
+    m = round(s_in / s_out)
+    return m if m > 1 and abs(s_in / s_out - m) < 1e-4 * m else 1
 
 
 def _layers_named(tensor_name, layers, keras3):

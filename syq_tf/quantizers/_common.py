@@ -4,6 +4,8 @@ Kernel layouts (Keras): Dense ``[c_in, c_out]``, Conv1D ``[k, c_in, c_out]``, Co
 ``[kh, kw, c_in, c_out]``, DepthwiseConv2D ``[kh, kw, c_in, multiplier]``.
 """
 
+import contextlib
+import contextvars
 import numbers
 
 from syq_tf import _bootstrap
@@ -191,13 +193,61 @@ class ActivationQuantizer(QuantizerBase):
         return 0.0, 255.0 * step, ((levels - 1) * step if levels < 256 else None)
 
 
+# Inside :func:`fine_grid_scales`: {fine int8 scale (float32 of top / 255): (step, m)} of the grids
+# written in their fine form; None outside.
+_FINE_GRIDS = contextvars.ContextVar("syq_tf_fine_grids", default=None)
+
+
+@contextlib.contextmanager
+def fine_grid_scales():
+    """Within this context :func:`int8_fake_quant` writes a grid of ``n`` levels whose ``n - 1``
+    divides 255 (1-, 2- and 4-bit grids) in its fine form, and records it: yields ``{fine scale:
+    (step, m)}``, ``m = 255 / (n - 1)`` (None where grids of different steps share a fine scale, a
+    2-bit and a 4-bit DoReFa on [0, 1] say: their tensors cannot be told apart in the flatbuffer). The fine form rounds to the levels, then holds them at the
+    int8 scale ``top / 255 = step / m`` (the levels are exact multiples of it, and the int8 range ends
+    at the top level): the converter then computes the int32 bias of every op reading the tensor on a
+    grid ``m`` times finer than at scale ``step``. The converter keeps only the last of the two
+    ranges, so the rounding to the levels is restored afterwards in the flatbuffer
+    (:func:`syq_tf.export.flatbuffer.round_to_grids`)."""
+    grids = {}
+    token = _FINE_GRIDS.set(grids)
+    try:
+        yield grids
+    finally:
+        _FINE_GRIDS.reset(token)
+
+
+def grid_multiplier(low, high, top):
+    """``m = 255 / (n - 1)`` of an int8 stand-in ``[low, high]`` clipped at ``top`` that is a grid of
+    ``n`` levels of step ``high / 255`` with ``n - 1`` dividing 255 and ``m > 1``; else None."""
+    if top is None or low != 0.0 or not high > 0.0:
+        return None
+    gaps = top * 255.0 / high  # n - 1
+    levels = round(gaps)
+    if levels < 1 or levels >= 255 or 255 % levels or abs(gaps - levels) > 1e-4:
+        return None
+    return 255 // levels
+
+
 def int8_fake_quant(x, low, high, top=None):
     """The int8 stand-in of an activation quantizer (:meth:`ActivationQuantizer.int8_form`): a clip
     at ``top`` (a MINIMUM op) and a FakeQuant on ``[low, high]`` the converter turns into the int8
-    scale and zero point of the tensor."""
-    if top is not None:
-        x = tf.minimum(x, float(top))
-    return tf.quantization.fake_quant_with_min_max_args(x, min=float(low), max=float(high), num_bits=8,
+    scale and zero point of the tensor. Inside :func:`fine_grid_scales`, a 1-, 2- or 4-bit grid is
+    written in its fine form: the FakeQuant on ``[low, high]`` (the rounding to the levels), the clip,
+    and a FakeQuant on ``[0, top]`` (the same values, held at scale ``top / 255``)."""
+    grids = _FINE_GRIDS.get()
+    m = None if grids is None else grid_multiplier(low, high, top)
+    if m is None:
+        if top is not None:
+            x = tf.minimum(x, float(top))
+        return tf.quantization.fake_quant_with_min_max_args(x, min=float(low), max=float(high), num_bits=8,
+                                                            narrow_range=False)
+    fine, grid = float(np.float32(top / 255.0)), (float(high) / 255.0, m)
+    grids[fine] = grid if grids.get(fine, grid) == grid else None  # None: two grids share a fine scale
+    x = tf.quantization.fake_quant_with_min_max_args(x, min=float(low), max=float(high), num_bits=8,
+                                                     narrow_range=False)
+    x = tf.minimum(x, float(top))  # between the two ranges: the converter merges adjacent FakeQuants
+    return tf.quantization.fake_quant_with_min_max_args(x, min=0.0, max=float(top), num_bits=8,
                                                         narrow_range=False)
 
 
