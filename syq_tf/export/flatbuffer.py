@@ -463,6 +463,23 @@ def rewrite_weights(buffer, updates, packed=None):
 DEQUANTIZE_INT8_VERSION = 5
 
 
+def _operator_code(model, builtin, version):
+    """Index of ``builtin``'s operator code in ``model`` (added if missing), its version raised to at
+    least ``version``."""
+    index = next((i for i, c in enumerate(model.operatorCodes)
+                  if max(c.builtinCode, c.deprecatedBuiltinCode) == builtin), None)
+    if index is None:
+        code = schema.OperatorCodeT()
+        code.builtinCode = builtin
+        code.deprecatedBuiltinCode = min(builtin, 127)  # the schema's placeholder above 127
+        code.version = version
+        model.operatorCodes.append(code)
+        return len(model.operatorCodes) - 1
+    code = model.operatorCodes[index]
+    code.version = max(int(code.version), version)
+    return index
+
+
 def dequantize_weights(buffer, updates):
     """A copy of a float flatbuffer in which some float weight tensors are stored as int8: for each
     ``{tensor_index: (int8 values, float32 scales, quantized dimension)}`` a constant INT8 tensor
@@ -473,18 +490,7 @@ def dequantize_weights(buffer, updates):
     model = _load(buffer)
     graph = model.subgraphs[0]
     _, buffer_users = _use_counts(model)
-    code_index = next((i for i, c in enumerate(model.operatorCodes)
-                       if max(c.builtinCode, c.deprecatedBuiltinCode) == schema.BuiltinOperator.DEQUANTIZE), None)
-    if code_index is None:
-        code = schema.OperatorCodeT()
-        code.builtinCode = schema.BuiltinOperator.DEQUANTIZE
-        code.deprecatedBuiltinCode = schema.BuiltinOperator.DEQUANTIZE
-        code.version = DEQUANTIZE_INT8_VERSION
-        model.operatorCodes.append(code)
-        code_index = len(model.operatorCodes) - 1
-    else:
-        code = model.operatorCodes[code_index]
-        code.version = max(int(code.version), DEQUANTIZE_INT8_VERSION)
+    code_index = _operator_code(model, schema.BuiltinOperator.DEQUANTIZE, DEQUANTIZE_INT8_VERSION)
     if len(model.buffers) == 0 or model.buffers[0].data is not None:
         raise ValueError("dequantize_weights: buffer 0 is not the empty buffer")
     new_ops = []
@@ -625,17 +631,7 @@ def round_to_grids(buffer, grids):
     graph = model.subgraphs[0]
     users, _ = _use_counts(model)
     writers = {int(t): op for op in graph.operators for t in op.outputs}
-    code_index = next((i for i, c in enumerate(model.operatorCodes)
-                       if max(c.builtinCode, c.deprecatedBuiltinCode) == schema.BuiltinOperator.QUANTIZE), None)
-    if code_index is None:
-        code = schema.OperatorCodeT()
-        code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.QUANTIZE
-        code.version = QUANTIZE_INT8_VERSION
-        model.operatorCodes.append(code)
-        code_index = len(model.operatorCodes) - 1
-    else:
-        code = model.operatorCodes[code_index]
-        code.version = max(int(code.version), QUANTIZE_INT8_VERSION)
+    code_index = _operator_code(model, schema.BuiltinOperator.QUANTIZE, QUANTIZE_INT8_VERSION)
 
     def top_constant(op, tensor):
         """True if the MINIMUM's second input is the constant int8 top (127) at ``tensor``'s scale."""
