@@ -182,7 +182,6 @@ def export_row(name, model, rep_x, test, target, keep=None):
         scores = tiny_models.score_agreement(x, k, r.reshape(k.shape))
         row.update(agreement=scores["decision_agreement"], **scores)
     if target == "litert":
-        from ai_edge_litert.interpreter import Interpreter
         from syq_tf.export import inference
 
         def agree(a, b):  # top-1 for the classifiers, the anomaly decision for the autoencoder
@@ -196,10 +195,8 @@ def export_row(name, model, rep_x, test, target, keep=None):
         row["inference_form_vs_litert"] = agree(form, r)
         # the model's own sensitivity (sensitivity.py): Keras on inputs moved by under half an int8 step
         # of the exported input, and with its BatchNorm variances moved by a part in 1e6 .. 1e4
-        scale = Interpreter(model_content=bytes(result)).get_input_details()[0]["quantization"][0]
         row.update(sensitivity.floor(model, lambda v: keras_outputs(model, v).reshape(k.shape), x, k, agree,
-                                     input_scale=scale))
-        row["bias_rounding_output_steps"] = sensitivity.bias_rounding(bytes(result))
+                                     bytes(result)))
     return row
 
 

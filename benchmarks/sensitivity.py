@@ -39,15 +39,21 @@ def variance_moved_outputs(model, predict, x, relative, seed=0):
             v.assign(s)
 
 
-def floor(model, predict, x, reference, agree, input_scale=None):
-    """``{name: agreement with reference}`` under each perturbation: half an input step (float inputs
-    with an int8 ``input_scale``) and :data:`VARIANCE_MOVES` (models with BatchNormalization)."""
+def floor(model, predict, x, reference, agree, buffer):
+    """``{name: figure}`` for the int8 flatbuffer ``buffer`` exported from ``model``: the agreement with
+    ``reference`` (Keras on ``x``) under each perturbation -- half a step of the flatbuffer's int8 input
+    (float inputs quantized to int8) and :data:`VARIANCE_MOVES` (models with BatchNormalization) --
+    and the flatbuffer's :func:`bias_rounding`."""
+    from syq_tf.export import flatbuffer
+
     out = {}
-    if input_scale is not None and x.dtype.kind == "f":
-        out["keras_half_step_input_noise_agreement"] = agree(reference, input_step_outputs(predict, x, input_scale))
+    if x.dtype.kind == "f" and flatbuffer.io_type(buffer, "input") == "INT8":
+        scale, _ = flatbuffer.io_quantization(buffer, "input")
+        out["keras_half_step_input_noise_agreement"] = agree(reference, input_step_outputs(predict, x, scale))
     if any("moving_variance" in v.name for v in model.weights):
         out["keras_bn_variance_moved_agreement"] = {
             f"{r:g}": agree(reference, variance_moved_outputs(model, predict, x, r)) for r in VARIANCE_MOVES}
+    out["bias_rounding_output_steps"] = bias_rounding(buffer)
     return out
 
 

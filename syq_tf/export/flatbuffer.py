@@ -625,9 +625,9 @@ def round_to_grids(buffer, grids):
     by several ops, an op writing a fine scale without the clip) or two grids share a fine scale: the
     caller converts again without the fine form.
     """
-    model = _load(buffer)
     if any(grid is None for grid in grids.values()):
         return buffer, None  # grids of different steps at one fine scale: not told apart
+    model = _load(buffer)
     graph = model.subgraphs[0]
     users, _ = _use_counts(model)
     writers = {int(t): op for op in graph.operators for t in op.outputs}

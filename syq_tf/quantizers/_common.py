@@ -203,9 +203,9 @@ def fine_grid_scales():
     """Within this context :func:`int8_fake_quant` writes a grid of ``n`` levels whose ``n - 1``
     divides 255 (1-, 2- and 4-bit grids) in its fine form, and records it: yields ``{fine scale:
     (step, m)}``, ``m = 255 / (n - 1)`` (None where grids of different steps share a fine scale, a
-    2-bit and a 4-bit DoReFa on [0, 1] say: their tensors cannot be told apart in the flatbuffer). The fine form rounds to the levels, then holds them at the
-    int8 scale ``top / 255 = step / m`` (the levels are exact multiples of it, and the int8 range ends
-    at the top level): the converter then computes the int32 bias of every op reading the tensor on a
+    2-bit and a 4-bit DoReFa on [0, 1] say: their tensors cannot be told apart in the flatbuffer).
+    The fine form rounds to the levels, then holds them at the int8 scale ``top / 255 = step / m``
+    (the levels are exact multiples of it, and the int8 range ends at the top level): the converter then computes the int32 bias of every op reading the tensor on a
     grid ``m`` times finer than at scale ``step``. The converter keeps only the last of the two
     ranges, so the rounding to the levels is restored afterwards in the flatbuffer
     (:func:`syq_tf.export.flatbuffer.round_to_grids`)."""
