@@ -230,7 +230,8 @@ def split_disagreement(model, result, x):
     margin = top[:, -1] - top[:, -2]
     differ = keras_out.argmax(-1) != runtime_out.argmax(-1)
     # the model's own sensitivity (sensitivity.py): Keras on inputs moved by less than half an int8 step
-    # of the exported input, and with its BatchNorm variances moved by a part in 1e6 .. 1e4
+    # of the exported input, and with its BatchNorm variances moved by a part in 1e6 .. 1e4; and
+    # LiteRT's builtin kernels on the same flatbuffer
     floor = sensitivity.floor(model, lambda v: model.predict(v, batch_size=128, verbose=0), x, keras_out,
                               lambda a, b: float(np.mean(a.argmax(-1) == b.argmax(-1))), bytes(result))
     return {
@@ -350,13 +351,7 @@ def disagreement_lines(rows):
             f"inference form vs LiteRT {e['inference_form_vs_litert_agreement']:.4f}; {e['disagreements']} of "
             f"{e['verify_examples']} examples disagree, {e['disagreements_keras_margin_below_0.05']} of them with a "
             f"Keras margin below 0.05; median Keras margin {e['keras_median_margin']:.3f}"
-            + (f"; Keras vs Keras on inputs moved by under half an input step {e['keras_half_step_input_noise_agreement']:.4f}"
-               if "keras_half_step_input_noise_agreement" in e else "")
-            + ("; with BatchNorm variances moved by " + ", ".join(
-                f"{r}: {a:.4f}" for r, a in e["keras_bn_variance_moved_agreement"].items())
-               if "keras_bn_variance_moved_agreement" in e else "")
-            + ("; int32 bias rounding up to {median:.2g} (median op) / {max:.2g} (worst op) output steps".format(
-                **e["bias_rounding_output_steps"]) if e.get("bias_rounding_output_steps") else "")
+            + sensitivity.describe(e)
             for r, e in exports(rows) if "disagreements" in e]
 
 

@@ -28,8 +28,9 @@ agreement with Keras: top-1 for the classifiers; for the autoencoder the per-exa
 and agreement of the decision "score above Keras' median" (:func:`tiny_models.score_agreement`),
 whose decision agreement stands in the 'agreement' column. For ``litert`` also the model's own
 sensitivity (``sensitivity.py``: Keras against Keras on inputs moved by under half an int8 input step,
-and with its BatchNorm variances moved by a part in 1e6, 1e5, 1e4) and the largest int32 bias rounding
-of the exported ops, in steps of their outputs. ``--keep DIR`` saves each trained quantized model (h5)
+and with its BatchNorm variances moved by a part in 1e6, 1e5, 1e4), Keras against LiteRT's builtin
+kernels (which round as TFLite Micro does) and the largest int32 bias rounding of the exported ops,
+in steps of their outputs. ``--keep DIR`` saves each trained quantized model (h5)
 and its exports; ``--reuse DIR`` loads those models instead of training them (after an export change).
 
     TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/models.py [--quick] [--models ...] [--schemes ...]
@@ -194,7 +195,8 @@ def export_row(name, model, rep_x, test, target, keep=None):
         row["keras_vs_inference_form"] = agree(k, form)
         row["inference_form_vs_litert"] = agree(form, r)
         # the model's own sensitivity (sensitivity.py): Keras on inputs moved by under half an int8 step
-        # of the exported input, and with its BatchNorm variances moved by a part in 1e6 .. 1e4
+        # of the exported input, and with its BatchNorm variances moved by a part in 1e6 .. 1e4; and
+        # LiteRT's builtin kernels on the same flatbuffer
         row.update(sensitivity.floor(model, lambda v: keras_outputs(model, v).reshape(k.shape), x, k, agree,
                                      bytes(result)))
     return row
@@ -274,15 +276,7 @@ def run_model(name, p, args, out_rows):
                   + (f"; Keras vs inference form {e['keras_vs_inference_form']:.4f}, form vs LiteRT "
                      f"{e['inference_form_vs_litert']:.4f}" if "keras_vs_inference_form" in e else "")
                   + (f"; score correlation {e['score_correlation']:.4f}" if "score_correlation" in e else "")
-                  + (f"; Keras vs Keras on inputs moved under half an input step "
-                     f"{e['keras_half_step_input_noise_agreement']:.4f}" if "keras_half_step_input_noise_agreement" in e
-                     else "")
-                  + ("; with BatchNorm variances moved by " + ", ".join(
-                      f"{r}: {a:.4f}" for r, a in e["keras_bn_variance_moved_agreement"].items())
-                     if "keras_bn_variance_moved_agreement" in e else "")
-                  + ("; int32 bias rounding up to {median:.2g} (median op) / {max:.2g} (worst op) output steps".format(
-                      **e["bias_rounding_output_steps"]) if e.get("bias_rounding_output_steps") else ""),
-                  flush=True)
+                  + sensitivity.describe(e), flush=True)
         del q, loaded
         tf.keras.backend.clear_session()
     print(f"   ({time.perf_counter() - t0:.0f} s)", flush=True)

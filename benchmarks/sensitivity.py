@@ -4,6 +4,11 @@ TensorFlow's float32. It bounds the agreement a runtime can reach: a model whose
 its BatchNorm variances move by a part in a million cannot be matched by an int8 runtime whose every
 pre-activation differs from Keras' by its int32 bias rounding (and float32 by its own rounding).
 
+Beside these, :func:`floor` runs the flatbuffer on LiteRT's builtin kernels: they (and TFLite Micro,
+which uses the reference ones) requantize with two roundings where XNNPACK, LiteRT's default, rounds
+once (``tests/test_runtime_kernels.py``); a value within about half an accumulator unit -- the bias
+rounding figure below -- under a rounding boundary goes up.
+
 Frontend-neutral (numpy and the model's variables): used by ``models.py`` (Keras 2) and
 ``keras3_models.py`` (Keras 3). ``predict`` is a callable from inputs to outputs, one row per example.
 """
@@ -43,8 +48,9 @@ def floor(model, predict, x, reference, agree, buffer):
     """``{name: figure}`` for the int8 flatbuffer ``buffer`` exported from ``model``: the agreement with
     ``reference`` (Keras on ``x``) under each perturbation -- half a step of the flatbuffer's int8 input
     (float inputs quantized to int8) and :data:`VARIANCE_MOVES` (models with BatchNormalization) --
-    and the flatbuffer's :func:`bias_rounding`."""
+    the agreement of LiteRT's builtin kernels with ``reference``, and the flatbuffer's :func:`bias_rounding`."""
     from syq_tf.export import flatbuffer
+    from syq_tf.export.runtime import litert_predict
 
     out = {}
     if x.dtype.kind == "f" and flatbuffer.io_type(buffer, "input") == "INT8":
@@ -53,8 +59,26 @@ def floor(model, predict, x, reference, agree, buffer):
     if any("moving_variance" in v.name for v in model.weights):
         out["keras_bn_variance_moved_agreement"] = {
             f"{r:g}": agree(reference, variance_moved_outputs(model, predict, x, r)) for r in VARIANCE_MOVES}
+    out["litert_builtin_kernels_agreement"] = agree(
+        reference, litert_predict(buffer, x, kernels="builtin").reshape(reference.shape))
     out["bias_rounding_output_steps"] = bias_rounding(buffer)
     return out
+
+
+def describe(figures):
+    """The :func:`floor` figures present in the dict ``figures`` as one ``"; "``-led phrase."""
+    text = ""
+    if "keras_half_step_input_noise_agreement" in figures:
+        text += f"; Keras vs Keras on inputs moved by under half an input step {figures['keras_half_step_input_noise_agreement']:.4f}"
+    if "keras_bn_variance_moved_agreement" in figures:
+        text += "; with BatchNorm variances moved by " + ", ".join(
+            f"{r}: {a:.4f}" for r, a in figures["keras_bn_variance_moved_agreement"].items())
+    if figures.get("litert_builtin_kernels_agreement") is not None:
+        text += f"; LiteRT's builtin kernels (two roundings, as TFLM) {figures['litert_builtin_kernels_agreement']:.4f}"
+    if figures.get("bias_rounding_output_steps"):
+        text += "; int32 bias rounding up to {median:.2g} (median op) / {max:.2g} (worst op) output steps".format(
+            **figures["bias_rounding_output_steps"])
+    return text
 
 
 KERNEL_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "CONV_3D")

@@ -3,14 +3,14 @@
 import numpy as np
 
 
-def litert_predict(buffer, x, batch_size=256):
+def litert_predict(buffer, x, batch_size=256, kernels="xnnpack"):
     """Float outputs of a TFLite model: int8 inputs are quantized and int8 outputs dequantized.
+    ``kernels``: as :func:`litert_interpreter` ('xnnpack', LiteRT's default; 'builtin' and 'ref'
+    requantize as TFLite Micro does, with two roundings where XNNPACK rounds once).
 
     A model with a fixed batch dimension (recurrent models: the fused LSTM keeps its state in
     variable tensors) is run one batch at a time with its state reset before every batch."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_content=bytes(buffer), num_threads=1)
+    interpreter = litert_interpreter(buffer, kernels)
     inp = interpreter.get_input_details()[0]
     out = interpreter.get_output_details()[0]
     in_scale, in_zero = inp["quantization"]
