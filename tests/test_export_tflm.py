@@ -248,6 +248,42 @@ def test_binary_layer_granularity(data):
             assert r.compressed and r.bits == 1 and r.levels == 2 and r.index_bytes == -(-r.weights // 8), r
 
 
+@pytest.mark.parametrize("shape,axis", [((13, 3, 3, 5), 0), ((1, 3, 3, 33), 3), ((7, 31), 0), ((5, 9), None)])
+@pytest.mark.parametrize("levels", [2, 3, 9, 100])
+def test_lut_bytes_is_packs_size(shape, axis, levels):
+    values = np.random.default_rng(levels).integers(-levels // 2, levels - levels // 2, shape).astype(np.int8)
+    tables, _ = tflm.lut_encode(values, axis)
+    stride = max(len(t) for t in tables)
+    bits = bits_for_levels(stride)
+    encoded, ancillary = tflm.pack(values, axis)
+    assert tflm.lut_bytes(values.size, bits, len(tables), stride) == len(encoded) + len(ancillary)
+
+
+def test_kernels_a_lut_would_grow_stay_int8(data):
+    """A 3x3 depthwise kernel with 16-level UniQ weights has up to 9 levels in each channel's 9
+    weights: 4-bit indices and a 9-entry table per channel take more than its int8 bytes, so it
+    stays int8 (no DECODE); the 2-bit Dense still compresses."""
+    x, _ = data
+    inp = tf.keras.Input((8, 8, 1))
+    h = tf.keras.layers.Conv2D(4, 3, padding="same", name="first")(inp)
+    h = syq_tf.quantize(tf.keras.layers.DepthwiseConv2D(3, name="dw"), kernel_quantizer=UniQ(4, "channel"))(h)
+    h = tf.keras.layers.Flatten()(h)
+    out = syq_tf.quantize(tf.keras.layers.Dense(4, name="fc"), kernel_quantizer=UniQ(2, "layer"))(h)
+    model = tf.keras.Model(inp, out)
+    result = syq_tf.export.to_tflite(model, representative_data=x[:32], target="tflm", verify_data=x[:48])
+    by_layer = {r.layer: r for r in result.compression}
+    dw, fc = by_layer["dw"], by_layer["fc"]
+    assert dw.levels > 4 and dw.channels == 4 and dw.weights == 36
+    lut = tflm.lut_bytes(36, bits_for_levels(dw.levels), 4, dw.levels)
+    assert lut >= 36
+    assert not dw.compressed and dw.bits == 8 and dw.stored_bytes == 36 and dw.minimum_bytes == 36
+    assert dw.note == (f"LUT would store {lut} bytes ({bits_for_levels(dw.levels)}-bit indices, 4 table(s) of "
+                       f"{dw.levels}), not fewer than int8's 36: stored as plain int8")
+    assert fc.compressed and fc.bits == 2 and fc.stored_bytes < fc.weights
+    assert set(tflm.decode_pairs(result.flatbuffer)) == {fc.tensor}  # one DECODE input: the Dense's
+    assert result.verification["tflm_compressed_equals_uncompressed"]
+
+
 def test_bad_targets_and_models(data):
     x, _ = data
     model = syq_model(2, "layer")

@@ -1,6 +1,8 @@
 """TFLite Micro export (``to_tflite(..., target="tflm")``): the same full-integer int8 model as
 target ``litert`` (exact codebooks), with every low-bit weight tensor LUT-compressed for TFLite
-Micro's own compression feature, and the model as a C array ready to compile into firmware.
+Micro's own compression feature where that stores fewer bytes than int8 (:func:`lut_bytes`; not a
+3x3 depthwise kernel with 9 levels in each channel's 9 weights), and the model as a C array ready
+to compile into firmware.
 
 Format (TFLM's DECODE operator, ``tflite_micro.compression``, LUT decode type 0, version 1): a
 compressed weight tensor becomes a UINT8 tensor of packed indices, ``ceil(log2(levels))`` bits
@@ -101,6 +103,12 @@ def lut_decode(tables, indices, axis):
     shape[axis] = len(tables)
     channel = np.arange(len(tables)).reshape(shape)
     return padded[channel, indices]
+
+
+def lut_bytes(weights, bits, tables, stride):
+    """Bytes of :func:`pack`'s output for ``weights`` indices of ``bits`` bits and ``tables`` value
+    tables padded to ``stride`` entries: the packed indices plus the ancillary header and tables."""
+    return -(-weights * bits // 8) + DCM_BYTES + tables * stride
 
 
 def pack(values, axis, bits=None):
@@ -403,6 +411,11 @@ def _plan(model, buffer):
             report.note = f"{levels} levels need 8 bits: stored as plain int8"
         elif axis is not None and axis not in (0, t.values.ndim - 1):
             report.note = f"channel axis {axis}: TFLM LUT tables take axis 0 or the last axis only"
+        elif lut_bytes(n, bits, len(tables), levels) >= n:
+            report.bits = 8
+            report.minimum_bytes = n
+            report.note = (f"LUT would store {lut_bytes(n, bits, len(tables), levels)} bytes ({bits}-bit indices, "
+                           f"{len(tables)} table(s) of {levels}), not fewer than int8's {n}: stored as plain int8")
         else:
             plans.append((report, t, axis))
             continue
@@ -608,7 +621,8 @@ def insert_decodes(buffer, encodings):
 
 def compress(model, buffer):
     """(compressed flatbuffer, [CompressionReport]) of an int8 model: every quantized int8 weight
-    tensor with at most 128 levels per channel LUT-encoded (:func:`pack`) and decoded at run time
+    tensor with at most 128 levels per channel whose LUT is smaller than its int8 bytes LUT-encoded
+    (:func:`pack`) and decoded at run time
     by TFLM's DECODE op (:func:`insert_decodes`, TFLM's compressor's format), then decoded back
     with :func:`unpack` and compared with the int8 weights."""
     plans = _plan(model, buffer)
