@@ -174,6 +174,48 @@ def test_ternary_tflm_outputs_are_bit_identical(ternary):
     assert np.abs(a.astype(int) - litert_int8_outputs(result.uncompressed, xq, "ref")).max() <= 1
 
 
+def test_biases_are_lowered_for_tflms_two_roundings(ternary, data):
+    """The tflm model is the litert one with the int32 bias of each op whose output holds no negative
+    value (zero point -128 or a fused ReLU) one lower (flatbuffer.lower_biases_for_two_roundings)."""
+    model, result = ternary
+    x, _ = data
+    litert = syq_tf.export.to_tflite(model, representative_data=x[:64], target="litert")
+    ours, theirs = (syq_tf.export.flatbuffer.bias_tensors(b) for b in (result.uncompressed, litert.flatbuffer))
+    assert sorted(ours) == sorted(theirs)
+    moved = [i for i in ours if not np.array_equal(ours[i], theirs[i])]
+    assert moved and all(np.array_equal(ours[i], theirs[i] - 1) for i in moved)
+    again, names = syq_tf.export.flatbuffer.lower_biases_for_two_roundings(litert.flatbuffer)
+    assert len(names) == len(moved)
+    again = syq_tf.export.flatbuffer.bias_tensors(again)
+    assert all(np.array_equal(again[i], ours[i]) for i in ours)
+    assert any(f"{len(moved)} int32 biases lowered by one" in n for n in result.notes)
+
+
+def test_requantization_option(ternary, data):
+    """requantization='single' keeps the converter's biases on tflm; 'double' lowers them on litert
+    too and verifies with LiteRT's builtin kernels; bad values and targets are refused."""
+    model, result = ternary
+    x, y = data
+    bias = syq_tf.export.flatbuffer.bias_tensors
+    litert = syq_tf.export.to_tflite(model, representative_data=x[:64], target="litert")
+    single = syq_tf.export.to_tflite(model, representative_data=x[:64], target="tflm", requantization="single")
+    double = syq_tf.export.to_tflite(model, representative_data=x[:64], target="litert", requantization="double",
+                                     verify_data=x[512:], verify_labels=y[512:])
+    for a, b in ((single.uncompressed, litert.flatbuffer), (double.flatbuffer, result.uncompressed)):
+        a, b = bias(a), bias(b)
+        assert sorted(a) == sorted(b) and all(np.array_equal(a[i], b[i]) for i in a)
+    assert not any("biases lowered" in n for n in single.notes)
+    assert any("verified with LiteRT's builtin kernels" in n for n in double.notes)
+    xq = int8_stage.model_input(double.flatbuffer, x[512:])
+    builtin = litert_int8_outputs(double.flatbuffer, xq, "builtin").argmax(-1)
+    keras = model.predict(x[512:], verbose=0).argmax(-1)
+    assert double.verification["top1_agreement"] == pytest.approx(np.mean(builtin == keras))
+    with pytest.raises(ValueError, match=r"requantization='triple'; allowed: 'auto' \(default\), 'single'"):
+        syq_tf.export.to_tflite(model, x[:64], target="tflm", requantization="triple")
+    with pytest.raises(ValueError, match="requantization='double' is for targets 'litert' and 'tflm'"):
+        syq_tf.export.to_tflite(model, x[:64], target="lce", requantization="double")
+
+
 def test_arena_is_measured_and_sufficient(ternary, tmp_path):
     _, result = ternary
     assert result.arena_bytes and result.arena_bytes_uncompressed

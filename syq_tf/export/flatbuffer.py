@@ -589,6 +589,59 @@ def consistent_biases(buffer, rtol=1e-5):
     return _serialize(model, len(buffer)), fixed
 
 
+# fused activations that let no negative value through
+_NON_NEGATIVE_ACTIVATIONS = (schema.ActivationFunctionType.RELU, schema.ActivationFunctionType.RELU6)
+
+
+@reader
+def lower_biases_for_two_roundings(buffer):
+    """Lower by one the int32 bias of every CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED /
+    TRANSPOSE_CONV whose int8 output holds no negative value (zero point -128, or a fused ReLU /
+    ReLU6), for runtimes that requantize with two roundings (TFLite Micro, LiteRT's builtin and
+    reference convolutions).
+
+    Such a runtime first rounds ``a * M`` to an integer (a rounding doubling high multiply by the
+    output multiplier ``M * 2**-r``, M in [0.5, 1), ``a`` the accumulator with its bias), then
+    shifts right by ``r`` with rounding: an ``a * M`` within 0.5 below a rounding boundary
+    (``(k + 1/2) * 2**r``) lands on it and rounds up, where one rounding (Keras, XNNPACK) goes down.
+    With the bias one lower, ``a * M`` moves down by M: the values that rounded up wrongly round down,
+    and only those within ``M - 1/2`` (less than 0.5) above a boundary now round down wrongly. Below
+    zero the boundaries are mirrored and the error would grow, hence only outputs that clamp negative
+    values to zero. A runtime that rounds once sees every such pre-activation lowered by ``M * 2**-r``
+    output steps (about one accumulator unit).
+
+    Returns ``(flatbuffer, lowered)``, ``lowered`` the names of the biases changed (a bias tensor
+    read by several ops is left alone; one whose buffer other tensors share gets its own); the
+    flatbuffer is returned unchanged if none.
+    """
+    model = _load(buffer)
+    graph = model.subgraphs[0]
+    tensor_users, buffer_users = _use_counts(model)
+    lowered = []
+    for op in graph.operators:
+        b_at = _bias_position(model, op)
+        if b_at is None:
+            continue
+        out, b = graph.tensors[int(op.outputs[0])], graph.tensors[int(op.inputs[b_at])]
+        data = model.buffers[b.buffer].data if 0 < b.buffer < len(model.buffers) else None
+        if out.type != schema.TensorType.INT8 or b.type != schema.TensorType.INT32 or data is None \
+                or tensor_users.get(int(op.inputs[b_at]), 0) != 1:
+            continue
+        q = out.quantization
+        floor_at_zero = q is not None and q.zeroPoint is not None and len(q.zeroPoint) == 1 \
+            and int(q.zeroPoint[0]) == -128
+        fused = getattr(op.builtinOptions, "fusedActivationFunction", None)
+        if not (floor_at_zero or fused in _NON_NEGATIVE_ACTIVATIONS):
+            continue
+        values = np.frombuffer(bytes(bytearray(data)), np.int32).astype(np.int64) - 1
+        new = np.clip(values, -(2**31), 2**31 - 1).astype(np.int32)
+        _store(model, buffer_users, b, np.frombuffer(new.tobytes(), np.uint8))
+        lowered.append(b.name.decode(errors="replace") if isinstance(b.name, bytes) else str(b.name))
+    if not lowered:
+        return buffer, []
+    return _serialize(model, len(buffer)), lowered
+
+
 # int8 ops whose requantization multiplier Prepare computes from their own output tensor's scale: such an
 # op rounds straight onto whatever scale its output has.
 REQUANTIZING_OPS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "ADD", "SUB",

@@ -66,6 +66,13 @@ class ExportOptions:
     verify_data: object = None
     verify_labels: object = None
     require_exact: bool = False
+    requantization: str = "single"  # resolved: "single" or "double" (REQUANTIZATIONS)
+
+
+# requantization= option: how the runtime rounds an accumulator onto its int8 output ("auto": the
+# target's usual runtime, below)
+REQUANTIZATIONS = ("auto", "single", "double")
+_AUTO_REQUANTIZATION = {"litert": "single", "tflm": "double"}  # XNNPACK rounds once, TFLite Micro twice
 
 
 def _weights_allowed():
@@ -74,7 +81,7 @@ def _weights_allowed():
 
 
 def options(model, *, target="litert", weights="int8", representative_data=None, representative_samples=200,
-            verify_data=None, verify_labels=None, require_exact=False):
+            verify_data=None, verify_labels=None, require_exact=False, requantization="auto"):
     """The export options, checked against each other and against ``model``; ValueError naming the
     argument and what is allowed."""
     if target not in REGISTRY:
@@ -84,6 +91,12 @@ def options(model, *, target="litert", weights="int8", representative_data=None,
     if weights not in REGISTRY[target].weights:
         raise ValueError(f"to_tflite: weights={weights!r} is for target {WEIGHTS[weights]!r} (got "
                          f"target={target!r}): " + WEIGHTS_WHY[weights])
+    if requantization not in REQUANTIZATIONS:
+        raise ValueError(f"to_tflite: requantization={requantization!r}; allowed: 'auto' (default), 'single' "
+                         "(runtimes that round once: XNNPACK) or 'double' (TFLite Micro, LiteRT's builtin kernels).")
+    if requantization != "auto" and target not in _AUTO_REQUANTIZATION:
+        raise ValueError(f"to_tflite: requantization={requantization!r} is for targets 'litert' and 'tflm' (got "
+                         f"target={target!r}); leave it 'auto'.")
     if target == "lce" and _bootstrap.frontend() == 3:
         raise ValueError("to_tflite: target 'lce' is Keras 2 only (larq-compute-engine's converter and larq "
                          "run on tf_keras); from Keras 3 use target 'litert' (weights int8, int4, int2) or 'tflm'.")
@@ -106,8 +119,10 @@ def options(model, *, target="litert", weights="int8", representative_data=None,
         if verify_labels is not None and len(np.asarray(verify_labels)) != len(np.asarray(verify_data)):
             raise ValueError(f"to_tflite: verify_labels has {len(np.asarray(verify_labels))} entries for "
                              f"{len(np.asarray(verify_data))} verify_data examples.")
+    if requantization == "auto":
+        requantization = _AUTO_REQUANTIZATION.get(target, "single")
     return ExportOptions(target, weights, representative_data, int(representative_samples), verify_data,
-                         verify_labels, bool(require_exact))
+                         verify_labels, bool(require_exact), requantization)
 
 
 def _check_inputs(model, data, argument):

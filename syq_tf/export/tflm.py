@@ -363,7 +363,8 @@ def export(model, options):
     _check_model(model)
     base = int8.build(model, options)
     result = int8.result(model, base.buffer, options, base.rescaled, base.notes)
-    return finish(model, result, options.representative_data, options.verify_data, options.verify_labels)
+    return finish(model, result, options.representative_data, options.verify_data, options.verify_labels,
+                  double_rounding=options.requantization == "double")
 
 
 def _check_model(model):
@@ -669,10 +670,13 @@ def lut_layer_reports(layers, compression):
     return out
 
 
-def finish(model, base, representative_data, verify_data=None, verify_labels=None):
-    """Turn the int8 ExportResult of target 'litert' into the TFLM one: compress, measure the
-    arena, check the compressed model decodes bit-identically in TFLM, verify if asked."""
-    int8_model = bytes(base.flatbuffer)
+def finish(model, base, representative_data, verify_data=None, verify_labels=None, double_rounding=True):
+    """Turn the int8 ExportResult of target 'litert' into the TFLM one: biases set for TFLM's two
+    roundings (``double_rounding``, to_tflite's ``requantization``), compress, measure the arena,
+    check the compressed model decodes bit-identically in TFLM, verify if asked."""
+    int8_model, lowered = bytes(base.flatbuffer), []
+    if double_rounding:
+        int8_model, lowered = flatbuffer.lower_biases_for_two_roundings(int8_model)
     compressed, reports = compress(model, int8_model)
     probe_q = int8.probe(int8_model, representative_data)
     if any(r.compressed for r in reports):
@@ -681,6 +685,10 @@ def finish(model, base, representative_data, verify_data=None, verify_labels=Non
             raise RuntimeError("to_tflite(target='tflm'): the compressed model's TFLM outputs differ from "
                                "the uncompressed model's on the representative data")
     notes = list(base.notes)
+    if lowered:
+        notes.append(f"{len(lowered)} int32 biases lowered by one for two roundings per requantization (ops "
+                     "with non-negative outputs; flatbuffer.lower_biases_for_two_roundings): TFLM then departs from one "
+                     "rounding only within M - 1/2 accumulator units above a boundary, not 1/2 below it")
     arena = arena_used(compressed, probe_q[0])
     arena_plain = arena_used(int8_model, probe_q[0]) if compressed != int8_model else arena
     if arena is None:
