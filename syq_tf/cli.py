@@ -234,6 +234,9 @@ class Export(Command):
         d.enum("weights", "int8", list(WEIGHTS),
                "weight storage: int8; int4 / int2 (target litert: packed INT4 / INT2 where exact); float32 "
                "(target lce: layers LCE cannot bit-pack keep float32 kernels)")
+        d.enum("requantization", "auto", ["auto", "single", "double"],
+               "how the runtime rounds onto int8 outputs: auto (single for litert: XNNPACK; double for tflm); "
+               "single (one rounding); double (TFLite Micro, LiteRT's builtin kernels: biases lowered to match)")
         d.integer("seed", 0, "seed of the synthetic examples")
         d.string("out", None, "the .tflite to write (default: <model without extension>_<target>.tflite; "
                  "a directory: <dir>/model_<target>.tflite)")
@@ -245,6 +248,9 @@ class Export(Command):
                            USAGE_ERROR)
         from syq_tf.export import WEIGHTS  # noqa: PLC0415
 
+        if fv.requantization != "auto" and fv.target == "lce":
+            raise CliError(f"--requantization={fv.requantization} is for --target=litert and tflm (got "
+                           f"--target={fv.target})", USAGE_ERROR)
         allowed = WEIGHTS[fv.weights]
         if allowed is not None and fv.target != allowed:  # the table of syq_tf.export.targets
             raise CliError(f"--weights={fv.weights} is for --target={allowed} (got --target={fv.target})",
@@ -845,7 +851,8 @@ def _export(fv):
     elif os.path.isdir(out) or out.endswith(os.sep):
         out = os.path.join(out, f"model_{fv.target}.tflite")
     result = syq_tf.export.to_tflite(model, x_rep, target=fv.target, verify_data=x_ver, verify_labels=y_ver,
-                                     require_exact=fv.require_exact, weights=fv.weights)
+                                     require_exact=fv.require_exact, weights=fv.weights,
+                                     requantization=fv.requantization)
     path = result.save(out)
     print(result.table())
     stem = os.path.splitext(path)[0]

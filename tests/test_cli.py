@@ -155,6 +155,10 @@ def test_help_of_every_command_lists_its_flags(capsys):
      "--weights=float32 is for --target=lce (got --target=litert)"),
     (["export", "--model", "m.h5", "--target", "tflm", "--weights", "int4"], "syq-tf export",
      "--weights=int4 is for --target=litert (got --target=tflm)"),
+    (["export", "--model", "m.h5", "--target", "lce", "--requantization", "double"], "syq-tf export",
+     "--requantization=double is for --target=litert and tflm (got --target=lce)"),
+    (["export", "--model", "m.h5", "--requantization", "triple"], "syq-tf export",
+     "flag --requantization=triple: value should be one of <auto|single|double>"),
     (["inspect"], "syq-tf inspect", "--model is required"),
 ])
 def test_usage_errors_are_one_line_exit_2(capsys, argv, where, message):
