@@ -218,6 +218,7 @@ class Export(Command):
 
     def define(self, d):
         from syq_tf.export import REGISTRY, TARGETS, WEIGHTS  # noqa: PLC0415  (known at run time)
+        from syq_tf.export.targets import REQUANTIZATIONS  # noqa: PLC0415
 
         d.string("model", None, "the saved Keras model (model.keras of `syq-tf train`, a .h5 file or a SavedModel "
                  "directory)")
@@ -234,7 +235,7 @@ class Export(Command):
         d.enum("weights", "int8", list(WEIGHTS),
                "weight storage: int8; int4 / int2 (target litert: packed INT4 / INT2 where exact); float32 "
                "(target lce: layers LCE cannot bit-pack keep float32 kernels)")
-        d.enum("requantization", "auto", ["auto", "single", "double"],
+        d.enum("requantization", "auto", list(REQUANTIZATIONS),
                "how the runtime rounds onto int8 outputs: auto (single for litert: XNNPACK; double for tflm); "
                "single (one rounding); double (TFLite Micro, LiteRT's builtin kernels: biases lowered to match)")
         d.integer("seed", 0, "seed of the synthetic examples")
@@ -248,9 +249,11 @@ class Export(Command):
                            USAGE_ERROR)
         from syq_tf.export import WEIGHTS  # noqa: PLC0415
 
-        if fv.requantization != "auto" and fv.target == "lce":
-            raise CliError(f"--requantization={fv.requantization} is for --target=litert and tflm (got "
-                           f"--target={fv.target})", USAGE_ERROR)
+        from syq_tf.export.targets import REQUANTIZATION_TARGETS  # noqa: PLC0415
+
+        if fv.requantization != "auto" and fv.target not in REQUANTIZATION_TARGETS:
+            raise CliError(f"--requantization={fv.requantization} is for --target="
+                           + " and ".join(REQUANTIZATION_TARGETS) + f" (got --target={fv.target})", USAGE_ERROR)
         allowed = WEIGHTS[fv.weights]
         if allowed is not None and fv.target != allowed:  # the table of syq_tf.export.targets
             raise CliError(f"--weights={fv.weights} is for --target={allowed} (got --target={fv.target})",

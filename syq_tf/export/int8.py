@@ -44,6 +44,9 @@ def build(model, options):
         buffer = full_integer(model, batch, options)
     buffer, bias_fixed = flatbuffer.consistent_biases(buffer)
     buffer, rescaled = exact_codebooks(model, buffer)
+    lowered = []
+    if options.requantization == "double":  # for runtimes that round twice (TFLite Micro, LiteRT's builtin kernels)
+        buffer, lowered = flatbuffer.lower_biases_for_two_roundings(buffer)
     notes = activation_notes(model)
     if KERAS == 3:
         notes += [f"layer '{layer.name}': TensorFlow's converter fuses only tf_keras' LSTM into TFLite's "
@@ -56,6 +59,11 @@ def build(model, options):
                      "batch size (an int8 ADD of an int8 bias after a rounded FULLY_CONNECTED)")
     notes += [f"bias {name!r}: the converter stored it at {factor:.4g}x the scale its op computes with "
               "(input x weight scale); re-expressed" for name, factor in bias_fixed]
+    if lowered:
+        notes.append(f"{len(lowered)} int32 biases lowered by one for two roundings per requantization "
+                     "(requantization='double', flatbuffer.lower_biases_for_two_roundings: such a runtime then "
+                     "departs from one rounding only within M - 1/2 accumulator units above a boundary, not 1/2 "
+                     "below it)" + ("; verified with LiteRT's builtin kernels" if options.target == "litert" else ""))
     return Int8Model(buffer, rescaled, notes)
 
 

@@ -19,25 +19,19 @@ _PACKED = {"int4": ("int4",), "int2": ("int2", "int4")}
 def export(model, options):
     """The ``target="litert"`` export (see :func:`syq_tf.export.to_tflite`)."""
     base = int8.build(model, options)
-    int8_model, notes = base.buffer, list(base.notes)
-    if options.requantization == "double":  # for LiteRT's builtin kernels (no XNNPACK), which round twice
-        int8_model, lowered = flatbuffer.lower_biases_for_two_roundings(int8_model)
-        if lowered:
-            notes.append(f"{len(lowered)} int32 biases lowered by one for two roundings per requantization "
-                         "(requantization='double'; verified with LiteRT's builtin kernels)")
-    buffer, twin, packed, skipped = int8_model, int8_model, {}, {}
+    buffer, twin, packed, skipped = base.buffer, base.buffer, {}, {}
     if options.weights in _PACKED:
-        buffer, twin, packed, skipped = pack(model, int8_model, [codebook.STORAGE[f] for f in _PACKED[options.weights]])
+        buffer, twin, packed, skipped = pack(model, base.buffer, [codebook.STORAGE[f] for f in _PACKED[options.weights]])
         _check_twin(buffer, twin, options)
-    result = int8.result(model, buffer, options, base.rescaled, notes, packed, skipped)
+    result = int8.result(model, buffer, options, base.rescaled, base.notes, packed, skipped)
     if options.verify_data is not None:
         x = np.asarray(options.verify_data)
         x = x.astype(np.float32) if x.dtype.kind == "f" else x
-        kernels = "builtin" if options.requantization == "double" else "xnnpack"
+        kernels = "builtin" if options.requantization == "double" else "xnnpack"  # the runtime it was made for
         result.verification = agreement(keras_outputs(model, x), litert_predict(buffer, x, kernels=kernels),
                                         options.verify_labels)
         if packed:
-            result.verification.update(_packed_verification(options.weights, buffer, twin, int8_model, x))
+            result.verification.update(_packed_verification(options.weights, buffer, twin, base.buffer, x))
     return result
 
 

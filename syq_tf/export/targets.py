@@ -73,6 +73,7 @@ class ExportOptions:
 # target's usual runtime, below)
 REQUANTIZATIONS = ("auto", "single", "double")
 _AUTO_REQUANTIZATION = {"litert": "single", "tflm": "double"}  # XNNPACK rounds once, TFLite Micro twice
+REQUANTIZATION_TARGETS = tuple(_AUTO_REQUANTIZATION)
 
 
 def _weights_allowed():
@@ -94,7 +95,7 @@ def options(model, *, target="litert", weights="int8", representative_data=None,
     if requantization not in REQUANTIZATIONS:
         raise ValueError(f"to_tflite: requantization={requantization!r}; allowed: 'auto' (default), 'single' "
                          "(runtimes that round once: XNNPACK) or 'double' (TFLite Micro, LiteRT's builtin kernels).")
-    if requantization != "auto" and target not in _AUTO_REQUANTIZATION:
+    if requantization != "auto" and target not in REQUANTIZATION_TARGETS:
         raise ValueError(f"to_tflite: requantization={requantization!r} is for targets 'litert' and 'tflm' (got "
                          f"target={target!r}); leave it 'auto'.")
     if target == "lce" and _bootstrap.frontend() == 3:

@@ -363,8 +363,7 @@ def export(model, options):
     _check_model(model)
     base = int8.build(model, options)
     result = int8.result(model, base.buffer, options, base.rescaled, base.notes)
-    return finish(model, result, options.representative_data, options.verify_data, options.verify_labels,
-                  double_rounding=options.requantization == "double")
+    return finish(model, result, options.representative_data, options.verify_data, options.verify_labels)
 
 
 def _check_model(model):
@@ -412,11 +411,11 @@ def _plan(model, buffer):
             report.note = f"{levels} levels need 8 bits: stored as plain int8"
         elif axis is not None and axis not in (0, t.values.ndim - 1):
             report.note = f"channel axis {axis}: TFLM LUT tables take axis 0 or the last axis only"
-        elif lut_bytes(n, bits, len(tables), levels) >= n:
+        elif (lut := lut_bytes(n, bits, len(tables), levels)) >= n:
             report.bits = 8
             report.minimum_bytes = n
-            report.note = (f"LUT would store {lut_bytes(n, bits, len(tables), levels)} bytes ({bits}-bit indices, "
-                           f"{len(tables)} table(s) of {levels}), not fewer than int8's {n}: stored as plain int8")
+            report.note = (f"LUT would store {lut} bytes ({bits}-bit indices, {len(tables)} table(s) of {levels}), "
+                           f"not fewer than int8's {n}: stored as plain int8")
         else:
             plans.append((report, t, axis))
             continue
@@ -670,13 +669,10 @@ def lut_layer_reports(layers, compression):
     return out
 
 
-def finish(model, base, representative_data, verify_data=None, verify_labels=None, double_rounding=True):
-    """Turn the int8 ExportResult of target 'litert' into the TFLM one: biases set for TFLM's two
-    roundings (``double_rounding``, to_tflite's ``requantization``), compress, measure the arena,
-    check the compressed model decodes bit-identically in TFLM, verify if asked."""
-    int8_model, lowered = bytes(base.flatbuffer), []
-    if double_rounding:
-        int8_model, lowered = flatbuffer.lower_biases_for_two_roundings(int8_model)
+def finish(model, base, representative_data, verify_data=None, verify_labels=None):
+    """Turn the int8 ExportResult of target 'litert' into the TFLM one: compress, measure the
+    arena, check the compressed model decodes bit-identically in TFLM, verify if asked."""
+    int8_model = bytes(base.flatbuffer)
     compressed, reports = compress(model, int8_model)
     probe_q = int8.probe(int8_model, representative_data)
     if any(r.compressed for r in reports):
@@ -685,10 +681,6 @@ def finish(model, base, representative_data, verify_data=None, verify_labels=Non
             raise RuntimeError("to_tflite(target='tflm'): the compressed model's TFLM outputs differ from "
                                "the uncompressed model's on the representative data")
     notes = list(base.notes)
-    if lowered:
-        notes.append(f"{len(lowered)} int32 biases lowered by one for two roundings per requantization (ops "
-                     "with non-negative outputs; flatbuffer.lower_biases_for_two_roundings): TFLM then departs from one "
-                     "rounding only within M - 1/2 accumulator units above a boundary, not 1/2 below it")
     arena = arena_used(compressed, probe_q[0])
     arena_plain = arena_used(int8_model, probe_q[0]) if compressed != int8_model else arena
     if arena is None:
