@@ -97,6 +97,41 @@ def test_codebook_int8_cannot_hold_is_reported_and_refusable(data):
         syq_tf.export.to_tflite(model, representative_data=x[:32], require_exact=True)
 
 
+def test_mid_rise_8bit_codebook_is_exact_in_the_channels_int8_can_hold(data):
+    """UniQ 8-bit levels (i - 127.5) delta are odd multiples k of delta / 2: int8 holds a channel exactly
+    when its levels stay within 63.5 delta (|k| <= 127). Those channels are re-expressed; the others keep
+    the converter's rounding, and the report counts both."""
+    x, _ = data
+    model = uniq_model(8)
+    syq_tf.calibrate(model, x[:128], batches=1)
+    layer = model.get_layer("qconv")
+    top = np.abs(layer.kernel.numpy()).max(axis=(0, 1, 2))
+    wide = np.arange(12) < 3  # levels up to ~120.5 delta in channels 0..2, ~40.5 delta in the others
+    delta = (top / np.where(wide, 120.0, 40.0)).astype(np.float32)
+    layer.kernel_quantizer.delta.assign(delta.reshape(1, 1, 1, 12))
+    keras = np.transpose(layer.quantized_kernel().numpy(), (3, 0, 1, 2)).reshape(12, -1)  # [out, ...]
+    odd = keras / delta[:, None] * 2
+    assert np.allclose(odd, np.round(odd), atol=1e-3) and np.all(np.round(odd) % 2 == 1)
+    assert np.all(np.abs(odd).max(axis=1)[wide] > 200) and np.all(np.abs(odd).max(axis=1)[~wide] < 127)
+    result = syq_tf.export.to_tflite(model, representative_data=x[:32])
+    r = next(r for r in result.layers if r.layer == "qconv")
+    assert not r.exact and "exact in 9 of 12 channels" in r.note, r.note
+    t = next(t for t in flatbuffer.weight_tensors(result.flatbuffer) if t.values.shape == (12, 3, 3, 8))
+    stored = t.values.reshape(12, -1).astype(np.float64)
+    for c in range(12):
+        if wide[c]:  # the converter's symmetric rounding at max|w| / 127
+            assert np.array_equal(stored[c], np.round(keras[c] / np.abs(keras[c]).max() * 127)), c
+        else:  # odd multiples of one int8 unit: the Keras levels times one factor
+            unit = integer_unit(stored[c])
+            assert unit is not None and np.allclose(stored[c] / keras[c], stored[c][0] / keras[c][0]), c
+            assert np.abs(stored[c]).max() > 63, c  # spread over the int8 range
+    # the re-expressed scales and int32 biases compute what Keras computes
+    keras_logits = model.predict(x[512:], verbose=0)
+    litert_logits = syq_tf.export.litert_predict(result.flatbuffer, x[512:])
+    span = keras_logits.max() - keras_logits.min()
+    assert np.abs(keras_logits - litert_logits).max() < 0.08 * span
+
+
 def test_uncalibrated_activation_step_blocks_export(data):
     x, _ = data
     model = uniq_model(2)

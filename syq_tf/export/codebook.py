@@ -179,23 +179,39 @@ def compare(expected, stored, axis, factor_free=False):
     s = channel_rows(np.asarray(stored, np.float64), axis)
     k = channel_rows(np.asarray(expected, np.float64), axis)
     levels, keras_levels = int(channel_levels(s).max(initial=0)), int(channel_levels(k).max(initial=0))
-    zeros_ok = bool(np.array_equal(s == 0, k == 0))
+    worst, zeros_ok = channel_errors(k, s, factor_free)
+    return float(worst.max(initial=0.0)), bool(zeros_ok.all()), levels, keras_levels
+
+
+def channel_errors(keras_rows, stored_rows, factor_free=False):
+    """Per row of :func:`channel_rows` (one slice each): ``(worst, zeros_ok)``, the largest relative
+    error of a stored level after the row's one factor (1 with ``factor_free``; else stored / Keras at
+    the row's largest Keras value, 1.0 where that stored value is 0 but the Keras one is not), and
+    whether the row's zeros stayed zeros. Vectorised over rows."""
+    k, s = keras_rows, stored_rows
+    zeros_ok = np.all((s == 0) == (k == 0), axis=1)
     ref = np.argmax(np.abs(k), axis=1)
     rows = np.arange(k.shape[0])
     k_ref, s_ref = k[rows, ref], s[rows, ref]
-    worst = 0.0
+    worst = np.zeros(k.shape[0])
     live = k_ref != 0
-    if np.any(live & (s_ref == 0)):
-        worst = 1.0
+    worst[live & (s_ref == 0)] = 1.0
     use = live & (s_ref != 0)
     if np.any(use):
         factor = 1.0 if factor_free else (s_ref[use] / k_ref[use])[:, None]
         ku, su = k[use], s[use]
-        nonzero = ku != 0
         with np.errstate(divide="ignore", invalid="ignore"):
-            rel = np.abs(su / factor - ku) / np.abs(ku)
-        worst = max(worst, float(rel[nonzero].max(initial=0.0)))
-    return worst, zeros_ok, levels, keras_levels
+            rel = np.where(ku != 0, np.abs(su / factor - ku) / np.abs(ku), 0.0)
+        worst[use] = rel.max(axis=1, initial=0.0)
+    return worst, zeros_ok
+
+
+def exact_channels(expected, stored, axis, factor_free=False, tolerance=1e-5):
+    """``(exact, total)``: how many slices along ``axis`` of a stored tensor hold their Keras codebook
+    exactly (:func:`compare`'s test, per slice)."""
+    worst, zeros_ok = channel_errors(channel_rows(np.asarray(expected, np.float64), axis),
+                                     channel_rows(np.asarray(stored, np.float64), axis), factor_free)
+    return int(np.count_nonzero(zeros_ok & (worst <= tolerance))), int(worst.size)
 
 
 def is_exact(worst, zeros_ok, tolerance=1e-5):
@@ -254,7 +270,10 @@ def exact_int8(expected, tensor, bias):
     channel, integer multiples k*u of a unit u (uniform codebooks: UniQ, 2-bit ls/gf with v1 = 3 v2,
     ...), but whose converter-chosen scale max|w|/127 does not hit those levels. Stores k*m with
     scale u*f/m, f the converter's folded factor; the int32 bias is re-expressed in the new scale.
-    None if some channel's codebook has no such unit."""
+
+    Channel by channel: a channel whose codebook has no such unit within ``|k| <= 127`` keeps the
+    converter's values and scale (e.g. a mid-rise 8-bit UniQ channel whose levels (i - 127.5) delta
+    reach beyond 63.5 delta: its unit delta / 2 needs |k| up to 255). None if no channel has one."""
     axis = quantization_axis(tensor)
     keras_rows = channel_rows(expected, axis)
     stored_rows = channel_rows(tensor.values.astype(np.float64), axis)
@@ -262,23 +281,21 @@ def exact_int8(expected, tensor, bias):
     for c, (keras, stored) in enumerate(zip(keras_rows, stored_rows)):
         scale = float(tensor.scales[c])
         unit = integer_unit(keras)
-        if unit is None:
-            if np.any(keras != 0):
-                return None
+        ref = int(np.argmax(np.abs(keras)))
+        if unit is None or stored[ref] == 0:  # no exact form (or no factor to read): the converter's
             new_rows.append(stored)
             scales.append(scale)
             ratios.append(1.0)
             continue
         k = np.round(keras / unit)
-        ref = int(np.argmax(np.abs(keras)))
-        if stored[ref] == 0:
-            return None
         sign = np.sign(stored[ref] * keras[ref])
         m = spread(k, STORAGE["int8"].max_int)
         new_scale = scale * abs(stored[ref]) / (m * abs(k[ref]))
         new_rows.append(sign * k * m)
         scales.append(new_scale)
         ratios.append(scale / new_scale)
+    if all(r == 1.0 for r in ratios) and all(np.array_equal(n, s) for n, s in zip(new_rows, stored_rows)):
+        return None
     values = from_rows(np.stack(new_rows), tensor.values.shape, axis).astype(np.int8)
     return values, np.asarray(scales, np.float32), rescaled_bias(bias, ratios)
 

@@ -97,9 +97,10 @@ def full_integer(model, batch, options):
 
 
 def exact_codebooks(model, buffer):
-    """Rewrite the int8 weights of quantized layers whose codebook the converter's scale rounded,
-    when an exact integer form exists (:func:`syq_tf.export.codebook.exact_int8`). Returns the new
-    flatbuffer and the rewritten kernel labels."""
+    """Rewrite the int8 weights of quantized layers whose codebook the converter's scale rounded, in
+    every channel where an exact integer form exists (:func:`syq_tf.export.codebook.exact_int8`; the
+    other channels keep the converter's rounding). Returns the new flatbuffer and the rewritten
+    kernel labels."""
     updates, names = {}, []
     biases = flatbuffer.bias_tensors(buffer)
     for match in kernel_matches(model, buffer):

@@ -78,11 +78,9 @@ def layer_reports(model, buffer, rescaled=(), packed=None):
             continue
         err, zeros_ok, levels, keras_levels, nbytes, dtypes = 0.0, True, 0, 0, 0, set()
         weights, stored_scales = 0, 0
-        for m in matches:
-            table = m.tensor.op == "GATHER"  # a lookup: the weights themselves, no factor folded in
-            stored_values = codebook.dequantized(m.tensor) if table else m.tensor.values
-            e, z, lv, klv = codebook.compare(m.expected(), stored_values, codebook.quantization_axis(m.tensor),
-                                             factor_free=table)
+        checks = [_check(m) for m in matches]
+        for m, check in zip(matches, checks):
+            e, z, lv, klv = codebook.compare(*check)
             err, zeros_ok = max(err, e), zeros_ok and z
             levels, keras_levels = max(levels, lv), max(keras_levels, klv)
             nbytes += int(m.tensor.stored_bytes or m.tensor.values.nbytes)
@@ -108,7 +106,7 @@ def layer_reports(model, buffer, rescaled=(), packed=None):
         elif not exact:
             note = (f"int8 {'per-channel' if tensor.scales.size > 1 else 'per-tensor'} scales "
                     f"cannot hold this codebook exactly: stored levels off by up to {err:.2%}"
-                    + ("" if zeros_ok else "; zero weights were not kept at zero"))
+                    + ("" if zeros_ok else "; zero weights were not kept at zero") + _exact_part(checks))
         elif label in packed:
             note = (f"codebook stored exactly as packed {packed[label].tflite_type} integer multiples of its "
                     "unit step (scales"
@@ -125,6 +123,21 @@ def layer_reports(model, buffer, rescaled=(), packed=None):
                                    nbytes, note, storage, bits, weights, scales, stored,
                                    codebook.minimum_bytes(bits, weights, scales)))
     return reports
+
+
+def _check(match):
+    """:func:`codebook.compare`'s arguments for one stored tensor: the Keras kernel, the stored values
+    (a lookup table's dequantized: the weights themselves, no factor folded in), the axis."""
+    table = match.tensor.op == "GATHER"
+    stored = codebook.dequantized(match.tensor) if table else match.tensor.values
+    return match.expected(), stored, codebook.quantization_axis(match.tensor), table
+
+
+def _exact_part(checks):
+    """``"; exact in N of M channels"`` for a kernel stored exactly in some of its channels only."""
+    counts = [codebook.exact_channels(*check) for check in checks]
+    exact, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    return f"; exact in {exact} of {total} channels" if 0 < exact < total else ""
 
 
 @dataclasses.dataclass
