@@ -191,6 +191,23 @@ def test_biases_are_lowered_for_tflms_two_roundings(ternary, data):
     assert any(f"{len(moved)} int32 biases lowered by one" in n for n in result.notes)
 
 
+def test_lowered_biases_stay_one_unit_lower_in_packed_kernels(ternary, data):
+    """litert, weights='int4', requantization='double': a packed kernel's int32 bias is re-expressed in
+    its new scale from the bias before lowering, then lowered by one unit of that scale (re-expressing
+    the lowered bias would shrink the offset to 7/127 of a unit and round it away)."""
+    model, _ = ternary
+    x, _ = data
+    bias = syq_tf.export.flatbuffer.bias_tensors
+    single, double = (syq_tf.export.to_tflite(model, representative_data=x[:64], target="litert", weights="int4",
+                                              requantization=r) for r in ("single", "double"))
+    assert any(r.storage == "int4" for r in double.layers)
+    a, b = bias(double.flatbuffer), bias(single.flatbuffer)
+    assert sorted(a) == sorted(b)
+    moved = [i for i in a if not np.array_equal(a[i], b[i])]
+    assert moved and all(np.array_equal(a[i], b[i] - 1) for i in moved)
+    assert any(f"{len(moved)} int32 biases lowered by one" in n for n in double.notes)
+
+
 def test_requantization_option(ternary, data):
     """requantization='single' keeps the converter's biases on tflm; 'double' lowers them on litert
     too and verifies with LiteRT's builtin kernels; bad values and targets are refused."""

@@ -610,8 +610,8 @@ def lower_biases_for_two_roundings(buffer):
     values to zero. A runtime that rounds once sees every such pre-activation lowered by ``M * 2**-r``
     output steps (about one accumulator unit).
 
-    Returns ``(flatbuffer, lowered)``, ``lowered`` the names of the biases changed (a bias tensor
-    read by several ops is left alone; one whose buffer other tensors share gets its own); the
+    Returns ``(flatbuffer, lowered)``, ``lowered`` the tensor indices of the biases changed (a bias
+    tensor read by several ops is left alone; one whose buffer other tensors share gets its own); the
     flatbuffer is returned unchanged if none.
     """
     model = _load(buffer)
@@ -636,7 +636,7 @@ def lower_biases_for_two_roundings(buffer):
         values = np.frombuffer(bytes(bytearray(data)), np.int32).astype(np.int64) - 1
         new = np.clip(values, -(2**31), 2**31 - 1).astype(np.int32)
         _store(model, buffer_users, b, np.frombuffer(new.tobytes(), np.uint8))
-        lowered.append(b.name.decode(errors="replace") if isinstance(b.name, bytes) else str(b.name))
+        lowered.append(int(op.inputs[b_at]))
     if not lowered:
         return buffer, []
     return _serialize(model, len(buffer)), lowered

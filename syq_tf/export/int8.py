@@ -22,6 +22,7 @@ class Int8Model:
     buffer: bytes
     rescaled: list  # labels of kernels whose int8 codebook was re-expressed
     notes: list
+    lowered: frozenset = frozenset()  # tensor indices of the int32 biases lowered for two roundings
 
 
 def build(model, options):
@@ -64,7 +65,7 @@ def build(model, options):
                      "(requantization='double', flatbuffer.lower_biases_for_two_roundings: such a runtime then "
                      "departs from one rounding only within M - 1/2 accumulator units above a boundary, not 1/2 "
                      "below it)" + ("; verified with LiteRT's builtin kernels" if options.target == "litert" else ""))
-    return Int8Model(buffer, rescaled, notes)
+    return Int8Model(buffer, rescaled, notes, frozenset(lowered))
 
 
 def full_integer(model, batch, options):

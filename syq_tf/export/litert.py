@@ -21,7 +21,8 @@ def export(model, options):
     base = int8.build(model, options)
     buffer, twin, packed, skipped = base.buffer, base.buffer, {}, {}
     if options.weights in _PACKED:
-        buffer, twin, packed, skipped = pack(model, base.buffer, [codebook.STORAGE[f] for f in _PACKED[options.weights]])
+        buffer, twin, packed, skipped = pack(model, base.buffer, [codebook.STORAGE[f] for f in _PACKED[options.weights]],
+                                             base.lowered)
         _check_twin(buffer, twin, options)
     result = int8.result(model, buffer, options, base.rescaled, base.notes, packed, skipped)
     if options.verify_data is not None:
@@ -48,9 +49,13 @@ def _why_not(tensor, form):
     return None
 
 
-def pack(model, buffer, forms):
+def pack(model, buffer, forms, lowered=frozenset()):
     """Rewrite the int8 weight tensors of quantized kernels in the first of ``forms`` (StorageForms,
     narrowest first) their op and codebook allow (:func:`syq_tf.export.codebook.narrowed`).
+    ``lowered``: tensor indices of int32 biases lowered by one for two roundings
+    (:func:`~syq_tf.export.flatbuffer.lower_biases_for_two_roundings`); such a bias is re-expressed
+    in the new scale from its value before, then lowered by one unit of the new scale (re-expressed,
+    the offset would shrink with the scale: 7/127 of a unit from int8 to int4 ternary weights).
 
     Returns (packed flatbuffer, its int8 twin -- the same integers and scales stored as int8, which
     LiteRT must compute bit-identically --, {label: StorageForm} rewritten, {label: note} for kernels
@@ -63,7 +68,8 @@ def pack(model, buffer, forms):
             continue
         reasons = []
         for form in forms:
-            update = _why_not(tensor, form) or codebook.narrowed(tensor, biases.get(tensor.bias_index), form)
+            update = _why_not(tensor, form) or _narrowed(tensor, biases.get(tensor.bias_index), form,
+                                                         tensor.bias_index in lowered)
             if isinstance(update, str):
                 reasons.append((form, update))
                 continue
@@ -81,6 +87,17 @@ def pack(model, buffer, forms):
         return buffer, buffer, {}, notes
     return (flatbuffer.rewrite_weights(buffer, updates, packed=chosen),
             flatbuffer.rewrite_weights(buffer, updates), packed, notes)
+
+
+def _narrowed(tensor, bias, form, lowered):
+    """:func:`codebook.narrowed`, keeping a bias lowered for two roundings one unit lower in the new scale."""
+    if not lowered or bias is None:
+        return codebook.narrowed(tensor, bias, form)
+    update = codebook.narrowed(tensor, bias.astype(np.int64) + 1, form)
+    if isinstance(update, str):
+        return update
+    values, scales, new_bias = update
+    return values, scales, np.maximum(new_bias - 1, -(2**31))
 
 
 def _check_twin(buffer, twin, options):
