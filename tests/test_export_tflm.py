@@ -223,6 +223,8 @@ def test_requantization_option(ternary, data):
         assert sorted(a) == sorted(b) and all(np.array_equal(a[i], b[i]) for i in a)
     assert not any("biases lowered" in n for n in single.notes)
     assert any("verified with LiteRT's builtin kernels" in n for n in double.notes)
+    assert [r.to_dict()["requantization"] for r in (litert, single, double, result)] == ["single", "single",
+                                                                                          "double", "double"]
     xq = int8_stage.model_input(double.flatbuffer, x[512:])
     builtin = litert_int8_outputs(double.flatbuffer, xq, "builtin").argmax(-1)
     keras = model.predict(x[512:], verbose=0).argmax(-1)

@@ -151,7 +151,8 @@ def result(model, buffer, options, rescaled=(), notes=(), packed=None, skipped=N
     notes = list(notes)
     notes += [f"layer '{r.layer}': {r.note}" for r in reports if r.note and r.quantizer != "float" and not r.exact]
     notes += [f"layer '{label}': {why}" for label, why in (skipped or {}).items()]
-    return ExportResult(buffer, options.target, reports, notes, weights=options.weights)
+    return ExportResult(buffer, options.target, reports, notes, weights=options.weights,
+                        requantization=options.requantization)
 
 
 def input_quantization(buffer):

@@ -293,6 +293,7 @@ class LceExportResult(ExportResult):
         d = {
             "target": self.target,
             "weights": self.weights,
+            "requantization": self.requantization,  # None: LCE's converter sets its own roundings
             "model_bytes": self.model_bytes,
             "layers": [dataclasses.asdict(r) for r in self.layers],
             "notes": list(self.notes),

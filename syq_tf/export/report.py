@@ -148,6 +148,8 @@ class ExportResult:
     notes: list
     verification: dict = None
     weights: str = "int8"  # storage of the low-bit weights: 'int8', 'int4' / 'int2' (target 'litert'), 'float32' ('lce')
+    # the rounding the int32 biases were set for: 'single' or 'double' (targets 'litert', 'tflm'); None for 'lce'
+    requantization: str = None
 
     def __bytes__(self):
         return bytes(self.flatbuffer)
@@ -161,6 +163,7 @@ class ExportResult:
             "target": self.target,
             "model_bytes": self.model_bytes,
             "weights": self.weights,
+            "requantization": self.requantization,
             "low_bit_weights": self.low_bit_totals(),
             "layers": [dataclasses.asdict(r) for r in self.layers],
             "notes": list(self.notes),

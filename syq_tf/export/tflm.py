@@ -182,7 +182,8 @@ class TflmExportResult(ExportResult):
 
     def __init__(self, base, flatbuffer_bytes, uncompressed, compression, arena_bytes,
                  arena_bytes_uncompressed, ops, notes):
-        super().__init__(bytes(flatbuffer_bytes), "tflm", base.layers, notes, base.verification)
+        super().__init__(bytes(flatbuffer_bytes), "tflm", base.layers, notes, base.verification,
+                         requantization=base.requantization)
         self.uncompressed = bytes(uncompressed)
         self.compression = compression
         self.arena_bytes = arena_bytes
