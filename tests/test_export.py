@@ -56,6 +56,8 @@ def test_layer_and_channel_codebooks_are_exact(data, bits, granularity):
     for name in ("qconv", "dw", "fc"):
         r = by_layer[name]
         assert r.exact and r.max_rel_alpha_error < 1e-6 and r.stored_levels == len(allowed), r
+    # every output channel (fc, qconv) / depth channel (dw) has its own int8 scale, all of them exact
+    assert [(by_layer[n].channels, by_layer[n].exact_channels) for n in ("qconv", "dw", "fc")] == [(12, 12)] * 2 + [(16, 16)]
     # read the int8 values ourselves: every quantized channel holds exactly the codebook
     qconv = tensors["CONV_2D:(12, 3, 3, 8)"]
     dw = tensors["DEPTHWISE_CONV_2D:(1, 3, 3, 12)"]
@@ -81,7 +83,7 @@ def test_pixel_and_row_report_their_alpha_error(data, granularity):
     result = syq_tf.export.to_tflite(model, representative_data=x[:64])
     r = next(r for r in result.layers if r.layer == "qconv")
     assert not r.exact and 1e-5 < r.max_rel_alpha_error < 0.05
-    assert r.stored_levels > 3
+    assert r.stored_levels > 3 and r.channels == 12 and r.exact_channels < 12
     assert any("qconv" in n and "cannot hold this codebook exactly" in n for n in result.notes)
     # the reported error is what the flatbuffer holds: recompute it for the channel of the largest
     t = next(t for t in flatbuffer.weight_tensors(result.flatbuffer) if t.values.shape == (12, 3, 3, 8))

@@ -116,6 +116,8 @@ def test_mid_rise_8bit_codebook_is_exact_in_the_channels_int8_can_hold(data):
     result = syq_tf.export.to_tflite(model, representative_data=x[:32])
     r = next(r for r in result.layers if r.layer == "qconv")
     assert not r.exact and "exact in 9 of 12 channels" in r.note, r.note
+    assert (r.exact_channels, r.channels) == (9, 12) and result.to_dict()["layers"][result.layers.index(r)][
+        "exact_channels"] == 9
     t = next(t for t in flatbuffer.weight_tensors(result.flatbuffer) if t.values.shape == (12, 3, 3, 8))
     stored = t.values.reshape(12, -1).astype(np.float64)
     for c in range(12):

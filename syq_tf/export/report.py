@@ -50,6 +50,8 @@ class LayerReport:
     scales: int = 0
     stored_bytes: int = 0
     min_bytes: int = 0
+    channels: int = 0  # slices with a stored scale of their own (1 for a per-tensor scale), over its tensors
+    exact_channels: int = 0  # of which hold their Keras codebook exactly
 
 
 def low_bit_totals(reports):
@@ -99,6 +101,7 @@ def layer_reports(model, buffer, rescaled=(), packed=None):
         bits = codebook.codebook_bits(quantizer, keras_levels)
         scales = codebook.codebook_scales(quantizer, stored_scales)
         exact = codebook.is_exact(err, zeros_ok)
+        exact_channels, channels = _channel_counts(checks, exact)
         note = ""
         tensor = matches[0].tensor
         if not exact and "FLOAT32" in dtypes:
@@ -106,7 +109,8 @@ def layer_reports(model, buffer, rescaled=(), packed=None):
         elif not exact:
             note = (f"int8 {'per-channel' if tensor.scales.size > 1 else 'per-tensor'} scales "
                     f"cannot hold this codebook exactly: stored levels off by up to {err:.2%}"
-                    + ("" if zeros_ok else "; zero weights were not kept at zero") + _exact_part(checks))
+                    + ("" if zeros_ok else "; zero weights were not kept at zero")
+                    + (f"; exact in {exact_channels} of {channels} channels" if 0 < exact_channels < channels else ""))
         elif label in packed:
             note = (f"codebook stored exactly as packed {packed[label].tflite_type} integer multiples of its "
                     "unit step (scales"
@@ -121,7 +125,7 @@ def layer_reports(model, buffer, rescaled=(), packed=None):
             note = "stored as float32 (the converter keeps small tensors in float), so exact"
         reports.append(LayerReport(label, op, describe(quantizer), keras_levels, levels, err, exact,
                                    nbytes, note, storage, bits, weights, scales, stored,
-                                   codebook.minimum_bytes(bits, weights, scales)))
+                                   codebook.minimum_bytes(bits, weights, scales), channels, exact_channels))
     return reports
 
 
@@ -133,11 +137,14 @@ def _check(match):
     return match.expected(), stored, codebook.quantization_axis(match.tensor), table
 
 
-def _exact_part(checks):
-    """``"; exact in N of M channels"`` for a kernel stored exactly in some of its channels only."""
+def _channel_counts(checks, exact):
+    """``(exact, total)`` channels of a kernel's stored tensors (:func:`codebook.exact_channels`; all of
+    them for a kernel found exact)."""
+    if exact:
+        total = sum(codebook.channel_rows(stored, axis).shape[0] for _, stored, axis, _ in checks)
+        return total, total
     counts = [codebook.exact_channels(*check) for check in checks]
-    exact, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
-    return f"; exact in {exact} of {total} channels" if 0 < exact < total else ""
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
 @dataclasses.dataclass
