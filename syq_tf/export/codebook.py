@@ -19,6 +19,7 @@ that arithmetic once, for every target, together with the measures the reports g
 
 import dataclasses
 import math
+import typing
 
 import numpy as np
 
@@ -167,20 +168,33 @@ def channel_levels(rows):
 # ---- exactness ----------------------------------------------------------------------------------
 
 
+EXACT_TOLERANCE = 1e-5  # the largest relative error of a stored level that still counts as exact
+
+
+class Comparison(typing.NamedTuple):
+    """:func:`compare`'s result."""
+
+    worst: float  # the largest relative error of a stored codebook level
+    zeros_ok: bool  # zeros stayed zeros
+    stored_levels: int  # the most distinct values of a slice, stored
+    keras_levels: int  # and in Keras
+    exact_channels: int  # slices holding their codebook exactly (:func:`is_exact`'s test per slice)
+    channels: int  # slices
+
+
 def compare(expected, stored, axis, factor_free=False):
     """A stored tensor (float values: int8 x 1, or dequantized) against the Keras kernel in TFLite
-    layout, per slice along ``axis`` (None: the whole tensor).
+    layout, per slice along ``axis`` (None: the whole tensor), as a :class:`Comparison`.
 
     Per slice, the stored values must be the Keras values times one factor (the int8 scale, times a
-    folded BatchNorm scale). Returns ``(worst, zeros_ok, stored_levels, keras_levels)``: the largest
-    relative error of a stored codebook level, whether zeros stayed zeros, and the most distinct
-    values of a slice, stored and in Keras. ``factor_free``: the stored values are the weights
-    themselves (dequantized; nothing is folded into a lookup table), so the factor must be 1."""
+    folded BatchNorm scale). ``factor_free``: the stored values are the weights themselves
+    (dequantized; nothing is folded into a lookup table), so the factor must be 1."""
     s = channel_rows(np.asarray(stored, np.float64), axis)
     k = channel_rows(np.asarray(expected, np.float64), axis)
     levels, keras_levels = int(channel_levels(s).max(initial=0)), int(channel_levels(k).max(initial=0))
     worst, zeros_ok = channel_errors(k, s, factor_free)
-    return float(worst.max(initial=0.0)), bool(zeros_ok.all()), levels, keras_levels
+    return Comparison(float(worst.max(initial=0.0)), bool(zeros_ok.all()), levels, keras_levels,
+                      int(np.count_nonzero(zeros_ok & (worst <= EXACT_TOLERANCE))), int(worst.size))
 
 
 def channel_errors(keras_rows, stored_rows, factor_free=False):
@@ -206,15 +220,7 @@ def channel_errors(keras_rows, stored_rows, factor_free=False):
     return worst, zeros_ok
 
 
-def exact_channels(expected, stored, axis, factor_free=False, tolerance=1e-5):
-    """``(exact, total)``: how many slices along ``axis`` of a stored tensor hold their Keras codebook
-    exactly (:func:`compare`'s test, per slice)."""
-    worst, zeros_ok = channel_errors(channel_rows(np.asarray(expected, np.float64), axis),
-                                     channel_rows(np.asarray(stored, np.float64), axis), factor_free)
-    return int(np.count_nonzero(zeros_ok & (worst <= tolerance))), int(worst.size)
-
-
-def is_exact(worst, zeros_ok, tolerance=1e-5):
+def is_exact(worst, zeros_ok, tolerance=EXACT_TOLERANCE):
     return bool(zeros_ok and worst <= tolerance)
 
 

@@ -109,8 +109,8 @@ def exact_codebooks(model, buffer):
         if match.quantizer is None or tensor is None or tensor.dtype != "INT8":
             continue
         expected = match.expected()
-        err, zeros_ok, _, _ = codebook.compare(expected, tensor.values, codebook.quantization_axis(tensor))
-        if codebook.is_exact(err, zeros_ok):
+        check = codebook.compare(expected, tensor.values, codebook.quantization_axis(tensor))
+        if codebook.is_exact(check.worst, check.zeros_ok):
             continue
         update = codebook.exact_int8(expected, tensor, biases.get(tensor.bias_index))
         if update is not None:

@@ -79,12 +79,12 @@ def layer_reports(model, buffer, rescaled=(), packed=None):
                                        "weight tensor not found in the flatbuffer"))
             continue
         err, zeros_ok, levels, keras_levels, nbytes, dtypes = 0.0, True, 0, 0, 0, set()
-        weights, stored_scales = 0, 0
-        checks = [_check(m) for m in matches]
-        for m, check in zip(matches, checks):
-            e, z, lv, klv = codebook.compare(*check)
-            err, zeros_ok = max(err, e), zeros_ok and z
-            levels, keras_levels = max(levels, lv), max(keras_levels, klv)
+        weights, stored_scales, exact_channels, channels = 0, 0, 0, 0
+        for m in matches:
+            c = codebook.compare(*_check(m))
+            err, zeros_ok = max(err, c.worst), zeros_ok and c.zeros_ok
+            levels, keras_levels = max(levels, c.stored_levels), max(keras_levels, c.keras_levels)
+            exact_channels, channels = exact_channels + c.exact_channels, channels + c.channels
             nbytes += int(m.tensor.stored_bytes or m.tensor.values.nbytes)
             weights += int(m.tensor.values.size)
             stored_scales += int(m.tensor.scales.size)
@@ -101,7 +101,6 @@ def layer_reports(model, buffer, rescaled=(), packed=None):
         bits = codebook.codebook_bits(quantizer, keras_levels)
         scales = codebook.codebook_scales(quantizer, stored_scales)
         exact = codebook.is_exact(err, zeros_ok)
-        exact_channels, channels = _channel_counts(checks, exact)
         note = ""
         tensor = matches[0].tensor
         if not exact and "FLOAT32" in dtypes:
@@ -135,16 +134,6 @@ def _check(match):
     table = match.tensor.op == "GATHER"
     stored = codebook.dequantized(match.tensor) if table else match.tensor.values
     return match.expected(), stored, codebook.quantization_axis(match.tensor), table
-
-
-def _channel_counts(checks, exact):
-    """``(exact, total)`` channels of a kernel's stored tensors (:func:`codebook.exact_channels`; all of
-    them for a kernel found exact)."""
-    if exact:
-        total = sum(codebook.channel_rows(stored, axis).shape[0] for _, stored, axis, _ in checks)
-        return total, total
-    counts = [codebook.exact_channels(*check) for check in checks]
-    return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
 @dataclasses.dataclass
