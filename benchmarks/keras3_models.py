@@ -37,7 +37,8 @@ Prints a table, writes benchmarks/results/keras3_models.json (``--quick``:
 keras3_models_quick.json) and, without ``--quick`` and with the default ``--out``, the section "Keras 3 models" of
 benchmarks/BENCHMARKS.md (kept when benchmarks/accuracy.py rewrites the rest of the file);
 ``--write-section`` rewrites that section from the JSON alone, ``--keep-models DIR`` keeps the
-quantized .keras files.
+float and quantized .keras files and ``--reuse DIR`` loads them instead of training (after an
+export change: the same models exported again; the float model's fit seconds are then not known).
 """
 
 import argparse
@@ -244,17 +245,34 @@ def split_disagreement(model, result, x):
     }
 
 
+def kept(directory, name, what):
+    """The path of ``{name}_{what}.keras`` in ``directory`` (``--reuse``) if it is there, else None."""
+    path = directory and os.path.join(directory, f"{name}_{what}.keras")
+    return path if path and os.path.exists(path) else None
+
+
 def run_model(name, p, args, out_rows):
     keras.utils.set_random_seed(args.seed)
     t0 = time.perf_counter()
     float_model, (x, y), (xt, yt), data = build(name, p, args)
     print(f"== {name}: {float_model.count_params():,} parameters; {data}", flush=True)
+    saved_float = kept(args.reuse, name, "float")
+    if saved_float:  # the float model an earlier run (--keep-models) trained
+        float_model = keras.saving.load_model(saved_float)
+        float_fit_s = None
+    else:
+        compile_model(float_model, args.lr)
+        t = time.perf_counter()
+        float_model.fit(x, y, batch_size=p["batch"], epochs=p["float_epochs"], verbose=0, shuffle=True)
+        float_fit_s = time.perf_counter() - t
+        if args.keep_models:
+            os.makedirs(args.keep_models, exist_ok=True)
+            float_model.save(os.path.join(args.keep_models, f"{name}_float.keras"))
     compile_model(float_model, args.lr)
-    t = time.perf_counter()
-    float_model.fit(x, y, batch_size=p["batch"], epochs=p["float_epochs"], verbose=0, shuffle=True)
-    float_fit_s = time.perf_counter() - t
     float_acc = float(float_model.evaluate(xt, yt, batch_size=128, verbose=0)[1])
-    print(f"   float: {p['float_epochs']} epoch(s) {float_fit_s:.0f} s, test accuracy {float_acc:.4f}", flush=True)
+    print("   float: " + (f"loaded {saved_float}" if saved_float else
+                           f"{p['float_epochs']} epoch(s) {float_fit_s:.0f} s") + f", test accuracy {float_acc:.4f}",
+          flush=True)
     rep_x = x[:args.representative]
     vx, vy = xt[:p["verify"]], yt[:p["verify"]]
     for scheme in args.schemes:
@@ -268,15 +286,20 @@ def run_model(name, p, args, out_rows):
             print(f"   {scheme}: {row['error']}", flush=True)
             continue
         row["quantize_report"] = {k: (len(v) if isinstance(v, list) else v) for k, v in report.items()}
+        saved = kept(args.reuse, name, scheme)
+        if saved:  # the quantized model an earlier run trained: its exports only (after an export change)
+            q = keras.saving.load_model(saved)
+            row["reused"] = saved
         compile_model(q, args.q_lr)
-        if args.fit_ranges:  # DoReFa's fixed [0, 1] fitted to the float model's ReLU / ReLU6 outputs
-            fitted = syq.fit_dorefa_ranges(q, rep_x)
-            row["dorefa_ranges"] = {"fitted": sum(isinstance(v, float) for v in fitted.values()),
-                                    "left": {k: v for k, v in fitted.items() if not isinstance(v, float)}}
-        syq.calibrate(q, rep_x)
-        t = time.perf_counter()
-        q.fit(x, y, batch_size=p["batch"], epochs=p["q_epochs"], verbose=0, shuffle=True)
-        row["fit_s"] = time.perf_counter() - t
+        if not saved:
+            if args.fit_ranges:  # DoReFa's fixed [0, 1] fitted to the float model's ReLU / ReLU6 outputs
+                fitted = syq.fit_dorefa_ranges(q, rep_x)
+                row["dorefa_ranges"] = {"fitted": sum(isinstance(v, float) for v in fitted.values()),
+                                        "left": {k: v for k, v in fitted.items() if not isinstance(v, float)}}
+            syq.calibrate(q, rep_x)
+            t = time.perf_counter()
+            q.fit(x, y, batch_size=p["batch"], epochs=p["q_epochs"], verbose=0, shuffle=True)
+            row["fit_s"] = time.perf_counter() - t
         row["keras_accuracy"] = float(q.evaluate(xt, yt, batch_size=128, verbose=0)[1])
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, f"{name}.keras")
@@ -290,7 +313,8 @@ def run_model(name, p, args, out_rows):
         row["roundtrip_max_abs_diff"] = float(np.max(np.abs(before - after)))
         row["roundtrip_identical"] = bool(np.array_equal(before, after))
         print(f"   {scheme}: {report['scheme']}, {len(report['low_bit'])} low-bit / {len(report['eight_bit'])} "
-              f"8-bit kernel layers; fit {p['q_epochs']} epoch(s) {row['fit_s']:.0f} s, test accuracy "
+              f"8-bit kernel layers; " + (f"fit {p['q_epochs']} epoch(s) {row['fit_s']:.0f} s" if "fit_s" in row
+                                          else f"loaded {saved}") + ", test accuracy "
               f"{row['keras_accuracy']:.4f}; .keras round trip identical: {row['roundtrip_identical']}", flush=True)
         row["exports"] = []
         for target in args.targets:
@@ -422,7 +446,7 @@ def meta_of(args, p, seconds, flags):
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
             pass
-    shown = re.sub(r"--keep-models[= ]\S+ ?", "", flags)  # where models were copied: not part of the result
+    shown = re.sub(r"--(keep-models|out)[= ]\S+ ?", "", flags)  # where files went: not part of the result
     return {"profile": p, "cpu": cpu_name(), "cpus": os.cpu_count(), "platform": platform.platform(),
             "python": sys.version.split()[0], "versions": versions, "seconds": seconds,
             "command": f"python benchmarks/keras3_models.py {shown}".strip(), "schemes": args.schemes,
@@ -452,7 +476,11 @@ def main(argv=None):
     ap.add_argument("--write-section", action="store_true",
                     help="only rewrite the BENCHMARKS.md section from the saved JSON (no run)")
     ap.add_argument("--keep-models", default=None, metavar="DIR",
-                    help="also copy every quantized .keras file to DIR (for looking into an export later)")
+                    help="also save the float model and copy every quantized .keras file to DIR (--reuse DIR "
+                         "exports them again later without training)")
+    ap.add_argument("--reuse", default=None, metavar="DIR",
+                    help="load the float and quantized models a run with --keep-models DIR saved instead of "
+                         "training them (the ones not there are trained); the rows record the files")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
     if args.write_section:
