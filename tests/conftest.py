@@ -2,7 +2,11 @@ import syq_tf  # noqa: F401  (first: selects Keras 2)
 
 import pytest
 import tensorflow as tf
-from neutral import REPO, run_python, separable_data  # noqa: F401  (re-exported to the tests)
+from neutral import REPO, ignore_dependency_warnings, run_python, separable_data  # noqa: F401  (re-exported to the tests)
+
+
+def pytest_configure(config):
+    ignore_dependency_warnings(config)
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,19 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Deprecation warnings of dependencies, not of this project, that no test can act on. On Python 3.13
+# TensorFlow's autograph builds gast nodes with an annotation keyword Python deprecates: hundreds of
+# warnings a test that traces a function, about 31,700 in a run, which buried any warning of ours.
+DEPENDENCY_WARNINGS = (
+    r"ignore:.* got an unexpected keyword argument '___pyct_anno':DeprecationWarning",
+)
+
+
+def ignore_dependency_warnings(config):
+    """pytest_configure of both conftests: :data:`DEPENDENCY_WARNINGS` filtered out."""
+    for spec in DEPENDENCY_WARNINGS:
+        config.addinivalue_line("filterwarnings", spec)
+
 
 def run_python(code, env=None, args=(), timeout=600):
     """Run a Python snippet (or a script, with ``args``) in a fresh interpreter with this checkout

@@ -11,7 +11,11 @@ import pytest
 
 # the helpers that import no frontend live beside the Keras 2 tests (tests/neutral.py)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from neutral import REPO, run_python, separable_data  # noqa: E402, F401  (re-exported to the tests)
+from neutral import REPO, ignore_dependency_warnings, run_python, separable_data  # noqa: E402, F401  (re-exported to the tests)
+
+
+def pytest_configure(config):
+    ignore_dependency_warnings(config)
 
 
 @pytest.fixture(autouse=True)
