@@ -51,6 +51,21 @@ def test_int2_keeps_binary_and_ternary_codebooks_exact():
     assert isinstance(reason, str) and "largest |k| 3" in reason and "|k| <= 1" in reason
 
 
+def test_a_bias_lowered_for_two_roundings_stays_one_unit_lower_in_the_new_scale():
+    # stored biases 1000 and -2540 were lowered by one from 1001 and -2539 (TFLM's two roundings):
+    # re-expressed from those (x 1/127, x 1/64) and lowered one unit of the new scale. Re-expressing
+    # the lowered values would give round(1000/127) = 8 = round(1001/127): the offset rounded away.
+    w = np.array([[127, -127, 127, -127], [64, 0, -64, 0]])
+    bias = np.array([1000, -2540], np.int32)
+    _, _, new_bias = codebook.narrowed(_tensor(w, [0.01, 0.02]), bias, INT2, lowered=True)
+    np.testing.assert_array_equal(new_bias, [round(1001 / 127) - 1, round(-2539 / 64) - 1])
+    assert new_bias.tolist() == [7, -41]
+    _, _, plain = codebook.narrowed(_tensor(w, [0.01, 0.02]), bias, INT2)
+    assert plain.tolist() == [8, -40]
+    lowest = codebook.narrowed(_tensor(w[:1], [0.01]), np.array([-(2**31)], np.int64), INT2, lowered=True)[2]
+    assert lowest.tolist() == [round((1 - 2**31) / 127) - 1]
+
+
 def int2_model(x):
     inp = tf.keras.Input((8, 8, 1))
     h = syq_tf.quantize(tf.keras.layers.Conv2D(6, 3, name="conv"), kernel_quantizer=SYQ(2, "channel"),

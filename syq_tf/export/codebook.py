@@ -306,7 +306,7 @@ def exact_int8(expected, tensor, bias):
     return values, np.asarray(scales, np.float32), rescaled_bias(bias, ratios)
 
 
-def narrowed(tensor, bias, form):
+def narrowed(tensor, bias, form, lowered=False):
     """``(values in [-max_int, max_int], float32 scales, int32 bias or None)`` re-expressing an
     int8 weight tensor exactly in a narrower storage ``form`` (int4, int2), or a string saying why
     it cannot be.
@@ -314,7 +314,10 @@ def narrowed(tensor, bias, form):
     Per channel, the stored int8 values are integer multiples k*g of their greatest common divisor
     g; if every |k| <= max_int they are stored as k*m (:func:`spread`) with scale scale*g/m, so
     value x scale is unchanged (the codebook stays exact), and the int32 bias is re-expressed in the
-    new scale (rounded to the nearest integer)."""
+    new scale (rounded to the nearest integer). ``lowered``: the bias was lowered by one unit for two
+    roundings (:func:`~syq_tf.export.flatbuffer.lower_biases_for_two_roundings`); it is re-expressed
+    from its value before and lowered by one unit of the new scale (re-expressed, the offset would
+    shrink with the scale: to 7/127 of a unit from int8 to int4 ternary weights, then round away)."""
     axis = quantization_axis(tensor)
     rows = channel_rows(tensor.values.astype(np.int64), axis)
     new_rows, scales, ratios = [], [], []
@@ -338,7 +341,10 @@ def narrowed(tensor, bias, form):
         scales.append(scale * g / m)
         ratios.append(m / g)
     values = from_rows(np.stack(new_rows), tensor.values.shape, axis).astype(np.int8)
-    return values, np.asarray(scales, np.float32), rescaled_bias(bias, ratios)
+    if bias is None or not lowered:
+        return values, np.asarray(scales, np.float32), rescaled_bias(bias, ratios)
+    return values, np.asarray(scales, np.float32), np.maximum(rescaled_bias(bias.astype(np.int64) + 1, ratios) - 1,
+                                                              -(2**31))
 
 
 def int8_from_float(values, axis):

@@ -53,9 +53,8 @@ def pack(model, buffer, forms, lowered=frozenset()):
     """Rewrite the int8 weight tensors of quantized kernels in the first of ``forms`` (StorageForms,
     narrowest first) their op and codebook allow (:func:`syq_tf.export.codebook.narrowed`).
     ``lowered``: tensor indices of int32 biases lowered by one for two roundings
-    (:func:`~syq_tf.export.flatbuffer.lower_biases_for_two_roundings`); such a bias is re-expressed
-    in the new scale from its value before, then lowered by one unit of the new scale (re-expressed,
-    the offset would shrink with the scale: 7/127 of a unit from int8 to int4 ternary weights).
+    (:func:`~syq_tf.export.flatbuffer.lower_biases_for_two_roundings`), kept one unit lower in the
+    new scale.
 
     Returns (packed flatbuffer, its int8 twin -- the same integers and scales stored as int8, which
     LiteRT must compute bit-identically --, {label: StorageForm} rewritten, {label: note} for kernels
@@ -68,8 +67,8 @@ def pack(model, buffer, forms, lowered=frozenset()):
             continue
         reasons = []
         for form in forms:
-            update = _why_not(tensor, form) or _narrowed(tensor, biases.get(tensor.bias_index), form,
-                                                         tensor.bias_index in lowered)
+            update = _why_not(tensor, form) or codebook.narrowed(tensor, biases.get(tensor.bias_index), form,
+                                                                 lowered=tensor.bias_index in lowered)
             if isinstance(update, str):
                 reasons.append((form, update))
                 continue
@@ -87,17 +86,6 @@ def pack(model, buffer, forms, lowered=frozenset()):
         return buffer, buffer, {}, notes
     return (flatbuffer.rewrite_weights(buffer, updates, packed=chosen),
             flatbuffer.rewrite_weights(buffer, updates), packed, notes)
-
-
-def _narrowed(tensor, bias, form, lowered):
-    """:func:`codebook.narrowed`, keeping a bias lowered for two roundings one unit lower in the new scale."""
-    if not lowered or bias is None:
-        return codebook.narrowed(tensor, bias, form)
-    update = codebook.narrowed(tensor, bias.astype(np.int64) + 1, form)
-    if isinstance(update, str):
-        return update
-    values, scales, new_bias = update
-    return values, scales, np.maximum(new_bias - 1, -(2**31))
 
 
 def _check_twin(buffer, twin, options):
