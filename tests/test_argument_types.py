@@ -31,10 +31,10 @@ def test_numpy_scalars_are_numbers(make, key, expected):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: Q.SYQ(True), "SYQ : bits=True is not supported; allowed: 1 (binary) or 2 (ternary)."),
-    (lambda: Q.SYQ(2.0), "SYQ : bits=2.0 is not supported; allowed: 1 (binary) or 2 (ternary)."),
-    (lambda: Q.SYQ(2, eta=np.float32("nan")), "SYQ : eta=nan must be a number in [0, 1)"),
-    (lambda: Q.DoReFa(np.bool_(True)), "DoReFa : bits=True is not supported; allowed: integers 1 to 8."),
+    (lambda: Q.SYQ(True), "SYQ: bits=True is not supported; allowed: 1 (binary) or 2 (ternary)."),
+    (lambda: Q.SYQ(2.0), "SYQ: bits=2.0 is not supported; allowed: 1 (binary) or 2 (ternary)."),
+    (lambda: Q.SYQ(2, eta=np.float32("nan")), "SYQ: eta=nan must be a number in [0, 1)"),
+    (lambda: Q.DoReFa(np.bool_(True)), "DoReFa: bits=True is not supported; allowed: integers 1 to 8."),
     (lambda: Q.UniQActivation(4, initial_step=np.float32("inf")),
      "UniQActivation: initial_step=inf must be a positive number or None."),
     (lambda: syq_tf.LossAwareAdam(clip=np.float64("nan")), "LossAwareAdam: clip=nan must be a finite number > 0"),

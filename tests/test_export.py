@@ -162,7 +162,7 @@ def test_errors(data):
     x, _ = data
     model = small_model(2, "layer")
     model(x[:1])
-    with pytest.raises(ValueError, match="unknown target 'tpu'"):
+    with pytest.raises(ValueError, match=r"unknown target 'tpu'; allowed: 'litert', 'tflm', 'lce' \(Keras 2 only\)\.$"):
         syq_tf.export.to_tflite(model, x[:4], target="tpu")
     with pytest.raises(ValueError, match="representative_data is empty"):
         syq_tf.export.to_tflite(model, x[:0])

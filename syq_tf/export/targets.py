@@ -86,7 +86,8 @@ def options(model, *, target="litert", weights="int8", representative_data=None,
     """The export options, checked against each other and against ``model``; ValueError naming the
     argument and what is allowed."""
     if target not in REGISTRY:
-        raise ValueError(f"to_tflite: unknown target {target!r}; available here: {TARGETS}.")
+        here = [repr(t) + (" (Keras 2 only)" if t == "lce" else "") for t in TARGETS]
+        raise ValueError(f"to_tflite: unknown target {target!r}; allowed: {', '.join(here)}.")
     if weights not in WEIGHTS:
         raise ValueError(f"to_tflite: weights={weights!r}; allowed: {_weights_allowed()}.")
     if weights not in REGISTRY[target].weights:

@@ -38,8 +38,9 @@ class DoReFaActivation(ActivationQuantizer):
 
     def __init__(self, bits=8, **kwargs):
         if not is_int(bits) or not 1 <= bits <= 8:
+            owner = f"DoReFa {kwargs.get('name', '')!s}".rstrip()
             raise ValueError(
-                f"DoReFa {kwargs.get('name', '')!s}: bits={shown(bits)!r} is not supported; allowed: "
+                f"{owner}: bits={shown(bits)!r} is not supported; allowed: "
                 "integers 1 to 8."
             )
         super().__init__(**kwargs)

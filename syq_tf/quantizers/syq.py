@@ -78,19 +78,20 @@ class SYQ(LearnedScaleQuantizer):
     SCALE_NAME = "alpha"
 
     def __init__(self, bits=2, granularity="layer", eta=0.05, depthwise=False, transposed=False, **kwargs):
+        owner = f"SYQ {kwargs.get('name', '')!s}".rstrip()
         if not is_int(bits) or bits not in (1, 2):
             raise ValueError(
-                f"SYQ {kwargs.get('name', '')!s}: bits={shown(bits)!r} is not supported; allowed: 1 (binary) "
+                f"{owner}: bits={shown(bits)!r} is not supported; allowed: 1 (binary) "
                 "or 2 (ternary)."
             )
         if granularity not in GRANULARITIES:
             raise ValueError(
-                f"SYQ {kwargs.get('name', '')!s}: unknown granularity {granularity!r}; allowed: "
+                f"{owner}: unknown granularity {granularity!r}; allowed: "
                 f"{GRANULARITIES}."
             )
         if not is_real(eta) or not 0.0 <= float(eta) < 1.0:
             raise ValueError(
-                f"SYQ {kwargs.get('name', '')!s}: eta={shown(eta)!r} must be a number in [0, 1) (threshold "
+                f"{owner}: eta={shown(eta)!r} must be a number in [0, 1) (threshold "
                 "as a fraction of max|W|)."
             )
         super().__init__(**kwargs)
