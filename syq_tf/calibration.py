@@ -19,7 +19,7 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
-from syq_tf.models import layer_kernels, unwrapped
+from syq_tf.models import check_example_shape, layer_kernels, require_model, unwrapped
 
 
 def calibratable_quantizers(model):
@@ -38,7 +38,7 @@ def calibratable_quantizers(model):
     return found
 
 
-def _batches(data, batches, batch_size, owner="syq_tf.calibrate"):
+def _batches(model, data, batches, batch_size, owner="syq_tf.calibrate"):
     if isinstance(data, tf.data.Dataset):
         source = data
     else:
@@ -47,6 +47,7 @@ def _batches(data, batches, batch_size, owner="syq_tf.calibrate"):
         array = np.asarray(data)
         if array.ndim == 0 or len(array) == 0:
             raise ValueError(f"{owner}: no calibration data (an empty array).")
+        check_example_shape(model, array, owner, "data")
         source = tf.data.Dataset.from_tensor_slices(array.astype(np.float32)).batch(batch_size)
     for i, batch in enumerate(source):
         if i >= batches:
@@ -64,6 +65,7 @@ def calibrate(model, data, batches=100, batch_size=128, recalibrate=True, batch_
     :class:`Calibrate` callback does, so resuming training keeps the learned steps).
     Weight steps initialise themselves on the first forward pass. Returns ``{quantizer name: step}``.
     """
+    require_model(model, "syq_tf.calibrate", layers_too=True)
     if isinstance(batches, (bool, np.bool_)) or not isinstance(batches, numbers.Integral) or batches < 1:
         raise ValueError(f"syq_tf.calibrate: batches={batches!r} must be a positive integer.")
     quantizers = calibratable_quantizers(model)
@@ -74,7 +76,7 @@ def calibrate(model, data, batches=100, batch_size=128, recalibrate=True, batch_
     seen = 0
     saved = None
     try:
-        for x in _batches(data, batches, batch_size):
+        for x in _batches(model, data, batches, batch_size):
             if x.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(x))):
                 raise ValueError(f"syq_tf.calibrate: calibration batch {seen} holds NaN or Inf values; the "
                                  "activation steps would be NaN (check the data)")
@@ -350,6 +352,7 @@ def fit_dorefa_ranges(model, data, batches=10, batch_size=128, batch_statistics=
     float weights are in place (with ``quantize_model``: right after it, before ``calibrate`` and
     training). Returns ``{name of the layer holding the quantizer: s or the reason it was left alone}``.
     """
+    require_model(model, "syq_tf.fit_dorefa_ranges")
     if isinstance(batches, (bool, np.bool_)) or not isinstance(batches, numbers.Integral) or batches < 1:
         raise ValueError(f"syq_tf.fit_dorefa_ranges: batches={batches!r} must be a positive integer.")
     result = {}
@@ -380,7 +383,7 @@ def _probe(model, tensor, data, batches, batch_size, batch_statistics):
     saved = [(v, v.numpy()) for v in model.non_trainable_variables]
     values = []
     try:
-        for x in _batches(data, batches, batch_size, owner="syq_tf.fit_dorefa_ranges"):
+        for x in _batches(model, data, batches, batch_size, owner="syq_tf.fit_dorefa_ranges"):
             values.append(np.asarray(probe(x, training=batch_statistics), np.float32).ravel())
     finally:
         for variable, value in saved:

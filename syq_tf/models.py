@@ -1,5 +1,6 @@
 """Model-level helpers: find quantized kernels, re-initialise learned scales."""
 
+import numpy as np
 import tensorflow as tf
 
 from syq_tf.layers import QuantizedLayerMixin, QuantizedMultiHeadAttention
@@ -11,6 +12,31 @@ _LARQ_KERNELS = (
     ("depthwise_quantizer", "depthwise_kernel"),
     ("pointwise_quantizer", "pointwise_kernel"),
 )
+
+
+def require_model(model, owner, layers_too=False):
+    """TypeError naming ``owner`` unless ``model`` is a Keras model of this process's Keras (with
+    ``layers_too``, or a layer)."""
+    kind = tf.keras.layers.Layer if layers_too else tf.keras.Model
+    if not isinstance(model, kind):
+        cls = type(model)
+        got = cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+        raise TypeError(f"{owner}: expected a Keras {KERAS} model{' or layer' if layers_too else ''}, got {got}.")
+
+
+def check_example_shape(model, x, owner, argument):
+    """ValueError naming ``owner`` and ``argument`` if the examples ``x`` (an array, batch first) do
+    not have the shape of the single input of ``model`` (models without a known input: no check)."""
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):  # a subclassed model before its first call
+        return
+    if not inputs or len(inputs) != 1:
+        return
+    want, got = tuple(inputs[0].shape[1:]), tuple(np.shape(x)[1:])
+    if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
+        raise ValueError(f"{owner}: {argument} has examples of shape {got}; model {model.name!r} takes "
+                         f"{tuple(None if w is None else int(w) for w in want)}.")
 
 
 def flat_layers(model):
@@ -77,6 +103,7 @@ def reinitialize_scales(model):
     (Least-squares scalars need nothing: they are recomputed every step. Activation steps are set
     from data by :func:`syq_tf.calibrate`.) Returns the names of the layers whose scales were set.
     """
+    require_model(model, "syq_tf.reinitialize_scales")
     names = []
     for layer, quantizer, kernel in quantized_kernels(model):
         if hasattr(quantizer, "initialize_from"):

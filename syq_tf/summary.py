@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from syq_tf.models import flat_layers, layer_kernels, unwrapped
+from syq_tf.models import flat_layers, layer_kernels, require_model, unwrapped
 
 
 @dataclasses.dataclass
@@ -101,6 +101,7 @@ def _macs(layer, kernels):
 
 def summarize(model):
     """A :class:`LayerSummary` per layer that has weights."""
+    require_model(model, "syq_tf.summary")
     rows = []
     for layer in flat_layers(model):
         if not layer.weights:

@@ -57,3 +57,20 @@ def test_calibration_data_with_nan_is_refused():
     assert not quantizer.calibrated
     steps = syq_tf.calibrate(model, np.nan_to_num(x), batch_size=8)
     assert all(np.isfinite(v) and v > 0 for v in steps.values())
+
+
+def test_model_helpers_name_themselves_for_a_non_model_and_for_examples_of_the_wrong_shape():
+    model = tf.keras.Sequential([tf.keras.Input((8, 8, 1)), tf.keras.layers.Flatten(),
+                                 syq_tf.quantize(tf.keras.layers.Dense(4), input_quantizer=Q.UniQActivation(4))],
+                                name="small")
+    for helper, args in ((syq_tf.calibrate, (np.zeros((4, 8, 8, 1)),)), (syq_tf.fit_dorefa_ranges, (np.zeros(4),)),
+                         (syq_tf.reinitialize_scales, ()), (syq_tf.summary, ())):
+        with pytest.raises(TypeError, match=rf"^syq_tf.{helper.__name__}: expected a Keras 2 model"
+                                            rf"( or layer)?, got str\.$"):
+            helper("model.keras", *args)
+    with pytest.raises(ValueError, match=r"^syq_tf.calibrate: data has examples of shape \(8, 8\); model 'small' "
+                                         r"takes \(8, 8, 1\)\.$"):
+        syq_tf.calibrate(model, np.zeros((4, 8, 8), np.float32))
+    quantizer = syq_tf.calibration.calibratable_quantizers(model)[0]
+    assert not quantizer.calibrated  # refused before any pass
+    assert list(syq_tf.calibrate(model, np.ones((4, 8, 8, 1), np.float32)).values())[0] > 0

@@ -215,6 +215,19 @@ def test_quantize_model_refuses_what_it_cannot_quantize():
         syq.quantize_model(keras.Model(inp, out), "syq-w3a8")
 
 
+def test_model_helpers_refuse_a_keras2_model_and_examples_of_the_wrong_shape():
+    import tf_keras  # the other Keras in this process: its model is no Keras 3 model
+
+    other = tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.Dense(2)])
+    for helper in (syq.summary, syq.reinitialize_scales):
+        with pytest.raises(TypeError, match=rf"^syq_tf.{helper.__name__}: expected a Keras 3 model, got "
+                                            r"tf_keras\.src\.engine\.sequential\.Sequential\.$"):
+            helper(other)
+    with pytest.raises(ValueError, match=r"^syq_tf.calibrate: data has examples of shape \(3,\); model '.*' "
+                                         r"takes \(8, 8, 1\)\.$"):
+        syq.calibrate(_cnn(), np.zeros((4, 3), np.float32))
+
+
 def test_keras2_only_parts_say_so_in_one_line():
     model = _cnn()
     syq.calibrate(model, np.zeros((4, 8, 8, 1), np.float32))

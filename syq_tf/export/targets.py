@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from syq_tf import _bootstrap
+from syq_tf.models import check_example_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,11 +140,7 @@ def _check_inputs(model, data, argument):
     if x.dtype == object or x.ndim == 0:
         raise ValueError(f"to_tflite: {argument} is not an array of input examples (dtype {x.dtype}, "
                          f"shape {x.shape}).")
-    want = tuple(model.inputs[0].shape[1:])
-    got = tuple(x.shape[1:])
-    if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
-        raise ValueError(f"to_tflite: {argument} has examples of shape {got}; model {model.name!r} takes "
-                         f"{tuple(None if w is None else int(w) for w in want)}.")
+    check_example_shape(model, x, "to_tflite", argument)
     if x.size and x.dtype.kind == "f" and not np.all(np.isfinite(x)):
         bad = int(np.count_nonzero(~np.isfinite(x)))
         raise ValueError(f"to_tflite: {argument} has {bad} NaN or infinite values of {x.size}; give finite inputs.")
