@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from syq_tf.calibration import calibratable_quantizers
 from syq_tf.models import quantized_kernels
+from syq_tf.quantizers._common import is_int
 
 
 def _clean(name):
@@ -28,8 +29,8 @@ class QuantizerLogger(tf.keras.callbacks.Callback):
 
     def __init__(self, log_dir, every=1, max_scalars=16):
         super().__init__()
-        if every < 1:
-            raise ValueError(f"QuantizerLogger: every={every!r} must be >= 1 (epochs).")
+        if not is_int(every) or every < 1:
+            raise ValueError(f"QuantizerLogger: every={every!r} must be an integer >= 1 (epochs).")
         self.log_dir = log_dir
         self.every = int(every)
         self.max_scalars = int(max_scalars)
@@ -102,8 +103,8 @@ class CheckFinite(tf.keras.callbacks.Callback):
 
     def __init__(self, every=1):
         super().__init__()
-        if every < 1:
-            raise ValueError(f"CheckFinite: every={every!r} must be >= 1 (batches).")
+        if not is_int(every) or every < 1:
+            raise ValueError(f"CheckFinite: every={every!r} must be an integer >= 1 (batches).")
         self.every = int(every)
 
     def check(self):

@@ -38,6 +38,10 @@ def test_numpy_scalars_are_numbers(make, key, expected):
     (lambda: Q.UniQActivation(4, initial_step=np.float32("inf")),
      "UniQActivation: initial_step=inf must be a positive number or None."),
     (lambda: syq_tf.LossAwareAdam(clip=np.float64("nan")), "LossAwareAdam: clip=nan must be a finite number > 0"),
+    (lambda: Q.LeastSquares("ls9"), "LeastSquares: unknown mode 'ls9'; allowed:"),
+    (lambda: Q.LeastSquaresActivation("gf5", name="act"), "LeastSquaresActivation act: unknown mode 'gf5'"),
+    (lambda: syq_tf.CheckFinite(every="2"), "CheckFinite: every='2' must be an integer >= 1 (batches)."),
+    (lambda: syq_tf.QuantizerLogger("logs", every=2.5), "QuantizerLogger: every=2.5 must be an integer >= 1 (epochs)."),
 ])
 def test_bools_floats_for_integers_and_non_finite_values_are_refused(make, message):
     with pytest.raises(ValueError) as err:

@@ -523,12 +523,12 @@ class LeastSquares(WeightQuantizer):
 
     def __init__(self, mode="ls1", granularity="channel", depthwise=False, backward="ste", transposed=False,
                  **kwargs):
-        name = kwargs.get("name", "")
-        _check_mode(mode, owner=f"LeastSquares {name!s}")
-        _check_backward(backward, f"LeastSquares {name!s}".rstrip())
+        owner = f"LeastSquares {kwargs.get('name', '')!s}".rstrip()
+        _check_mode(mode, owner=owner)
+        _check_backward(backward, owner)
         if granularity not in GRANULARITIES:
             raise ValueError(
-                f"LeastSquares {name!s}: unknown granularity {granularity!r}; allowed: "
+                f"{owner}: unknown granularity {granularity!r}; allowed: "
                 f"{GRANULARITIES} (least-squares scalars are per output channel or per layer)."
             )
         super().__init__(**kwargs)
@@ -587,10 +587,9 @@ class LeastSquaresActivation(ActivationQuantizer):
     """
 
     def __init__(self, mode="ls1", clip=None, momentum=None, backward="ste", **kwargs):
-        name = kwargs.get("name", "")
-        owner = f"LeastSquaresActivation {name!s}"
+        owner = f"LeastSquaresActivation {kwargs.get('name', '')!s}".rstrip()
         _check_mode(mode, owner=owner)
-        _check_backward(backward, owner.rstrip())
+        _check_backward(backward, owner)
         if clip is None:
             clip = DEFAULT_CLIP[mode]
         if (
