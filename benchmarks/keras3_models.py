@@ -428,8 +428,8 @@ def write_section(merged):
                   "itself. MobileNetV2 with 12000 images and 6 + 4 epochs (float 87.2 %, syq-w2a8 85.2 %) agreed "
                   "0.982 / 0.980 (syq-w2a8, litert / tflm) and 0.990 / 0.982 (uniq-w4a8), 0.984 / 0.988 with "
                   "itself; with 30000 and 6 + 5 (the rows above, float 91.6 %) 0.994 / 0.992 and 1.000 / 1.000, "
-                  "0.990 / 0.994 with itself. EfficientNetB0 with 8000 images and 4 + 3 epochs (float 80 %) agreed 0.942 / 0.952 "
-                  "(syq-w2a8, litert / tflm) and 0.970 / 0.960 (uniq-w4a8); with 20000 and 6 + 3 (the rows above, "
+                  "0.990 / 0.994 with itself. EfficientNetB0 with 8000 images and 4 + 3 epochs (float 80 %) "
+                  "agreed 0.942 / 0.952 (syq-w2a8, litert / tflm) and 0.970 / 0.960 (uniq-w4a8); with 20000 and 6 + 3 (the rows above, "
                   "float 86.4 %) 0.978 / 0.970 and 0.978 / 0.982. Its tflm rows were exported before "
                   "`requantization` lowered the biases for TFLM's two roundings (the Keras 2 section, item 7).", ""]
     path = os.path.join(HERE, "BENCHMARKS.md")

@@ -2,7 +2,7 @@ import syq_tf  # noqa: F401  (first: selects Keras 2)
 
 import pytest
 import tensorflow as tf
-from neutral import REPO, ignore_dependency_warnings, run_python, separable_data  # noqa: F401  (re-exported to the tests)
+from neutral import REPO, ignore_dependency_warnings, run_python, separable_data  # noqa: F401  (re-exported)
 
 
 def pytest_configure(config):
