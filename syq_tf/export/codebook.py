@@ -181,6 +181,11 @@ class Comparison(typing.NamedTuple):
     exact_channels: int  # slices holding their codebook exactly (:func:`is_exact`'s test per slice)
     channels: int  # slices
 
+    @property
+    def exact(self):
+        """The whole tensor holds its codebook (:func:`is_exact`)."""
+        return is_exact(self.worst, self.zeros_ok)
+
 
 def compare(expected, stored, axis, factor_free=False):
     """A stored tensor (float values: int8 x 1, or dequantized) against the Keras kernel in TFLite

@@ -109,8 +109,7 @@ def exact_codebooks(model, buffer):
         if match.quantizer is None or tensor is None or tensor.dtype != "INT8":
             continue
         expected = match.expected()
-        check = codebook.compare(expected, tensor.values, codebook.quantization_axis(tensor))
-        if codebook.is_exact(check.worst, check.zeros_ok):
+        if codebook.compare(expected, tensor.values, codebook.quantization_axis(tensor)).exact:
             continue
         update = codebook.exact_int8(expected, tensor, biases.get(tensor.bias_index))
         if update is not None:

@@ -204,9 +204,9 @@ def _float_report(plan, tensors, used):
         check = tensor
         kept = "kept float32"
         scale_bytes = 0
-    err, zeros_ok, levels, keras_levels = codebook.compare(expected, check.values,
-                                                           codebook.output_channel_axis(check.op))[:4]
-    exact = codebook.is_exact(err, zeros_ok) if quantizer is not None else False
+    comparison = codebook.compare(expected, check.values, codebook.output_channel_axis(check.op))
+    err, levels, keras_levels = comparison.worst, comparison.stored_levels, comparison.keras_levels
+    exact = comparison.exact if quantizer is not None else False
     folded = not np.allclose(check.values.astype(np.float64), expected, rtol=1e-6, atol=0)
     note = f"not packed: {plan.reason}; {kept}"
     if quantizer is not None and folded and exact:
