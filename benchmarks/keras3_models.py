@@ -259,17 +259,16 @@ def run_model(name, p, args, out_rows):
     print(f"== {name}: {float_model.count_params():,} parameters; {data}", flush=True)
     saved_float = kept(args.reuse, name, "float")
     if saved_float:  # the float model an earlier run (--keep-models) trained
-        float_model = keras.saving.load_model(saved_float)
-        float_fit_s = None
-    else:
-        compile_model(float_model, args.lr)
+        float_model = keras.saving.load_model(saved_float, compile=False)
+    compile_model(float_model, args.lr)
+    float_fit_s = None
+    if not saved_float:
         t = time.perf_counter()
         float_model.fit(x, y, batch_size=p["batch"], epochs=p["float_epochs"], verbose=0, shuffle=True)
         float_fit_s = time.perf_counter() - t
         if args.keep_models:
             os.makedirs(args.keep_models, exist_ok=True)
             float_model.save(os.path.join(args.keep_models, f"{name}_float.keras"))
-    compile_model(float_model, args.lr)
     float_acc = float(float_model.evaluate(xt, yt, batch_size=128, verbose=0)[1])
     print("   float: " + (f"loaded {saved_float}" if saved_float else
                            f"{p['float_epochs']} epoch(s) {float_fit_s:.0f} s") + f", test accuracy {float_acc:.4f}",
@@ -289,7 +288,7 @@ def run_model(name, p, args, out_rows):
         row["quantize_report"] = {k: (len(v) if isinstance(v, list) else v) for k, v in report.items()}
         saved = kept(args.reuse, name, scheme)
         if saved:  # the quantized model an earlier run trained: its exports only (after an export change)
-            q = keras.saving.load_model(saved)
+            q = keras.saving.load_model(saved, compile=False)  # compiled below, as a new one is
             row["reused"] = saved
         compile_model(q, args.q_lr)
         if not saved:
