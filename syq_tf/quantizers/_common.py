@@ -49,6 +49,12 @@ def shown(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
+def owner_name(kind, kwargs):
+    """The owner an error message names: ``kind`` and, when the constructor got one, the layer
+    name among its ``kwargs`` (``"SYQ conv1"``, or ``"SYQ"`` before the name is known)."""
+    return f"{kind} {kwargs.get('name', '')!s}".rstrip()
+
+
 def register(alias=None):
     """Register a quantizer as a Keras custom object so saved models load without a scope.
 

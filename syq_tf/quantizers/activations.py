@@ -9,7 +9,7 @@ activation is bit-identical to an int8 tensor with range [0, 1] after export.
 
 import tensorflow as tf
 
-from syq_tf.quantizers._common import ActivationQuantizer, is_int, register, shown
+from syq_tf.quantizers._common import ActivationQuantizer, is_int, owner_name, register, shown
 
 
 def dorefa_quantize(x, bits=8):
@@ -38,7 +38,7 @@ class DoReFaActivation(ActivationQuantizer):
 
     def __init__(self, bits=8, **kwargs):
         if not is_int(bits) or not 1 <= bits <= 8:
-            owner = f"DoReFa {kwargs.get('name', '')!s}".rstrip()
+            owner = owner_name("DoReFa", kwargs)
             raise ValueError(
                 f"{owner}: bits={shown(bits)!r} is not supported; allowed: "
                 "integers 1 to 8."
@@ -80,7 +80,7 @@ class MovingAverageActivation(ActivationQuantizer):
     last layers and, with ``a8`` schemes, of every quantized layer."""
 
     def __init__(self, bits=8, momentum=0.999, **kwargs):
-        owner = f"MovingAverageActivation {kwargs.get('name', '')!s}".rstrip()
+        owner = owner_name("MovingAverageActivation", kwargs)
         if not is_int(bits) or not 2 <= bits <= 8:
             raise ValueError(f"{owner}: bits={bits!r} is not supported; allowed: integers 2 to 8.")
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:

@@ -61,6 +61,7 @@ from syq_tf.quantizers._common import (
     is_real,
     ActivationQuantizer,
     WeightQuantizer,
+    owner_name,
     register,
     from_groups,
     shown,
@@ -523,7 +524,7 @@ class LeastSquares(WeightQuantizer):
 
     def __init__(self, mode="ls1", granularity="channel", depthwise=False, backward="ste", transposed=False,
                  **kwargs):
-        owner = f"LeastSquares {kwargs.get('name', '')!s}".rstrip()
+        owner = owner_name("LeastSquares", kwargs)
         _check_mode(mode, owner=owner)
         _check_backward(backward, owner)
         if granularity not in GRANULARITIES:
@@ -587,7 +588,7 @@ class LeastSquaresActivation(ActivationQuantizer):
     """
 
     def __init__(self, mode="ls1", clip=None, momentum=None, backward="ste", **kwargs):
-        owner = f"LeastSquaresActivation {kwargs.get('name', '')!s}".rstrip()
+        owner = owner_name("LeastSquaresActivation", kwargs)
         _check_mode(mode, owner=owner)
         _check_backward(backward, owner)
         if clip is None:

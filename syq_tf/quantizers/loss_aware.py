@@ -83,6 +83,7 @@ from syq_tf.quantizers import native
 from syq_tf.quantizers._common import (
     NO_AGGREGATION,
     WeightQuantizer,
+    owner_name,
     register,
     scale_shape,
     shown,
@@ -573,7 +574,7 @@ class LossAware(WeightQuantizer):
     def __init__(self, mode="binary", bits=None, granularity="layer", curvature="optimizer",
                  iterations=10, depthwise=False, tol=1e-6, warm_iterations="auto", transposed=False,
                  **kwargs):
-        owner = f"LossAware {kwargs.get('name', '')!s}".rstrip()
+        owner = owner_name("LossAware", kwargs)
         if mode not in MODES:
             raise ValueError(f"{owner}: unknown mode {mode!r}; allowed: {MODES}.")
         if mode in LAQ_KINDS:

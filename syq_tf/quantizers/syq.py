@@ -17,6 +17,7 @@ from syq_tf.quantizers._common import (
     is_real,
     GRANULARITIES,
     LearnedScaleQuantizer,
+    owner_name,
     register,
     shown,
     sign_pm1,
@@ -78,7 +79,7 @@ class SYQ(LearnedScaleQuantizer):
     SCALE_NAME = "alpha"
 
     def __init__(self, bits=2, granularity="layer", eta=0.05, depthwise=False, transposed=False, **kwargs):
-        owner = f"SYQ {kwargs.get('name', '')!s}".rstrip()
+        owner = owner_name("SYQ", kwargs)
         if not is_int(bits) or bits not in (1, 2):
             raise ValueError(
                 f"{owner}: bits={shown(bits)!r} is not supported; allowed: 1 (binary) "

@@ -12,7 +12,9 @@ With b = 8 the levels are exactly an int8 per-channel tensor (k * s, |k| <= 127)
 
 import tensorflow as tf
 
-from syq_tf.quantizers._common import WeightQuantizer, is_int, register, subgroup_reduce_axes, GRANULARITIES
+from syq_tf.quantizers._common import (
+    GRANULARITIES, WeightQuantizer, is_int, owner_name, register, subgroup_reduce_axes,
+)
 
 
 def max_abs_quantize(w, bits=8, reduce_axes=None):
@@ -34,7 +36,7 @@ class MaxAbsWeight(WeightQuantizer):
     int8 at 8 bits. No trainable state."""
 
     def __init__(self, bits=8, granularity="channel", depthwise=False, **kwargs):
-        owner = f"MaxAbsWeight {kwargs.get('name', '')!s}".rstrip()
+        owner = owner_name("MaxAbsWeight", kwargs)
         if not is_int(bits) or not 2 <= bits <= 8:
             raise ValueError(f"{owner}: bits={bits!r} is not supported; allowed: integers 2 to 8.")
         if granularity not in GRANULARITIES:

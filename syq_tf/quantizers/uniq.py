@@ -36,6 +36,7 @@ from syq_tf.quantizers._common import (
     is_real,
     ActivationQuantizer,
     LearnedScaleQuantizer,
+    owner_name,
     register,
     shown,
     subgroup_reduce_axes,
@@ -244,7 +245,7 @@ class UniQ(LearnedScaleQuantizer):
     SCALE_CONSTRAINT = PositiveStep
 
     def __init__(self, bits=2, granularity="layer", depthwise=False, transposed=False, **kwargs):
-        owner = f"UniQ {kwargs.get('name', '')!s}".rstrip()
+        owner = owner_name("UniQ", kwargs)
         _check_bits(bits, owner)
         if granularity not in GRANULARITIES:
             raise ValueError(
@@ -300,7 +301,7 @@ class UniQActivation(ActivationQuantizer):
     """
 
     def __init__(self, bits=8, initial_step=None, step_grad="per_example", **kwargs):
-        owner = f"UniQActivation {kwargs.get('name', '')!s}".rstrip()
+        owner = owner_name("UniQActivation", kwargs)
         _check_bits(bits, owner)
         _check_step_grad(step_grad, owner)
         if initial_step is not None and (
