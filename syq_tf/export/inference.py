@@ -324,11 +324,21 @@ def build(model, *, batch_size=None, stand_in=None):
 
 
 def _inputs(model, batch_size):
-    """New inputs of ``model`` with the batch dimension fixed to ``batch_size`` (None: as they are)."""
+    """New inputs of ``model`` with the batch dimension fixed to ``batch_size`` (None: as they are),
+    named as the model's inputs: the converter names the signature's input after it, which an
+    unnamed input would take from Keras's running tensor count (``serving_default_keras_tensor_61``,
+    then ``_78`` for the same model exported again: different bytes for the same model)."""
     if batch_size is None:
         return None
-    inputs = [tf.keras.Input(batch_shape=(batch_size, *t.shape[1:]), dtype=t.dtype) for t in model.inputs]
+    inputs = [tf.keras.Input(batch_shape=(batch_size, *t.shape[1:]), dtype=t.dtype, name=_input_name(t))
+              for t in model.inputs]
     return inputs[0] if len(inputs) == 1 else inputs
+
+
+def _input_name(tensor):
+    """The name of the input layer that made ``tensor`` (Keras 2 and Keras 3), else None."""
+    history = getattr(tensor, "_keras_history", None)
+    return getattr(history[0], "name", None) if history else None
 
 
 AVERAGE_POOLING = (tf.keras.layers.AveragePooling1D, tf.keras.layers.AveragePooling2D,
