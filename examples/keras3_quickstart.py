@@ -3,7 +3,7 @@ whole (``quantize_model``, scheme syq-w2a8: ternary SYQ kernels, the first and l
 8-bit activations), fine-tuned with plain ``model.fit``, saved and reloaded in safe mode, exported
 for LiteRT (2-bit weights) and TFLite Micro and verified against Keras.
 
-    python examples/keras3_quickstart.py                 # about 3 minutes on 2 cores
+    python examples/keras3_quickstart.py                 # about 5 minutes on 2 cores
     python examples/keras3_quickstart.py --train 2000    # a quick look
 
 The images go in as 8-bit pixel values (0..255, a ``Rescaling`` layer inside the model), as a
