@@ -102,6 +102,23 @@ def test_the_same_model_exports_to_the_same_bytes():
     assert litert_interpreter(first).get_input_details()[0]["name"] == "serving_default_tokens:0"
 
 
+def test_trace_follows_a_token_model_converted_at_batch_1():
+    """trace_divergence on a Transformer exported for LiteRT: token-id inputs fed as they are, the
+    model (converted at batch 1) run one example at a time, each layer's int8 output against the
+    inference form."""
+    data = np.random.default_rng(0).integers(0, 30, (16, 12)).astype(np.int32)
+    q = syq.quantize_model(transformer(), scheme="syq-w2a8")
+    syq.calibrate(q, data)
+    buffer = bytes(syq.export.to_tflite(q, data, target="litert"))
+    assert litert_interpreter(buffer).get_input_details()[0]["shape_signature"][0] == 1
+    rows = {r.layer: r for r in syq.export.trace_divergence(q, buffer, data, max_examples=6)}
+    assert {"embed", "mha", "ln1", "ff1", "ff2", "ln2"} <= set(rows), sorted(rows)
+    assert rows["embed"].op == "GATHER" and rows["embed"].max_steps == 0  # the table's int8 values, looked up
+    assert all(0 <= r.off_by_2 <= r.off_by_1 <= 1 for r in rows.values())
+    with pytest.raises(ValueError, match=r"the model's input is int32 \(ids\); x is float32"):
+        syq.export.trace_divergence(q, buffer, data.astype(np.float32))
+
+
 def test_transformer_encoder_exports_for_tflm():
     """At a free batch size the converter computes the RESHAPE around a Dense on a sequence at run
     time (SHAPE, GATHER, REDUCE_PROD) and Keras 3's Embedding wraps negative ids (LESS, SELECT):

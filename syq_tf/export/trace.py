@@ -40,22 +40,41 @@ class TraceRow:
 def trace_divergence(model, buffer, x, max_examples=32):
     """:class:`TraceRow` for every matched op of the int8 TFLite model ``buffer`` exported from
     ``model``, on the first ``max_examples`` examples of ``x`` (float inputs, quantized as the
-    model's int8 input)."""
+    model's int8 input; integer inputs such as token ids as they are). A model converted at a fixed
+    batch (sequence models) runs one batch at a time."""
     x = np.asarray(x)[:max_examples]
     if len(x) == 0:
         raise ValueError("trace_divergence: x has no examples.")
     interpreter = litert_interpreter(buffer, kernels="builtin", keep_tensors=True)
     inp = interpreter.get_input_details()[0]
-    if inp["dtype"] != np.int8:
-        raise ValueError(f"trace_divergence: the model's input is {np.dtype(inp['dtype']).name}; the trace "
-                         "compares full-integer int8 models (target 'litert' or 'tflm').")
-    if inp["shape_signature"][0] != -1:
-        raise ValueError("trace_divergence: the model has a fixed batch size; trace a model exported with a "
-                         "free batch dimension.")
-    interpreter.resize_tensor_input(inp["index"], [len(x), *x.shape[1:]])
+    kind = np.dtype(inp["dtype"])
+    if kind == np.int8:
+        fed = quantize_input(x, *inp["quantization"])
+    elif kind.kind == "i":  # token ids: the model's own input
+        if x.dtype.kind not in "iu":
+            raise ValueError(f"trace_divergence: the model's input is {kind.name} (ids); x is {x.dtype.name}.")
+        fed = x.astype(kind)
+    else:
+        raise ValueError(f"trace_divergence: the model's input is {kind.name}; the trace compares full-integer "
+                         "int8 models (target 'litert' or 'tflm') with int8 or integer (token id) inputs.")
+    if inp["shape_signature"][0] == -1:
+        interpreter.resize_tensor_input(inp["index"], [len(x), *x.shape[1:]])
+        batch = len(x)
+    else:
+        batch = int(inp["shape"][0])
+        if len(x) % batch:
+            raise ValueError(f"trace_divergence: the model takes batches of {batch}; give a multiple of {batch} "
+                             f"examples (got {len(x)}).")
     interpreter.allocate_tensors()
-    interpreter.set_tensor(inp["index"], quantize_input(x, *inp["quantization"]))
-    interpreter.invoke()
+    details = {d["index"]: d for d in interpreter.get_tensor_details()}
+    ops = [op for op in interpreter._get_ops_details()  # noqa: SLF001  (the only listing of ops and their tensors)
+           if op["outputs"] and op["outputs"][0] in details]
+    outputs = {op["outputs"][0]: [] for op in ops}
+    for start in range(0, len(x), batch):
+        interpreter.set_tensor(inp["index"], fed[start:start + batch])
+        interpreter.invoke()
+        for index, parts in outputs.items():
+            parts.append(interpreter.get_tensor(index).copy())
 
     form = inference.build(model)  # a tfmot model's form is built in its own quantize_scope
     layers = [layer for layer in form.layers[1:] if _single_output(layer)]
@@ -63,18 +82,15 @@ def trace_divergence(model, buffer, x, max_examples=32):
     values = tf.keras.Model(form.inputs, [layer.output for layer in layers]).predict(x, verbose=0)
     values = dict(zip(order, values if isinstance(values, list) else [values]))
     keras3 = not type(form).__module__.startswith("tf_keras")
-    details = {d["index"]: d for d in interpreter.get_tensor_details()}
     rows = []
-    for op in interpreter._get_ops_details():  # noqa: SLF001  (the only listing of ops and their tensors)
-        if not op["outputs"] or op["outputs"][0] not in details:
-            continue
+    for op in ops:
         d = details[op["outputs"][0]]
         scale, zero = d["quantization"]
         named = _layers_named(d["name"], order, keras3)
         if d["dtype"] != np.int8 or not scale or not named:
             continue
         layer = max(named, key=order.get)
-        runtime = interpreter.get_tensor(d["index"]).astype(np.int64)
+        runtime = np.concatenate([np.atleast_1d(part) for part in outputs[d["index"]]]).astype(np.int64)
         expected = values[layer]
         if expected.size != runtime.size:
             continue
