@@ -69,7 +69,8 @@ def main(argv=None):
     print(f"float test accuracy {model.evaluate(xt, yt, verbose=0)[1]:.4f}")
 
     q = syq.quantize_model(model, scheme="syq-w2a8")  # a new model; the float one is left as it is
-    syq.fit_dorefa_ranges(q, x[:1000])                 # DoReFa's [0, 1] fitted to the float ReLU outputs
+    syq.fit_dorefa_ranges(q, x[:1000])                 # a<8 schemes: DoReFa's [0, 1] fitted to the ReLU
+                                                       # outputs (a8: nothing to fit, 8-bit ranges only)
     syq.calibrate(q, x[:1000])                         # the 8-bit activation ranges, from data
     compiled(q, 5e-4).fit(x, y, epochs=args.q_epochs, batch_size=128, verbose=2,
                           callbacks=[syq.CheckFinite()])
