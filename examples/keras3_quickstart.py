@@ -58,7 +58,7 @@ def main(argv=None):
     ap.add_argument("--test", type=int, default=10000, help="test images (of 10000), also the verification set")
     ap.add_argument("--float-epochs", type=int, default=2)
     ap.add_argument("--q-epochs", type=int, default=2)
-    ap.add_argument("--out", default="runs/keras3_quickstart")
+    ap.add_argument("--out", default="out/keras3_quickstart")
     args = ap.parse_args(argv)
     (x, y), (xt, yt) = pixels("train", args.train), pixels("test", args.test)
     os.makedirs(args.out, exist_ok=True)
