@@ -337,8 +337,8 @@ def _inputs(model, batch_size):
 
 def _input_name(tensor):
     """The name of the input layer that made ``tensor`` (Keras 2 and Keras 3), else None."""
-    history = getattr(tensor, "_keras_history", None)
-    return getattr(history[0], "name", None) if history else None
+    history = _history(tensor)
+    return history[0].name if history else None
 
 
 AVERAGE_POOLING = (tf.keras.layers.AveragePooling1D, tf.keras.layers.AveragePooling2D,
