@@ -66,30 +66,30 @@ def trace_divergence(model, buffer, x, max_examples=32):
             raise ValueError(f"trace_divergence: the model takes batches of {batch}; give a multiple of {batch} "
                              f"examples (got {len(x)}).")
     interpreter.allocate_tensors()
+
+    form = inference.build(model)  # a tfmot model's form is built in its own quantize_scope
+    layers = [layer for layer in form.layers[1:] if _single_output(layer)]
+    order = {layer.name: i for i, layer in enumerate(layers)}
+    keras3 = not type(form).__module__.startswith("tf_keras")
     details = {d["index"]: d for d in interpreter.get_tensor_details()}
-    ops = [op for op in interpreter._get_ops_details()  # noqa: SLF001  (the only listing of ops and their tensors)
-           if op["outputs"] and op["outputs"][0] in details]
-    outputs = {op["outputs"][0]: [] for op in ops}
+    matched = []  # (op, its output's details, the latest layer the output names): the int8 outputs compared
+    for op in interpreter._get_ops_details():  # noqa: SLF001  (the only listing of ops and their tensors)
+        d = details.get(op["outputs"][0]) if op["outputs"] else None
+        named = d is not None and _layers_named(d["name"], order, keras3)
+        if named and d["dtype"] == np.int8 and d["quantization"][0]:
+            matched.append((op, d, max(named, key=order.get)))
+
+    outputs = {d["index"]: [] for _, d, _ in matched}  # kept after every batch: only the compared ones
     for start in range(0, len(x), batch):
         interpreter.set_tensor(inp["index"], fed[start:start + batch])
         interpreter.invoke()
         for index, parts in outputs.items():
             parts.append(interpreter.get_tensor(index).copy())
-
-    form = inference.build(model)  # a tfmot model's form is built in its own quantize_scope
-    layers = [layer for layer in form.layers[1:] if _single_output(layer)]
-    order = {layer.name: i for i, layer in enumerate(layers)}
     values = tf.keras.Model(form.inputs, [layer.output for layer in layers]).predict(x, verbose=0)
     values = dict(zip(order, values if isinstance(values, list) else [values]))
-    keras3 = not type(form).__module__.startswith("tf_keras")
     rows = []
-    for op in ops:
-        d = details[op["outputs"][0]]
+    for op, d, layer in matched:
         scale, zero = d["quantization"]
-        named = _layers_named(d["name"], order, keras3)
-        if d["dtype"] != np.int8 or not scale or not named:
-            continue
-        layer = max(named, key=order.get)
         runtime = np.concatenate([np.atleast_1d(part) for part in outputs[d["index"]]]).astype(np.int64)
         expected = values[layer]
         if expected.size != runtime.size:
