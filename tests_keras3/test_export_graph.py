@@ -89,14 +89,20 @@ def transformer(vocab=30, length=12, dim=16):
     return keras.Model(tokens, out)
 
 
+def calibrated_transformer():
+    """(the tiny Transformer quantized syq-w2a8 and calibrated, its 16 examples of token ids)."""
+    data = np.random.default_rng(0).integers(0, 30, (16, 12)).astype(np.int32)
+    q = syq.quantize_model(transformer(), scheme="syq-w2a8")
+    syq.calibrate(q, data)
+    return q, data
+
+
 def test_the_same_model_exports_to_the_same_bytes():
     """A sequence model converts at a fixed batch (the new input replaces the model's): that input
     keeps the model's input name, which names the signature's input, so exporting the same model
     twice gives the same bytes. An unnamed input took Keras's running tensor count
     (serving_default_keras_tensor_61, then _78: the same model 8 bytes longer in a benchmark)."""
-    data = np.random.default_rng(0).integers(0, 30, (16, 12)).astype(np.int32)
-    q = syq.quantize_model(transformer(), scheme="syq-w2a8")
-    syq.calibrate(q, data)
+    q, data = calibrated_transformer()
     first, second = (bytes(syq.export.to_tflite(q, data, target="litert")) for _ in range(2))
     assert first == second
     assert litert_interpreter(first).get_input_details()[0]["name"] == "serving_default_tokens:0"
@@ -106,9 +112,7 @@ def test_trace_follows_a_token_model_converted_at_batch_1():
     """trace_divergence on a Transformer exported for LiteRT: token-id inputs fed as they are, the
     model (converted at batch 1) run one example at a time, each layer's int8 output against the
     inference form."""
-    data = np.random.default_rng(0).integers(0, 30, (16, 12)).astype(np.int32)
-    q = syq.quantize_model(transformer(), scheme="syq-w2a8")
-    syq.calibrate(q, data)
+    q, data = calibrated_transformer()
     buffer = bytes(syq.export.to_tflite(q, data, target="litert"))
     assert litert_interpreter(buffer).get_input_details()[0]["shape_signature"][0] == 1
     rows = {r.layer: r for r in syq.export.trace_divergence(q, buffer, data, max_examples=6)}
@@ -124,9 +128,7 @@ def test_transformer_encoder_exports_for_tflm():
     time (SHAPE, GATHER, REDUCE_PROD) and Keras 3's Embedding wraps negative ids (LESS, SELECT):
     TFLite Micro has neither REDUCE_PROD nor SELECT and failed to allocate tensors. Target 'tflm'
     converts at batch 1 and looks tables up with a plain GATHER."""
-    data = np.random.default_rng(0).integers(0, 30, (16, 12)).astype(np.int32)
-    q = syq.quantize_model(transformer(), scheme="syq-w2a8")
-    syq.calibrate(q, data)
+    q, data = calibrated_transformer()
     result = syq.export.to_tflite(q, data, target="tflm", verify_data=data)
     ops = set(flatbuffer.op_names(result.uncompressed))
     assert not ops & {"SHAPE", "REDUCE_PROD", "SELECT", "SELECT_V2", "LESS"}, sorted(ops)
