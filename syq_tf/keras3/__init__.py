@@ -21,12 +21,14 @@ from syq_tf.saving import load_model, save_model  # noqa: E402
 import syq_tf.export as export  # noqa: E402
 from syq_tf.keras3.model import quantize_model  # noqa: E402
 from syq_tf.keras3.normalization import FusedBatchNormalization  # noqa: E402
+from syq_tf.keras3.activations import Int8Sigmoid  # noqa: E402
 
 __all__ = [
     "quantizers",
     "quantize",
     "quantize_model",
     "FusedBatchNormalization",
+    "Int8Sigmoid",
     "calibrate",
     "Calibrate",
     "fit_dorefa_ranges",

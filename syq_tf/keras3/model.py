@@ -23,6 +23,12 @@ Keras 3).
   keep their input's int8 scale (pooling by max, reshaping, dropout, padding) and the interior of
   a convolution -> BatchNormalization -> ReLU chain (the converter fuses it) get none. Sequential
   models have no shared tensors: their layers' input ranges are every range.
+- Sigmoid and swish activations (``Activation`` layers, and the activation of a kernel layer in a
+  functional model) become :class:`~syq_tf.keras3.activations.Int8Sigmoid`: their sigmoid rounded to
+  the fixed int8 grid of TFLite's LOGISTIC (``k / 256``), as TFLite rounds it. A kernel layer's
+  sigmoid or swish moves out of the layer, named ``<layer>_sigmoid`` / ``<layer>_swish``, behind an
+  8-bit range on the layer's output (``<layer>_preactivation_range``: TFLite stores that tensor in
+  int8 too, as LOGISTIC's input). A sigmoid's output gets no other range (its grid is fixed).
 - Normalization layers (BatchNormalization, LayerNormalization) stay float in training; at export
   TensorFlow's converter folds a BatchNormalization into the convolution before it and computes a
   LayerNormalization in int8. A plain ``keras.layers.BatchNormalization`` becomes a
@@ -37,6 +43,7 @@ import dataclasses
 
 import keras
 
+from syq_tf.keras3.activations import Int8Sigmoid, sigmoid_kind
 from syq_tf.keras3.normalization import FusedBatchNormalization
 from syq_tf.layers import KERNEL_ATTR, QUANTIZED_CLASSES, quantize
 from syq_tf.quantizers import MaxAbsWeight, MovingAverageActivation
@@ -135,6 +142,11 @@ def _output_ranges(model, plan):
                 or name not in single_node or len(keras.tree.flatten(layer.output)) != 1):
             continue
         direct, final = readers.get((name, 0), []), final_readers(name)
+        if sigmoid_kind(layer) == "sigmoid":
+            # TFLite's LOGISTIC stores it on its fixed grid, which the Int8Sigmoid rounds to in training:
+            # that grid is the tensor's range, for every reader
+            covered.update(r for r in final if r is not None and quantizes_input(r) and not plan[r][2])
+            continue
         if not final or all(r is None for r in final):
             continue  # nothing reads it but the model's output (compared in float)
         if len(direct) == 1 and direct[0] is not None:
@@ -151,13 +163,22 @@ def _output_ranges(model, plan):
     return ranged, covered
 
 
+def _without_activation(layer):
+    """A copy of the built kernel layer ``layer`` (same config and weights) with a linear activation."""
+    copy = layer.__class__.from_config({**layer.get_config(), "activation": "linear"})
+    copy.build_from_config(layer.get_build_config())
+    copy.set_weights(layer.get_weights())
+    return copy
+
+
 def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="error", return_report=False,
                    eight_bit=(), fused_batchnorm=True):
     """Quantize a float Keras 3 Sequential or functional model with a scheme (module docstring).
 
     Returns the quantized model (new layers, the float weights copied), or ``(model, report)`` with
     ``return_report=True``; report: {"scheme", "low_bit", "low_bit_activations", "eight_bit",
-    "output_ranges" (layers whose output got a range), "normalization", "float", "passed_through", "unsupported"}.
+    "output_ranges" (layers whose output got a range), "int8_sigmoids" (the :class:`Int8Sigmoid` layers),
+    "normalization", "float", "passed_through", "unsupported"}.
     """
     if on_unsupported not in ("error", "keep_float"):
         raise ValueError(f"quantize_model: on_unsupported={on_unsupported!r}; allowed: 'error', 'keep_float'.")
@@ -166,7 +187,8 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
         raise ValueError("quantize_model: expects a built Keras 3 Sequential or functional model (a subclassed "
                          "model has no layer graph to rewrite).")
     spec = parse_scheme(scheme)
-    names = {layer.name for layer in model.layers}
+    layers = {layer.name: layer for layer in model.layers}
+    names = set(layers)
     check_layer_names(model, keep_float, eight_bit,
                       [layer.name for layer in model.layers if isinstance(layer, KERNEL_LAYERS)])
     weighted = [layer for layer in model.layers if isinstance(layer, KERNEL_LAYERS) and layer.name not in keep_float]
@@ -174,7 +196,7 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
     if already:
         raise ValueError(f"quantize_model: layers {already} are already quantized; give the float model.")
     eight_bit = {layer.name for layer in weighted[:1] + weighted[-1:]} | set(eight_bit)
-    plan, unsupported, passed, normalization = {}, [], [], []
+    plan, unsupported, passed, normalization, sigmoids = {}, [], [], [], {}
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer) or layer.name in keep_float:
             continue
@@ -188,6 +210,8 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
                 plan[layer.name] = (spec.weight_quantizer(), low_act or MovingAverageActivation(8), low_act is not None)
         elif isinstance(layer, NORMALIZATION):
             normalization.append(layer.name)
+        elif isinstance(layer, keras.layers.Activation) and sigmoid_kind(layer):
+            sigmoids[layer.name] = sigmoid_kind(layer)
         elif not layer.trainable_weights:  # preprocessing (Rescaling, Normalization, ...): nothing to lose
             passed.append(layer.name)
         else:
@@ -199,12 +223,19 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
 
     functional = not isinstance(model, keras.Sequential)
     ranged, covered = _output_ranges(model, plan) if functional else (set(), set())
+    # a kernel layer's sigmoid / swish becomes an Int8Sigmoid after it, its input (the layer's output,
+    # an int8 tensor in TFLite) on an 8-bit range; a Sequential model has no place for them: kept inside
+    split = {name: sigmoid_kind(layers[name]) for name in plan if functional and sigmoid_kind(layers[name])}
 
     def clone(layer):
+        if layer.name in sigmoids:
+            return Int8Sigmoid(sigmoids[layer.name], name=layer.name)
         if layer.name not in plan:
             fused = fused_batchnorm and type(layer) is keras.layers.BatchNormalization
             return (FusedBatchNormalization if fused else layer.__class__).from_config(layer.get_config())
         kernel_quantizer, input_quantizer, _ = plan[layer.name]
+        if layer.name in split:
+            layer = _without_activation(layer)
         # a recurrent layer's input quantizer would also see its states, an Embedding's takes token ids:
         # only their kernels are quantized; a layer whose input has an output range reads it as it is
         # MultiHeadAttention's inputs are ranged at their producers (a tensor it reads is stored once,
@@ -216,6 +247,9 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
 
     def call(layer, *args, **kwargs):
         outputs = layer(*args, **kwargs)
+        if layer.name in split:
+            outputs = MovingAverageActivation(8, name=f"{layer.name}_preactivation_range")(outputs)
+            outputs = Int8Sigmoid(split[layer.name], name=f"{layer.name}_{split[layer.name]}")(outputs)
         if layer.name in ranged:
             outputs = MovingAverageActivation(8, name=f"{layer.name}_output_range")(outputs)
         return outputs
@@ -232,6 +266,7 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
         "low_bit_activations": sorted(n for n, (_, _, low) in plan.items() if low and n not in eight_bit),
         "eight_bit": sorted(eight_bit & set(plan)),
         "output_ranges": sorted(ranged),
+        "int8_sigmoids": sorted(sigmoids) + sorted(f"{name}_{kind}" for name, kind in split.items()),
         "normalization": sorted(normalization),
         "float": sorted(set(keep_float) | {u.layer for u in unsupported}),
         "passed_through": sorted(passed),
