@@ -25,16 +25,15 @@ converter takes it as the LOGISTIC's own output quantization (no extra op) when 
 import keras
 import tensorflow as tf
 
-LOGISTIC_SCALE = 1.0 / 256.0  # TFLite's int8 LOGISTIC output: scale 1/256, zero point -128
-LOGISTIC_TOP = 255.0 / 256.0  # its largest level
+from syq_tf.quantizers._common import int8_unit_grid
+
 KINDS = {"sigmoid": "sigmoid", "swish": "swish", "silu": "swish"}  # activation name -> Int8Sigmoid kind
 
 
 def int8_sigmoid(x):
     """``sigmoid(x)`` on int8 TFLite's LOGISTIC output grid (module docstring), straight-through
     gradient inside ``[0, 255/256]``."""
-    return tf.quantization.fake_quant_with_min_max_args(tf.sigmoid(x), min=0.0, max=LOGISTIC_TOP, num_bits=8,
-                                                        narrow_range=False)
+    return int8_unit_grid(tf.sigmoid(x))
 
 
 def sigmoid_kind(layer):

@@ -235,6 +235,19 @@ def grid_multiplier(low, high, top):
     return 255 // levels
 
 
+UNIT_GRID_TOP = 255.0 / 256.0  # the largest level of int8 TFLite's LOGISTIC and SOFTMAX outputs
+
+
+def int8_unit_grid(p):
+    """``p`` (a sigmoid or softmax output, in [0, 1]) on the fixed output grid of int8 TFLite's
+    LOGISTIC and SOFTMAX, scale 1/256 and zero point -128 (the levels ``k / 256``, ``k = 0 .. 255``):
+    ``min(round(256 p), 255) / 256`` (round half up, a FakeQuant on ``[0, 255/256]``), with a
+    straight-through gradient inside that range. The converter takes the FakeQuant as the op's own
+    output quantization (no extra op)."""
+    return tf.quantization.fake_quant_with_min_max_args(p, min=0.0, max=UNIT_GRID_TOP, num_bits=8,
+                                                        narrow_range=False)
+
+
 def int8_fake_quant(x, low, high, top=None):
     """The int8 stand-in of an activation quantizer (:meth:`ActivationQuantizer.int8_form`): a clip
     at ``top`` (a MINIMUM op) and a FakeQuant on ``[low, high]`` the converter turns into the int8
