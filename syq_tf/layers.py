@@ -5,10 +5,12 @@ quantizer on the inputs and the kernel quantizer on the kernel, then the origina
 ``call`` with the quantized kernel in place of the float one.
 """
 
+import math
+
 import tensorflow as tf
 
 from syq_tf.optimizers import mark_quantized
-from syq_tf.quantizers._common import KERAS, ActivationQuantizer, WeightQuantizer
+from syq_tf.quantizers._common import KERAS, ActivationQuantizer, WeightQuantizer, int8_unit_grid
 
 if KERAS == 2:
     import larq as lq
@@ -363,7 +365,7 @@ QuantizedEinsumDense = _quantized_class(tf.keras.layers.EinsumDense)
 
 
 def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None, recurrent_quantizer=None,
-             depthwise_quantizer=None):
+             depthwise_quantizer=None, attention_ranges=False):
     """Quantize a Keras layer class, a subclass (as a decorator) or a layer instance.
 
     - ``quantize(tf.keras.layers.Conv2D, kernel_quantizer=q, input_quantizer=a)`` returns a class
@@ -378,12 +380,16 @@ def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None, recurr
       with its own granularity.
     - Conv1DTranspose, Conv2DTranspose: kernels ``[k, c_out, c_in]`` / ``[kh, kw, c_out, c_in]``;
       the kernel quantizer gets ``transposed=True`` so ``channel`` scales run along c_out.
+    - MultiHeadAttention (an instance): its four projections get copies of the quantizers;
+      ``attention_ranges=True`` also puts 8-bit ranges on the attention's inner tensors as int8 TFLite
+      stores them (:class:`QuantizedMultiHeadAttention`).
 
     Quantizers with scales are copied per layer, so one ``SYQ(...)`` can configure many layers.
     """
     if target is None:
         return lambda t: quantize(t, kernel_quantizer=kernel_quantizer, input_quantizer=input_quantizer,
-                                  recurrent_quantizer=recurrent_quantizer, depthwise_quantizer=depthwise_quantizer)
+                                  recurrent_quantizer=recurrent_quantizer, depthwise_quantizer=depthwise_quantizer,
+                                  attention_ranges=attention_ranges)
     if kernel_quantizer is None and input_quantizer is None:
         raise ValueError("syq_tf.quantize: give a kernel_quantizer, an input_quantizer or both.")
     cls = target if isinstance(target, type) else type(target)
@@ -394,7 +400,8 @@ def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None, recurr
             raise ValueError(f"syq_tf.quantize: layer '{target.name}' (MultiHeadAttention) is already built; "
                              "quantize it before its first call.")
         config = {k: v for k, v in target.get_config().items() if k not in ("query_shape", "key_shape", "value_shape")}
-        layer = QuantizedMultiHeadAttention(**config, kernel_quantizer=kernel_quantizer, input_quantizer=input_quantizer)
+        layer = QuantizedMultiHeadAttention(**config, kernel_quantizer=kernel_quantizer, input_quantizer=input_quantizer,
+                                            attention_ranges=attention_ranges)
         if target.built:  # Keras 3: same shapes, then each projection's float weights
             layer.build_from_config(target.get_build_config())
             for attr in layer.PROJECTIONS:
@@ -403,6 +410,9 @@ def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None, recurr
                 for old, new in zip(float_weights, quantized.weights[:len(float_weights)]):
                     new.assign(old)
         return layer
+    if attention_ranges is not False:
+        raise ValueError(f"syq_tf.quantize: attention_ranges is for MultiHeadAttention layers (an instance); "
+                         f"{cls.__name__} has no attention.")
     if recurrent_quantizer is not None and not (
         isinstance(cls, type) and issubclass(cls, tf.keras.layers.RNN)
     ):
@@ -465,16 +475,63 @@ def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None, recurr
     )
 
 
+ATTENTION_RANGES = ("query", "key", "value", "scores", "scaled_scores", "context")
+
+
+def ranged_attention(layer, ranged, query, key, value, attention_mask=None, training=None,
+                     return_attention_scores=False, use_causal_mask=False):
+    """Scaled dot-product attention of the MultiHeadAttention ``layer`` (its equations, mask, softmax
+    and dropout) in the order int8 TFLite computes it, each tensor TFLite stores in int8 passed
+    through ``ranged(name, tensor)`` (names: ``ATTENTION_RANGES``) and the softmax probabilities
+    put on SOFTMAX's fixed int8 output grid ``k / 256`` (:func:`int8_unit_grid`)::
+
+        q, k, v  = ranged(query), ranged(key), ranged(value)          (the projections' outputs)
+        scores   = ranged(einsum(k, q));  scaled = ranged(scores / sqrt(key_dim))
+        p        = int8_unit_grid(softmax(scaled, mask))
+        context  = ranged(einsum(dropout(p), v))
+
+    TFLite: FULLY_CONNECTED, BATCH_MATMUL, MUL, SOFTMAX, BATCH_MATMUL, each with an int8 output.
+    Returns ``(context, p)``, as Keras's ``_compute_attention``."""
+    del return_attention_scores  # the probabilities are returned either way
+    query, key, value = ranged("query", query), ranged("key", key), ranged("value", value)
+    if use_causal_mask:  # Keras 3 passes the causal mask as a flag
+        causal = layer._compute_causal_mask(query, value)
+        attention_mask = causal if attention_mask is None else tf.logical_and(tf.cast(attention_mask, tf.bool), causal)
+    scores = ranged("scores", tf.einsum(layer._dot_product_equation, key, query))
+    scores = ranged("scaled_scores", scores * (1.0 / math.sqrt(float(layer._key_dim))))
+    probabilities = int8_unit_grid(layer._masked_softmax(scores, attention_mask))
+    weights = layer._dropout_layer(probabilities, training=training) if layer._dropout > 0 else probabilities
+    return ranged("context", tf.einsum(layer._combine_equation, weights, value)), probabilities
+
+
 class QuantizedMultiHeadAttention(tf.keras.layers.MultiHeadAttention):
     """MultiHeadAttention whose query, key, value and output projections (EinsumDense layers) are
-    quantized, each with its own copy of ``kernel_quantizer`` (and ``input_quantizer`` on its input);
-    the attention arithmetic (scores, softmax, weighted sum) stays float. Made by
-    ``syq_tf.quantize(tf.keras.layers.MultiHeadAttention(...), kernel_quantizer=...)``."""
+    quantized, each with its own copy of ``kernel_quantizer`` (and ``input_quantizer`` on its input).
+    The attention arithmetic (scores, softmax, weighted sum) stays float, or with
+    ``attention_ranges=True`` computes on the values int8 TFLite stores (:func:`ranged_attention`):
+    8-bit moving-average ranges (``MovingAverageActivation``, sub-layers ``<layer>_<tensor>_range``) on the
+    projected query, key and value, the scores before and after the ``1/sqrt(key_dim)`` scale and the
+    weighted sum, and the softmax probabilities on SOFTMAX's int8 grid ``k / 256``; the export gives
+    TFLite those ranges. Made by ``syq_tf.quantize(tf.keras.layers.MultiHeadAttention(...),
+    kernel_quantizer=..., attention_ranges=...)``."""
 
     PROJECTIONS = ("_query_dense", "_key_dense", "_value_dense", "_output_dense")
 
-    def __init__(self, *args, kernel_quantizer=None, input_quantizer=None, **kwargs):
+    def __init__(self, *args, kernel_quantizer=None, input_quantizer=None, attention_ranges=False, **kwargs):
         super().__init__(*args, **kwargs)
+        if not isinstance(attention_ranges, bool):
+            raise ValueError(f"syq_tf.quantize: layer '{self.name}' (MultiHeadAttention): attention_ranges="
+                             f"{attention_ranges!r}; allowed: True, False.")
+        if attention_ranges and KERAS == 2:
+            raise ValueError(f"syq_tf.quantize: layer '{self.name}' (MultiHeadAttention): attention_ranges=True "
+                             "is for the Keras 3 frontend (syq_tf.keras3); TensorFlow's converter fails on a "
+                             "tf_keras attention with inner ranges (FULLY_CONNECTED given int8 input).")
+        self.attention_ranges = attention_ranges
+        if attention_ranges:
+            from syq_tf.quantizers.activations import MovingAverageActivation  # noqa: PLC0415  (imports layers' users)
+
+            for name in ATTENTION_RANGES:
+                setattr(self, f"{name}_range", MovingAverageActivation(8, name=f"{self.name}_{name}_range"))
         # untracked: the templates (each projection gets its own copy) are no sub-layers of the attention,
         # which Keras would otherwise list, calibrate (never called: "saw no inputs") and save
         object.__setattr__(self, "_syq_quantizers", {"kernel_quantizer": kernel_quantizer,
@@ -492,10 +549,21 @@ class QuantizedMultiHeadAttention(tf.keras.layers.MultiHeadAttention):
                         self._tracker.untrack(dense)
                     setattr(self, attr, quantized)
 
+    def range_quantizers(self):
+        """``{name: MovingAverageActivation}`` of the attention's inner tensors (empty without
+        ``attention_ranges``)."""
+        return {name: getattr(self, f"{name}_range") for name in ATTENTION_RANGES} if self.attention_ranges else {}
+
+    def _build_ranges(self):
+        for quantizer in self.range_quantizers().values():
+            if not quantizer.built:
+                quantizer.build(())
+
     if KERAS == 2:
         def _build_from_signature(self, query, value, key=None):
             super()._build_from_signature(query, value, key)
             self._quantize_projections()
+            self._build_ranges()
     else:  # Keras 3 builds the projections in build()
         def build(self, query_shape, value_shape, key_shape=None):
             if getattr(self, "_use_gate", False):
@@ -503,6 +571,14 @@ class QuantizedMultiHeadAttention(tf.keras.layers.MultiHeadAttention):
                                  "is not supported (its gate projection would stay float).")
             super().build(query_shape, value_shape, key_shape)
             self._quantize_projections()
+            self._build_ranges()
+
+    def _compute_attention(self, query, key, value, attention_mask=None, training=None, *args, **kwargs):
+        if not self.attention_ranges:
+            return super()._compute_attention(query, key, value, attention_mask, training, *args, **kwargs)
+        ranges = self.range_quantizers()
+        return ranged_attention(self, lambda name, x: ranges[name](x, training=training), query, key, value,
+                                attention_mask, training, *args, **kwargs)
 
     def float_kernels(self):
         """{projection name (query, key, value, attention_output): (quantizer, float kernel)}."""
@@ -515,7 +591,8 @@ class QuantizedMultiHeadAttention(tf.keras.layers.MultiHeadAttention):
 
     def get_config(self):
         return {**super().get_config(), **{k: _serialize(v) if not isinstance(v, (str, dict)) else v
-                                           for k, v in self._syq_quantizers.items()}}
+                                           for k, v in self._syq_quantizers.items()},
+                "attention_ranges": self.attention_ranges}
 
     @classmethod
     def from_config(cls, config):

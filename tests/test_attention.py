@@ -94,3 +94,12 @@ def test_transformer_encoder_reloads_and_exports_exactly(trained, tmp_path):
     # in one tensor name: tf_keras's MultiHeadAttention names its inner Softmax by a running count too
     name = model.inputs[0]._keras_history[0].name
     assert litert_interpreter(bytes(result)).get_input_details()[0]["name"] == f"serving_default_{name}:0"
+
+
+def test_attention_ranges_are_keras3_only():
+    """The inner ranges of syq_tf.keras3's attention (tests_keras3/test_attention_ranges.py) export
+    from Keras 3 only: say so when the layer is made, not after training."""
+    with pytest.raises(ValueError, match=r"layer 'mha' \(MultiHeadAttention\): attention_ranges=True is for the "
+                                         r"Keras 3 frontend \(syq_tf.keras3\)"):
+        syq_tf.quantize(tf.keras.layers.MultiHeadAttention(2, 4, name="mha"), kernel_quantizer=SYQ(2),
+                        attention_ranges=True)

@@ -141,7 +141,9 @@ def test_transformer_encoder_exports_for_tflm():
     clear = top2[:, 1] - top2[:, 0] > 2 * np.abs(keras_out - runtime_out).max()
     assert clear.sum() >= 8 and (keras_out.argmax(1) == runtime_out.argmax(1))[clear].all()
     assert v["tflm_compressed_equals_uncompressed"]
-    assert v["max_int8_diff_litert_ref"] <= 1  # rounding ties (FULLY_CONNECTED: TFLM rounds twice)
+    # rounding ties (FULLY_CONNECTED: TFLM rounds twice), a step more after the LayerNormalizations,
+    # which scale their input's differences up (the benchmark's trained Transformer: up to 6 steps)
+    assert v["max_int8_diff_litert_ref"] <= 2
     assert all(r.exact for r in result.layers if r.quantizer != "float")
 
 

@@ -47,13 +47,15 @@ def test_transformer_encoder_calibrates():
     """quantize_model ranges the tensors not read by one quantized layer alone (the attention's output,
     read by the Add; the Add's output; the feed-forward's output, read by the pooling) at their
     producers; MultiHeadAttention reads its inputs as they are (the Embedding's output here: on the
-    table's int8 scale), so its projections have no input ranges of their own."""
+    table's int8 scale), so its projections have no input ranges of their own; its inner tensors
+    (attention_ranges) have theirs."""
     q = syq.quantize_model(encoder(keras.layers.MultiHeadAttention(2, 8, name="mha")), scheme="syq-w2a8")
     data = np.random.default_rng(0).integers(0, 30, (8, 12)).astype(np.int32)
     steps = syq.calibrate(q, data)
     names = sorted(quantizer.name for quantizer in calibratable_quantizers(q))
-    assert names == sorted(steps) == ["add_output_range", "ff_input_quantizer", "ff_output_range",
-                                      "head_input_quantizer", "mha_output_range"]
+    inner = [f"mha_{name}_range" for name in ("context", "key", "query", "scaled_scores", "scores", "value")]
+    assert names == sorted(steps) == sorted(["add_output_range", "ff_input_quantizer", "ff_output_range",
+                                             "head_input_quantizer", *inner, "mha_output_range"])
 
 
 def test_quantized_attention_calibrates_its_projections_only():

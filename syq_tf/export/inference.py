@@ -28,13 +28,13 @@ Every stand-in takes its values from the trained layer through ``transfer(old_la
 import numpy as np
 import tensorflow as tf
 
-from syq_tf.layers import QUANTIZED_CLASSES
+from syq_tf.layers import QUANTIZED_CLASSES, QuantizedMultiHeadAttention, ranged_attention
 from syq_tf.models import is_tfmot_model, layer_kernels
 from syq_tf.quantizers import ActivationQuantizer, MovingAverageActivation, int8_fake_quant
 
 # Config keys of larq / syq_tf layers that the plain Keras layer does not take.
 QUANT_KEYS = ("kernel_quantizer", "input_quantizer", "recurrent_quantizer", "depthwise_quantizer",
-              "pointwise_quantizer", "metrics")
+              "pointwise_quantizer", "metrics", "attention_ranges")
 
 
 def is_quantized(layer):
@@ -85,16 +85,17 @@ def find_layer(model, name):
         return None
 
 
-def plain_copy(layer, owner="to_tflite"):
-    """A fresh plain Keras layer with the quantized layer's config (quantizer keys dropped); padding
-    with ``pad_values`` other than 0 has no int8 / float TFLite form and is refused."""
+def plain_copy(layer, owner="to_tflite", cls=None, **extra):
+    """A fresh plain Keras layer (``cls``, default the stock class behind the layer, with the ``extra``
+    config) with the quantized layer's config (quantizer keys dropped); padding with ``pad_values``
+    other than 0 has no int8 / float TFLite form and is refused."""
     config = {k: v for k, v in layer.get_config().items() if k not in QUANT_KEYS}
     pad = config.pop("pad_values", 0.0)
     if pad not in (0, 0.0):
         raise ValueError(f"{owner}: layer '{layer.name}': pad_values={pad} has no TFLite form here; use "
                          "pad_values=0.")
     config["name"] = f"{layer.name}_float"
-    return plain_class(layer).from_config(config)
+    return (cls or plain_class(layer)).from_config({**config, **extra})
 
 
 def int8_input(layer):
@@ -196,9 +197,38 @@ class TableStandIn(QuantizedStandIn):
         return int8_fake_quant(table, -128.0 * self.step, 127.0 * self.step)
 
 
+class RangedAttention(tf.keras.layers.MultiHeadAttention):
+    """The plain MultiHeadAttention of a :class:`~syq_tf.layers.QuantizedMultiHeadAttention` with
+    ``attention_ranges``: the same arithmetic (:func:`~syq_tf.layers.ranged_attention`), each trained
+    range as its int8 FakeQuant (``ranges``: name -> ``(low, high, top)``), which the converter takes as
+    the int8 scale and zero point of that tensor."""
+
+    def __init__(self, *args, ranges=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ranges = {name: tuple(form) for name, form in (ranges or {}).items()}
+
+    def _build_attention(self, rank):
+        super()._build_attention(rank)
+        # named: the stock softmax takes Keras's running layer count, which names its TFLite tensor
+        # (softmax_2, then softmax_3 for the same model exported again: different bytes)
+        self._softmax = type(self._softmax)(axis=self._softmax.axis, name="softmax")
+
+    def _compute_attention(self, query, key, value, attention_mask=None, training=None, *args, **kwargs):
+        return ranged_attention(self, lambda name, x: int8_fake_quant(x, *self.ranges[name]), query, key, value,
+                                attention_mask, training, *args, **kwargs)
+
+    def get_config(self):
+        return {**super().get_config(), "ranges": {name: list(form) for name, form in self.ranges.items()}}
+
+
 def int8_stand_in(layer):
     """The default stand-in of a quantized layer: plain layer + int8 input range (a table: an int8
-    output range on its largest level, :class:`TableStandIn`)."""
+    output range on its largest level, :class:`TableStandIn`; an attention with inner ranges: a
+    :class:`RangedAttention`)."""
+    if isinstance(layer, QuantizedMultiHeadAttention) and layer.attention_ranges:
+        ranges = {name: q.int8_form() for name, q in layer.range_quantizers().items()}
+        return QuantizedStandIn(plain_copy(layer, cls=RangedAttention, ranges=ranges), int8_input(layer),
+                                name=layer.name)
     if issubclass(plain_class(layer), tf.keras.layers.Embedding):
         (quantizer, table), = layer_kernels(layer).values()
         top = float(np.max(np.abs(quantized_value(quantizer, table))))
