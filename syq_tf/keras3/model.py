@@ -33,7 +33,7 @@ Keras 3).
   :class:`~syq_tf.layers.QuantizedMultiHeadAttention`): 8-bit moving-average ranges on the projected
   query, key and value, the scores before and after the scale and the weighted sum, and the softmax
   probabilities on SOFTMAX's int8 grid ``k / 256``. Without them a trained Transformer's attention
-  output was one int8 step off TFLite's on 52 % of its values (4 % with them).
+  output was one int8 step off TFLite's on 52 % of its values (3.8 % with them).
 - Normalization layers (BatchNormalization, LayerNormalization) stay float in training; at export
   TensorFlow's converter folds a BatchNormalization into the convolution before it and computes a
   LayerNormalization in int8. A plain ``keras.layers.BatchNormalization`` becomes a
