@@ -8,6 +8,7 @@ from conftest import run_python, separable_data
 import syq_tf.keras3 as syq
 from syq_tf.calibration import calibratable_quantizers
 from syq_tf.export import flatbuffer
+from syq_tf.keras3.layer_normalization import RANGES
 
 
 def test_mobilenetv2_quantize_fit_reload_export(tmp_path):
@@ -37,7 +38,7 @@ def encoder(mha):
     tokens = keras.Input((12,), dtype="int32")
     x = keras.layers.Embedding(30, 16)(tokens)
     a = mha(x, x)
-    x = keras.layers.LayerNormalization()(keras.layers.Add()([x, a]))
+    x = keras.layers.LayerNormalization(name="ln")(keras.layers.Add()([x, a]))
     x = keras.layers.Dense(16, activation="relu", name="ff")(x)
     out = keras.layers.Dense(3, name="head")(keras.layers.GlobalAveragePooling1D()(x))
     return keras.Model(tokens, out)
@@ -48,12 +49,13 @@ def test_transformer_encoder_calibrates():
     read by the Add; the Add's output; the feed-forward's output, read by the pooling) at their
     producers; MultiHeadAttention reads its inputs as they are (the Embedding's output here: on the
     table's int8 scale), so its projections have no input ranges of their own; its inner tensors
-    (attention_ranges) have theirs."""
+    (attention_ranges) and the LayerNormalization's (Int8LayerNormalization) have theirs."""
     q = syq.quantize_model(encoder(keras.layers.MultiHeadAttention(2, 8, name="mha")), scheme="syq-w2a8")
     data = np.random.default_rng(0).integers(0, 30, (8, 12)).astype(np.int32)
     steps = syq.calibrate(q, data)
     names = sorted(quantizer.name for quantizer in calibratable_quantizers(q))
     inner = [f"mha_{name}_range" for name in ("context", "key", "query", "scaled_scores", "scores", "value")]
+    inner += [f"ln_{name}_range" for name in RANGES]  # Int8LayerNormalization's
     assert names == sorted(steps) == sorted(["add_output_range", "ff_input_quantizer", "ff_output_range",
                                              "head_input_quantizer", *inner, "mha_output_range"])
 

@@ -330,6 +330,10 @@ def build(model, *, batch_size=None, stand_in=None):
             # syq_tf form, tfmot_layers) are the target's to plan
             made.add(layer.name)
             return RangeStandIn(*layer.int8_form(), name=layer.name)
+        form = getattr(layer, "inference_form", None)  # a layer that knows its own form (Int8LayerNormalization)
+        if form is not None and layer.name not in moved:
+            made.add(layer.name)
+            return form()
         new = stand_ins.get(layer.name)
         if layer.name in moved:
             if new is None:

@@ -22,6 +22,7 @@ import syq_tf.export as export  # noqa: E402
 from syq_tf.keras3.model import quantize_model  # noqa: E402
 from syq_tf.keras3.normalization import FusedBatchNormalization  # noqa: E402
 from syq_tf.keras3.activations import Int8Sigmoid  # noqa: E402
+from syq_tf.keras3.layer_normalization import Int8LayerNormalization  # noqa: E402
 
 __all__ = [
     "quantizers",
@@ -29,6 +30,7 @@ __all__ = [
     "quantize_model",
     "FusedBatchNormalization",
     "Int8Sigmoid",
+    "Int8LayerNormalization",
     "calibrate",
     "Calibrate",
     "fit_dorefa_ranges",

@@ -34,9 +34,10 @@ Keras 3).
   query, key and value, the scores before and after the scale and the weighted sum, and the softmax
   probabilities on SOFTMAX's int8 grid ``k / 256``. Without them a trained Transformer's attention
   output was one int8 step off TFLite's on 52 % of its values (3.8 % with them).
-- Normalization layers (BatchNormalization, LayerNormalization) stay float in training; at export
-  TensorFlow's converter folds a BatchNormalization into the convolution before it and computes a
-  LayerNormalization in int8. A plain ``keras.layers.BatchNormalization`` becomes a
+- BatchNormalization stays float in training; at export TensorFlow's converter folds it into the
+  convolution before it. A ``keras.layers.LayerNormalization`` becomes an
+  :class:`~syq_tf.keras3.layer_normalization.Int8LayerNormalization` (``int8_layer_normalization=False``
+  keeps Keras's): the converter computes it as eleven int8 ops, and it trains on their int8 values. A plain ``keras.layers.BatchNormalization`` becomes a
   :class:`~syq_tf.keras3.normalization.FusedBatchNormalization` (the same layer, trained with
   TensorFlow's fused kernel as Keras 2 is; ``fused_batchnorm=False`` keeps Keras's).
 - Layers without weights pass through (Rescaling, Normalization, pooling, ...); ``keep_float`` names
@@ -49,6 +50,7 @@ import dataclasses
 import keras
 
 from syq_tf.keras3.activations import Int8Sigmoid, sigmoid_kind
+from syq_tf.keras3.layer_normalization import Int8LayerNormalization
 from syq_tf.keras3.normalization import FusedBatchNormalization
 from syq_tf.layers import KERNEL_ATTR, QUANTIZED_CLASSES, quantize
 from syq_tf.quantizers import MaxAbsWeight, MovingAverageActivation
@@ -177,13 +179,14 @@ def _without_activation(layer):
 
 
 def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="error", return_report=False,
-                   eight_bit=(), fused_batchnorm=True):
+                   eight_bit=(), fused_batchnorm=True, int8_layer_normalization=True):
     """Quantize a float Keras 3 Sequential or functional model with a scheme (module docstring).
 
     Returns the quantized model (new layers, the float weights copied), or ``(model, report)`` with
     ``return_report=True``; report: {"scheme", "low_bit", "low_bit_activations", "eight_bit",
     "output_ranges" (layers whose output got a range), "int8_sigmoids" (the :class:`Int8Sigmoid` layers),
-    "normalization", "float", "passed_through", "unsupported"}.
+    "normalization" (BatchNormalization and LayerNormalization layers), "float", "passed_through",
+    "unsupported"}.
     """
     if on_unsupported not in ("error", "keep_float"):
         raise ValueError(f"quantize_model: on_unsupported={on_unsupported!r}; allowed: 'error', 'keep_float'.")
@@ -237,6 +240,8 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
             return Int8Sigmoid(sigmoids[layer.name], name=layer.name)
         if layer.name not in plan:
             fused = fused_batchnorm and type(layer) is keras.layers.BatchNormalization
+            if int8_layer_normalization and type(layer) is keras.layers.LayerNormalization and not layer.rms_scaling:
+                return Int8LayerNormalization.from_config(layer.get_config())
             return (FusedBatchNormalization if fused else layer.__class__).from_config(layer.get_config())
         kernel_quantizer, input_quantizer, _ = plan[layer.name]
         if layer.name in split:
@@ -262,7 +267,9 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
 
     quantized = keras.models.clone_model(model, clone_function=clone, **({"call_function": call} if functional else {}))
     for layer in quantized.layers:
-        if layer.name not in plan and layer.name in names and layer.weights:
+        if isinstance(layer, Int8LayerNormalization):  # its ranges are new
+            layer.copy_weights(model.get_layer(layer.name))
+        elif layer.name not in plan and layer.name in names and layer.weights:
             layer.set_weights(model.get_layer(layer.name).get_weights())
     if not return_report:
         return quantized
