@@ -4,6 +4,8 @@
 import os
 import sys
 
+import numpy as np
+
 import syq_tf.keras3  # noqa: F401  (first: selects Keras 3)
 
 import keras
@@ -23,3 +25,22 @@ def _seed():
     keras.utils.set_random_seed(1234)
     yield
     keras.backend.clear_session()
+
+
+def reloaded_in_a_fresh_process(model, x, tmp_path, report, save=None):
+    """Save ``model`` as ``.keras`` (with ``save(model, path)``, default ``model.save``), load it in a
+    new Python process with Keras's safe mode and nothing imported but ``syq_tf.keras3``, assert its
+    outputs on ``x`` are identical there, and return the last line ``print(report)`` wrote (``report``:
+    an expression of the loaded model ``m``)."""
+    path = str(tmp_path / "m.keras")
+    (save or (lambda m, p: m.save(p)))(model, path)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", model.predict(x, verbose=0))
+    code = (f"import keras, numpy as np\nimport syq_tf.keras3\n"
+            f"m = keras.saving.load_model({path!r})\n"
+            f"x = np.load({str(tmp_path / 'x.npy')!r}); y = np.load({str(tmp_path / 'y.npy')!r})\n"
+            "assert np.array_equal(m.predict(x, verbose=0), y)\n"
+            f"print({report})")
+    r = run_python(code)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.rstrip("\n").split("\n")[-1]

@@ -7,7 +7,7 @@ those tensors."""
 import keras
 import numpy as np
 import pytest
-from conftest import run_python
+from conftest import reloaded_in_a_fresh_process
 
 import syq_tf.keras3 as syq
 from syq_tf.export.runtime import litert_interpreter
@@ -124,19 +124,9 @@ def test_quantize_model_trains_saves_and_exports_the_ranges(tmp_path):
     learned = {n: (float(r.low.numpy()), float(r.high.numpy())) for n, r in mha.range_quantizers().items()}
     assert all(low < 0 < high for low, high in learned.values()), learned
 
-    path = str(tmp_path / "m.keras")
-    q.save(path)
-    np.save(tmp_path / "x.npy", x[:8])
-    np.save(tmp_path / "y.npy", q.predict(x[:8], verbose=0))
-    code = (f"import keras, numpy as np\nimport syq_tf.keras3\n"
-            f"m = keras.saving.load_model({path!r})\n"
-            f"assert np.array_equal(m.predict(np.load({str(tmp_path / 'x.npy')!r}), verbose=0), "
-            f"np.load({str(tmp_path / 'y.npy')!r}))\n"
-            "print(sorted((n, float(r.low.numpy()), float(r.high.numpy())) "
-            "for n, r in m.get_layer('mha').range_quantizers().items()))")
-    r = run_python(code)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split("\n")[-2] == str(sorted((n, lo, hi) for n, (lo, hi) in learned.items()))
+    ranges = reloaded_in_a_fresh_process(q, x[:8], tmp_path, "sorted((n, float(r.low.numpy()), float(r.high.numpy())) "
+                                         "for n, r in m.get_layer('mha').range_quantizers().items())")
+    assert ranges == str(sorted((n, lo, hi) for n, (lo, hi) in learned.items()))
 
     result = syq.export.to_tflite(q, x[:64], target="litert", verify_data=x)
     assert result.verification["top1_agreement"] >= 0.95

@@ -5,7 +5,7 @@ it computes the same thing, Keras's code everywhere else; quantize_model puts it
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_python
+from conftest import reloaded_in_a_fresh_process
 
 import keras
 import syq_tf.keras3 as syq
@@ -126,15 +126,5 @@ def test_quantize_model_fuses_batchnorm_and_the_file_reloads(tmp_path):
     assert np.array_equal(model.predict(x, verbose=0), kept.predict(x, verbose=0))
     model.compile("adam", "mse")
     model.fit(x, np.zeros((16, 3), np.float32), epochs=1, verbose=0)
-    path = str(tmp_path / "m.keras")
-    syq.save_model(model, path)
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "y.npy", model.predict(x, verbose=0))
-    code = (f"import keras, numpy as np\nimport syq_tf.keras3\n"
-            f"m = keras.saving.load_model({path!r})\n"  # Keras's safe mode; no custom objects
-            f"x = np.load({str(tmp_path / 'x.npy')!r}); y = np.load({str(tmp_path / 'y.npy')!r})\n"
-            "assert np.array_equal(m.predict(x, verbose=0), y)\n"
-            "print(type(m.get_layer('bn')).__name__)")
-    r = run_python(code)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == ["FusedBatchNormalization"]
+    assert reloaded_in_a_fresh_process(model, x, tmp_path, "type(m.get_layer('bn')).__name__",
+                                       save=syq.save_model) == "FusedBatchNormalization"

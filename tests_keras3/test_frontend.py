@@ -5,7 +5,7 @@ export pipeline; wrong inputs get one clear error."""
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, run_python, separable_data
+from conftest import REPO, reloaded_in_a_fresh_process, run_python, separable_data
 
 import keras
 import syq_tf.keras3 as syq
@@ -109,18 +109,9 @@ def test_fit_save_and_reload_in_a_fresh_process(tmp_path):
     assert history.history["loss"][-1] < before
     quantizer = model.layers[3].kernel_quantizer  # LossAware: its scale set by the optimizer
     assert quantizer in model.optimizer.loss_aware_quantizers and float(quantizer.alpha.numpy().ravel()[0]) > 0
-    path = str(tmp_path / "m.keras")
-    syq.save_model(model, path)
-    np.save(tmp_path / "x.npy", x[:16])
-    np.save(tmp_path / "y.npy", model.predict(x[:16], verbose=0))
-    code = (f"import keras, numpy as np\nimport syq_tf.keras3\n"
-            f"m = keras.saving.load_model({path!r})\n"
-            f"x = np.load({str(tmp_path / 'x.npy')!r}); y = np.load({str(tmp_path / 'y.npy')!r})\n"
-            "assert np.array_equal(m.predict(x, verbose=0), y)\n"
-            "print(type(m.layers[1]).__name__, type(m.layers[1].kernel_quantizer).__name__)")
-    r = run_python(code)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == ["QuantizedConv2D", "SYQ"]
+    assert reloaded_in_a_fresh_process(
+        model, x[:16], tmp_path, "type(m.layers[1]).__name__, type(m.layers[1].kernel_quantizer).__name__",
+        save=syq.save_model) == "QuantizedConv2D SYQ"
 
 
 def test_summary_and_reinitialize_scales(capsys):
