@@ -159,3 +159,18 @@ def test_quantize_model_trains_saves_and_exports_the_ranges(tmp_path):
     # traced: the attention's output is LiteRT's up to rounding ties
     rows = {row.layer: row for row in syq.export.trace_divergence(q, bytes(result), x, max_examples=16)}
     assert rows["mha"].max_steps <= 1 and rows["mha"].off_by_1 <= 0.1, rows["mha"]
+
+
+def test_masks_keep_their_meaning():
+    """A causal mask: no position reads a later one; a padding mask: masked keys get probability 0."""
+    mha, x = attention(attention_ranges=True)
+    later = x.copy()
+    later[:, -1] += 5.0  # change only the last position
+    causal = mha(x, x, use_causal_mask=True).numpy()
+    np.testing.assert_array_equal(causal[:, :-1], mha(later, later, use_causal_mask=True).numpy()[:, :-1])
+    assert np.abs(causal[:, -1] - mha(later, later, use_causal_mask=True).numpy()[:, -1]).max() > 0
+    mask = np.ones((3, LENGTH, LENGTH), bool)
+    mask[:, :, -2:] = False  # the last two keys masked out
+    _, probabilities = mha(x, x, attention_mask=mask, return_attention_scores=True)
+    p = probabilities.numpy()
+    assert (p[..., -2:] == 0).all() and (p[..., :-2].sum(-1) > 0.9).all()
