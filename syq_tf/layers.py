@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from syq_tf.optimizers import mark_quantized
 from syq_tf.quantizers._common import KERAS, ActivationQuantizer, WeightQuantizer, int8_unit_grid
+from syq_tf.quantizers.activations import MovingAverageActivation
 
 if KERAS == 2:
     import larq as lq
@@ -528,8 +529,6 @@ class QuantizedMultiHeadAttention(tf.keras.layers.MultiHeadAttention):
                              "tf_keras attention with inner ranges (FULLY_CONNECTED given int8 input).")
         self.attention_ranges = attention_ranges
         if attention_ranges:
-            from syq_tf.quantizers.activations import MovingAverageActivation  # noqa: PLC0415  (imports layers' users)
-
             for name in ATTENTION_RANGES:
                 setattr(self, f"{name}_range", MovingAverageActivation(8, name=f"{self.name}_{name}_range"))
         # untracked: the templates (each projection gets its own copy) are no sub-layers of the attention,
