@@ -34,10 +34,11 @@ Keras 3).
   query, key and value, the scores before and after the scale and the weighted sum, and the softmax
   probabilities on SOFTMAX's int8 grid ``k / 256``. Without them a trained Transformer's attention
   output was one int8 step off TFLite's on 52 % of its values (3.8 % with them).
-- BatchNormalization stays float in training; at export TensorFlow's converter folds it into the
-  convolution before it. A ``keras.layers.LayerNormalization`` becomes an
+- A ``keras.layers.LayerNormalization`` becomes an
   :class:`~syq_tf.keras3.layer_normalization.Int8LayerNormalization` (``int8_layer_normalization=False``
-  keeps Keras's): the converter computes it as eleven int8 ops, and it trains on their int8 values. A plain ``keras.layers.BatchNormalization`` becomes a
+  keeps Keras's): the converter computes it as eleven int8 ops, and it trains on their int8 values.
+- BatchNormalization stays float in training; at export TensorFlow's converter folds it into the
+  convolution before it. A plain ``keras.layers.BatchNormalization`` becomes a
   :class:`~syq_tf.keras3.normalization.FusedBatchNormalization` (the same layer, trained with
   TensorFlow's fused kernel as Keras 2 is; ``fused_batchnorm=False`` keeps Keras's).
 - Layers without weights pass through (Rescaling, Normalization, pooling, ...); ``keep_float`` names
