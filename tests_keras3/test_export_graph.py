@@ -181,3 +181,20 @@ def test_trace_divergence_matches_keras3_layers_and_finds_no_extra_rounding():
     assert [r.layer for r in relus] == ["relu0", "relu1", "relu2"]
     assert all(r.op == "FULLY_CONNECTED" for r in relus)  # not the input_range MINIMUMs inside d1, d2
     assert relus[0].off_by_1 <= 0.01 and max(r.max_steps for r in relus) <= 1
+
+
+def test_trace_leaves_out_a_layer_whose_activation_is_an_op_of_its_own():
+    """A Dense with a softmax: TFLite's FULLY_CONNECTED outputs the logits and a SOFTMAX follows, while
+    the layer's value is the probabilities. The trace compared the two (98 % of a classifier's values
+    'off'); now such a kernel op gets no row. A fused ReLU keeps its row."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8,))
+    h = keras.layers.Dense(16, activation="relu", name="hidden")(inp)
+    model = keras.Model(inp, keras.layers.Dense(4, activation="softmax", name="probs")(h))
+    x = np.random.default_rng(0).uniform(0, 1, (64, 8)).astype(np.float32)
+    q = syq.quantize_model(model, "syq-w2a8")
+    syq.calibrate(q, x)
+    result = syq.export.to_tflite(q, x, target="litert")
+    assert "SOFTMAX" in flatbuffer.op_names(bytes(result))
+    rows = syq.export.trace_divergence(q, bytes(result), x, max_examples=32)
+    assert [r.layer for r in rows] == ["hidden"] and rows[0].op == "FULLY_CONNECTED"

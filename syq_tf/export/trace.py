@@ -88,7 +88,10 @@ def trace_divergence(model, buffer, x, max_examples=32):
     values = tf.keras.Model(form.inputs, [layer.output for layer in layers]).predict(x, verbose=0)
     values = dict(zip(order, values if isinstance(values, list) else [values]))
     rows = []
+    separate = {layer.name for layer in layers if _activation_apart(layer)}
     for op, d, layer in matched:
+        if layer in separate and op["op_name"] not in ACTIVATION_OPS:
+            continue  # the kernel op's output is the pre-activation; the layer's value is after it
         scale, zero = d["quantization"]
         runtime = np.concatenate([np.atleast_1d(part) for part in outputs[d["index"]]]).astype(np.int64)
         expected = values[layer]
@@ -105,6 +108,20 @@ def trace_divergence(model, buffer, x, max_examples=32):
     # before the QUANTIZE of a low-bit activation's grid, or the MINIMUM of its clip: that op's output)
     last = {row.layer: row.op_index for row in rows}
     return [row for row in rows if last[row.layer] == row.op_index]
+
+
+# Activations TFLite fuses into the op before them (no op of their own), and the ops of the others.
+FUSED_ACTIVATIONS = ("linear", "relu", "relu6")
+ACTIVATION_OPS = ("SOFTMAX", "LOGISTIC", "TANH", "HARD_SWISH", "GELU", "ELU", "LEAKY_RELU", "MUL")
+
+
+def _activation_apart(layer):
+    """True for a layer whose activation TFLite computes as an op of its own after the layer's op (a
+    Dense with ``activation="softmax"``): the layer's op then outputs the pre-activation, which its
+    value is not (it was compared as such: 98 % of a classifier's logits 'off' its probabilities)."""
+    activation = getattr(getattr(layer, "inner", layer), "activation", None)  # a stand-in: its plain layer's
+    name = getattr(activation, "__name__", activation)
+    return activation is not None and name not in FUSED_ACTIVATIONS
 
 
 def _grid_unit(op, details):
