@@ -476,6 +476,38 @@ def quantize(target=None, *, kernel_quantizer=None, input_quantizer=None, recurr
     )
 
 
+class InnerRanges:
+    """8-bit moving-average ranges (:class:`~syq_tf.quantizers.MovingAverageActivation`) on tensors
+    inside a layer that int8 TFLite stores, sub-layers ``<layer>_<tensor>_range``; the layer names
+    them in ``_range_names()`` and computes with ``self._ranged(training)`` as its ``ranged(name,
+    tensor)``. The export fixes them (:meth:`int8_ranges`) in a plain layer
+    (:class:`syq_tf.export.inference.FixedRanges`)."""
+
+    def _range_names(self):
+        raise NotImplementedError
+
+    def _add_ranges(self):
+        for name in self._range_names():
+            setattr(self, f"{name}_range", MovingAverageActivation(8, name=f"{self.name}_{name}_range"))
+
+    def range_quantizers(self):
+        """``{tensor name: MovingAverageActivation}``."""
+        return {name: getattr(self, f"{name}_range") for name in self._range_names()}
+
+    def _build_ranges(self):
+        for quantizer in self.range_quantizers().values():
+            if not quantizer.built:
+                quantizer.build(())
+
+    def _ranged(self, training):
+        ranges = self.range_quantizers()
+        return lambda name, x: ranges[name](x, training=training)
+
+    def int8_ranges(self):
+        """``{tensor name: (low, high, top)}``, each range's int8 form for the export."""
+        return {name: q.int8_form() for name, q in self.range_quantizers().items()}
+
+
 ATTENTION_RANGES = ("query", "key", "value", "scores", "scaled_scores", "context")
 
 
@@ -505,7 +537,7 @@ def ranged_attention(layer, ranged, query, key, value, attention_mask=None, trai
     return ranged("context", tf.einsum(layer._combine_equation, weights, value)), probabilities
 
 
-class QuantizedMultiHeadAttention(tf.keras.layers.MultiHeadAttention):
+class QuantizedMultiHeadAttention(InnerRanges, tf.keras.layers.MultiHeadAttention):
     """MultiHeadAttention whose query, key, value and output projections (EinsumDense layers) are
     quantized, each with its own copy of ``kernel_quantizer`` (and ``input_quantizer`` on its input).
     The attention arithmetic (scores, softmax, weighted sum) stays float, or with
@@ -528,9 +560,7 @@ class QuantizedMultiHeadAttention(tf.keras.layers.MultiHeadAttention):
                              "is for the Keras 3 frontend (syq_tf.keras3); TensorFlow's converter fails on a "
                              "tf_keras attention with inner ranges (FULLY_CONNECTED given int8 input).")
         self.attention_ranges = attention_ranges
-        if attention_ranges:
-            for name in ATTENTION_RANGES:
-                setattr(self, f"{name}_range", MovingAverageActivation(8, name=f"{self.name}_{name}_range"))
+        self._add_ranges()
         # untracked: the templates (each projection gets its own copy) are no sub-layers of the attention,
         # which Keras would otherwise list, calibrate (never called: "saw no inputs") and save
         object.__setattr__(self, "_syq_quantizers", {"kernel_quantizer": kernel_quantizer,
@@ -548,15 +578,8 @@ class QuantizedMultiHeadAttention(tf.keras.layers.MultiHeadAttention):
                         self._tracker.untrack(dense)
                     setattr(self, attr, quantized)
 
-    def range_quantizers(self):
-        """``{name: MovingAverageActivation}`` of the attention's inner tensors (empty without
-        ``attention_ranges``)."""
-        return {name: getattr(self, f"{name}_range") for name in ATTENTION_RANGES} if self.attention_ranges else {}
-
-    def _build_ranges(self):
-        for quantizer in self.range_quantizers().values():
-            if not quantizer.built:
-                quantizer.build(())
+    def _range_names(self):
+        return ATTENTION_RANGES if self.attention_ranges else ()
 
     if KERAS == 2:
         def _build_from_signature(self, query, value, key=None):
@@ -575,9 +598,8 @@ class QuantizedMultiHeadAttention(tf.keras.layers.MultiHeadAttention):
     def _compute_attention(self, query, key, value, attention_mask=None, training=None, *args, **kwargs):
         if not self.attention_ranges:
             return super()._compute_attention(query, key, value, attention_mask, training, *args, **kwargs)
-        ranges = self.range_quantizers()
-        return ranged_attention(self, lambda name, x: ranges[name](x, training=training), query, key, value,
-                                attention_mask, training, *args, **kwargs)
+        return ranged_attention(self, self._ranged(training), query, key, value, attention_mask, training,
+                                *args, **kwargs)
 
     def float_kernels(self):
         """{projection name (query, key, value, attention_output): (quantizer, float kernel)}."""

@@ -49,7 +49,8 @@ def is_quantized(layer):
 def plain_class(layer):
     """The stock Keras class behind a syq_tf / larq quantized layer."""
     for cls in type(layer).__mro__:
-        if issubclass(cls, QUANTIZED_CLASSES) or cls.__module__.startswith("larq"):
+        if (issubclass(cls, QUANTIZED_CLASSES) or cls.__module__.startswith("larq")
+                or not issubclass(cls, tf.keras.layers.Layer)):  # mixins (InnerRanges) are no Keras class
             continue
         return cls
     raise TypeError(f"layer '{layer.name}': cannot find the plain Keras class of {type(layer).__name__}")
@@ -197,15 +198,27 @@ class TableStandIn(QuantizedStandIn):
         return int8_fake_quant(table, -128.0 * self.step, 127.0 * self.step)
 
 
-class RangedAttention(tf.keras.layers.MultiHeadAttention):
-    """The plain MultiHeadAttention of a :class:`~syq_tf.layers.QuantizedMultiHeadAttention` with
-    ``attention_ranges``: the same arithmetic (:func:`~syq_tf.layers.ranged_attention`), each trained
-    range as its int8 FakeQuant (``ranges``: name -> ``(low, high, top)``), which the converter takes as
-    the int8 scale and zero point of that tensor."""
+class FixedRanges:
+    """The export side of :class:`syq_tf.layers.InnerRanges`: a plain layer computing with each
+    trained inner range as its int8 FakeQuant (``ranges``: name -> ``(low, high, top)``, its
+    :meth:`~syq_tf.layers.InnerRanges.int8_ranges`), which the converter takes as the int8 scale and
+    zero point of that tensor; ``self.ranged`` is the layer's ``ranged(name, tensor)``."""
 
     def __init__(self, *args, ranges=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.ranges = {name: tuple(form) for name, form in (ranges or {}).items()}
+
+    def ranged(self, name, x):
+        return int8_fake_quant(x, *self.ranges[name])
+
+    def get_config(self):
+        return {**super().get_config(), "ranges": {name: list(form) for name, form in self.ranges.items()}}
+
+
+class RangedAttention(FixedRanges, tf.keras.layers.MultiHeadAttention):
+    """The plain MultiHeadAttention of a :class:`~syq_tf.layers.QuantizedMultiHeadAttention` with
+    ``attention_ranges``: the same arithmetic (:func:`~syq_tf.layers.ranged_attention`) on its fixed
+    ranges."""
 
     def _build_attention(self, rank):
         super()._build_attention(rank)
@@ -214,11 +227,7 @@ class RangedAttention(tf.keras.layers.MultiHeadAttention):
         self._softmax = type(self._softmax)(axis=self._softmax.axis, name="softmax")
 
     def _compute_attention(self, query, key, value, attention_mask=None, training=None, *args, **kwargs):
-        return ranged_attention(self, lambda name, x: int8_fake_quant(x, *self.ranges[name]), query, key, value,
-                                attention_mask, training, *args, **kwargs)
-
-    def get_config(self):
-        return {**super().get_config(), "ranges": {name: list(form) for name, form in self.ranges.items()}}
+        return ranged_attention(self, self.ranged, query, key, value, attention_mask, training, *args, **kwargs)
 
 
 def int8_stand_in(layer):
@@ -226,9 +235,8 @@ def int8_stand_in(layer):
     output range on its largest level, :class:`TableStandIn`; an attention with inner ranges: a
     :class:`RangedAttention`)."""
     if isinstance(layer, QuantizedMultiHeadAttention) and layer.attention_ranges:
-        ranges = {name: q.int8_form() for name, q in layer.range_quantizers().items()}
-        return QuantizedStandIn(plain_copy(layer, cls=RangedAttention, ranges=ranges), int8_input(layer),
-                                name=layer.name)
+        return QuantizedStandIn(plain_copy(layer, cls=RangedAttention, ranges=layer.int8_ranges()),
+                                int8_input(layer), name=layer.name)
     if issubclass(plain_class(layer), tf.keras.layers.Embedding):
         (quantizer, table), = layer_kernels(layer).values()
         top = float(np.max(np.abs(quantized_value(quantizer, table))))

@@ -28,7 +28,8 @@ gets no range of its own: its reader's range (an output range after the layer) r
 import keras
 import tensorflow as tf
 
-from syq_tf.quantizers import MovingAverageActivation, int8_fake_quant
+from syq_tf.export.inference import FixedRanges
+from syq_tf.layers import InnerRanges
 
 # The tensors of the int8 graph with a range of their own (module docstring).
 RANGES = ("mean", "squared_difference", "variance", "variance_epsilon", "rsqrt", "inv", "shift", "shifted",
@@ -70,13 +71,8 @@ def _copy_gamma_beta(layer, source):
             getattr(layer, attr).assign(getattr(source, attr))
 
 
-def _used(layer):
-    """The ranges ``layer``'s formula uses (no ``inv`` without gamma, no ``shifted`` without beta)."""
-    return tuple(n for n in RANGES if (n != "inv" or layer.scale) and (n != "shifted" or layer.center))
-
-
 @keras.saving.register_keras_serializable(package="syq_tf")
-class Int8LayerNormalization(keras.layers.LayerNormalization):
+class Int8LayerNormalization(InnerRanges, keras.layers.LayerNormalization):
     """Keras 3's LayerNormalization (same weights and config) computing on the int8 values TFLite's
     int8 normalization holds (module docstring). ``rms_scaling`` is not supported (TFLite computes
     it differently)."""
@@ -86,21 +82,18 @@ class Int8LayerNormalization(keras.layers.LayerNormalization):
         if self.rms_scaling:
             raise ValueError(f"Int8LayerNormalization '{self.name}': rms_scaling=True is not supported; allowed: "
                              "rms_scaling=False (use keras.layers.LayerNormalization).")
-        for name in _used(self):
-            setattr(self, f"{name}_range", MovingAverageActivation(8, name=f"{self.name}_{name}_range"))
+        self._add_ranges()
 
-    def range_quantizers(self):
-        """``{tensor name: MovingAverageActivation}``."""
-        return {name: getattr(self, f"{name}_range") for name in _used(self)}
+    def _range_names(self):
+        """The ranges the formula uses (no ``inv`` without gamma, no ``shifted`` without beta)."""
+        return tuple(n for n in RANGES if (n != "inv" or self.scale) and (n != "shifted" or self.center))
 
     def build(self, input_shape):
         super().build(input_shape)
-        for quantizer in self.range_quantizers().values():
-            quantizer.build(())
+        self._build_ranges()
 
     def call(self, inputs, training=None):
-        ranges = self.range_quantizers()
-        return ranged_layer_normalization(self, inputs, lambda name, v: ranges[name](v, training=training))
+        return ranged_layer_normalization(self, inputs, self._ranged(training))
 
     def copy_weights(self, layer):
         """gamma and beta from a ``keras.layers.LayerNormalization``."""
@@ -108,24 +101,15 @@ class Int8LayerNormalization(keras.layers.LayerNormalization):
 
     def inference_form(self):
         """The export's form of this layer (:class:`LayerNormalizationForm`, its ranges fixed)."""
-        config = {**self.get_config(), "ranges": {n: list(q.int8_form()) for n, q in self.range_quantizers().items()}}
-        return LayerNormalizationForm.from_config(config)
+        return LayerNormalizationForm.from_config({**self.get_config(), "ranges": self.int8_ranges()})
 
 
-class LayerNormalizationForm(keras.layers.LayerNormalization):
-    """The inference form of an :class:`Int8LayerNormalization`: the same formula with each trained
-    range as its int8 FakeQuant (``ranges``: name -> ``(low, high, top)``)."""
-
-    def __init__(self, *args, ranges=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.ranges = {name: tuple(form) for name, form in (ranges or {}).items()}
+class LayerNormalizationForm(FixedRanges, keras.layers.LayerNormalization):
+    """The inference form of an :class:`Int8LayerNormalization`: the same formula on its fixed ranges."""
 
     def call(self, inputs):
-        return ranged_layer_normalization(self, inputs, lambda name, v: int8_fake_quant(v, *self.ranges[name]))
+        return ranged_layer_normalization(self, inputs, self.ranged)
 
     def transfer(self, old):
         """gamma and beta from the trained layer (``syq_tf.export.inference.build``)."""
         _copy_gamma_beta(self, old)
-
-    def get_config(self):
-        return {**super().get_config(), "ranges": {name: list(form) for name, form in self.ranges.items()}}

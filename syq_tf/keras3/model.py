@@ -255,7 +255,7 @@ def quantize_model(model, scheme="syq-w2a8", keep_float=(), on_unsupported="erro
         attention = isinstance(layer, keras.layers.MultiHeadAttention)
         plain = attention or isinstance(layer, (keras.layers.RNN, keras.layers.Embedding)) or layer.name in covered
         return quantize(layer, kernel_quantizer=kernel_quantizer, input_quantizer=None if plain else input_quantizer,
-                        **({"attention_ranges": True} if attention else {}))
+                        attention_ranges=attention)
 
     def call(layer, *args, **kwargs):
         outputs = layer(*args, **kwargs)
