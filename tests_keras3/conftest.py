@@ -44,3 +44,23 @@ def reloaded_in_a_fresh_process(model, x, tmp_path, report, save=None):
     r = run_python(code)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout.rstrip("\n").split("\n")[-1]
+
+
+def fake_quant(x, low, high):
+    """numpy: TensorFlow's FakeQuant (8 bits, not narrow) written out: the range nudged so that 0 is a
+    level, then round half up onto its 256 levels."""
+    scale = (high - low) / 255.0
+    zero = np.clip(np.round(-low / scale), 0, 255)  # low <= 0 <= high here
+    low, high = -zero * scale, (255 - zero) * scale
+    return np.floor((np.clip(x, low, high) - low) / scale + 0.5) * scale + low
+
+
+def encoder(vocab=30, dim=16):
+    """A tiny Transformer encoder on 12 token ids (Embedding, MultiHeadAttention, Add,
+    LayerNormalization, pooling, Dense head), every layer named."""
+    tokens = keras.Input((12,), dtype="int32", name="tokens")
+    x = keras.layers.Embedding(vocab, dim, name="embed")(tokens)
+    a = keras.layers.MultiHeadAttention(2, dim // 2, name="mha")(x, x)
+    x = keras.layers.LayerNormalization(name="ln")(keras.layers.Add(name="res")([x, a]))
+    out = keras.layers.Dense(3, name="head")(keras.layers.GlobalAveragePooling1D(name="pool")(x))
+    return keras.Model(tokens, out)

@@ -7,7 +7,7 @@ those tensors."""
 import keras
 import numpy as np
 import pytest
-from conftest import reloaded_in_a_fresh_process
+from conftest import encoder, fake_quant, reloaded_in_a_fresh_process
 
 import syq_tf.keras3 as syq
 from syq_tf.export.runtime import litert_interpreter
@@ -23,15 +23,6 @@ def attention(**kwargs):
     x = np.random.default_rng(0).normal(size=(3, LENGTH, DIM)).astype(np.float32)
     mha(x, x, training=True)  # builds; the ranges (if any) start from this batch
     return mha, x
-
-
-def fake_quant(x, low, high):
-    """TensorFlow's FakeQuant (8 bits, not narrow) written out: the range nudged so that 0 is a level,
-    then round half up onto its 256 levels."""
-    scale = (high - low) / 255.0
-    zero = np.clip(np.round(-low / scale), 0, 255)  # low <= 0 <= high here
-    low, high = -zero * scale, (255 - zero) * scale
-    return np.floor((np.clip(x, low, high) - low) / scale + 0.5) * scale + low
 
 
 def projection(mha, attr, x):
@@ -97,15 +88,6 @@ def test_attention_ranges_errors():
     with pytest.raises(ValueError, match=r"attention_ranges is for MultiHeadAttention layers \(an instance\); "
                                          r"Dense has no attention\."):
         syq.quantize(keras.layers.Dense(4), kernel_quantizer=Q.SYQ(2), attention_ranges=True)
-
-
-def encoder(vocab=30, dim=16):
-    tokens = keras.Input((12,), dtype="int32", name="tokens")
-    x = keras.layers.Embedding(vocab, dim, name="embed")(tokens)
-    a = keras.layers.MultiHeadAttention(2, dim // 2, name="mha")(x, x)
-    x = keras.layers.LayerNormalization(name="ln")(keras.layers.Add(name="res")([x, a]))
-    out = keras.layers.Dense(3, name="head")(keras.layers.GlobalAveragePooling1D(name="pool")(x))
-    return keras.Model(tokens, out)
 
 
 def test_quantize_model_trains_saves_and_exports_the_ranges(tmp_path):

@@ -5,7 +5,7 @@ reloaded, exported with its ranges as the int8 scales of the normalization's ten
 import keras
 import numpy as np
 import pytest
-from test_attention_ranges import encoder, fake_quant
+from conftest import encoder, fake_quant
 
 import syq_tf.keras3 as syq
 from syq_tf.export.runtime import litert_interpreter
