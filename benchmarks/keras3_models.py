@@ -508,6 +508,9 @@ def main(argv=None):
     ap.add_argument("--train", type=int, default=None, help="training examples (default: the profile's)")
     ap.add_argument("--float-epochs", type=int, default=None)
     ap.add_argument("--q-epochs", type=int, default=None)
+    ap.add_argument("--test", type=int, default=None,
+                    help="test examples, all of them verified (default: the profile's); the agreement of 500 "
+                         "examples has a standard error of 0.45 point at 0.99")
     ap.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate of the float pre-training")
     ap.add_argument("--q-lr", type=float, default=5e-4, help="Adam learning rate of the quantized fine-tuning")
     ap.add_argument("--bn-momentum", type=float, default=0.9,
@@ -546,7 +549,7 @@ def main(argv=None):
     for name in args.models:
         p = {**PROFILES[profile], **MODEL_PROFILES.get(profile, {}).get(name, {})}
         for key, value in (("train", args.train), ("text_train", args.train), ("float_epochs", args.float_epochs),
-                           ("q_epochs", args.q_epochs)):
+                           ("q_epochs", args.q_epochs), ("test", args.test), ("verify", args.test)):
             if value is not None:
                 p[key] = value
         rows, t0 = [], time.perf_counter()
