@@ -30,6 +30,11 @@ from syq_tf.quantizers.loss_aware import LossAware, use_xla
 _MARK = "_syq_quantizer"
 
 
+def _real(value):
+    """A real number that is no bool (numpy scalars included)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def mark_quantized(variable, quantizer):
     """Record on a kernel variable which quantizer reads it (a weak reference)."""
     setattr(variable, _MARK, weakref.ref(quantizer))
@@ -84,9 +89,21 @@ class LossAwareAdam(tf.keras.optimizers.Adam):
                 f"LossAwareAdam: curvature={curvature!r}; allowed: 'bias_corrected' (d = sqrt(v_hat) + "
                 "eps) or 'raw' (d = sqrt(v) + eps, the authors' code)."
             )
-        if clip is not None and not (isinstance(clip, numbers.Real) and not isinstance(clip, (bool, np.bool_))
-                                     and 0 < clip < float("inf")):
+        if clip is not None and not (_real(clip) and 0 < clip < float("inf")):
             raise ValueError(f"LossAwareAdam: clip={shown(clip)!r} must be a finite number > 0 or None.")
+        if (_real(learning_rate) or isinstance(learning_rate, str)) and not (_real(learning_rate)
+                                                                            and 0 <= learning_rate < float("inf")):
+            # a negative rate climbs the loss; a schedule, a callable or a variable is Keras's to check
+            raise ValueError(f"LossAwareAdam: learning_rate={shown(learning_rate)!r} must be a finite number "
+                             ">= 0, a LearningRateSchedule or a callable.")
+        for key, value in (("beta_1", beta_1), ("beta_2", beta_2)):
+            if _real(value) or isinstance(value, str):
+                if not (_real(value) and 0 <= value < 1):
+                    raise ValueError(f"LossAwareAdam: {key}={shown(value)!r} must be a number in [0, 1) "
+                                     "(an exponential decay rate).")
+        if not (_real(epsilon) and 0 < epsilon < float("inf")):
+            raise ValueError(f"LossAwareAdam: epsilon={shown(epsilon)!r} must be a finite number > 0 (the "
+                             "curvature d = sqrt(v) + eps divides the projection's weights).")
         super().__init__(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
                          name=name, **kwargs)
         self.clip = None if clip is None else float(clip)

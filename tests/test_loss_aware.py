@@ -268,6 +268,18 @@ def test_config_round_trip_and_bad_arguments():
         LossAware("binary", curvature="adam")
     with pytest.raises(ValueError, match="clip=0 must be"):
         LossAwareAdam(clip=0)
+    for kwargs, message in (
+            (dict(learning_rate=-1e-3), "learning_rate=-0.001 must be a finite number >= 0, a LearningRateSchedule"),
+            (dict(learning_rate=np.float32("nan")), "learning_rate=nan must be a finite number >= 0"),
+            (dict(learning_rate="1e-3"), "learning_rate='1e-3' must be a finite number >= 0"),
+            (dict(beta_1=1.0), r"beta_1=1.0 must be a number in \[0, 1\) \(an exponential decay rate\)"),
+            (dict(beta_2=-0.5), r"beta_2=-0.5 must be a number in \[0, 1\)"),
+            (dict(epsilon=0.0), r"epsilon=0.0 must be a finite number > 0 \(the curvature d = sqrt\(v\) \+ eps")):
+        with pytest.raises(ValueError, match="^LossAwareAdam: " + message):
+            LossAwareAdam(**kwargs)
+    schedule = tf.keras.optimizers.schedules.ExponentialDecay(1e-2, 10, 0.5)  # Keras's to check, accepted
+    assert LossAwareAdam(schedule).get_config()["learning_rate"]["class_name"] == "ExponentialDecay"
+    assert float(LossAwareAdam(0.0).learning_rate) == 0.0  # a frozen step is allowed, as in Adam
     layer = syq_tf.quantize(tf.keras.layers.Dense(3, name="fc"), kernel_quantizer=LossAware())
     layer.build((None, 4))
     with pytest.raises(ValueError, match="built for a kernel of shape"):
