@@ -11,8 +11,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Deprecation warnings of dependencies, not of this project, that no test can act on. On Python 3.13
 # TensorFlow's autograph builds gast nodes with an annotation keyword Python deprecates: hundreds of
 # warnings a test that traces a function, about 31,700 in a run, which buried any warning of ours.
+# With numpy 2 (Python 3.13), Keras's TensorFlow backend converts a tf.Tensor with np.array(x), whose
+# __array__ (TensorFlow's EagerTensor) takes no copy keyword: numpy warns, from keras's core.py.
 DEPENDENCY_WARNINGS = (
     r"ignore:.* got an unexpected keyword argument '___pyct_anno':DeprecationWarning",
+    r"ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning:keras\.src\.",
 )
 
 
