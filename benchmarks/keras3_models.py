@@ -27,7 +27,8 @@ objects; outputs compared) -> ``syq.export.to_tflite`` of the *reloaded* model f
 accuracies). Per export: the low-bit kernels and how many of them are not stored exactly (with the
 report's reason), the model bytes and the export's wall seconds (conversion, flatbuffer rewrite,
 report and verification together); for target ``litert`` also where the disagreement arises
-(Keras vs the inference form in TensorFlow float, that form vs LiteRT, Keras's top-1 margins). The
+(Keras vs the inference form in TensorFlow float, that form vs LiteRT, Keras's top-1 margins, and
+per op type the trace's share of values a step off, in all and locally). The
 applications' BatchNormalization momentum is set to ``--bn-momentum`` (0.9) before training:
 MobileNetV2's 0.999 leaves the moving statistics at their initial values after a few hundred steps
 (9.2 % test accuracy, one class predicted).
@@ -247,6 +248,7 @@ def split_disagreement(model, result, x):
     floor = sensitivity.floor(model, lambda v: model.predict(v, batch_size=128, verbose=0), x, keras_out,
                               lambda a, b: float(np.mean(a.argmax(-1) == b.argmax(-1))), bytes(result))
     return {
+        "trace": trace_summary(model, bytes(result), x),
         "keras_vs_inference_form_agreement": float(np.mean(keras_out.argmax(-1) == form_out.argmax(-1))),
         "inference_form_vs_litert_agreement": float(np.mean(form_out.argmax(-1) == runtime_out.argmax(-1))),
         "disagreements": int(differ.sum()),
@@ -254,6 +256,24 @@ def split_disagreement(model, result, x):
         "keras_median_margin": float(np.median(margin)),
         **floor,
     }
+
+
+def trace_summary(model, buffer, x, examples=24):
+    """syq.export.trace_divergence on the first ``examples`` test examples (LiteRT's builtin kernels),
+    per op type: how many ops, and the median and largest share of int8 values a step or more off
+    the inference form -- in all (what the earlier layers' differences became) and locally (the
+    layer computed from LiteRT's values of its inputs: its own arithmetic only)."""
+    rows = syq.export.trace_divergence(model, buffer, x[:examples], max_examples=examples)
+    out = {}
+    for op in sorted({r.op for r in rows}):
+        mine = [r for r in rows if r.op == op]
+        local = [r.local_off_by_1 for r in mine if r.local_off_by_1 is not None]
+        out[op] = {"ops": len(mine), "off_by_1_median": float(np.median([r.off_by_1 for r in mine])),
+                   "off_by_1_max": max(r.off_by_1 for r in mine),
+                   "local_off_by_1_median": float(np.median(local)) if local else None,
+                   "local_off_by_1_max": max(local) if local else None,
+                   "local_worst_layer": max(mine, key=lambda r: r.local_off_by_1 or 0).layer}
+    return out
 
 
 def kept(directory, name, what):
