@@ -59,3 +59,7 @@ def test_trace_refuses_float_models_and_empty_inputs():
         syq_tf.export.trace_divergence(model, buffer, np.zeros((2, 4), np.float32))
     with pytest.raises(ValueError, match="x has no examples"):
         syq_tf.export.trace_divergence(model, buffer, np.zeros((0, 4), np.float32))
+    with pytest.raises(ValueError, match=r"^trace_divergence: kernels='xnnpack'; allowed: 'builtin', 'ref', 'tflm'\.$"):
+        syq_tf.export.trace_divergence(model, buffer, np.zeros((2, 4), np.float32), kernels="xnnpack")
+    with pytest.raises(ValueError, match="the model's input is float32; the trace compares full-integer int8"):
+        syq_tf.export.trace_divergence(model, buffer, np.zeros((2, 4), np.float32), kernels="tflm")

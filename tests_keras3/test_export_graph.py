@@ -183,6 +183,13 @@ layer from LiteRT's values of its inputs) place a mismatch put into one layer at
     assert all(r.op == "FULLY_CONNECTED" for r in relus)  # not the input_range MINIMUMs inside d1, d2
     assert relus[0].off_by_1 <= 0.01 and max(r.max_steps for r in relus) <= 1
     assert all(r.local_off_by_1 <= 0.005 for r in relus), relus  # measured 0 each
+    # TFLite Micro traced the same way: its target's export (LUT-compressed weights, TFLM_DECODE ops
+    # before the layers) run with every tensor kept
+    tflm_result = syq.export.to_tflite(q, representative_data=x[:64], target="tflm")
+    assert "TFLM_DECODE" in flatbuffer.op_names(bytes(tflm_result))
+    micro = syq.export.trace_divergence(q, tflm_result.flatbuffer, x, max_examples=64, kernels="tflm")
+    assert [r.layer for r in micro] == ["relu0", "relu1", "relu2"], micro
+    assert all(r.op == "FULLY_CONNECTED" and r.local_off_by_1 <= 0.005 for r in micro), micro
     # a structural mismatch put into one layer (bn1's beta moved after the export, by a fraction of
     # an int8 step): local at that layer, passed on -- not made -- by the next
     beta = q.get_layer("bn1").beta

@@ -171,6 +171,11 @@ def read(buffer):
     return _load(buffer)
 
 
+def numpy_type(tensor):
+    """The numpy dtype of a tensor of a model read by :func:`read` (None for types numpy has none of)."""
+    return NUMPY_TYPES.get(_TYPES.get(tensor.type))
+
+
 def op_name(model, op):
     """Builtin (or custom) op name of an operator of a model read by :func:`read`."""
     return _op_name(model, op)

@@ -283,18 +283,23 @@ def _tflm():
     return runtime
 
 
-def tflm_interpreter(buffer, arena_size=None):
+def tflm_interpreter(buffer, arena_size=None, keep_tensors=False):
     """TFLite Micro's (Python) interpreter for ``buffer``, with a generous host arena. An op TFLM has
     no kernel for is named in the error, with the tensor it computes (TFLM itself only prints it and
-    raises "failed to allocate tensors")."""
+    raises "failed to allocate tensors"). ``keep_tensors``: every tensor readable after ``invoke``
+    (``GetTensor(index, 0)``; TFLM's kPreserveAllTensors, an arena entry per tensor)."""
     import sys  # noqa: PLC0415
 
     made = {}
+    runtime = _tflm()
+    config = runtime.InterpreterConfig.kPreserveAllTensors if keep_tensors else runtime.InterpreterConfig.kAllocationRecording
+    if arena_size is None:  # kept tensors are not planned over each other: room for every one of them
+        arena_size = _arena_for(buffer) + (_tensor_bytes(buffer) if keep_tensors else 0)
 
     def create():
         try:
-            made["interpreter"] = _tflm().Interpreter.from_bytes(bytes(buffer),
-                                                                 arena_size=arena_size or _arena_for(buffer))
+            made["interpreter"] = runtime.Interpreter.from_bytes(bytes(buffer), arena_size=arena_size,
+                                                                 intrepreter_config=config)
         except RuntimeError as err:
             made["error"] = err
 
@@ -326,6 +331,19 @@ def tflm_predict_int8(buffer, x_int8, arena_size=None):
 
 def _arena_for(buffer):
     return _HOST_ARENA + 4 * len(buffer)
+
+
+def _tensor_bytes(buffer):
+    """Bytes of all the first subgraph's tensors without constant data, each rounded up to 16."""
+    model = flatbuffer.read(bytes(buffer))
+    total = 0
+    for tensor in model.subgraphs[0].tensors:
+        data = model.buffers[tensor.buffer].data if tensor.buffer < len(model.buffers) else None
+        if data is None or not len(data):
+            dtype = flatbuffer.numpy_type(tensor)
+            count = int(np.prod([max(int(d), 1) for d in (tensor.shape if tensor.shape is not None else [])]))
+            total += -(-count * (np.dtype(dtype).itemsize if dtype else 8) // 16) * 16
+    return total
 
 
 def arena_used(buffer, x_int8_row):

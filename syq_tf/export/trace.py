@@ -15,8 +15,9 @@ An op's output is matched to the latest inference-form layer named in its tensor
 converter names a fused op's output after every layer it fused; Keras 3 scopes them ``<name>_1``),
 and a layer's value is the output of the last op matched to it; the quantized input inside a layer
 (its ``input_range`` stand-in) is not that layer's output and is left out, as are outputs that
-name no layer and outputs that are not per-tensor int8 tensors. The interpreter runs LiteRT's
-builtin kernels (no delegate, which would not keep the intermediate tensors).
+name no layer and outputs that are not per-tensor int8 tensors. The int8 model runs with LiteRT's
+builtin or reference kernels, or in TFLite Micro (not with XNNPACK, LiteRT's default delegate, which
+keeps no intermediate tensors).
 """
 
 import dataclasses
@@ -45,54 +46,37 @@ class TraceRow:
     local_max_steps: int = None
 
 
-def trace_divergence(model, buffer, x, max_examples=32):
+TRACE_KERNELS = ("builtin", "ref", "tflm")
+
+
+def trace_divergence(model, buffer, x, max_examples=32, kernels="builtin"):
     """:class:`TraceRow` for every matched op of the int8 TFLite model ``buffer`` exported from
     ``model``, on the first ``max_examples`` examples of ``x`` (float inputs, quantized as the
     model's int8 input; integer inputs such as token ids as they are). A model converted at a fixed
-    batch (sequence models) runs one batch at a time."""
+    batch (sequence models) runs one batch at a time.
+
+    kernels: who computes the int8 model -- ``"builtin"`` (LiteRT's optimized builtin kernels, the
+        default), ``"ref"`` (LiteRT's reference kernels) or ``"tflm"`` (TFLite Micro's interpreter
+        keeping every tensor; ``buffer`` may then be a target-``tflm`` export with LUT-compressed
+        weights). XNNPACK, LiteRT's default delegate, keeps no intermediate tensors."""
+    if kernels not in TRACE_KERNELS:
+        raise ValueError(f"trace_divergence: kernels={kernels!r}; allowed: {', '.join(map(repr, TRACE_KERNELS))}.")
     x = np.asarray(x)[:max_examples]
     if len(x) == 0:
         raise ValueError("trace_divergence: x has no examples.")
-    interpreter = litert_interpreter(buffer, kernels="builtin", keep_tensors=True)
-    inp = interpreter.get_input_details()[0]
-    kind = np.dtype(inp["dtype"])
-    if kind == np.int8:
-        fed = quantize_input(x, *inp["quantization"])
-    elif kind.kind == "i":  # token ids: the model's own input
-        if x.dtype.kind not in "iu":
-            raise ValueError(f"trace_divergence: the model's input is {kind.name} (ids); x is {x.dtype.name}.")
-        fed = x.astype(kind)
-    else:
-        raise ValueError(f"trace_divergence: the model's input is {kind.name}; the trace compares full-integer "
-                         "int8 models (target 'litert' or 'tflm') with int8 or integer (token id) inputs.")
-    if inp["shape_signature"][0] == -1:
-        interpreter.resize_tensor_input(inp["index"], [len(x), *x.shape[1:]])
-        batch = len(x)
-    else:
-        batch = int(inp["shape"][0])
-        if len(x) % batch:
-            raise ValueError(f"trace_divergence: the model takes batches of {batch}; give a multiple of {batch} "
-                             f"examples (got {len(x)}).")
-    interpreter.allocate_tensors()
-
+    ops, details, run = (_tflm_runner if kernels == "tflm" else _litert_runner)(buffer, x, kernels)
     form = inference.build(model)  # a tfmot model's form is built in its own quantize_scope
     layers = [layer for layer in form.layers[1:] if _single_output(layer)]
     order = {layer.name: i for i, layer in enumerate(layers)}
     keras3 = not type(form).__module__.startswith("tf_keras")
-    details = {d["index"]: d for d in interpreter.get_tensor_details()}
     matched = []  # (op, its output's details, the latest layer the output names): the int8 outputs compared
-    for op in interpreter._get_ops_details():  # noqa: SLF001  (the only listing of ops and their tensors)
+    for op in ops:
         d = details.get(op["outputs"][0]) if op["outputs"] else None
         named = d is not None and _layers_named(d["name"], order, keras3)
         if named and d["dtype"] == np.int8 and d["quantization"][0]:
             matched.append((op, d, max(named, key=order.get)))
 
-    outputs = {d["index"]: [] for _, d, _ in matched}  # kept after every batch: only the compared ones
-    for start in range(0, len(x), batch):
-        interpreter.set_tensor(inp["index"], fed[start:start + batch])
-        interpreter.invoke()
-        for index, parts in outputs.items():
-            parts.append(interpreter.get_tensor(index).copy())
+    outputs = run(sorted({d["index"] for _, d, _ in matched}))  # {tensor: [one array per invoke]}
     values = tf.keras.Model(form.inputs, [layer.output for layer in layers]).predict(x, verbose=0)
     values = dict(zip(order, values if isinstance(values, list) else [values]))
     compared = []  # (op, its output's details, layer, LiteRT's int8 values)
@@ -121,6 +105,90 @@ def trace_divergence(model, buffer, x, max_examples=32):
                              None if local_steps is None else float(np.mean(local_steps >= 1)),
                              None if local_steps is None else int(local_steps.max())))
     return rows
+
+
+def _fed(x, dtype, quantization):
+    """``x`` as the model's input of ``dtype``: float inputs quantized to the int8 input, token ids
+    as they are."""
+    kind = np.dtype(dtype)
+    if kind == np.int8:
+        return quantize_input(x, *quantization)
+    if kind.kind == "i":  # token ids: the model's own input
+        if x.dtype.kind not in "iu":
+            raise ValueError(f"trace_divergence: the model's input is {kind.name} (ids); x is {x.dtype.name}.")
+        return x.astype(kind)
+    raise ValueError(f"trace_divergence: the model's input is {kind.name}; the trace compares full-integer "
+                     "int8 models (target 'litert' or 'tflm') with int8 or integer (token id) inputs.")
+
+
+def _batch(fixed, x):
+    """The examples one invoke takes: all of ``x``, or the model's fixed batch ``fixed``."""
+    if fixed is None:
+        return len(x)
+    if len(x) % fixed:
+        raise ValueError(f"trace_divergence: the model takes batches of {fixed}; give a multiple of {fixed} "
+                         f"examples (got {len(x)}).")
+    return fixed
+
+
+def _litert_runner(buffer, x, kernels):
+    """(ops, {tensor index: details}, run) of LiteRT's interpreter with ``kernels`` keeping every
+    tensor; ``run(indices)`` invokes it on ``x`` and returns those tensors' values per invoke."""
+    interpreter = litert_interpreter(buffer, kernels=kernels, keep_tensors=True)
+    inp = interpreter.get_input_details()[0]
+    fed = _fed(x, inp["dtype"], inp["quantization"])
+    batch = _batch(None if inp["shape_signature"][0] == -1 else int(inp["shape"][0]), x)
+    if inp["shape_signature"][0] == -1:
+        interpreter.resize_tensor_input(inp["index"], [batch, *x.shape[1:]])
+    interpreter.allocate_tensors()
+    details = {d["index"]: d for d in interpreter.get_tensor_details()}
+
+    def run(indices):
+        out = {index: [] for index in indices}
+        for start in range(0, len(x), batch):
+            interpreter.set_tensor(inp["index"], fed[start:start + batch])
+            interpreter.invoke()
+            for index, parts in out.items():
+                parts.append(interpreter.get_tensor(index).copy())
+        return out
+
+    return interpreter._get_ops_details(), details, run  # noqa: SLF001  (the only listing of ops)
+
+
+def _tflm_runner(buffer, x, kernels):
+    """As :func:`_litert_runner`, for TFLite Micro's interpreter keeping every tensor (ops and
+    tensors read from the flatbuffer: TFLM lists neither)."""
+    from syq_tf.export import flatbuffer, tflm  # noqa: PLC0415  (tflite-micro only when asked for)
+
+    model = flatbuffer.read(bytes(buffer))
+    graph = model.subgraphs[0]
+    details = {}
+    for index, tensor in enumerate(graph.tensors):
+        q = tensor.quantization
+        scales = [] if q is None or q.scale is None else list(q.scale)
+        zeros = [] if q is None or q.zeroPoint is None else list(q.zeroPoint)
+        per_tensor = len(scales) == 1 and len(zeros) == 1
+        details[index] = {"index": index, "name": (tensor.name or b"").decode(errors="replace"),
+                          "dtype": flatbuffer.numpy_type(tensor),
+                          "quantization": (float(scales[0]), int(zeros[0])) if per_tensor else (0.0, 0),
+                          "shape": np.array(tensor.shape if tensor.shape is not None else [], np.int32)}
+    ops = [{"index": i, "op_name": flatbuffer.op_name(model, op), "inputs": [int(t) for t in op.inputs],
+            "outputs": [int(t) for t in op.outputs]} for i, op in enumerate(graph.operators)]
+    inp = details[int(graph.inputs[0])]
+    fed = _fed(x, inp["dtype"], inp["quantization"])
+    batch = _batch(int(inp["shape"][0]) if len(inp["shape"]) else 1, x)
+    interpreter = tflm.tflm_interpreter(buffer, keep_tensors=True)
+
+    def run(indices):
+        out = {index: [] for index in indices}
+        for start in range(0, len(x), batch):
+            interpreter.set_input(fed[start:start + batch], 0)
+            interpreter.invoke()
+            for index, parts in out.items():
+                parts.append(np.array(interpreter.GetTensor(index, 0)["tensor_data"]).copy())
+        return out
+
+    return ops, details, run
 
 
 def _steps(runtime, expected, scale, zero, unit):
