@@ -6,9 +6,9 @@ in TensorFlow float), quantized to that tensor's scale and zero point. A layer w
 values a step or more off *jumps* marks a rounding one side makes and the other does not (a
 structural mismatch to fix); a share that grows smoothly layer by layer is the model amplifying
 one-step differences (e.g. values a hair from a low-bit rounding boundary). The *local* columns tell
-the two apart directly: the layer computed by the inference form from LiteRT's own values of the
-layers it reads (dequantized), so that only that layer's own arithmetic can differ. A structural
-mismatch is local; amplification is not (on EfficientNetB0, every convolution was under 0.5 % a
+the two apart directly: the layer computed by the inference form from the runtime's own values of
+the layers it reads (dequantized), so that only that layer's own arithmetic can differ. A structural
+mismatch is local; amplification is not (on EfficientNetB0, every convolution was under 1.4 % a
 step off locally while 30-80 % were off in all).
 
 An op's output is matched to the latest inference-form layer named in its tensor name (the
@@ -33,7 +33,7 @@ from syq_tf.export.runtime import litert_interpreter, quantize_input
 class TraceRow:
     """One op's output against the inference form: the share of int8 values off by at least one
     step and at least two steps, and the largest difference (in steps); ``local_*``: the same with
-    the layer computed from LiteRT's values of the layers it reads (None for a layer called more
+    the layer computed from the runtime's values of the layers it reads (None for a layer called more
     than once)."""
 
     op_index: int
@@ -79,7 +79,7 @@ def trace_divergence(model, buffer, x, max_examples=32, kernels="builtin"):
     outputs = run(sorted({d["index"] for _, d, _ in matched}))  # {tensor: [one array per invoke]}
     values = tf.keras.Model(form.inputs, [layer.output for layer in layers]).predict(x, verbose=0)
     values = dict(zip(order, values if isinstance(values, list) else [values]))
-    compared = []  # (op, its output's details, layer, LiteRT's int8 values)
+    compared = []  # (op, its output's details, layer, the runtime's int8 values)
     separate = {layer.name for layer in layers if _activation_apart(layer)}
     for op, d, layer in matched:
         if layer in separate and op["op_name"] not in ACTIVATION_OPS:
@@ -92,7 +92,7 @@ def trace_divergence(model, buffer, x, max_examples=32, kernels="builtin"):
     last = {layer: op["index"] for op, _, layer, _ in compared}
     compared = [c for c in compared if last[c[2]] == c[0]["index"]]
     seen = {layer: (runtime.astype(np.float32) - d["quantization"][1]) * d["quantization"][0]
-            for _, d, layer, runtime in compared}  # LiteRT's value of each layer, dequantized
+            for _, d, layer, runtime in compared}  # the runtime's value of each layer, dequantized
     by_name = {layer.name: layer for layer in form.layers}
     rows = []
     for op, d, layer, runtime in compared:
@@ -192,7 +192,7 @@ def _tflm_runner(buffer, x, kernels):
 
 
 def _steps(runtime, expected, scale, zero, unit):
-    """|LiteRT's int8 values - ``expected`` quantized to the tensor's scale and zero point|, in
+    """|the runtime's int8 values - ``expected`` quantized to the tensor's scale and zero point|, in
     steps of the grid (``unit``: a low-bit grid held at a finer scale counts its own levels)."""
     reference = np.clip(np.floor(np.reshape(expected, runtime.shape) / scale + 0.5) + zero, -128, 127)
     steps = np.abs(runtime - reference.astype(np.int64))
@@ -200,7 +200,7 @@ def _steps(runtime, expected, scale, zero, unit):
 
 
 def _local_value(layer, seen, form, x):
-    """``layer``'s value in the inference form computed from ``seen`` (LiteRT's dequantized values
+    """``layer``'s value in the inference form computed from ``seen`` (the runtime's dequantized values
     of the traced layers) where it reads a traced layer -- through the untraced layers in between
     (an output range, a reshape) -- and from ``x`` where it reads the model's input; None for a
     layer called more than once."""
