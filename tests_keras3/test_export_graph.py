@@ -190,6 +190,10 @@ layer from LiteRT's values of its inputs) place a mismatch put into one layer at
     micro = syq.export.trace_divergence(q, tflm_result.flatbuffer, x, max_examples=64, kernels="tflm")
     assert [r.layer for r in micro] == ["relu0", "relu1", "relu2"], micro
     assert all(r.op == "FULLY_CONNECTED" and r.local_off_by_1 <= 0.005 for r in micro), micro
+    with pytest.raises(ValueError, match=r"^trace_divergence: the model is a target-'tflm' export \(LUT-compressed "
+                                         r"weights decoded by TFLM_DECODE ops\), which LiteRT cannot run: "
+                                         r"kernels='tflm' traces it \(kernels='ref' takes the 'litert' export\)\.$"):
+        syq.export.trace_divergence(q, tflm_result.flatbuffer, x, kernels="ref")
     # a structural mismatch put into one layer (bn1's beta moved after the export, by a fraction of
     # an int8 step): local at that layer, passed on -- not made -- by the next
     beta = q.get_layer("bn1").beta

@@ -25,7 +25,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from syq_tf.export import inference
+from syq_tf.export import flatbuffer, inference
 from syq_tf.export.runtime import litert_interpreter, quantize_input
 
 
@@ -134,6 +134,10 @@ def _batch(fixed, x):
 def _litert_runner(buffer, x, kernels):
     """(ops, {tensor index: details}, run) of LiteRT's interpreter with ``kernels`` keeping every
     tensor; ``run(indices)`` invokes it on ``x`` and returns those tensors' values per invoke."""
+    if "TFLM_DECODE" in flatbuffer.op_names(bytes(buffer)):
+        raise ValueError(f"trace_divergence: the model is a target-'tflm' export (LUT-compressed weights decoded "
+                         f"by TFLM_DECODE ops), which LiteRT cannot run: kernels='tflm' traces it (kernels="
+                         f"{kernels!r} takes the 'litert' export).")
     interpreter = litert_interpreter(buffer, kernels=kernels, keep_tensors=True)
     inp = interpreter.get_input_details()[0]
     fed = _fed(x, inp["dtype"], inp["quantization"])
@@ -158,7 +162,7 @@ def _litert_runner(buffer, x, kernels):
 def _tflm_runner(buffer, x, kernels):
     """As :func:`_litert_runner`, for TFLite Micro's interpreter keeping every tensor (ops and
     tensors read from the flatbuffer: TFLM lists neither)."""
-    from syq_tf.export import flatbuffer, tflm  # noqa: PLC0415  (tflite-micro only when asked for)
+    from syq_tf.export import tflm  # noqa: PLC0415  (tflite-micro only when asked for)
 
     model = flatbuffer.read(bytes(buffer))
     graph = model.subgraphs[0]
