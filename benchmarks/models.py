@@ -30,8 +30,8 @@ whose decision agreement stands in the 'agreement' column. For ``litert`` also t
 sensitivity (``sensitivity.py``: Keras against Keras on inputs moved by under half an int8 input step,
 and with its BatchNorm variances moved by a part in 1e6, 1e5, 1e4), Keras against LiteRT's builtin
 kernels (which round as TFLite Micro does) and the largest int32 bias rounding of the exported ops,
-in steps of their outputs. ``--keep DIR`` saves each trained quantized model (h5)
-and its exports; ``--reuse DIR`` loads those models instead of training them (after an export change).
+in steps of their outputs. ``--keep DIR`` saves the trained float and quantized models (h5)
+and the exports; ``--reuse DIR`` loads those models instead of training them (after an export change).
 
     TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/models.py [--quick] [--models ...] [--schemes ...]
 
@@ -216,20 +216,31 @@ def run_model(name, p, args, out_rows):
     t0 = time.perf_counter()
     float_model, (x, y), (xt, yt), data = build(name, p, args.bn_momentum)
     print(f"== {name}: {float_model.count_params():,} parameters; {data}", flush=True)
+    saved_float = args.reuse and os.path.join(args.reuse, f"{name}_float.h5")
+    if saved_float and os.path.exists(saved_float):  # the float model an earlier run (--keep) trained
+        float_model = tf.keras.models.load_model(saved_float, compile=False)
+    else:
+        saved_float = None
     tiny_models.compile_model(float_model, name, args.lr)
-    t = time.perf_counter()
-    float_model.fit(x, y, batch_size=p["batch"], epochs=p["float_epochs"], verbose=0, shuffle=True)
-    float_fit_s = time.perf_counter() - t
+    float_fit_s = None
+    if not saved_float:
+        t = time.perf_counter()
+        float_model.fit(x, y, batch_size=p["batch"], epochs=p["float_epochs"], verbose=0, shuffle=True)
+        float_fit_s = time.perf_counter() - t
+        if args.keep:
+            float_model.save(os.path.join(args.keep, f"{name}_float.h5"))
     float_metric = float(np.atleast_1d(float_model.evaluate(xt, yt, batch_size=128, verbose=0))[-1])
     float_bytes = float_tflite_bytes(float_model)
-    print(f"   float: {p['float_epochs']} epoch(s) {float_fit_s:.0f} s, test {'accuracy' if tiny_models.is_classifier(name) else 'MSE'} "
+    print("   float: " + (f"loaded {saved_float}" if saved_float else f"{p['float_epochs']} epoch(s) {float_fit_s:.0f} s")
+          + f", test {'accuracy' if tiny_models.is_classifier(name) else 'MSE'} "
           f"{float_metric:.4f}; float TFLite {float_bytes:,} bytes", flush=True)
     rep_x = x[:args.representative]
     vx, vy = xt[:p["verify"]], yt[:p["verify"]]
     schemes = args.schemes or (TINY_SCHEMES if name in TINY else APP_SCHEMES)
     for scheme in schemes:
         row = {"model": name, "scheme": scheme, "data": data, "parameters": int(float_model.count_params()),
-               "float_metric": float_metric, "float_fit_s": float_fit_s, "float_tflite_bytes": float_bytes}
+               "float_metric": float_metric, "float_fit_s": float_fit_s, "float_tflite_bytes": float_bytes,
+               **({"float_reused": saved_float} if saved_float else {})}
         out_rows.append(row)
         tf.keras.utils.set_random_seed(args.seed + 1)
         try:
@@ -578,10 +589,11 @@ def main(argv=None):
     ap.add_argument("--q-epochs", type=int, default=None, help="quantized fine-tuning epochs (default: the profile's)")
     ap.add_argument("--train", type=int, default=None, help="training examples (default: the profile's)")
     ap.add_argument("--keep", default=None, metavar="DIR",
-                    help="also save each trained quantized model (h5) and its exports (.tflite) in DIR, to study them")
+                    help="also save the trained float and quantized models (h5) and the exports (.tflite) in DIR, to "
+                         "study them or --reuse them")
     ap.add_argument("--reuse", default=None, metavar="DIR",
-                    help="load the quantized models a run with --keep DIR trained instead of training them (the "
-                         "float pre-training still runs: its accuracy and TFLite bytes are in the rows)")
+                    help="load the float and quantized models a run with --keep DIR trained instead of training them "
+                         "(the ones not there are trained)")
     ap.add_argument("--no-fit-ranges", dest="fit_ranges", action="store_false",
                     help="skip syq_tf.fit_dorefa_ranges after quantize_model (DoReFa activations clip at 1)")
     ap.add_argument("--write-section", action="store_true", help="only rewrite the BENCHMARKS.md section from the JSON")
