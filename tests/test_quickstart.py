@@ -45,8 +45,9 @@ runpy.run_path({EXAMPLE!r}, run_name="__main__")
     assert [layers[k]["bits"] for k in ("conv2d", "quant_conv2d", "quant_dense")] == [8, 2, 1]
     binary = layers["quant_dense"]  # SYQ(1, "channel"): two levels per output channel, int8 holds them
     assert binary["stored_levels"] == binary["keras_levels"] == 2 and binary["exact"], binary
-    ternary = layers["quant_conv2d"]  # SYQ(2, "pixel"): 0 and +-alpha of each of the 9 kernel pixels
-    assert 3 < ternary["stored_levels"] == ternary["keras_levels"] <= 19, ternary
+    ternary = layers["quant_conv2d"]  # SYQ(2, "pixel"): 0 and +-alpha of each of the 9 kernel pixels;
+    # int8 may round two alphas of a channel onto one level (measured 17 of 19 once)
+    assert 3 < ternary["stored_levels"] <= ternary["keras_levels"] <= 19, ternary
     # one int8 scale per output channel cannot hold nine alphas exactly: reported, not hidden
     assert not ternary["exact"] and "cannot hold this codebook exactly" in ternary["note"], ternary
     assert 0 < ternary["max_rel_alpha_error"] < 0.01, ternary
