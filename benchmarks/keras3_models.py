@@ -62,7 +62,7 @@ import tensorflow as tf  # noqa: E402
 
 from syq_tf.data import LINUX_HEADERS, load_fashion_mnist  # noqa: E402
 
-from machine import cpu_name, save_rows  # noqa: E402  (benchmarks/machine.py)
+from machine import cpu_name, float_pretraining, save_rows  # noqa: E402  (benchmarks/machine.py)
 import sensitivity  # noqa: E402  (benchmarks/sensitivity.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -287,18 +287,11 @@ def run_model(name, p, args, out_rows):
     t0 = time.perf_counter()
     float_model, (x, y), (xt, yt), data = build(name, p, args)
     print(f"== {name}: {float_model.count_params():,} parameters; {data}", flush=True)
-    saved_float = kept(args.reuse, name, "float")
-    if saved_float:  # the float model an earlier run (--keep-models) trained
-        float_model = keras.saving.load_model(saved_float, compile=False)
-    compile_model(float_model, args.lr)
-    float_fit_s = None
-    if not saved_float:
-        t = time.perf_counter()
-        float_model.fit(x, y, batch_size=p["batch"], epochs=p["float_epochs"], verbose=0, shuffle=True)
-        float_fit_s = time.perf_counter() - t
-        if args.keep_models:
-            os.makedirs(args.keep_models, exist_ok=True)
-            float_model.save(os.path.join(args.keep_models, f"{name}_float.keras"))
+    float_model, float_fit_s, saved_float = float_pretraining(
+        float_model, compile_model=lambda m: compile_model(m, args.lr),
+        fit=lambda m: m.fit(x, y, batch_size=p["batch"], epochs=p["float_epochs"], verbose=0, shuffle=True),
+        load=lambda path: keras.saving.load_model(path, compile=False), reuse=kept(args.reuse, name, "float"),
+        keep=args.keep_models and os.path.join(args.keep_models, f"{name}_float.keras"))
     float_acc = float(float_model.evaluate(xt, yt, batch_size=128, verbose=0)[1])
     print("   float: " + (f"loaded {saved_float}" if saved_float else
                            f"{p['float_epochs']} epoch(s) {float_fit_s:.0f} s") + f", test accuracy {float_acc:.4f}",

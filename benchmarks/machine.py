@@ -1,10 +1,11 @@
-"""The machine a benchmark ran on, for its report, and the merged JSON of results (no TensorFlow
-import: shared by the Keras 2 and the Keras 3 benchmarks)."""
+"""The machine a benchmark ran on, for its report; the merged JSON of results; the float pre-training
+or the model an earlier run kept (no TensorFlow import: shared by the Keras 2 and the Keras 3 benchmarks)."""
 
 import fcntl
 import json
 import os
 import platform
+import time
 
 
 def cpuinfo():
@@ -67,3 +68,21 @@ def save_rows(path, meta, rows, models):
     finally:
         os.close(lock)
     return merged
+
+
+def float_pretraining(model, *, compile_model, fit, load, reuse=None, keep=None):
+    """(model, fit seconds or None, the file loaded or None): the float pre-training of a benchmark
+    model -- ``load(reuse)`` where an earlier run kept that file (``--reuse``), else ``fit(model)``,
+    saved to ``keep`` if given (``--keep`` / ``--keep-models``); compiled either way."""
+    if reuse and os.path.exists(reuse):
+        model = load(reuse)
+        compile_model(model)
+        return model, None, reuse
+    compile_model(model)
+    t = time.perf_counter()
+    fit(model)
+    seconds = time.perf_counter() - t
+    if keep:
+        os.makedirs(os.path.dirname(os.path.abspath(keep)), exist_ok=True)
+        model.save(keep)
+    return model, seconds, None

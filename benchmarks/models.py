@@ -57,7 +57,7 @@ import tensorflow_model_optimization as tfmot  # noqa: E402
 
 import sensitivity  # noqa: E402  (benchmarks/sensitivity.py)
 import tiny_models  # noqa: E402  (benchmarks/tiny_models.py)
-from machine import cpu_name, save_rows  # noqa: E402  (benchmarks/machine.py)
+from machine import cpu_name, float_pretraining, save_rows  # noqa: E402  (benchmarks/machine.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = tiny_models.MODELS
@@ -216,19 +216,12 @@ def run_model(name, p, args, out_rows):
     t0 = time.perf_counter()
     float_model, (x, y), (xt, yt), data = build(name, p, args.bn_momentum)
     print(f"== {name}: {float_model.count_params():,} parameters; {data}", flush=True)
-    saved_float = args.reuse and os.path.join(args.reuse, f"{name}_float.h5")
-    if saved_float and os.path.exists(saved_float):  # the float model an earlier run (--keep) trained
-        float_model = tf.keras.models.load_model(saved_float, compile=False)
-    else:
-        saved_float = None
-    tiny_models.compile_model(float_model, name, args.lr)
-    float_fit_s = None
-    if not saved_float:
-        t = time.perf_counter()
-        float_model.fit(x, y, batch_size=p["batch"], epochs=p["float_epochs"], verbose=0, shuffle=True)
-        float_fit_s = time.perf_counter() - t
-        if args.keep:
-            float_model.save(os.path.join(args.keep, f"{name}_float.h5"))
+    float_model, float_fit_s, saved_float = float_pretraining(
+        float_model, compile_model=lambda m: tiny_models.compile_model(m, name, args.lr),
+        fit=lambda m: m.fit(x, y, batch_size=p["batch"], epochs=p["float_epochs"], verbose=0, shuffle=True),
+        load=lambda path: tf.keras.models.load_model(path, compile=False),
+        reuse=args.reuse and os.path.join(args.reuse, f"{name}_float.h5"),
+        keep=args.keep and os.path.join(args.keep, f"{name}_float.h5"))
     float_metric = float(np.atleast_1d(float_model.evaluate(xt, yt, batch_size=128, verbose=0))[-1])
     float_bytes = float_tflite_bytes(float_model)
     print("   float: " + (f"loaded {saved_float}" if saved_float else f"{p['float_epochs']} epoch(s) {float_fit_s:.0f} s")
