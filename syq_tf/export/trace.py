@@ -64,7 +64,7 @@ def trace_divergence(model, buffer, x, max_examples=32, kernels="builtin"):
     x = np.asarray(x)[:max_examples]
     if len(x) == 0:
         raise ValueError("trace_divergence: x has no examples.")
-    ops, details, run = (_tflm_runner if kernels == "tflm" else _litert_runner)(buffer, x, kernels)
+    ops, details, run = _tflm_runner(buffer, x) if kernels == "tflm" else _litert_runner(buffer, x, kernels)
     form = inference.build(model)  # a tfmot model's form is built in its own quantize_scope
     layers = [layer for layer in form.layers[1:] if _single_output(layer)]
     order = {layer.name: i for i, layer in enumerate(layers)}
@@ -147,19 +147,15 @@ def _litert_runner(buffer, x, kernels):
     interpreter.allocate_tensors()
     details = {d["index"]: d for d in interpreter.get_tensor_details()}
 
-    def run(indices):
-        out = {index: [] for index in indices}
-        for start in range(0, len(x), batch):
-            interpreter.set_tensor(inp["index"], fed[start:start + batch])
-            interpreter.invoke()
-            for index, parts in out.items():
-                parts.append(interpreter.get_tensor(index).copy())
-        return out
+    def invoke(values):
+        interpreter.set_tensor(inp["index"], values)
+        interpreter.invoke()
 
+    run = _batch_runner(fed, batch, invoke, interpreter.get_tensor)
     return interpreter._get_ops_details(), details, run  # noqa: SLF001  (the only listing of ops)
 
 
-def _tflm_runner(buffer, x, kernels):
+def _tflm_runner(buffer, x):
     """As :func:`_litert_runner`, for TFLite Micro's interpreter keeping every tensor (ops and
     tensors read from the flatbuffer: TFLM lists neither)."""
     from syq_tf.export import tflm  # noqa: PLC0415  (tflite-micro only when asked for)
@@ -183,16 +179,27 @@ def _tflm_runner(buffer, x, kernels):
     batch = _batch(int(inp["shape"][0]) if len(inp["shape"]) else 1, x)
     interpreter = tflm.tflm_interpreter(buffer, keep_tensors=True)
 
+    def invoke(values):
+        interpreter.set_input(values, 0)
+        interpreter.invoke()
+
+    run = _batch_runner(fed, batch, invoke, lambda index: interpreter.GetTensor(index, 0)["tensor_data"])
+    return ops, details, run
+
+
+def _batch_runner(fed, batch, invoke, read):
+    """``run(indices)`` -> ``{tensor index: [its values after each invoke]}``: ``invoke`` on each
+    ``batch`` of the fed inputs, then a copy of ``read(index)`` of every tensor asked for."""
+
     def run(indices):
         out = {index: [] for index in indices}
-        for start in range(0, len(x), batch):
-            interpreter.set_input(fed[start:start + batch], 0)
-            interpreter.invoke()
+        for start in range(0, len(fed), batch):
+            invoke(fed[start:start + batch])
             for index, parts in out.items():
-                parts.append(np.array(interpreter.GetTensor(index, 0)["tensor_data"]).copy())
+                parts.append(np.array(read(index)))  # a copy: the interpreter reuses its buffers
         return out
 
-    return ops, details, run
+    return run
 
 
 def _steps(runtime, expected, scale, zero, unit):
