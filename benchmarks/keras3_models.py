@@ -80,8 +80,8 @@ PROFILES = {
 # images, 6 + 4 epochs, 85 % (float 87 %) and 0.982; with 30000 images, 6 + 5 epochs, 90.8 % (float
 # 91.6 %) and 0.994 (47 min for both schemes on 2 cores). EfficientNetB0 with 30000 images and 6 + 3
 # epochs agreed 0.984-0.992 (500 test images); with 6 + 5 on 2000 test images, litert 0.990 for both
-# schemes, tflm 0.990 (uniq-w4a8) and 0.983 (syq-w2a8) (results/keras3_models_efficientnetb0_q5.json; 105 minutes for the float training and
-# one scheme, about 50 more for the other).
+# schemes, tflm 0.990 (uniq-w4a8) and 0.983 (syq-w2a8) (results/keras3_models_efficientnetb0_q5.json;
+# 105 minutes for the float training and one scheme, about 50 more for the other).
 MODEL_PROFILES = {
     "full": {"mobilenetv2": dict(train=30000, float_epochs=6, q_epochs=5),
              "efficientnetb0": dict(train=30000, float_epochs=6, q_epochs=5, test=2000, verify=2000)},

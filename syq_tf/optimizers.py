@@ -35,6 +35,12 @@ def _real(value):
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
+def _allowed(value, bound):
+    """False for a number or a string unless it is a real number within ``bound``; True otherwise
+    (a schedule, a callable or a tensor: Keras's to check)."""
+    return (_real(value) and bound(value)) or not (_real(value) or isinstance(value, str))
+
+
 def mark_quantized(variable, quantizer):
     """Record on a kernel variable which quantizer reads it (a weak reference)."""
     setattr(variable, _MARK, weakref.ref(quantizer))
@@ -91,16 +97,13 @@ class LossAwareAdam(tf.keras.optimizers.Adam):
             )
         if clip is not None and not (_real(clip) and 0 < clip < float("inf")):
             raise ValueError(f"LossAwareAdam: clip={shown(clip)!r} must be a finite number > 0 or None.")
-        if (_real(learning_rate) or isinstance(learning_rate, str)) and not (_real(learning_rate)
-                                                                            and 0 <= learning_rate < float("inf")):
-            # a negative rate climbs the loss; a schedule, a callable or a variable is Keras's to check
+        if not _allowed(learning_rate, lambda v: 0 <= v < float("inf")):  # a negative rate climbs the loss
             raise ValueError(f"LossAwareAdam: learning_rate={shown(learning_rate)!r} must be a finite number "
                              ">= 0, a LearningRateSchedule or a callable.")
         for key, value in (("beta_1", beta_1), ("beta_2", beta_2)):
-            if _real(value) or isinstance(value, str):
-                if not (_real(value) and 0 <= value < 1):
-                    raise ValueError(f"LossAwareAdam: {key}={shown(value)!r} must be a number in [0, 1) "
-                                     "(an exponential decay rate).")
+            if not _allowed(value, lambda v: 0 <= v < 1):
+                raise ValueError(f"LossAwareAdam: {key}={shown(value)!r} must be a number in [0, 1) "
+                                 "(an exponential decay rate).")
         if not (_real(epsilon) and 0 < epsilon < float("inf")):
             raise ValueError(f"LossAwareAdam: epsilon={shown(epsilon)!r} must be a finite number > 0 (the "
                              "curvature d = sqrt(v) + eps divides the projection's weights).")

@@ -292,7 +292,8 @@ def tflm_interpreter(buffer, arena_size=None, keep_tensors=False):
 
     made = {}
     runtime = _tflm()
-    config = runtime.InterpreterConfig.kPreserveAllTensors if keep_tensors else runtime.InterpreterConfig.kAllocationRecording
+    configs = runtime.InterpreterConfig
+    config = configs.kPreserveAllTensors if keep_tensors else configs.kAllocationRecording
     if arena_size is None:  # kept tensors are not planned over each other: room for every one of them
         arena_size = _arena_for(buffer) + (_tensor_bytes(buffer) if keep_tensors else 0)
 
